@@ -1,0 +1,73 @@
+"""Which implementation runs an op: the CUDA extension, Triton, or the PyTorch reference.
+
+Order (SPEC): the CUDA extension where it implements the case, then Triton for CUDA tensors, then the
+PyTorch reference for CPU tensors or cases no kernel covers (with a one-time warning naming the case).
+``FASTPEFT_BACKEND=reference|triton|cuda`` forces one; with ``TRITON_INTERPRET=1`` the Triton path also
+runs on CPU tensors. Nothing here touches the GPU or imports Triton at import time.
+"""
+
+import functools
+import importlib
+import os
+import warnings
+
+BACKENDS = ("cuda", "triton", "reference")
+
+
+def forced_backend():
+    """The backend named by ``FASTPEFT_BACKEND`` (lower case), or None. Read on every call so tests can set it."""
+    name = os.environ.get("FASTPEFT_BACKEND", "").strip().lower()
+    if not name:
+        return None
+    if name not in BACKENDS:
+        raise ValueError(f"FASTPEFT_BACKEND={name!r} is not one of {BACKENDS}")
+    return name
+
+
+def triton_interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available():
+    """(available, reason): Triton imports and its kernels can be launched somewhere."""
+    try:
+        importlib.import_module("triton")
+    except Exception as exc:  # ImportError, or a broken install raising anything else
+        return False, f"triton is not importable ({exc.__class__.__name__}: {exc})"
+    return True, "triton importable"
+
+
+def triton_usable_on(device):
+    """Triton kernels run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``."""
+    if not triton_available()[0]:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and triton_interpreting())
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_extension():
+    """(module or None, reason). Loaded lazily, once; a missing extension warns once and never raises."""
+    try:
+        module = importlib.import_module("fastpeft._C")
+    except ImportError as exc:
+        reason = f"fastpeft._C is not built ({exc}); reinstall with CUDA and nvcc present to build it"
+        warnings.warn(f"fastpeft: CUDA extension unavailable, using Triton/PyTorch kernels: {reason}",
+                      RuntimeWarning, stacklevel=3)
+        return None, reason
+    return module, "loaded"
+
+
+_warned_messages = set()
+
+
+def warn_once(message):
+    """Warn once per distinct message."""
+    if message not in _warned_messages:
+        _warned_messages.add(message)
+        warnings.warn(f"fastpeft: {message}", RuntimeWarning, stacklevel=3)
+
+
+def warn_fallback_once(case):
+    """One warning per distinct case that falls back to the reference path, naming it."""
+    warn_once(f"using the PyTorch reference path: {case}")

@@ -1,0 +1,290 @@
+"""``fastpeft.prefix_attention``: attention over a learned prefix K/V plus the sequence's own K/V.
+
+Layers: Triton kernels and their launchers live in ``fastpeft.kernels.prefix_attention`` (training and
+prefill) and ``fastpeft.kernels.prefix_decode`` (L == 1 inference); the CUDA extension ``fastpeft._C``
+implements decode. This module validates the arguments once, brings them to one canonical form, picks the
+backend and wraps the kernels in a ``torch.autograd.Function``.
+"""
+
+import math
+
+import torch
+
+from .. import _backend
+from .reference import reference_prefix_attention
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def _check_tensor(name, t, ndim):
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+
+
+def _check_integer(name, t, shape, device):
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be an integer torch.Tensor, got {type(t).__name__}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"{name} must have an integer dtype, got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}")
+
+
+def _canonicalize(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
+                  softmax_scale, check_values=True):
+    """Validate every argument and return the canonical form the backends take.
+
+    Canonical: prefix_k/prefix_v ``[T, Hkv, P, D]`` (a shared prefix becomes T = 1), prefix_index ``[B]``
+    int32, prefix_lengths ``[T]`` int32, key_padding_mask ``[B, S]`` bool or None, softmax_scale a float.
+    ``check_values=False`` skips the value checks of prefix_index / prefix_lengths (they synchronize with the
+    device); only callers that validated them already (once per model forward) pass it.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, 4)
+    B, Hq, L, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k must be [B={B}, Hkv, S, D={D}] like q, got {tuple(k.shape)}")
+    Hkv, S = k.shape[1], k.shape[2]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"the number of query heads ({Hq}) must be a multiple of the kv heads of k ({Hkv})")
+    if S < L:
+        raise ValueError(f"k/v must hold at least the L={L} query positions (S >= L), got S={S}")
+    if not 0 < D <= MAX_HEAD_DIM:
+        raise ValueError(f"head size D={D} is not supported (1..{MAX_HEAD_DIM})")
+
+    if not isinstance(prefix_k, torch.Tensor) or not isinstance(prefix_v, torch.Tensor):
+        raise ValueError("prefix_k and prefix_v must be torch.Tensors")
+    if prefix_k.shape != prefix_v.shape:
+        raise ValueError(f"prefix_k and prefix_v must have the same shape, got {tuple(prefix_k.shape)} "
+                         f"and {tuple(prefix_v.shape)}")
+    if prefix_k.dim() == 3:
+        if prefix_index is not None:
+            raise ValueError("prefix_index is only for a 4-D prefix table [T, Hkv, P, D]; "
+                             "a 3-D prefix_k [Hkv, P, D] is shared by every row")
+        prefix_k, prefix_v = prefix_k.unsqueeze(0), prefix_v.unsqueeze(0)
+    elif prefix_k.dim() == 4:
+        if prefix_index is None:
+            raise ValueError("prefix_index [B] is required with a 4-D prefix table prefix_k [T, Hkv, P, D]")
+    else:
+        raise ValueError(f"prefix_k must be [Hkv, P, D] or [T, Hkv, P, D], got shape {tuple(prefix_k.shape)}")
+    T, P = prefix_k.shape[0], prefix_k.shape[2]
+    if prefix_k.shape[1] != Hkv or prefix_k.shape[3] != D:
+        raise ValueError(f"prefix_k must have Hkv={Hkv} heads and head size D={D} like k, "
+                         f"got shape {tuple(prefix_k.shape)}")
+    if T == 0:
+        raise ValueError("the prefix table must hold at least one entry (T >= 1)")
+
+    tensors = {"q": q, "k": k, "v": v, "prefix_k": prefix_k, "prefix_v": prefix_v}
+    for name, t in tensors.items():
+        if t.dtype not in SUPPORTED_DTYPES + (torch.float64,):
+            raise ValueError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
+        if t.dtype != q.dtype:
+            raise ValueError(f"all inputs must share one dtype: q is {q.dtype} but {name} is {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"all inputs must be on one device: q is on {q.device} but {name} is on {t.device}")
+
+    if prefix_index is None:
+        prefix_index = torch.zeros(B, dtype=torch.int32, device=q.device)
+    else:
+        _check_integer("prefix_index", prefix_index, (B,), q.device)
+        if check_values and B > 0:
+            lo, hi = int(prefix_index.min()), int(prefix_index.max())
+            if lo < 0 or hi >= T:
+                raise IndexError(f"prefix_index values must lie in [0, T={T}), got min {lo}, max {hi}")
+        prefix_index = prefix_index.to(torch.int32)
+
+    if prefix_lengths is None:
+        prefix_lengths = torch.full((T,), P, dtype=torch.int32, device=q.device)
+    else:
+        _check_integer("prefix_lengths", prefix_lengths, (T,), q.device)
+        if check_values:
+            lo, hi = int(prefix_lengths.min()), int(prefix_lengths.max())
+            if lo < 0 or hi > P:
+                raise ValueError(f"prefix_lengths values must lie in [0, P={P}], got min {lo}, max {hi}")
+        prefix_lengths = prefix_lengths.to(torch.int32)
+
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise ValueError("key_padding_mask must be a torch.Tensor [B, S] or None")
+        if tuple(key_padding_mask.shape) != (B, S):
+            raise ValueError(f"key_padding_mask must have shape (B, S) = {(B, S)}, "
+                             f"got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.dtype.is_floating_point or key_padding_mask.dtype.is_complex:
+            raise ValueError(f"key_padding_mask must be bool or integer 0/1, got {key_padding_mask.dtype}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+        key_padding_mask = key_padding_mask.to(torch.bool)
+
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(D)
+    else:
+        softmax_scale = float(softmax_scale)
+        if not math.isfinite(softmax_scale) or softmax_scale <= 0:
+            raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale}")
+
+    return (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, softmax_scale)
+
+
+def _kernel_case_unsupported(q):
+    """Why the Triton kernels cannot run this case, or None."""
+    if q.dtype == torch.float64:
+        return "float64 inputs"
+    return None
+
+
+def _choose_backend(q, needs_grad):
+    """'cuda', 'triton' or 'reference' for these (already validated) inputs."""
+    forced = _backend.forced_backend()
+    decode = q.shape[2] == 1 and not needs_grad
+    if forced == "reference":
+        return "reference"
+    unsupported = _kernel_case_unsupported(q)
+    if forced is not None:
+        if unsupported is not None:
+            raise ValueError(f"FASTPEFT_BACKEND={forced} cannot run {unsupported}")
+        if not _backend.triton_usable_on(q.device) and not (forced == "cuda" and q.is_cuda):
+            raise ValueError(f"FASTPEFT_BACKEND={forced} needs CUDA tensors (or TRITON_INTERPRET=1 for "
+                             f"triton on CPU), got tensors on {q.device}")
+        if forced == "cuda" and q.is_cuda and decode and _cuda_decode_available():
+            return "cuda"
+        if forced == "cuda":
+            if not _backend.triton_usable_on(q.device):
+                raise ValueError("FASTPEFT_BACKEND=cuda: the CUDA extension does not cover this case "
+                                 "and Triton is unavailable")
+            _backend.warn_once("FASTPEFT_BACKEND=cuda: the CUDA extension implements decode (L=1, no grad) "
+                               "only; using Triton for the rest")
+        return "triton"
+
+    if q.is_cuda and decode and _cuda_decode_available():
+        return "cuda"
+    if _backend.triton_usable_on(q.device):
+        if unsupported is None:
+            return "triton"
+        _backend.warn_fallback_once(unsupported)
+        return "reference"
+    if q.is_cuda:
+        _backend.warn_fallback_once(_backend.triton_available()[1])
+    return "reference"
+
+
+def _cuda_decode_available():
+    module, _ = _backend.cuda_extension()
+    return module is not None and hasattr(torch.ops.fastpeft, "prefix_decode")
+
+
+def _kernel_forward(backend, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
+                    causal, softmax_scale, need_lse):
+    """Run a kernel forward; returns (out, lse or None). Decode (L == 1, no lse needed) uses split-KV kernels."""
+    if not need_lse and q.shape[2] == 1:
+        if backend == "cuda":
+            out = torch.ops.fastpeft.prefix_decode(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
+                                                   key_padding_mask, causal, softmax_scale)
+            return out, None
+        from ..kernels.prefix_decode import prefix_decode_fwd
+        return prefix_decode_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
+                                 causal, softmax_scale), None
+    from ..kernels.prefix_attention import prefix_attention_fwd
+    return prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
+                                causal, softmax_scale)
+
+
+class PrefixAttentionFunction(torch.autograd.Function):
+    """Autograd over the Triton kernels. Inputs are canonical (see ``_canonicalize``)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal,
+                softmax_scale, deterministic):
+        out, lse = _kernel_forward("triton", q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
+                                   key_padding_mask, causal, softmax_scale, need_lse=True)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
+                              out, lse)
+        ctx.causal, ctx.softmax_scale, ctx.deterministic = causal, softmax_scale, deterministic
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        from ..kernels.prefix_attention import prefix_attention_bwd
+        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, out, lse = ctx.saved_tensors
+        dq, dk, dv, dprefix_k, dprefix_v = prefix_attention_bwd(
+            dout, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, out, lse,
+            ctx.causal, ctx.softmax_scale, ctx.deterministic)
+        return dq, dk, dv, dprefix_k, dprefix_v, None, None, None, None, None, None
+
+
+def _run(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal, softmax_scale,
+         deterministic):
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k, v, prefix_k, prefix_v))
+    backend = _choose_backend(q, needs_grad)
+    if backend == "reference":
+        return reference_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
+                                          key_padding_mask, causal, softmax_scale)
+    if needs_grad:
+        return PrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
+                                             key_padding_mask, causal, softmax_scale, deterministic)
+    out, _ = _kernel_forward(backend, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
+                             key_padding_mask, causal, softmax_scale, need_lse=False)
+    return out
+
+
+def prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=None, prefix_lengths=None,
+                     key_padding_mask=None, causal=True, softmax_scale=None, deterministic=False):
+    """Attention of ``q`` over ``[prefix ; k]`` per row, without building the concatenation.
+
+    Arguments:
+        q: ``[B, Hq, L, D]`` queries.
+        k, v: ``[B, Hkv, S, D]`` the sequence's own keys and values, ``S >= L`` (``S > L`` when a KV cache
+            precedes the ``L`` new queries). ``Hq`` must be a multiple of ``Hkv``; query head ``h`` reads kv
+            head ``h // (Hq // Hkv)`` (grouped-query / multi-query attention).
+        prefix_k, prefix_v: ``[Hkv, P, D]`` one prefix shared by every row, or ``[T, Hkv, P, D]`` a table of
+            ``T`` prefixes (one per adapter/tenant) read in place, never copied per row.
+        prefix_index: ``[B]`` integer, row ``b`` uses table entry ``prefix_index[b]``. Required with a 4-D
+            table, not allowed with a 3-D prefix.
+        prefix_lengths: ``[T]`` integer in ``[0, P]``, the valid length of each table entry (ragged);
+            entries ``p >= prefix_lengths[t]`` are invisible. Default: ``P`` for every entry.
+        key_padding_mask: ``[B, S]`` bool or 0/1 integer, True/1 = real key. None = every key is real.
+        causal: with True, query ``i`` of a row sits at key position ``S - L + i`` (bottom-right aligned, as
+            FlashAttention with a KV cache) and sees every valid prefix entry and the keys ``j <= S - L + i``.
+            With False it sees every valid prefix entry and every real key.
+        softmax_scale: scale of ``q @ k^T``; default ``1 / sqrt(D)``.
+        deterministic: make the backward's prefix-gradient reduction deterministic (no atomics).
+
+    Returns:
+        ``[B, Hq, L, D]`` in q's dtype. A query that sees no key at all (every prefix entry and key masked)
+        gets zeros, never NaN.
+
+    Example of the causal alignment, ``L = 2`` new queries after a cache of 3 (``S = 5``), ``P = 2``::
+
+        keys:      p0 p1 | k0 k1 k2 k3 k4
+        query 0:    1  1 |  1  1  1  1  0      (sits at position S - L + 0 = 3)
+        query 1:    1  1 |  1  1  1  1  1      (sits at position 4)
+
+    Differentiable in q, k, v, prefix_k and prefix_v; the gradient of a table entry is the sum over the rows
+    that used it (a shared prefix gets the sum over the batch). dtypes: float16, bfloat16, float32 (one dtype
+    for all inputs), any ``D <= 256``; accumulation is float32 inside. Bad input raises ``ValueError`` (or
+    ``IndexError`` for ``prefix_index`` outside ``[0, T)``) before any kernel runs.
+    """
+    canonical = _canonicalize(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
+                              softmax_scale)
+    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, softmax_scale = canonical
+    return _run(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, bool(causal),
+                softmax_scale, bool(deterministic))
+
+
+def prefix_attention_prevalidated(q, k, v, prefix_k, prefix_v, prefix_index=None, prefix_lengths=None,
+                                  key_padding_mask=None, causal=True, softmax_scale=None, deterministic=False):
+    """``prefix_attention`` without the value checks of ``prefix_index``/``prefix_lengths`` (which sync the
+    device). For the model integrations, which check those values once per forward instead of once per layer.
+    Shapes, dtypes and devices are still checked."""
+    canonical = _canonicalize(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
+                              softmax_scale, check_values=False)
+    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, softmax_scale = canonical
+    return _run(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, bool(causal),
+                softmax_scale, bool(deterministic))
