@@ -29,12 +29,13 @@ def visible_masks(B, L, S, P, device, prefix_index, prefix_lengths, key_padding_
 
 
 def reference_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
-                               key_padding_mask, causal, softmax_scale):
+                               key_padding_mask, causal, softmax_scale, dropout_p=0.0):
     """Canonical arguments (see ``fastpeft.ops.prefix_attention._canonicalize``):
 
     q ``[B, Hq, L, D]``; k, v ``[B, Hkv, S, D]``; prefix_k, prefix_v ``[T, Hkv, P, D]``; prefix_index ``[B]``
     integer; prefix_lengths ``[T]`` integer; key_padding_mask ``[B, S]`` bool or None.
-    Returns ``[B, Hq, L, D]`` in q's dtype.
+    ``dropout_p`` drops attention probabilities (after normalization, as eager attention does) for training
+    models with attention dropout. Returns ``[B, Hq, L, D]`` in q's dtype.
     """
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -68,6 +69,9 @@ def reference_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, prefix
     weights_seq = torch.exp(scores_seq - row_max)
     denom = weights_prefix.sum(-1, keepdim=True) + weights_seq.sum(-1, keepdim=True)
     denom = torch.where(denom > 0, denom, torch.ones_like(denom))
+    if dropout_p:
+        weights_prefix = torch.nn.functional.dropout(weights_prefix, dropout_p)
+        weights_seq = torch.nn.functional.dropout(weights_seq, dropout_p)
 
     if T == 1:
         out = torch.einsum("bhglp,hpd->bhgld", weights_prefix, pv[0])

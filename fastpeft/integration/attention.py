@@ -1,0 +1,158 @@
+"""fastpeft as a transformers attention implementation.
+
+``register()`` adds an attention function and its mask function under the name ``"fastpeft"`` to
+transformers' ``AttentionInterface`` / ``AttentionMaskInterface``; a model opts in per instance with
+``model.set_attn_implementation("fastpeft")`` (see ``use_fastpeft_attention``), which is undone by setting the
+previous implementation back. No model class or module is patched.
+
+How the prefix reaches the kernels: the caller passes ``fastpeft_prefix=PrefixSpec(...)`` as a keyword argument
+to the model's ``forward`` (or ``generate``). transformers forwards unknown keyword arguments of a forward down to
+every attention call, so each layer's attention function picks its own K/V out of the spec by
+``module.layer_idx``. Keyword arguments (rather than state on the modules) survive gradient checkpointing, whose
+recomputation runs after the forward has returned, and concurrent models sharing one backbone.
+
+The mask function hands the attention function the 2-D key padding mask ``[B, S]`` (bool, or None when every key
+is real) instead of a 4-D mask: causality and padding are applied inside the kernels.
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from .. import _backend
+from ..ops.prefix_attention import prefix_attention_prevalidated
+from ..ops.reference import reference_prefix_attention
+
+ATTN_IMPLEMENTATION = "fastpeft"
+PREFIX_KWARG = "fastpeft_prefix"
+
+
+@dataclass(frozen=True)
+class PrefixSpec:
+    """Per-layer prefix K/V for one forward call.
+
+    keys, values: one tensor per decoder layer (indexed by the attention module's ``layer_idx``), either
+        ``[Hkv, P, D]`` shared by every row or ``[T, Hkv, P, D]`` a table read through ``prefix_index``.
+    prefix_index: ``[B]`` integer, the table entry of each row (required for tables).
+    prefix_lengths: ``[T]`` integer, valid length of each entry (ragged tables); default P.
+
+    Build it with ``PrefixSpec.build``, which checks the index values once, so that the per-layer attention calls
+    can skip that (device-synchronizing) check.
+    """
+
+    keys: Sequence[torch.Tensor]
+    values: Sequence[torch.Tensor]
+    prefix_index: Optional[torch.Tensor] = None
+    prefix_lengths: Optional[torch.Tensor] = None
+
+    @classmethod
+    def build(cls, keys, values, prefix_index=None, prefix_lengths=None):
+        keys, values = tuple(keys), tuple(values)
+        if len(keys) != len(values) or not keys:
+            raise ValueError(f"keys and values must hold one tensor per layer, got {len(keys)} and {len(values)}")
+        table = keys[0].dim() == 4
+        if table:
+            if prefix_index is None:
+                raise ValueError("prefix_index is required with per-layer prefix tables [T, Hkv, P, D]")
+            T, P = keys[0].shape[0], keys[0].shape[2]
+            if prefix_index.numel() and (int(prefix_index.min()) < 0 or int(prefix_index.max()) >= T):
+                raise IndexError(f"prefix_index values must lie in [0, T={T})")
+            if prefix_lengths is not None and prefix_lengths.numel() and (
+                    int(prefix_lengths.min()) < 0 or int(prefix_lengths.max()) > P):
+                raise ValueError(f"prefix_lengths values must lie in [0, P={P}]")
+        return cls(keys, values, prefix_index, prefix_lengths)
+
+    def layer(self, layer_idx):
+        if layer_idx is None or not 0 <= layer_idx < len(self.keys):
+            raise ValueError(f"the attention module's layer_idx={layer_idx} has no prefix in this PrefixSpec "
+                             f"({len(self.keys)} layers)")
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+def _empty_prefix(key):
+    """A zero-length shared prefix: attention over the sequence alone, through the same kernels."""
+    empty = key.new_empty(key.shape[1], 0, key.shape[3])
+    return empty, empty
+
+
+def fastpeft_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                               is_causal=None, **kwargs):
+    """transformers attention function. query ``[B, Hq, L, D]``, key/value ``[B, Hkv, S, D]`` (the cache
+    included), attention_mask ``[B, S]`` bool or None (from ``fastpeft_mask``). Returns ``([B, L, Hq, D], None)``.
+    """
+    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
+        raise ValueError("fastpeft attention takes a 2-D key padding mask [B, S]; this model passed a "
+                         f"{getattr(attention_mask, 'dim', lambda: '?')()}-D mask (a custom 4-D mask is not supported)")
+    spec = kwargs.get(PREFIX_KWARG)
+    if spec is None:
+        prefix_k, prefix_v = _empty_prefix(key)
+        prefix_index = prefix_lengths = None
+    else:
+        prefix_k, prefix_v = spec.layer(getattr(module, "layer_idx", None))
+        prefix_index, prefix_lengths = spec.prefix_index, spec.prefix_lengths
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+
+    sliding_window = kwargs.get("sliding_window")
+    if sliding_window is not None and prefix_k.shape[-2] + key.shape[2] > sliding_window:
+        raise ValueError(f"sliding-window attention (window {sliding_window}) over prefix+sequence length "
+                         f"{prefix_k.shape[-2] + key.shape[2]} is not supported by fastpeft attention")
+
+    if dropout and module.training:
+        # The kernels have no attention dropout; the reference path applies it to the probabilities as eager
+        # attention does, so training with dropout stays correct, only unfused.
+        _backend.warn_once(f"attention dropout p={dropout} is not fused; {type(module).__name__} uses the "
+                           "unfused PyTorch path while training (set the model's attention dropout to 0 for speed)")
+        if prefix_k.dim() == 3:
+            prefix_k, prefix_v = prefix_k.unsqueeze(0), prefix_v.unsqueeze(0)
+            prefix_index = None
+        B, T, P = query.shape[0], prefix_k.shape[0], prefix_k.shape[2]
+        index = prefix_index if prefix_index is not None else torch.zeros(B, dtype=torch.long, device=query.device)
+        lengths = prefix_lengths if prefix_lengths is not None else torch.full((T,), P, device=query.device)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = reference_prefix_attention(query, key, value, prefix_k, prefix_v, index, lengths, attention_mask,
+                                         bool(causal), scale, dropout_p=dropout)
+    else:
+        out = prefix_attention_prevalidated(query, key, value, prefix_k, prefix_v, prefix_index=prefix_index,
+                                            prefix_lengths=prefix_lengths, key_padding_mask=attention_mask,
+                                            causal=bool(causal), softmax_scale=scaling)
+    return out.transpose(1, 2), None
+
+
+def fastpeft_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                  attention_mask=None, config=None, **kwargs):
+    """transformers mask function: the 2-D key padding mask ``[B, kv_length]`` (bool), or None when every key is
+    real. Causality is the kernels' job. Mask patterns the kernels cannot express are refused, never ignored."""
+    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
+
+    plain = mask_function in (None, causal_mask_function, bidirectional_mask_function)
+    # Sliding-window layers pass a composed mask function; fastpeft_attention_forward checks that the window
+    # covers prefix + sequence (where it does, the window changes nothing).
+    if not plain and getattr(config, "sliding_window", None) is None:
+        raise ValueError("fastpeft attention supports causal and bidirectional masks with padding; this call "
+                         "uses another mask pattern (packed sequences via position_ids, or a custom mask function)")
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask[:, -kv_length:].to(torch.bool)
+    if attention_mask.shape[1] != kv_length:
+        raise ValueError(f"the 2-D attention_mask covers {attention_mask.shape[1]} keys but attention sees "
+                         f"{kv_length}; a static cache is not supported by fastpeft attention")
+    return None if bool(attention_mask.all()) else attention_mask
+
+
+def register():
+    """Make ``"fastpeft"`` a valid ``attn_implementation`` (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, fastpeft_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, fastpeft_mask)
+
+
+def use_fastpeft_attention(model):
+    """Switch ``model`` (a transformers ``PreTrainedModel`` instance) to fastpeft attention. Returns the previous
+    ``attn_implementation`` so the caller can restore it with ``model.set_attn_implementation(previous)``."""
+    register()
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return previous
