@@ -27,7 +27,8 @@ def tiny_config(family, layers=2, hidden=128, heads=4, kv_heads=2):
                               **common)
     if family == "gpt2":
         return tf.GPT2Config(vocab_size=VOCAB, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=256,
-                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0)
+                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0,
+                             bos_token_id=1, eos_token_id=2)
     if family == "bert":
         return tf.BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
                              num_attention_heads=heads, intermediate_size=2 * hidden, max_position_embeddings=256,

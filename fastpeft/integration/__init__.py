@@ -1,0 +1,1 @@
+"""transformers and PEFT integration: the fastpeft attention implementation, accelerate/restore."""
