@@ -1,0 +1,262 @@
+"""Decode kernels (one query per row, split over the key range) against the float64 concat reference.
+
+CPU: the Triton kernel under the interpreter. GPU (marked): the Triton kernel compiled, and the CUDA op
+``torch.ops.fastpeft.prefix_decode`` from ``fastpeft._C``, in bf16/fp16/fp32.
+"""
+
+import importlib
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from .reference import assert_close, concat_reference
+
+
+@dataclass(frozen=True)
+class DecodeCase:
+    name: str
+    B: int = 3
+    Hq: int = 8
+    Hkv: int = 2
+    S: int = 37
+    P: int = 11
+    D: int = 64
+    prefix_lengths: tuple = (0, 5, 11)   # one per table entry, ragged, including 0
+    prefix_index: tuple = (2, 0, 1)      # one per row, mixing entries
+    left_pad: tuple = (0, 7, 0)          # padding keys at the start of each row
+
+    def __str__(self):
+        return self.name
+
+
+DECODE_CASES = [
+    DecodeCase("gqa-8-2-d64"),
+    DecodeCase("gqa-8-2-d40-leftpad", D=40, left_pad=(3, 0, 20)),
+    DecodeCase("mqa-d16", Hq=4, Hkv=1, D=16, S=70, P=6, prefix_lengths=(6, 0), prefix_index=(1, 0, 0)),
+    DecodeCase("mha-d128", Hq=2, Hkv=2, D=128, S=20, P=70, prefix_lengths=(70, 33, 1),
+               prefix_index=(0, 1, 2, 1), B=4, left_pad=(0, 0, 5, 19)),
+    # G = 40 > the per-program head cap at D = 128: the group is spread over two programs.
+    DecodeCase("mqa-wide-group", B=2, Hq=40, Hkv=1, D=128, S=9, P=4, prefix_lengths=(4,), prefix_index=(0, 0),
+               left_pad=(0, 2)),
+]
+
+
+@pytest.fixture
+def decode_interpreted(monkeypatch):
+    """The kernel module in interpreter mode. Triton fixes the mode when the module is imported and reads
+    TRITON_INTERPRET again at launch, so it stays set for the test."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    module = importlib.import_module("fastpeft.kernels.prefix_decode")
+    return module if module.INTERPRETED else importlib.reload(module)
+
+
+@pytest.fixture
+def decode_compiled(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    module = importlib.import_module("fastpeft.kernels.prefix_decode")
+    return importlib.reload(module) if module.INTERPRETED else module
+
+
+def make_decode_inputs(case, dtype=torch.float32, device="cpu", seed=0):
+    """Canonical decode inputs: q [B,Hq,1,D], k/v [B,Hkv,S,D], a table [T,Hkv,P,D], int32 index/lengths, mask."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(dtype=dtype, device=device)
+
+    B, T = case.B, len(case.prefix_lengths)
+    mask = torch.ones(B, case.S, dtype=torch.bool)
+    for b, pad in enumerate(case.left_pad):
+        mask[b, :pad] = False
+    return dict(
+        q=randn(B, case.Hq, 1, case.D), k=randn(B, case.Hkv, case.S, case.D), v=randn(B, case.Hkv, case.S, case.D),
+        prefix_k=randn(T, case.Hkv, case.P, case.D), prefix_v=randn(T, case.Hkv, case.P, case.D),
+        prefix_index=torch.tensor(case.prefix_index, dtype=torch.int32, device=device),
+        prefix_lengths=torch.tensor(case.prefix_lengths, dtype=torch.int32, device=device),
+        key_padding_mask=mask.to(device) if any(case.left_pad) else None,
+        causal=True, softmax_scale=1.0 / math.sqrt(case.D),
+    )
+
+
+def low_precision_tolerance(inputs, expected):
+    """Error bound for a fp16/bf16 kernel: a multiple of what PyTorch's own fp32 computation on the same
+    low-precision inputs, rounded to the output dtype, gets against the float64 truth (plus a small floor)."""
+    torch_out = concat_reference(**{name: (t.float() if isinstance(t, torch.Tensor) and t.is_floating_point()
+                                           else t) for name, t in inputs.items()})
+    rounded = torch_out.to(inputs["q"].dtype).double()
+    err = float((rounded - expected).norm() / expected.norm())
+    return 4 * err + 1e-3
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=str)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_triton_decode_fp32_matches_reference(decode_interpreted, case, num_splits):
+    inputs = make_decode_inputs(case)
+    out = decode_interpreted.prefix_decode_fwd(**inputs, num_splits=num_splits)
+    assert out.shape == inputs["q"].shape and out.dtype == torch.float32
+    assert_close(out, concat_reference(**inputs), 1e-5, name=f"out[{case}, splits={num_splits}]")
+
+
+@pytest.mark.parametrize("num_splits", [2, 5, 64])
+def test_triton_decode_split_counts(decode_interpreted, num_splits):
+    # More splits than tiles: the launcher drops the splits that would start past every row's end.
+    case = DecodeCase("splits", S=150, P=40, prefix_lengths=(17, 40, 0), D=40)
+    inputs = make_decode_inputs(case, seed=num_splits)
+    out = decode_interpreted.prefix_decode_fwd(**inputs, num_splits=num_splits)
+    assert_close(out, concat_reference(**inputs), 1e-5, name=f"out[splits={num_splits}]")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_triton_decode_low_precision(decode_interpreted, dtype):
+    inputs = make_decode_inputs(DECODE_CASES[1], dtype=dtype, seed=3)
+    out = decode_interpreted.prefix_decode_fwd(**inputs, num_splits=2)
+    assert out.dtype == dtype
+    expected = concat_reference(**inputs)
+    assert_close(out, expected, low_precision_tolerance(inputs, expected), name=f"out[{dtype}]")
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_triton_decode_row_that_sees_nothing_is_zero(decode_interpreted, num_splits):
+    # Row 1 uses an empty table entry and all of its own keys are padding; row 0 sees both parts.
+    case = DecodeCase("blind-row", B=2, S=20, P=8, D=16, prefix_lengths=(8, 0), prefix_index=(0, 1),
+                      left_pad=(4, 20))
+    inputs = make_decode_inputs(case, seed=5)
+    out = decode_interpreted.prefix_decode_fwd(**inputs, num_splits=num_splits)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert_close(out, concat_reference(**inputs), 1e-5, name="out")
+
+
+def test_triton_decode_strided_cache_views(decode_interpreted):
+    # The shapes a KV cache hands over: q the query heads of a fused [B, 1, Hq + 2 Hkv, D] projection,
+    # k/v the first S slots of a longer cache, the table a slice of a larger one. Strides are honoured.
+    case = DECODE_CASES[0]
+    inputs = make_decode_inputs(case, seed=7)
+    g = torch.Generator().manual_seed(8)
+    fused = torch.randn(case.B, 1, case.Hq + 2 * case.Hkv, case.D, generator=g)
+    q = fused[:, :, :case.Hq].transpose(1, 2)
+    cache_k = torch.randn(case.B, case.Hkv, case.S + 13, case.D, generator=g)
+    cache_v = torch.randn(case.B, case.Hkv, case.S + 13, case.D, generator=g)
+    table_k = torch.randn(len(case.prefix_lengths), case.Hkv, case.P + 3, case.D, generator=g)
+    table_v = torch.randn(len(case.prefix_lengths), case.Hkv, case.P + 3, case.D, generator=g)
+    strided = dict(inputs, q=q, k=cache_k[:, :, :case.S], v=cache_v[:, :, :case.S],
+                   prefix_k=table_k[:, :, :case.P], prefix_v=table_v[:, :, :case.P])
+    assert not strided["k"].is_contiguous() and not strided["q"].is_contiguous()
+    out = decode_interpreted.prefix_decode_fwd(**strided, num_splits=2)
+    assert_close(out, concat_reference(**strided), 1e-5, name="out")
+
+
+def test_triton_decode_rejects_more_than_one_query(decode_interpreted):
+    inputs = make_decode_inputs(DECODE_CASES[0])
+    inputs["q"] = inputs["q"].expand(-1, -1, 2, -1)
+    with pytest.raises(ValueError, match="L == 1"):
+        decode_interpreted.prefix_decode_fwd(**inputs)
+
+
+def test_decode_bytes_model(decode_interpreted):
+    case = DECODE_CASES[0]   # lengths (0, 5, 11), rows use entries (2, 0, 1), left padding (0, 7, 0)
+    inputs = make_decode_inputs(case, dtype=torch.float16)
+    moved = decode_interpreted.prefix_decode_bytes(inputs["q"], inputs["k"], inputs["prefix_k"],
+                                                   inputs["prefix_index"], inputs["prefix_lengths"],
+                                                   inputs["key_padding_mask"])
+    row = 2 * case.Hkv * case.D * 2
+    own_keys = 3 * case.S - 7
+    assert moved["kv"] == row * (11 + 0 + 5 + own_keys)
+    assert moved["kv_unique"] == moved["kv"]
+    assert moved["total"] > moved["kv"]
+
+
+def test_dispatcher_runs_decode_kernel(decode_interpreted, backend_env, monkeypatch):
+    import fastpeft
+
+    backend_env("triton")
+    calls = []
+    kernel = decode_interpreted.prefix_decode_fwd
+
+    def counting_kernel(*args, **kwargs):
+        calls.append(args[0].shape)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(decode_interpreted, "prefix_decode_fwd", counting_kernel)
+    case = DECODE_CASES[1]
+    inputs = make_decode_inputs(case, seed=11)
+    inputs["prefix_index"] = inputs["prefix_index"].long()   # the public API takes any integer dtype
+    with torch.no_grad():
+        out = fastpeft.prefix_attention(**inputs)
+    assert calls == [inputs["q"].shape]
+    assert_close(out, concat_reference(**inputs), 1e-5, name="out")
+
+
+GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+GPU_CASES = DECODE_CASES + [
+    DecodeCase("d256-long", B=2, Hq=8, Hkv=1, D=256, S=1500, P=300, prefix_lengths=(300, 120),
+               prefix_index=(1, 0), left_pad=(0, 600)),
+    DecodeCase("d96-many-rows", B=24, Hq=32, Hkv=8, D=96, S=700, P=64, prefix_lengths=(64, 0, 31),
+               prefix_index=tuple(i % 3 for i in range(24)), left_pad=tuple(i * 11 for i in range(24))),
+]
+
+
+def _gpu_tolerance(inputs, expected):
+    if inputs["q"].dtype == torch.float32:
+        return 1e-5
+    return low_precision_tolerance(inputs, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+def test_triton_decode_gpu(decode_compiled, case, dtype):
+    inputs = make_decode_inputs(case, dtype=dtype, device="cuda")
+    expected = concat_reference(**inputs)
+    for num_splits in (None, 1, 4):
+        out = decode_compiled.prefix_decode_fwd(**inputs, num_splits=num_splits)
+        assert_close(out, expected, _gpu_tolerance(inputs, expected), name=f"triton[{dtype}, splits={num_splits}]")
+
+
+def _cuda_op():
+    from fastpeft import _backend
+
+    module, reason = _backend.cuda_extension()
+    if module is None or not hasattr(torch.ops.fastpeft, "prefix_decode"):
+        pytest.skip(f"CUDA extension not available: {reason}")
+    return torch.ops.fastpeft.prefix_decode
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+def test_cuda_decode_op(case, dtype):
+    op = _cuda_op()
+    inputs = make_decode_inputs(case, dtype=dtype, device="cuda")
+    expected = concat_reference(**inputs)
+    out = op(*inputs.values())
+    assert out.shape == inputs["q"].shape and out.dtype == dtype
+    assert_close(out, expected, _gpu_tolerance(inputs, expected), name=f"cuda[{dtype}]")
+
+
+@pytest.mark.gpu
+def test_cuda_decode_op_blind_row_and_strided_inputs():
+    op = _cuda_op()
+    case = DecodeCase("blind-row", B=2, S=40, P=8, D=40, prefix_lengths=(8, 0), prefix_index=(0, 1),
+                      left_pad=(4, 40))
+    inputs = make_decode_inputs(case, dtype=torch.float16, device="cuda")
+    cache_k = torch.randn(case.B, case.Hkv, 64, case.D, device="cuda", dtype=torch.float16)
+    cache_v = torch.randn_like(cache_k)
+    inputs.update(k=cache_k[:, :, :case.S], v=cache_v[:, :, :case.S])
+    out = op(*inputs.values())
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    expected = concat_reference(**inputs)
+    assert_close(out, expected, _gpu_tolerance(inputs, expected), name="cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_decode_op_rejects_bad_arguments():
+    op = _cuda_op()
+    inputs = make_decode_inputs(DECODE_CASES[0], device="cuda")
+    bad = dict(inputs, prefix_index=inputs["prefix_index"].long())
+    with pytest.raises(RuntimeError, match="prefix_index"):
+        op(*bad.values())
+    bad = dict(inputs, q=inputs["q"].expand(-1, -1, 2, -1))
+    with pytest.raises(RuntimeError, match="one query"):
+        op(*bad.values())
