@@ -1,0 +1,729 @@
+"""Triton kernels for prefix attention (training and prefill), FlashAttention-2 style.
+
+Every query row attends to ``[prefix ; k]`` of its batch row: first the valid entries of its prefix, read in
+place from the table ``prefix_k/prefix_v [T, Hkv, P, D]`` at entry ``prefix_index[b]``, then the sequence's
+own keys ``k/v [B, Hkv, S, D]``. Both key ranges share one online softmax, so the prefix is never gathered
+per row nor concatenated with k/v.
+
+Kernels (all accumulate in float32):
+
+* ``_prefix_attn_fwd_kernel``: grid ``(cdiv(L, BLOCK_M), B * Hq)``. Walks the row's prefix blocks (only up to
+  ``prefix_lengths[entry]``), then the sequence blocks: blocks entirely below the causal diagonal are
+  processed without any causal or bounds mask, blocks entirely above it are skipped, and the mask is built
+  only for the blocks the diagonal crosses. Writes ``out`` and the natural-log ``lse [B, Hq, L]``
+  (``+inf`` for a query that sees nothing, so that every recomputed probability of that query is 0).
+* ``_prefix_attn_bwd_preprocess_kernel``: ``delta = rowsum(dout * out)``.
+* ``_prefix_attn_bwd_dkdv_kernel``: grid ``(cdiv(S, BLOCK_N), B * Hkv)``; each program owns one key block
+  and loops over the query heads of its GQA group and the query blocks that can see the block, so dk/dv
+  are written once, without atomics.
+* ``_prefix_attn_bwd_prefix_dkdv_kernel``: grid ``(cdiv(P, BLOCK_N), B * Hkv)``; one prefix key block of
+  one batch row, every query of the group. The per-row gradient is added (fp32 ``atomic_add``) into a
+  ``[T, Hkv, P, D]`` float32 buffer at the row's table entry, or, in deterministic mode, written to a
+  per-row float32 partial that ``_prefix_grad_reduce_kernel`` sums over the rows of each entry in row order.
+* ``_prefix_attn_bwd_dq_kernel``: grid ``(cdiv(L, BLOCK_M), B * Hq)``; prefix blocks, then the sequence blocks
+  with the same diagonal split as the forward.
+
+Scores are kept in the log2 domain: ``softmax_scale * log2(e)`` is folded into one multiplier and ``exp2``
+is used throughout. Head sizes up to 256 that are not powers of two run with ``BLOCK_D =
+next_power_of_2(D)`` and masked loads. Any strides are accepted; only a tensor whose last dimension is not
+unit-stride is made contiguous, once, in the launcher.
+
+Under ``TRITON_INTERPRET=1`` (CPU tensors) every ``tl.dot`` upcasts its operands to float32, because the
+Triton interpreter computes bfloat16 dots incorrectly; on the GPU fp16/bf16 dots stay native. Float32
+inputs always use IEEE float32 dots (no TF32), which the float32 parity target needs.
+
+The interpreter mode is fixed when this module is imported (as ``triton.jit`` decides it at decoration), so
+``TRITON_INTERPRET=1`` must be set before the first import.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+_LOG2E_HOST = 1.4426950408889634
+
+# Block sizes of the small kernels that are not autotuned.
+_PREPROCESS_BLOCK_M = 64
+_REDUCE_BLOCK_P = 32
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _tile_dot(a, b, DOT_FP32: tl.constexpr):
+    """``a @ b`` accumulated in float32. ``DOT_FP32`` upcasts the operands and forbids TF32: used for float32
+    inputs (parity) and under the interpreter (whose bfloat16 dot is wrong)."""
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, mask_base,
+                    stride_k_n, stride_k_d, stride_v_n, stride_v_d, stride_mask_n,
+                    q_pos, offs_d, d_valid, n_lo, n_hi, n_limit, qk_scale,
+                    ON_DIAGONAL: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                    DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online-softmax update over key blocks ``[n_lo, n_hi)`` of one key range (a prefix entry or the sequence).
+
+    ``n_limit`` is the number of valid keys in the range. ``ON_DIAGONAL`` blocks may hold keys ``>= n_limit``
+    or (with ``CAUSAL``) keys after a query's position ``q_pos``, so they are masked; the other blocks are
+    known to be fully visible and skip that work. ``HAS_MASK`` applies the key padding mask.
+    Scores are in the log2 domain (``qk_scale`` includes log2(e)).
+    """
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if ON_DIAGONAL:
+            n_valid = offs_n < n_limit
+            k_t = tl.load(k_base + offs_n[None, :] * stride_k_n + offs_d[:, None] * stride_k_d,
+                          mask=n_valid[None, :] & d_valid[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_v_n + offs_d[None, :] * stride_v_d,
+                        mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+        else:
+            k_t = tl.load(k_base + offs_n[None, :] * stride_k_n + offs_d[:, None] * stride_k_d,
+                          mask=d_valid[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_v_n + offs_d[None, :] * stride_v_d,
+                        mask=d_valid[None, :], other=0.0)
+        s = _tile_dot(q, k_t, DOT_FP32) * qk_scale
+        if ON_DIAGONAL:
+            visible = n_valid[None, :]
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= q_pos[:, None])
+            s = tl.where(visible, s, float("-inf"))
+        if HAS_MASK:
+            key_real = tl.load(mask_base + offs_n * stride_mask_n, mask=offs_n < n_limit, other=0) != 0
+            s = tl.where(key_real[None, :], s, float("-inf"))
+        # A row that has seen no visible key yet keeps m = -inf; shifting by 0 instead keeps exp2 finite
+        # (its weights are exp2(-inf) = 0) and its correction factor exp2(-inf - 0) = 0.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_shift)
+        p = tl.math.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _tile_dot(p.to(v.dtype), v, DOT_FP32)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, mask_base,
+                   stride_k_n, stride_k_d, stride_v_n, stride_v_d, stride_mask_n,
+                   q_pos, offs_d, d_valid, n_lo, n_hi, n_limit, qk_scale,
+                   ON_DIAGONAL: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                   DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Accumulate ``dS @ K`` (unscaled) over key blocks ``[n_lo, n_hi)``; masks as in ``_fwd_key_blocks``.
+
+    ``lse2`` is the row's log-sum-exp in the log2 domain, ``delta = rowsum(dO * O)``.
+    """
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if ON_DIAGONAL:
+            n_valid = offs_n < n_limit
+            k_t = tl.load(k_base + offs_n[None, :] * stride_k_n + offs_d[:, None] * stride_k_d,
+                          mask=n_valid[None, :] & d_valid[:, None], other=0.0)
+            v_t = tl.load(v_base + offs_n[None, :] * stride_v_n + offs_d[:, None] * stride_v_d,
+                          mask=n_valid[None, :] & d_valid[:, None], other=0.0)
+        else:
+            k_t = tl.load(k_base + offs_n[None, :] * stride_k_n + offs_d[:, None] * stride_k_d,
+                          mask=d_valid[:, None], other=0.0)
+            v_t = tl.load(v_base + offs_n[None, :] * stride_v_n + offs_d[:, None] * stride_v_d,
+                          mask=d_valid[:, None], other=0.0)
+        s = _tile_dot(q, k_t, DOT_FP32) * qk_scale
+        if ON_DIAGONAL:
+            visible = n_valid[None, :]
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= q_pos[:, None])
+            s = tl.where(visible, s, float("-inf"))
+        if HAS_MASK:
+            key_real = tl.load(mask_base + offs_n * stride_mask_n, mask=offs_n < n_limit, other=0) != 0
+            s = tl.where(key_real[None, :], s, float("-inf"))
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = _tile_dot(do, v_t, DOT_FP32)
+        ds = p * (dp - delta[:, None])
+        dq += _tile_dot(ds.to(k_t.dtype), tl.trans(k_t), DOT_FP32)
+    return dq
+
+
+@triton.jit
+def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                       stride_q_l, stride_q_d, stride_do_l, stride_do_d,
+                       offs_n, offs_d, d_valid, m_lo, m_hi, L, query_offset, qk_scale,
+                       CAUSAL_MASK: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Accumulate ``P^T @ dO`` into dv and ``dS^T @ Q`` (unscaled) into dk for one key block ``k, v
+    [BLOCK_N, BLOCK_D]`` over the query blocks ``[m_lo, m_hi)`` of one query head.
+
+    Query ``i`` sits at key position ``i + query_offset``; ``CAUSAL_MASK`` hides keys after it (only the
+    blocks the diagonal crosses need it). Query rows ``>= L`` load ``lse = +inf`` so their probabilities are 0.
+    Keys that are invalid for every query (padding, past a prefix length, ``>= S``) are not masked here:
+    they only feed their own rows of dk/dv, which the caller zeroes or does not store.
+    """
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < L
+        q_t = tl.load(q_base + offs_m[None, :] * stride_q_l + offs_d[:, None] * stride_q_d,
+                      mask=m_valid[None, :] & d_valid[:, None], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_do_l + offs_d[None, :] * stride_do_d,
+                     mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+        lse2 = tl.load(lse_base + offs_m, mask=m_valid, other=float("inf")) * _LOG2E
+        delta = tl.load(delta_base + offs_m, mask=m_valid, other=0.0)
+        s_t = _tile_dot(k, q_t, DOT_FP32) * qk_scale                                  # [BLOCK_N, BLOCK_M]
+        if CAUSAL_MASK:
+            s_t = tl.where(offs_n[:, None] <= (offs_m + query_offset)[None, :], s_t, float("-inf"))
+        p_t = tl.math.exp2(s_t - lse2[None, :])
+        dv += _tile_dot(p_t.to(do.dtype), do, DOT_FP32)
+        dp_t = _tile_dot(v, tl.trans(do), DOT_FP32)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _tile_dot(ds_t.to(q_t.dtype), tl.trans(q_t), DOT_FP32)
+    return dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autotuning
+# ----------------------------------------------------------------------------------------------------------
+
+def _configs(shapes):
+    """triton.Config list from ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``; one small config when interpreting
+    (autotuning there would only multiply the interpreter's run time)."""
+    if _INTERPRETING:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop configs whose tiles cannot fit a wide head in registers, and query tiles much taller than L."""
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    bucket_l = named_args["bucket_l"]
+    kept = []
+    for config in configs:
+        block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+        if block_d > 128 and (block_m > 64 or block_n > 64):
+            continue
+        if block_m > max(16, bucket_l) and bucket_l < 64:
+            continue
+        kept.append(config)
+    return kept or configs[-1:]
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). The last entry of each list is the safe fallback of the pruner.
+_FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (16, 64, 4, 2), (64, 32, 4, 2)])
+_DQ_CONFIGS = _configs([(128, 32, 8, 2), (64, 64, 4, 2), (16, 64, 4, 2), (64, 32, 4, 2)])
+# For the dk/dv kernels BLOCK_N is the key tile each program owns and BLOCK_M the query tile it loops over.
+_DKDV_CONFIGS = _configs([(32, 128, 8, 2), (64, 64, 4, 2), (16, 64, 4, 2), (32, 64, 4, 2)])
+
+_AUTOTUNE_KEY = ["BLOCK_D", "bucket_l", "bucket_s", "CAUSAL", "HAS_MASK"]
+_PRUNE = {"early_config_prune": _prune_configs}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
+@triton.jit
+def _prefix_attn_fwd_kernel(
+        q_ptr, k_ptr, v_ptr, prefix_k_ptr, prefix_v_ptr, prefix_index_ptr, prefix_lengths_ptr, mask_ptr,
+        out_ptr, lse_ptr,
+        stride_q_b, stride_q_h, stride_q_l, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_s, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_s, stride_v_d,
+        stride_pk_t, stride_pk_h, stride_pk_p, stride_pk_d,
+        stride_pv_t, stride_pv_h, stride_pv_p, stride_pv_d,
+        stride_mask_b, stride_mask_s,
+        stride_out_b, stride_out_h, stride_out_l, stride_out_d,
+        Hq, L, S, D, group, qk_scale,
+        bucket_l, bucket_s,
+        CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out/lse of one query block of one (row, query head). ``bucket_l``/``bucket_s`` only key the autotuner."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = pid_bh % Hq
+    h_kv = h // group
+
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < L
+    d_valid = offs_d < D
+    q = tl.load(q_ptr + b * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_l
+                + offs_d[None, :] * stride_q_d, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+    q_pos = offs_m + (S - L)    # bottom-right alignment
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    # The row's prefix entry, read in place from the table: every valid entry is visible to every query.
+    entry = tl.load(prefix_index_ptr + b).to(tl.int64)
+    prefix_len = tl.load(prefix_lengths_ptr + entry)
+    acc, m_i, l_i = _fwd_key_blocks(
+        acc, m_i, l_i, q, prefix_k_ptr + entry * stride_pk_t + h_kv * stride_pk_h,
+        prefix_v_ptr + entry * stride_pv_t + h_kv * stride_pv_h, mask_ptr,
+        stride_pk_p, stride_pk_d, stride_pv_p, stride_pv_d, 0,
+        q_pos, offs_d, d_valid, 0, prefix_len, prefix_len, qk_scale,
+        ON_DIAGONAL=True, CAUSAL=False, HAS_MASK=False, DOT_FP32=DOT_FP32, BLOCK_N=BLOCK_N)
+
+    # The sequence: blocks before n_full are visible to every query of this block (and lie inside S);
+    # [n_full, n_end) are crossed by the diagonal or the end of S; blocks after n_end are never visible.
+    if CAUSAL:
+        n_full = ((S - L + m0 + 1) // BLOCK_N) * BLOCK_N
+        n_end = tl.minimum(S, S - L + m0 + BLOCK_M)
+    else:
+        n_full = (S // BLOCK_N) * BLOCK_N
+        n_end = S
+    k_base = k_ptr + b * stride_k_b + h_kv * stride_k_h
+    v_base = v_ptr + b * stride_v_b + h_kv * stride_v_h
+    mask_base = mask_ptr + b * stride_mask_b
+    acc, m_i, l_i = _fwd_key_blocks(
+        acc, m_i, l_i, q, k_base, v_base, mask_base, stride_k_s, stride_k_d, stride_v_s, stride_v_d,
+        stride_mask_s, q_pos, offs_d, d_valid, 0, n_full, S, qk_scale,
+        ON_DIAGONAL=False, CAUSAL=CAUSAL, HAS_MASK=HAS_MASK, DOT_FP32=DOT_FP32, BLOCK_N=BLOCK_N)
+    acc, m_i, l_i = _fwd_key_blocks(
+        acc, m_i, l_i, q, k_base, v_base, mask_base, stride_k_s, stride_k_d, stride_v_s, stride_v_d,
+        stride_mask_s, q_pos, offs_d, d_valid, n_full, n_end, S, qk_scale,
+        ON_DIAGONAL=True, CAUSAL=CAUSAL, HAS_MASK=HAS_MASK, DOT_FP32=DOT_FP32, BLOCK_N=BLOCK_N)
+
+    # A query that saw nothing: output 0 and lse = +inf, so the backward's exp2(s - lse) is 0 for it.
+    sees_something = l_i > 0.0
+    l_safe = tl.where(sees_something, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(out_ptr + b * stride_out_b + h * stride_out_h + offs_m[:, None] * stride_out_l
+             + offs_d[None, :] * stride_out_d, out.to(out_ptr.dtype.element_ty),
+             mask=m_valid[:, None] & d_valid[None, :])
+    lse = tl.where(sees_something, (m_i + tl.math.log2(l_safe)) * _LN2, float("inf"))
+    tl.store(lse_ptr + pid_bh * L + offs_m, lse, mask=m_valid)
+
+
+@triton.jit
+def _prefix_attn_bwd_preprocess_kernel(
+        out_ptr, dout_ptr, delta_ptr,
+        stride_out_b, stride_out_h, stride_out_l, stride_out_d,
+        stride_do_b, stride_do_h, stride_do_l, stride_do_d,
+        Hq, L, D,
+        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta[b, h, i] = sum_d dout * out (float32), the softmax backward's row term."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = pid_bh % Hq
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    tile_mask = (offs_m < L)[:, None] & (offs_d < D)[None, :]
+    o = tl.load(out_ptr + b * stride_out_b + h * stride_out_h + offs_m[:, None] * stride_out_l
+                + offs_d[None, :] * stride_out_d, mask=tile_mask, other=0.0).to(tl.float32)
+    do = tl.load(dout_ptr + b * stride_do_b + h * stride_do_h + offs_m[:, None] * stride_do_l
+                 + offs_d[None, :] * stride_do_d, mask=tile_mask, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + pid_bh * L + offs_m, tl.sum(o * do, axis=1), mask=offs_m < L)
+
+
+@triton.autotune(configs=_DKDV_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
+@triton.jit
+def _prefix_attn_bwd_dkdv_kernel(
+        q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, mask_ptr, dk_ptr, dv_ptr,
+        stride_q_b, stride_q_h, stride_q_l, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_s, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_s, stride_v_d,
+        stride_do_b, stride_do_h, stride_do_l, stride_do_d,
+        stride_mask_b, stride_mask_s,
+        stride_dk_b, stride_dk_h, stride_dk_s, stride_dk_d,
+        stride_dv_b, stride_dv_h, stride_dv_s, stride_dv_d,
+        Hq, Hkv, L, S, D, group, softmax_scale, qk_scale,
+        bucket_l, bucket_s,
+        CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dk/dv of one block of sequence keys of one (row, kv head), summed over the query heads of its group."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hkv).to(tl.int64)
+    h_kv = pid_bh % Hkv
+
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_valid = offs_n < S
+    d_valid = offs_d < D
+    tile_mask = n_valid[:, None] & d_valid[None, :]
+    k = tl.load(k_ptr + b * stride_k_b + h_kv * stride_k_h + offs_n[:, None] * stride_k_s
+                + offs_d[None, :] * stride_k_d, mask=tile_mask, other=0.0)
+    v = tl.load(v_ptr + b * stride_v_b + h_kv * stride_v_h + offs_n[:, None] * stride_v_s
+                + offs_d[None, :] * stride_v_d, mask=tile_mask, other=0.0)
+
+    # Query i sees key j iff j <= i + (S - L). Query blocks before m_lo see none of this block; blocks in
+    # [m_lo, m_full) are crossed by the diagonal; blocks from m_full on see all of it.
+    if CAUSAL:
+        m_lo = (tl.maximum(n0 - (S - L), 0) // BLOCK_M) * BLOCK_M
+        m_full = tl.minimum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - (S - L), 0), BLOCK_M) * BLOCK_M, L)
+    else:
+        m_lo = 0
+        m_full = 0
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(group):
+        h = h_kv * group + g
+        q_base = q_ptr + b * stride_q_b + h * stride_q_h
+        do_base = dout_ptr + b * stride_do_b + h * stride_do_h
+        row = (b * Hq + h) * L
+        dk, dv = _dkdv_query_blocks(
+            dk, dv, k, v, q_base, do_base, lse_ptr + row, delta_ptr + row,
+            stride_q_l, stride_q_d, stride_do_l, stride_do_d, offs_n, offs_d, d_valid,
+            m_lo, m_full, L, S - L, qk_scale, CAUSAL_MASK=True, DOT_FP32=DOT_FP32, BLOCK_M=BLOCK_M)
+        dk, dv = _dkdv_query_blocks(
+            dk, dv, k, v, q_base, do_base, lse_ptr + row, delta_ptr + row,
+            stride_q_l, stride_q_d, stride_do_l, stride_do_d, offs_n, offs_d, d_valid,
+            m_full, L, L, S - L, qk_scale, CAUSAL_MASK=False, DOT_FP32=DOT_FP32, BLOCK_M=BLOCK_M)
+    dk = dk * softmax_scale
+    if HAS_MASK:
+        # Padding keys got probabilities in the loop above (unmasked there); their true gradient is 0.
+        key_real = tl.load(mask_ptr + b * stride_mask_b + offs_n * stride_mask_s, mask=n_valid, other=0) != 0
+        dk = tl.where(key_real[:, None], dk, 0.0)
+        dv = tl.where(key_real[:, None], dv, 0.0)
+    tl.store(dk_ptr + b * stride_dk_b + h_kv * stride_dk_h + offs_n[:, None] * stride_dk_s
+             + offs_d[None, :] * stride_dk_d, dk.to(dk_ptr.dtype.element_ty), mask=tile_mask)
+    tl.store(dv_ptr + b * stride_dv_b + h_kv * stride_dv_h + offs_n[:, None] * stride_dv_s
+             + offs_d[None, :] * stride_dv_d, dv.to(dv_ptr.dtype.element_ty), mask=tile_mask)
+
+
+@triton.autotune(configs=_DKDV_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE,
+                 reset_to_zero=["dprefix_k_acc_ptr", "dprefix_v_acc_ptr"])
+@triton.jit
+def _prefix_attn_bwd_prefix_dkdv_kernel(
+        q_ptr, prefix_k_ptr, prefix_v_ptr, prefix_index_ptr, prefix_lengths_ptr, dout_ptr, lse_ptr, delta_ptr,
+        dprefix_k_acc_ptr, dprefix_v_acc_ptr,
+        stride_q_b, stride_q_h, stride_q_l, stride_q_d,
+        stride_pk_t, stride_pk_h, stride_pk_p, stride_pk_d,
+        stride_pv_t, stride_pv_h, stride_pv_p, stride_pv_d,
+        stride_do_b, stride_do_h, stride_do_l, stride_do_d,
+        stride_acc_r, stride_acc_h, stride_acc_p, stride_acc_d,
+        Hq, Hkv, L, D, group, softmax_scale, qk_scale,
+        bucket_l, bucket_s,
+        ATOMIC: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One batch row's gradient of one block of its prefix entry (one kv head, all queries of its group).
+
+    ``ATOMIC``: float32 ``atomic_add`` into ``dprefix_*_acc [T, Hkv, P, D]`` at the row's entry (the sum over
+    rows happens in memory, order unspecified). Otherwise the row's gradient is stored to the per-row
+    partial ``dprefix_*_acc [B, Hkv, P, D]`` for ``_prefix_grad_reduce_kernel``. Prefix entries are visible
+    to every query, so there is no causal split; ``CAUSAL``/``HAS_MASK`` only key the autotuner.
+    """
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hkv).to(tl.int64)
+    h_kv = pid_bh % Hkv
+    entry = tl.load(prefix_index_ptr + b).to(tl.int64)
+    prefix_len = tl.load(prefix_lengths_ptr + entry)
+
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    tile_mask = (offs_n < prefix_len)[:, None] & (offs_d < D)[None, :]
+    k = tl.load(prefix_k_ptr + entry * stride_pk_t + h_kv * stride_pk_h + offs_n[:, None] * stride_pk_p
+                + offs_d[None, :] * stride_pk_d, mask=tile_mask, other=0.0)
+    v = tl.load(prefix_v_ptr + entry * stride_pv_t + h_kv * stride_pv_h + offs_n[:, None] * stride_pv_p
+                + offs_d[None, :] * stride_pv_d, mask=tile_mask, other=0.0)
+
+    # A block past the entry's length has no gradient: run no query block for it.
+    m_hi = tl.where(n0 < prefix_len, L, 0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(group):
+        h = h_kv * group + g
+        row = (b * Hq + h) * L
+        dk, dv = _dkdv_query_blocks(
+            dk, dv, k, v, q_ptr + b * stride_q_b + h * stride_q_h, dout_ptr + b * stride_do_b + h * stride_do_h,
+            lse_ptr + row, delta_ptr + row, stride_q_l, stride_q_d, stride_do_l, stride_do_d,
+            offs_n, offs_d, offs_d < D, 0, m_hi, L, 0, qk_scale,
+            CAUSAL_MASK=False, DOT_FP32=DOT_FP32, BLOCK_M=BLOCK_M)
+    dk = dk * softmax_scale
+    # Entries past the length got probabilities in the loop (unmasked there) but are not stored.
+    if ATOMIC:
+        acc_offsets = (entry * stride_acc_r + h_kv * stride_acc_h + offs_n[:, None] * stride_acc_p
+                       + offs_d[None, :] * stride_acc_d)
+        tl.atomic_add(dprefix_k_acc_ptr + acc_offsets, dk, mask=tile_mask, sem="relaxed")
+        tl.atomic_add(dprefix_v_acc_ptr + acc_offsets, dv, mask=tile_mask, sem="relaxed")
+    else:
+        acc_offsets = (b * stride_acc_r + h_kv * stride_acc_h + offs_n[:, None] * stride_acc_p
+                       + offs_d[None, :] * stride_acc_d)
+        tl.store(dprefix_k_acc_ptr + acc_offsets, dk, mask=tile_mask)
+        tl.store(dprefix_v_acc_ptr + acc_offsets, dv, mask=tile_mask)
+
+
+@triton.jit
+def _prefix_grad_reduce_kernel(
+        partial_k_ptr, partial_v_ptr, prefix_index_ptr, dprefix_k_ptr, dprefix_v_ptr,
+        stride_part_b, stride_part_h, stride_part_p, stride_part_d,
+        stride_dpk_t, stride_dpk_h, stride_dpk_p, stride_dpk_d,
+        stride_dpv_t, stride_dpv_h, stride_dpv_p, stride_dpv_d,
+        B, Hkv, P, D,
+        BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Deterministic per-entry sum: dprefix[t] = sum of the per-row partials of the rows b with
+    prefix_index[b] == t, added in increasing b. Grid ``(cdiv(P, BLOCK_P), T * Hkv)``."""
+    pid_p = tl.program_id(0)
+    pid_th = tl.program_id(1)
+    entry = pid_th // Hkv
+    h_kv = pid_th % Hkv
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_d = tl.arange(0, BLOCK_D)
+    tile_mask = (offs_p < P)[:, None] & (offs_d < D)[None, :]
+    part_offsets = h_kv * stride_part_h + offs_p[:, None] * stride_part_p + offs_d[None, :] * stride_part_d
+    acc_k = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+    acc_v = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+    for b in range(B):
+        # Rows of other entries are masked out: their partials are never read.
+        uses_entry = tl.load(prefix_index_ptr + b) == entry
+        row_offsets = b.to(tl.int64) * stride_part_b + part_offsets
+        acc_k += tl.load(partial_k_ptr + row_offsets, mask=tile_mask & uses_entry, other=0.0)
+        acc_v += tl.load(partial_v_ptr + row_offsets, mask=tile_mask & uses_entry, other=0.0)
+    tl.store(dprefix_k_ptr + entry * stride_dpk_t + h_kv * stride_dpk_h + offs_p[:, None] * stride_dpk_p
+             + offs_d[None, :] * stride_dpk_d, acc_k.to(dprefix_k_ptr.dtype.element_ty), mask=tile_mask)
+    tl.store(dprefix_v_ptr + entry * stride_dpv_t + h_kv * stride_dpv_h + offs_p[:, None] * stride_dpv_p
+             + offs_d[None, :] * stride_dpv_d, acc_v.to(dprefix_v_ptr.dtype.element_ty), mask=tile_mask)
+
+
+@triton.autotune(configs=_DQ_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
+@triton.jit
+def _prefix_attn_bwd_dq_kernel(
+        q_ptr, k_ptr, v_ptr, prefix_k_ptr, prefix_v_ptr, prefix_index_ptr, prefix_lengths_ptr, mask_ptr,
+        dout_ptr, lse_ptr, delta_ptr, dq_ptr,
+        stride_q_b, stride_q_h, stride_q_l, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_s, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_s, stride_v_d,
+        stride_pk_t, stride_pk_h, stride_pk_p, stride_pk_d,
+        stride_pv_t, stride_pv_h, stride_pv_p, stride_pv_d,
+        stride_mask_b, stride_mask_s,
+        stride_do_b, stride_do_h, stride_do_l, stride_do_d,
+        stride_dq_b, stride_dq_h, stride_dq_l, stride_dq_d,
+        Hq, L, S, D, group, softmax_scale, qk_scale,
+        bucket_l, bucket_s,
+        CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dq of one query block of one (row, query head): prefix keys, then sequence keys (diagonal split as in
+    the forward)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = pid_bh % Hq
+    h_kv = h // group
+
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < L
+    d_valid = offs_d < D
+    tile_mask = m_valid[:, None] & d_valid[None, :]
+    q = tl.load(q_ptr + b * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_l
+                + offs_d[None, :] * stride_q_d, mask=tile_mask, other=0.0)
+    do = tl.load(dout_ptr + b * stride_do_b + h * stride_do_h + offs_m[:, None] * stride_do_l
+                 + offs_d[None, :] * stride_do_d, mask=tile_mask, other=0.0)
+    lse2 = tl.load(lse_ptr + pid_bh * L + offs_m, mask=m_valid, other=float("inf")) * _LOG2E
+    delta = tl.load(delta_ptr + pid_bh * L + offs_m, mask=m_valid, other=0.0)
+    q_pos = offs_m + (S - L)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    entry = tl.load(prefix_index_ptr + b).to(tl.int64)
+    prefix_len = tl.load(prefix_lengths_ptr + entry)
+    dq = _dq_key_blocks(
+        dq, q, do, lse2, delta, prefix_k_ptr + entry * stride_pk_t + h_kv * stride_pk_h,
+        prefix_v_ptr + entry * stride_pv_t + h_kv * stride_pv_h, mask_ptr,
+        stride_pk_p, stride_pk_d, stride_pv_p, stride_pv_d, 0,
+        q_pos, offs_d, d_valid, 0, prefix_len, prefix_len, qk_scale,
+        ON_DIAGONAL=True, CAUSAL=False, HAS_MASK=False, DOT_FP32=DOT_FP32, BLOCK_N=BLOCK_N)
+
+    if CAUSAL:
+        n_full = ((S - L + m0 + 1) // BLOCK_N) * BLOCK_N
+        n_end = tl.minimum(S, S - L + m0 + BLOCK_M)
+    else:
+        n_full = (S // BLOCK_N) * BLOCK_N
+        n_end = S
+    k_base = k_ptr + b * stride_k_b + h_kv * stride_k_h
+    v_base = v_ptr + b * stride_v_b + h_kv * stride_v_h
+    mask_base = mask_ptr + b * stride_mask_b
+    dq = _dq_key_blocks(
+        dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_k_s, stride_k_d, stride_v_s, stride_v_d,
+        stride_mask_s, q_pos, offs_d, d_valid, 0, n_full, S, qk_scale,
+        ON_DIAGONAL=False, CAUSAL=CAUSAL, HAS_MASK=HAS_MASK, DOT_FP32=DOT_FP32, BLOCK_N=BLOCK_N)
+    dq = _dq_key_blocks(
+        dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_k_s, stride_k_d, stride_v_s, stride_v_d,
+        stride_mask_s, q_pos, offs_d, d_valid, n_full, n_end, S, qk_scale,
+        ON_DIAGONAL=True, CAUSAL=CAUSAL, HAS_MASK=HAS_MASK, DOT_FP32=DOT_FP32, BLOCK_N=BLOCK_N)
+
+    dq = dq * softmax_scale
+    tl.store(dq_ptr + b * stride_dq_b + h * stride_dq_h + offs_m[:, None] * stride_dq_l
+             + offs_d[None, :] * stride_dq_d, dq.to(dq_ptr.dtype.element_ty), mask=tile_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------
+
+def _unit_last_stride(t):
+    """The tensor itself when its last dimension is unit-stride (any other strides are passed to the kernels);
+    otherwise a contiguous copy, made once here rather than inside a kernel."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _check_device(q):
+    if q.device.type == "cpu" and not _INTERPRETING:
+        raise RuntimeError("fastpeft.kernels.prefix_attention runs CPU tensors only under the Triton interpreter: "
+                           "set TRITON_INTERPRET=1 before fastpeft.kernels.prefix_attention is first imported")
+
+
+def _mask_args(key_padding_mask, fallback):
+    """(pointer tensor, stride_b, stride_s, HAS_MASK). A bool mask is read through a uint8 view (no copy)."""
+    if key_padding_mask is None:
+        return fallback, 0, 0, False
+    mask = key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask != 0
+    mask = mask.view(torch.uint8)
+    return mask, mask.stride(0), mask.stride(1), True
+
+
+def _bucket(n):
+    """Autotuning key of a length: the next power of two, so varying lengths share tuned configs."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _block_d(D):
+    # tl.dot needs every tile dimension >= 16.
+    return max(16, triton.next_power_of_2(D))
+
+
+def _dot_fp32(dtype):
+    return _INTERPRETING or dtype == torch.float32
+
+
+def _index_args(prefix_index, prefix_lengths):
+    return prefix_index.to(torch.int32).contiguous(), prefix_lengths.to(torch.int32).contiguous()
+
+
+def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal,
+                         softmax_scale):
+    """Forward of prefix attention on canonical arguments.
+
+    Arguments: q ``[B, Hq, L, D]``; k, v ``[B, Hkv, S, D]`` (S >= L); prefix_k, prefix_v ``[T, Hkv, P, D]``;
+    prefix_index ``[B]`` int32 (values in [0, T)); prefix_lengths ``[T]`` int32 (values in [0, P]);
+    key_padding_mask ``[B, S]`` bool or None; causal bool (bottom-right: query i sits at key S - L + i);
+    softmax_scale float. All floating inputs share one dtype (fp16, bf16 or fp32) and device.
+
+    Returns ``(out [B, Hq, L, D] in q's dtype, with q's memory layout, lse [B, Hq, L] float32)``; lse is the
+    natural-log normalizer of each query, ``+inf`` for a query that sees no key (its output is 0).
+    """
+    q, k, v, prefix_k, prefix_v = (_unit_last_stride(t) for t in (q, k, v, prefix_k, prefix_v))
+    _check_device(q)
+    prefix_index, prefix_lengths = _index_args(prefix_index, prefix_lengths)
+    B, Hq, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    mask, stride_mask_b, stride_mask_s, has_mask = _mask_args(key_padding_mask, q)
+
+    def grid(meta):
+        return (triton.cdiv(L, meta["BLOCK_M"]), B * Hq)
+
+    _prefix_attn_fwd_kernel[grid](
+        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, mask, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
+        stride_mask_b, stride_mask_s, *out.stride(),
+        Hq, L, S, D, Hq // Hkv, softmax_scale * _LOG2E_HOST,
+        _bucket(L), _bucket(S),
+        CAUSAL=bool(causal), HAS_MASK=has_mask, DOT_FP32=_dot_fp32(q.dtype), BLOCK_D=_block_d(D))
+    return out, lse
+
+
+def prefix_attention_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, out,
+                         lse, causal, softmax_scale, deterministic):
+    """Backward of prefix attention on canonical arguments (see ``prefix_attention_fwd``).
+
+    ``dout`` and ``out`` are ``[B, Hq, L, D]``, ``lse`` the forward's ``[B, Hq, L]`` float32.
+    Returns ``(dq, dk, dv, dprefix_k, dprefix_v)`` in the input dtype; ``dprefix_* [T, Hkv, P, D]`` is the sum
+    over the rows that use each table entry (0 for entries no row uses and for positions past an entry's
+    length). The prefix sum is accumulated in float32 with atomics (order unspecified), or, with
+    ``deterministic=True``, through per-row float32 partials summed in row order (bitwise reproducible).
+    """
+    dout, q, k, v, prefix_k, prefix_v, out = (
+        _unit_last_stride(t) for t in (dout, q, k, v, prefix_k, prefix_v, out))
+    _check_device(q)
+    prefix_index, prefix_lengths = _index_args(prefix_index, prefix_lengths)
+    B, Hq, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    T, P = prefix_k.shape[0], prefix_k.shape[2]
+    group = Hq // Hkv
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if q.numel() == 0:
+        return dq, dk.zero_(), dv.zero_(), torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
+    lse = lse.contiguous()
+    mask, stride_mask_b, stride_mask_s, has_mask = _mask_args(key_padding_mask, q)
+    block_d = _block_d(D)
+    dot_fp32 = _dot_fp32(q.dtype)
+    qk_scale = softmax_scale * _LOG2E_HOST
+    buckets = (_bucket(L), _bucket(S))
+
+    delta = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
+    _prefix_attn_bwd_preprocess_kernel[(triton.cdiv(L, _PREPROCESS_BLOCK_M), B * Hq)](
+        out, dout, delta, *out.stride(), *dout.stride(), Hq, L, D,
+        BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=block_d)
+
+    def key_grid(meta):
+        return (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)
+
+    _prefix_attn_bwd_dkdv_kernel[key_grid](
+        q, k, v, dout, lse, delta, mask, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), stride_mask_b, stride_mask_s,
+        *dk.stride(), *dv.stride(),
+        Hq, Hkv, L, S, D, group, softmax_scale, qk_scale, *buckets,
+        CAUSAL=bool(causal), HAS_MASK=has_mask, DOT_FP32=dot_fp32, BLOCK_D=block_d)
+
+    def query_grid(meta):
+        return (triton.cdiv(L, meta["BLOCK_M"]), B * Hq)
+
+    _prefix_attn_bwd_dq_kernel[query_grid](
+        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, mask, dout, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
+        stride_mask_b, stride_mask_s, *dout.stride(), *dq.stride(),
+        Hq, L, S, D, group, softmax_scale, qk_scale, *buckets,
+        CAUSAL=bool(causal), HAS_MASK=has_mask, DOT_FP32=dot_fp32, BLOCK_D=block_d)
+
+    dprefix_k, dprefix_v = _prefix_grads(q, prefix_k, prefix_v, prefix_index, prefix_lengths, dout, lse, delta,
+                                         causal, has_mask, softmax_scale, deterministic, block_d, dot_fp32, buckets)
+    return dq, dk, dv, dprefix_k, dprefix_v
+
+
+def _prefix_grads(q, prefix_k, prefix_v, prefix_index, prefix_lengths, dout, lse, delta, causal, has_mask,
+                  softmax_scale, deterministic, block_d, dot_fp32, buckets):
+    """dprefix_k, dprefix_v ``[T, Hkv, P, D]`` in the prefix dtype, summed over the rows using each entry."""
+    B, Hq, L, D = q.shape
+    T, Hkv, P = prefix_k.shape[0], prefix_k.shape[1], prefix_k.shape[2]
+    if P == 0:
+        return torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
+    # Atomic: one float32 [T, Hkv, P, D] buffer the rows add into. Deterministic: per-row float32 partials.
+    rows = B if deterministic else T
+    acc_k = torch.zeros((rows, Hkv, P, D), dtype=torch.float32, device=q.device)
+    acc_v = torch.zeros_like(acc_k)
+
+    def grid(meta):
+        return (triton.cdiv(P, meta["BLOCK_N"]), B * Hkv)
+
+    _prefix_attn_bwd_prefix_dkdv_kernel[grid](
+        q, prefix_k, prefix_v, prefix_index, prefix_lengths, dout, lse, delta, acc_k, acc_v,
+        *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *dout.stride(), *acc_k.stride(),
+        Hq, Hkv, L, D, Hq // Hkv, softmax_scale, softmax_scale * _LOG2E_HOST, *buckets,
+        ATOMIC=not deterministic, CAUSAL=bool(causal), HAS_MASK=has_mask, DOT_FP32=dot_fp32, BLOCK_D=block_d)
+    if not deterministic:
+        return acc_k.to(prefix_k.dtype), acc_v.to(prefix_v.dtype)
+
+    dprefix_k, dprefix_v = torch.empty_like(prefix_k), torch.empty_like(prefix_v)
+    _prefix_grad_reduce_kernel[(triton.cdiv(P, _REDUCE_BLOCK_P), T * Hkv)](
+        acc_k, acc_v, prefix_index, dprefix_k, dprefix_v,
+        *acc_k.stride(), *dprefix_k.stride(), *dprefix_v.stride(), B, Hkv, P, D,
+        BLOCK_P=_REDUCE_BLOCK_P, BLOCK_D=block_d)
+    return dprefix_k, dprefix_v
