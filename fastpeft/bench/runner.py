@@ -1,0 +1,48 @@
+"""Run benchmark suites and write their results: ``fastpeft bench`` and ``benchmarks/bench_*.py`` call this.
+
+The machine's ceilings (copy bandwidth, matmul throughput) are always measured first so every other number
+can be read against them. Output: a markdown table per suite on stdout, ``OUT/<date>-<device>.json``
+(schema in ``harness``) and a PNG plot beside it.
+"""
+
+import os
+
+from . import ceilings, harness
+
+SUITES = ("kernel", "training", "serving")
+
+
+def _suite_module(name):
+    # Imported on demand: the training and serving suites pull in transformers and PEFT.
+    if name == "kernel":
+        from . import kernel as module
+    elif name == "training":
+        from . import training as module
+    elif name == "serving":
+        from . import serving as module
+    else:
+        raise ValueError(f"unknown benchmark suite {name!r}; choose from {SUITES}")
+    return module
+
+
+def run_suites(suites, device, quick=False, out_dir=os.path.join("benchmarks", "results"), log=print):
+    """Run ``suites`` (names from ``SUITES``) on ``device``; returns ``(run, json_path, png_path or None)``."""
+    modules = [(name, _suite_module(name)) for name in suites]
+    run = harness.new_run(device, quick, ["ceilings", *suites])
+    recorder = harness.Recorder(run, log=log)
+    if run["note"]:
+        log(f"*** {run['note']} (device: {run['device']['name']}) ***")
+    machine = ceilings.run(recorder, device, quick)
+    for name, module in modules:
+        if name == "serving":
+            module.run(recorder, device, quick, copy_gbps=machine["copy_gbps"])
+        else:
+            module.run(recorder, device, quick)
+    log("")
+    log(harness.render_markdown(run))
+    json_path = harness.write_run(run, out_dir)
+    png_path = harness.plot_run(run, os.path.splitext(json_path)[0] + ".png")
+    log("")
+    log(f"results: {json_path}")
+    log(f"plot:    {png_path}" if png_path else "plot:    skipped (matplotlib is not installed)")
+    return run, json_path, png_path

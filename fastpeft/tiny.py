@@ -1,0 +1,109 @@
+"""The built-in small model: a seeded Llama-style causal LM and a byte-level tokenizer, built locally.
+
+Every CLI subcommand runs without network access; without ``--model`` it uses this model. It has the
+features the kernels care about (grouped-query attention, rotary positions, several layers) at a size that
+trains a few steps on a laptop CPU in seconds:
+
+    hidden 256, 4 layers, 8 query heads and 2 kv heads of size 32, MLP 688, vocabulary 259
+    (the 256 byte values, then <pad>, <s>, </s>), tied input/output embeddings.
+
+The weights are random (seeded): the model exists to exercise training, saving, loading and serving of
+adapters, not to produce meaningful text. The tokenizer is a ``tokenizers``-backed fast tokenizer whose
+token id is the byte value, so it saves to and loads from a model directory like any Hub tokenizer
+(``AutoTokenizer.from_pretrained(dir)``), pads on the left for generation and has a pad token.
+
+transformers and tokenizers are imported inside the functions: ``import fastpeft`` must stay light.
+"""
+
+import json
+import os
+
+import torch
+
+PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<pad>", "<s>", "</s>"
+NUM_BYTES = 256
+PAD_ID, BOS_ID, EOS_ID = NUM_BYTES, NUM_BYTES + 1, NUM_BYTES + 2
+VOCAB_SIZE = NUM_BYTES + 3
+
+TINY_CONFIG = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=32,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+    pad_token_id=PAD_ID,
+    bos_token_id=BOS_ID,
+    eos_token_id=EOS_ID,
+)
+"""Keyword arguments of the ``LlamaConfig`` of the built-in model."""
+
+TINY_MODEL_NAME = "fastpeft-tiny-llama"
+
+
+def _byte_to_unicode():
+    """The reversible byte -> printable character map of byte-level BPE (GPT-2's): the ``ByteLevel``
+    pre-tokenizer turns each input byte into this character, so a vocabulary keyed by these characters
+    with id = byte value encodes any UTF-8 text without an unknown token."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    mapping, shift = {}, 0
+    for byte in range(NUM_BYTES):
+        if byte in printable:
+            mapping[byte] = chr(byte)
+        else:  # control and whitespace bytes move above 255, in byte order, as in GPT-2's table
+            mapping[byte] = chr(NUM_BYTES + shift)
+            shift += 1
+    return mapping
+
+
+def build_tokenizer():
+    """A byte-level fast tokenizer: id = byte value, then ``<pad>`` 256, ``<s>`` 257, ``</s>`` 258.
+
+    Encoding prepends ``<s>`` (``add_special_tokens=True``); padding is on the left (generation).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {char: byte for byte, char in _byte_to_unicode().items()}
+    vocab.update({PAD_TOKEN: PAD_ID, BOS_TOKEN: BOS_ID, EOS_TOKEN: EOS_ID})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))  # no merges: one token per byte
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A $B", special_tokens=[(BOS_TOKEN, BOS_ID)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD_TOKEN, bos_token=BOS_TOKEN,
+                                   eos_token=EOS_TOKEN, padding_side="left",
+                                   model_max_length=TINY_CONFIG["max_position_embeddings"])
+
+
+def build_model(seed=0, dtype=torch.float32):
+    """The built-in ``LlamaForCausalLM`` with weights drawn from ``seed`` (the global RNG is left untouched)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**TINY_CONFIG)
+    config._name_or_path = TINY_MODEL_NAME
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = PAD_ID
+    return model.to(dtype).eval()
+
+
+def save_tiny(directory, seed=0):
+    """Write the built-in model and its tokenizer to ``directory`` (config, safetensors weights, tokenizer
+    files), loadable with ``AutoModelForCausalLM`` / ``AutoTokenizer``. Returns the directory."""
+    os.makedirs(directory, exist_ok=True)
+    build_model(seed).save_pretrained(directory)
+    build_tokenizer().save_pretrained(directory)
+    # Name the generic fast-tokenizer class: transformers 4.x does not know v5's "TokenizersBackend" alias.
+    config_path = os.path.join(directory, "tokenizer_config.json")
+    with open(config_path) as f:
+        tokenizer_config = json.load(f)
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with open(config_path, "w") as f:
+        json.dump(tokenizer_config, f, indent=2)
+    return directory
