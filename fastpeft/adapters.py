@@ -1,0 +1,219 @@
+"""Loading and validating PEFT prompt-learning adapters (prefix tuning, prompt tuning, p-tuning).
+
+``load_prompt_adapter`` reads an adapter directory written by PEFT's ``save_pretrained`` (or takes an in-memory
+``PeftModel``) and returns the adapter exactly as PEFT saves it: its configuration and the one tensor
+``prompt_embeddings``. ``base_geometry`` describes a transformers model's attention layout, ``check_compatible``
+refuses an adapter trained for another layout, and ``prefix_key_values`` splits a prefix-tuning adapter into
+per-layer K/V in PEFT's layout. Nothing here imports PEFT or transformers at import time; loading a directory needs
+neither.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+PREFIX_TUNING = "PREFIX_TUNING"
+PROMPT_TUNING = "PROMPT_TUNING"
+P_TUNING = "P_TUNING"
+PROMPT_LEARNING_TYPES = (PREFIX_TUNING, PROMPT_TUNING, P_TUNING)
+
+CONFIG_FILE = "adapter_config.json"
+SAFETENSORS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
+EMBEDDINGS_KEY = "prompt_embeddings"
+
+
+def _plain(value):
+    """PEFT configs hold str-valued enums (PeftType, TaskType); compare them as their plain string values."""
+    return getattr(value, "value", value)
+
+
+@dataclass(frozen=True)
+class PromptAdapter:
+    """A PEFT prompt-learning adapter in the form PEFT saves it.
+
+    peft_type: ``"PREFIX_TUNING"``, ``"PROMPT_TUNING"`` or ``"P_TUNING"``.
+    config: the adapter configuration (``adapter_config.json`` as a dict, enums as plain strings).
+    embeddings: float32 CPU tensor ``prompt_embeddings``. Prefix tuning: ``[P, num_layers * 2 * Hkv * head_dim]``
+        (with ``prefix_projection`` this is the projection MLP's output, never its weights); prompt tuning and
+        p-tuning: ``[P * num_transformer_submodules, hidden_size]`` (p-tuning: the prompt encoder's output).
+    source: where it came from, for error messages.
+    """
+
+    peft_type: str
+    config: dict
+    embeddings: torch.Tensor
+    source: str
+
+    @property
+    def num_virtual_tokens(self):
+        return int(self.config["num_virtual_tokens"])
+
+    @property
+    def task_type(self):
+        return self.config.get("task_type")
+
+
+def load_prompt_adapter(source, allow_pickle=False, adapter_name=None):
+    """Load a PEFT prompt-learning adapter.
+
+    Arguments:
+        source: a directory written by ``PeftModel.save_pretrained`` (``adapter_config.json`` plus
+            ``adapter_model.safetensors``), or an in-memory ``PeftModel``. For a ``PeftModel`` the prompt encoder
+            is evaluated once, in eval mode, exactly as PEFT does when saving (a prefix with projection becomes the
+            MLP's output ``[P, num_layers * 2 * Hkv * head_dim]``).
+        allow_pickle: also accept a pickle checkpoint ``adapter_model.bin`` when the directory has no safetensors
+            file (loaded with ``torch.load(weights_only=True)``). Off by default: pickle files can run code.
+        adapter_name: which adapter of a ``PeftModel`` to take; default its active adapter.
+
+    Returns a ``PromptAdapter``. Raises ``ValueError`` for a directory without a config or weights, a pickle-only
+    checkpoint without ``allow_pickle=True``, an adapter that is not prompt learning, or weights of the wrong shape.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        if adapter_name is not None:
+            raise ValueError("adapter_name selects an adapter of an in-memory PeftModel; a directory holds one")
+        config, embeddings = _read_directory(os.fspath(source), allow_pickle)
+        origin = os.fspath(source)
+    elif hasattr(source, "peft_config") and hasattr(source, "get_prompt_embedding_to_save"):
+        config, embeddings = _read_peft_model(source, adapter_name)
+        origin = f"PeftModel adapter {adapter_name or source.active_adapter!r}"
+    else:
+        raise ValueError(f"an adapter must be a PEFT adapter directory or a PeftModel, got {type(source).__name__}")
+
+    peft_type = _plain(config.get("peft_type"))
+    if peft_type not in PROMPT_LEARNING_TYPES:
+        raise ValueError(f"{origin}: peft_type {peft_type!r} is not prompt learning; supported: "
+                         f"{', '.join(PROMPT_LEARNING_TYPES)}")
+    if not isinstance(config.get("num_virtual_tokens"), int) or config["num_virtual_tokens"] <= 0:
+        raise ValueError(f"{origin}: num_virtual_tokens must be a positive integer, "
+                         f"got {config.get('num_virtual_tokens')!r}")
+    if embeddings.dim() != 2 or not embeddings.dtype.is_floating_point:
+        raise ValueError(f"{origin}: {EMBEDDINGS_KEY} must be a 2-D floating-point tensor, got "
+                         f"{embeddings.dtype} of shape {tuple(embeddings.shape)}")
+    return PromptAdapter(peft_type, config, embeddings.detach().to("cpu", torch.float32), origin)
+
+
+def _read_directory(path, allow_pickle):
+    if not os.path.isdir(path):
+        raise ValueError(f"adapter directory {path!r} does not exist")
+    config_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise ValueError(f"{path!r} has no {CONFIG_FILE}; is it a PEFT adapter directory?")
+    with open(config_path) as f:
+        config = json.load(f)
+
+    safetensors_path = os.path.join(path, SAFETENSORS_FILE)
+    pickle_path = os.path.join(path, PICKLE_FILE)
+    if os.path.isfile(safetensors_path):
+        from safetensors.torch import load_file
+
+        state = load_file(safetensors_path, device="cpu")
+    elif os.path.isfile(pickle_path):
+        if not allow_pickle:
+            raise ValueError(f"{path!r} holds only the pickle checkpoint {PICKLE_FILE} and no {SAFETENSORS_FILE}; "
+                             "pickle files can execute code, so they are refused unless you pass allow_pickle=True "
+                             "(or re-save the adapter with safe_serialization=True)")
+        state = torch.load(pickle_path, map_location="cpu", weights_only=True)
+    else:
+        raise ValueError(f"{path!r} has no adapter weights ({SAFETENSORS_FILE})")
+
+    if EMBEDDINGS_KEY not in state:
+        raise ValueError(f"{path!r}: the adapter weights hold no {EMBEDDINGS_KEY!r} tensor "
+                         f"(keys: {sorted(state)[:5]}); is it a prompt-learning adapter?")
+    return config, state[EMBEDDINGS_KEY]
+
+
+def _read_peft_model(peft_model, adapter_name):
+    name = adapter_name if adapter_name is not None else peft_model.active_adapter
+    if name not in peft_model.peft_config:
+        raise ValueError(f"the PeftModel has no adapter {name!r} (it has {sorted(peft_model.peft_config)})")
+    peft_config = peft_model.peft_config[name]
+    config = {key: _plain(value) for key, value in peft_config.to_dict().items()}
+    if config.get("peft_type") not in PROMPT_LEARNING_TYPES:
+        raise ValueError(f"PeftModel adapter {name!r}: peft_type {config.get('peft_type')!r} is not prompt "
+                         f"learning; supported: {', '.join(PROMPT_LEARNING_TYPES)}")
+    encoder = peft_model.prompt_encoder[name]
+    was_training = encoder.training
+    encoder.eval()  # an LSTM p-tuning encoder has dropout; what is served must be deterministic, as when saved
+    try:
+        with torch.no_grad():
+            embeddings = peft_model.get_prompt_embedding_to_save(name)
+    finally:
+        encoder.train(was_training)
+    return config, embeddings
+
+
+@dataclass(frozen=True)
+class BaseGeometry:
+    """The attention layout of a decoder: what an adapter must have been trained for."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, model_config):
+        """From a transformers config (the text config of a multimodal model)."""
+        config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(config.num_hidden_layers, config.hidden_size, heads, kv_heads, head_dim)
+
+
+def check_compatible(adapter, geometry, task_type="CAUSAL_LM"):
+    """Raise ``ValueError`` naming every difference between ``adapter`` (a ``PromptAdapter``) and ``geometry``
+    (``BaseGeometry`` of the base model): task type, layers, KV heads, head size, hidden size, weight shape."""
+    config, P = adapter.config, adapter.num_virtual_tokens
+    problems = []
+    if task_type is not None and adapter.task_type != task_type:
+        problems.append(f"task_type {adapter.task_type!r} (expected {task_type!r})")
+    submodules = config.get("num_transformer_submodules") or 1
+    if submodules != 1:
+        problems.append(f"num_transformer_submodules {submodules} (a decoder-only model has 1)")
+
+    def compare(what, adapter_value, base_value):
+        if adapter_value is not None and adapter_value != base_value:
+            problems.append(f"{what}: adapter {adapter_value}, base model {base_value}")
+
+    compare("layers", config.get("num_layers"), geometry.num_layers)
+    token_dim, heads = config.get("token_dim"), config.get("num_attention_heads")
+    if adapter.peft_type == PREFIX_TUNING:
+        # PEFT sizes a prefix per KV head: token_dim = Hkv * head_dim, num_attention_heads = Hkv.
+        compare("KV heads", heads, geometry.num_kv_heads)
+        if token_dim is not None and heads:
+            if token_dim % heads:
+                problems.append(f"token_dim {token_dim} is not a multiple of num_attention_heads {heads}")
+            else:
+                compare("head size", token_dim // heads, geometry.head_dim)
+        expected_shape = (P, geometry.num_layers * 2 * geometry.num_kv_heads * geometry.head_dim)
+    else:
+        compare("hidden size", token_dim, geometry.hidden_size)
+        compare("attention heads", heads, geometry.num_attention_heads)
+        expected_shape = (P * submodules, geometry.hidden_size)
+    if not problems and tuple(adapter.embeddings.shape) != expected_shape:
+        problems.append(f"{EMBEDDINGS_KEY} shape {tuple(adapter.embeddings.shape)} (expected {expected_shape} "
+                        f"for {P} virtual tokens)")
+    if problems:
+        raise ValueError(f"adapter {adapter.source} ({adapter.peft_type}) does not fit this base model: "
+                         + "; ".join(problems))
+
+
+def prefix_key_values(adapter, geometry):
+    """Per-layer prefix K/V of a prefix-tuning adapter, in PEFT's layout: the embeddings viewed as
+    ``[P, 2 * num_layers, Hkv, head_dim]``, slot ``2 i`` is layer i's keys and ``2 i + 1`` its values (never rotated).
+
+    Returns ``(keys, values)``, each a list of ``num_layers`` float32 tensors ``[Hkv, P, head_dim]``.
+    """
+    if adapter.peft_type != PREFIX_TUNING:
+        raise ValueError(f"prefix_key_values needs a PREFIX_TUNING adapter, got {adapter.peft_type}")
+    check_compatible(adapter, geometry, task_type=None)
+    P = adapter.num_virtual_tokens
+    slots = adapter.embeddings.view(P, 2 * geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
+    slots = slots.permute(1, 2, 0, 3)  # [2 * NL, Hkv, P, D]
+    return list(slots[0::2]), list(slots[1::2])
