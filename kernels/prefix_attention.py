@@ -67,6 +67,28 @@ def _tile_dot(a, b, DOT_FP32: tl.constexpr):
         return tl.dot(a, b)
 
 
+if _INTERPRETING:
+    # Triton's tl.max/tl.sum are themselves @jit functions, decorated when triton is imported; if triton was
+    # imported before TRITON_INTERPRET=1 was set (as python -m fastpeft.selfcheck does) the interpreter cannot
+    # call them. tl.reduce is patched by the interpreter at launch and runs these combine functions through
+    # its numpy fast path, so the interpreter works whatever the import order.
+    @triton.jit
+    def _row_max(x):
+        return tl.reduce(x, 1, tl.standard._elementwise_max)
+
+    @triton.jit
+    def _row_sum(x):
+        return tl.reduce(x, 1, tl.standard._sum_combine)
+else:
+    @triton.jit
+    def _row_max(x):
+        return tl.max(x, 1)
+
+    @triton.jit
+    def _row_sum(x):
+        return tl.sum(x, 1)
+
+
 @triton.jit
 def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, mask_base,
                     stride_k_n, stride_k_d, stride_v_n, stride_v_d, stride_mask_n,
@@ -104,11 +126,11 @@ def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, mask_base,
             s = tl.where(key_real[None, :], s, float("-inf"))
         # A row that has seen no visible key yet keeps m = -inf; shifting by 0 instead keeps exp2 finite
         # (its weights are exp2(-inf) = 0) and its correction factor exp2(-inf - 0) = 0.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, _row_max(s))
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_shift)
         p = tl.math.exp2(s - m_shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + _row_sum(p)
         acc = acc * alpha[:, None] + _tile_dot(p.to(v.dtype), v, DOT_FP32)
         m_i = m_new
     return acc, m_i, l_i
@@ -259,9 +281,9 @@ def _prefix_attn_fwd_kernel(
                 + offs_d[None, :] * stride_q_d, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
     q_pos = offs_m + (S - L)    # bottom-right alignment
 
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
 
     # The row's prefix entry, read in place from the table: every valid entry is visible to every query.
     entry = tl.load(prefix_index_ptr + b).to(tl.int64)
@@ -323,7 +345,7 @@ def _prefix_attn_bwd_preprocess_kernel(
                 + offs_d[None, :] * stride_out_d, mask=tile_mask, other=0.0).to(tl.float32)
     do = tl.load(dout_ptr + b * stride_do_b + h * stride_do_h + offs_m[:, None] * stride_do_l
                  + offs_d[None, :] * stride_do_d, mask=tile_mask, other=0.0).to(tl.float32)
-    tl.store(delta_ptr + pid_bh * L + offs_m, tl.sum(o * do, axis=1), mask=offs_m < L)
+    tl.store(delta_ptr + pid_bh * L + offs_m, _row_sum(o * do), mask=offs_m < L)
 
 
 @triton.autotune(configs=_DKDV_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
@@ -362,12 +384,12 @@ def _prefix_attn_bwd_dkdv_kernel(
     # [m_lo, m_full) are crossed by the diagonal; blocks from m_full on see all of it.
     if CAUSAL:
         m_lo = (tl.maximum(n0 - (S - L), 0) // BLOCK_M) * BLOCK_M
-        m_full = tl.minimum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - (S - L), 0), BLOCK_M) * BLOCK_M, L)
+        m_full = tl.minimum((tl.maximum(n0 + BLOCK_N - 1 - (S - L), 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M, L)
     else:
         m_lo = 0
         m_full = 0
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
+    dv = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
     for g in range(group):
         h = h_kv * group + g
         q_base = q_ptr + b * stride_q_b + h * stride_q_h
@@ -433,8 +455,8 @@ def _prefix_attn_bwd_prefix_dkdv_kernel(
 
     # A block past the entry's length has no gradient: run no query block for it.
     m_hi = tl.where(n0 < prefix_len, L, 0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
+    dv = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
     for g in range(group):
         h = h_kv * group + g
         row = (b * Hq + h) * L
@@ -475,14 +497,18 @@ def _prefix_grad_reduce_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     tile_mask = (offs_p < P)[:, None] & (offs_d < D)[None, :]
     part_offsets = h_kv * stride_part_h + offs_p[:, None] * stride_part_p + offs_d[None, :] * stride_part_d
-    acc_k = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
-    acc_v = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+    acc_k = tl.full([BLOCK_P, BLOCK_D], 0.0, dtype=tl.float32)
+    acc_v = tl.full([BLOCK_P, BLOCK_D], 0.0, dtype=tl.float32)
+    # Row pointers advance by one row per step (64-bit pointer arithmetic, no int32 overflow).
+    row_k_ptrs = partial_k_ptr + part_offsets
+    row_v_ptrs = partial_v_ptr + part_offsets
     for b in range(B):
-        # Rows of other entries are masked out: their partials are never read.
-        uses_entry = tl.load(prefix_index_ptr + b) == entry
-        row_offsets = b.to(tl.int64) * stride_part_b + part_offsets
-        acc_k += tl.load(partial_k_ptr + row_offsets, mask=tile_mask & uses_entry, other=0.0)
-        acc_v += tl.load(partial_v_ptr + row_offsets, mask=tile_mask & uses_entry, other=0.0)
+        # The partials of rows using other entries are never read.
+        if tl.load(prefix_index_ptr + b) == entry:
+            acc_k += tl.load(row_k_ptrs, mask=tile_mask, other=0.0)
+            acc_v += tl.load(row_v_ptrs, mask=tile_mask, other=0.0)
+        row_k_ptrs += stride_part_b
+        row_v_ptrs += stride_part_b
     tl.store(dprefix_k_ptr + entry * stride_dpk_t + h_kv * stride_dpk_h + offs_p[:, None] * stride_dpk_p
              + offs_d[None, :] * stride_dpk_d, acc_k.to(dprefix_k_ptr.dtype.element_ty), mask=tile_mask)
     tl.store(dprefix_v_ptr + entry * stride_dpv_t + h_kv * stride_dpv_h + offs_p[:, None] * stride_dpv_p
@@ -528,7 +554,7 @@ def _prefix_attn_bwd_dq_kernel(
     delta = tl.load(delta_ptr + pid_bh * L + offs_m, mask=m_valid, other=0.0)
     q_pos = offs_m + (S - L)
 
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
     entry = tl.load(prefix_index_ptr + b).to(tl.int64)
     prefix_len = tl.load(prefix_lengths_ptr + entry)
     dq = _dq_key_blocks(
@@ -586,6 +612,10 @@ def _mask_args(key_padding_mask, fallback):
     return mask, mask.stride(0), mask.stride(1), True
 
 
+def _zeros_contiguous(t):
+    return torch.zeros(t.shape, dtype=t.dtype, device=t.device)
+
+
 def _bucket(n):
     """Autotuning key of a length: the next power of two, so varying lengths share tuned configs."""
     return triton.next_power_of_2(max(int(n), 1))
@@ -616,12 +646,13 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengt
     Returns ``(out [B, Hq, L, D] in q's dtype, with q's memory layout, lse [B, Hq, L] float32)``; lse is the
     natural-log normalizer of each query, ``+inf`` for a query that sees no key (its output is 0).
     """
-    q, k, v, prefix_k, prefix_v = (_unit_last_stride(t) for t in (q, k, v, prefix_k, prefix_v))
     _check_device(q)
+    # Outputs take the inputs' layout (before any copy below), so a transposed view in gives one out.
+    out = torch.empty_like(q)
+    q, k, v, prefix_k, prefix_v = (_unit_last_stride(t) for t in (q, k, v, prefix_k, prefix_v))
     prefix_index, prefix_lengths = _index_args(prefix_index, prefix_lengths)
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    out = torch.empty_like(q)
     lse = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
@@ -650,17 +681,17 @@ def prefix_attention_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_index, prefix
     length). The prefix sum is accumulated in float32 with atomics (order unspecified), or, with
     ``deterministic=True``, through per-row float32 partials summed in row order (bitwise reproducible).
     """
+    _check_device(q)
+    # Gradients take the inputs' layout (before any copy below); the prefix gradients are contiguous.
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dout, q, k, v, prefix_k, prefix_v, out = (
         _unit_last_stride(t) for t in (dout, q, k, v, prefix_k, prefix_v, out))
-    _check_device(q)
     prefix_index, prefix_lengths = _index_args(prefix_index, prefix_lengths)
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    T, P = prefix_k.shape[0], prefix_k.shape[2]
     group = Hq // Hkv
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel() == 0:
-        return dq, dk.zero_(), dv.zero_(), torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
+        return (dq, dk.zero_(), dv.zero_(), _zeros_contiguous(prefix_k), _zeros_contiguous(prefix_v))
     lse = lse.contiguous()
     mask, stride_mask_b, stride_mask_s, has_mask = _mask_args(key_padding_mask, q)
     block_d = _block_d(D)
@@ -704,7 +735,7 @@ def _prefix_grads(q, prefix_k, prefix_v, prefix_index, prefix_lengths, dout, lse
     B, Hq, L, D = q.shape
     T, Hkv, P = prefix_k.shape[0], prefix_k.shape[1], prefix_k.shape[2]
     if P == 0:
-        return torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
+        return _zeros_contiguous(prefix_k), _zeros_contiguous(prefix_v)
     # Atomic: one float32 [T, Hkv, P, D] buffer the rows add into. Deterministic: per-row float32 partials.
     rows = B if deterministic else T
     acc_k = torch.zeros((rows, Hkv, P, D), dtype=torch.float32, device=q.device)
@@ -721,7 +752,8 @@ def _prefix_grads(q, prefix_k, prefix_v, prefix_index, prefix_lengths, dout, lse
     if not deterministic:
         return acc_k.to(prefix_k.dtype), acc_v.to(prefix_v.dtype)
 
-    dprefix_k, dprefix_v = torch.empty_like(prefix_k), torch.empty_like(prefix_v)
+    dprefix_k = torch.empty(prefix_k.shape, dtype=prefix_k.dtype, device=prefix_k.device)
+    dprefix_v = torch.empty(prefix_v.shape, dtype=prefix_v.dtype, device=prefix_v.device)
     _prefix_grad_reduce_kernel[(triton.cdiv(P, _REDUCE_BLOCK_P), T * Hkv)](
         acc_k, acc_v, prefix_index, dprefix_k, dprefix_v,
         *acc_k.stride(), *dprefix_k.stride(), *dprefix_v.stride(), B, Hkv, P, D,

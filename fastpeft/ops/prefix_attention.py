@@ -3,10 +3,12 @@
 Layers: Triton kernels and their launchers live in ``fastpeft.kernels.prefix_attention`` (training and
 prefill) and ``fastpeft.kernels.prefix_decode`` (L == 1 inference); the CUDA extension ``fastpeft._C``
 implements decode. This module validates the arguments once, brings them to one canonical form, picks the
-backend and wraps the kernels in a ``torch.autograd.Function``.
+backend and registers the Triton kernels as the custom ops ``fastpeft::prefix_attention_fwd`` /
+``fastpeft::prefix_attention_bwd`` (with fake implementations and autograd, so ``torch.compile`` traces them).
 """
 
 import math
+from typing import Optional, Tuple
 
 import torch
 
@@ -179,43 +181,78 @@ def _cuda_decode_available():
     return module is not None and hasattr(torch.ops.fastpeft, "prefix_decode")
 
 
-def _kernel_forward(backend, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
-                    causal, softmax_scale, need_lse):
-    """Run a kernel forward; returns (out, lse or None). Decode (L == 1, no lse needed) uses split-KV kernels."""
-    if not need_lse and q.shape[2] == 1:
-        if backend == "cuda":
-            out = torch.ops.fastpeft.prefix_decode(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
-                                                   key_padding_mask, causal, softmax_scale)
-            return out, None
-        from ..kernels.prefix_decode import prefix_decode_fwd
-        return prefix_decode_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
-                                 causal, softmax_scale), None
+def _decode_forward(backend, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal,
+                    softmax_scale):
+    """Inference with one query per row (L == 1, no grad): the split-KV decode kernels."""
+    if backend == "cuda":
+        return torch.ops.fastpeft.prefix_decode(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
+                                                key_padding_mask, causal, softmax_scale)
+    from ..kernels.prefix_decode import prefix_decode_fwd
+    return prefix_decode_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
+                             causal, softmax_scale)
+
+
+# The Triton training/prefill kernels as torch custom ops, so that torch.compile traces through them (the
+# fake implementations give the output metadata) and autograd reaches the backward kernels. The kernel
+# module (and Triton) is imported on the first call, never when fastpeft is imported.
+@torch.library.custom_op("fastpeft::prefix_attention_fwd", mutates_args=())
+def _prefix_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
+                             prefix_v: torch.Tensor, prefix_index: torch.Tensor, prefix_lengths: torch.Tensor,
+                             key_padding_mask: Optional[torch.Tensor], causal: bool, softmax_scale: float,
+                             deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Canonical arguments (see ``_canonicalize``) -> (out ``[B, Hq, L, D]``, lse ``[B, Hq, L]`` float32).
+    ``deterministic`` is not used by the forward; it is an input so that the backward can read it."""
     from ..kernels.prefix_attention import prefix_attention_fwd
     return prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
                                 causal, softmax_scale)
 
 
-class PrefixAttentionFunction(torch.autograd.Function):
-    """Autograd over the Triton kernels. Inputs are canonical (see ``_canonicalize``)."""
+@_prefix_attention_fwd_op.register_fake
+def _(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal, softmax_scale,
+      deterministic):
+    B, Hq, L, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, Hq, L), dtype=torch.float32)
 
-    @staticmethod
-    def forward(ctx, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal,
-                softmax_scale, deterministic):
-        out, lse = _kernel_forward("triton", q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
-                                   key_padding_mask, causal, softmax_scale, need_lse=True)
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
-                              out, lse)
-        ctx.causal, ctx.softmax_scale, ctx.deterministic = causal, softmax_scale, deterministic
-        return out
 
-    @staticmethod
-    def backward(ctx, dout):
-        from ..kernels.prefix_attention import prefix_attention_bwd
-        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, out, lse = ctx.saved_tensors
-        dq, dk, dv, dprefix_k, dprefix_v = prefix_attention_bwd(
-            dout, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, out, lse,
-            ctx.causal, ctx.softmax_scale, ctx.deterministic)
-        return dq, dk, dv, dprefix_k, dprefix_v, None, None, None, None, None, None
+@torch.library.custom_op("fastpeft::prefix_attention_bwd", mutates_args=())
+def _prefix_attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             prefix_k: torch.Tensor, prefix_v: torch.Tensor, prefix_index: torch.Tensor,
+                             prefix_lengths: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                             out: torch.Tensor, lse: torch.Tensor, causal: bool, softmax_scale: float,
+                             deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                           torch.Tensor]:
+    """(dq, dk, dv, dprefix_k, dprefix_v); the prefix gradients are summed over the rows using each entry."""
+    from ..kernels.prefix_attention import prefix_attention_bwd
+    return prefix_attention_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
+                                out, lse, causal, softmax_scale, deterministic)
+
+
+@_prefix_attention_bwd_op.register_fake
+def _(dout, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, out, lse, causal,
+      softmax_scale, deterministic):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), prefix_k.new_empty(prefix_k.shape),
+            prefix_v.new_empty(prefix_v.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    # Only called when grad is enabled and an input requires it: inference saves nothing.
+    (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal, softmax_scale,
+     deterministic) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, out, lse)
+    ctx.causal, ctx.softmax_scale, ctx.deterministic = causal, softmax_scale, deterministic
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, out, lse = ctx.saved_tensors
+    dq, dk, dv, dprefix_k, dprefix_v = _prefix_attention_bwd_op(
+        dout, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, out, lse,
+        ctx.causal, ctx.softmax_scale, ctx.deterministic)
+    return dq, dk, dv, dprefix_k, dprefix_v, None, None, None, None, None, None
+
+
+_prefix_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _run(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal, softmax_scale,
@@ -226,11 +263,11 @@ def _run(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_
     if backend == "reference":
         return reference_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
                                           key_padding_mask, causal, softmax_scale)
-    if needs_grad:
-        return PrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
-                                             key_padding_mask, causal, softmax_scale, deterministic)
-    out, _ = _kernel_forward(backend, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
-                             key_padding_mask, causal, softmax_scale, need_lse=False)
+    if q.shape[2] == 1 and not needs_grad:
+        return _decode_forward(backend, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
+                               key_padding_mask, causal, softmax_scale)
+    out, _ = _prefix_attention_fwd_op(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
+                                      causal, softmax_scale, deterministic)
     return out
 
 
