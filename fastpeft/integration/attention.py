@@ -70,10 +70,15 @@ class PrefixSpec:
         return self.keys[layer_idx], self.values[layer_idx]
 
 
-def _empty_prefix(key):
-    """A zero-length shared prefix: attention over the sequence alone, through the same kernels."""
-    empty = key.new_empty(key.shape[1], 0, key.shape[3])
-    return empty, empty
+def _no_prefix(key):
+    """A one-entry prefix of valid length 0 (``prefix_lengths = [0]``): attention over the sequence alone, through
+    the same kernels. (A zero-size P axis is avoided: reductions over an empty axis fail in the reference path.)
+    Returns prefix_k, prefix_v ``[1, Hkv, 1, D]``, prefix_index ``[B]`` and prefix_lengths ``[1]``."""
+    B, Hkv, _, D = key.shape
+    empty = key.new_zeros(1, Hkv, 1, D)
+    index = torch.zeros(B, dtype=torch.int32, device=key.device)
+    lengths = torch.zeros(1, dtype=torch.int32, device=key.device)
+    return empty, empty, index, lengths
 
 
 def fastpeft_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
@@ -86,8 +91,7 @@ def fastpeft_attention_forward(module, query, key, value, attention_mask, dropou
                          f"{getattr(attention_mask, 'dim', lambda: '?')()}-D mask (a custom 4-D mask is not supported)")
     spec = kwargs.get(PREFIX_KWARG)
     if spec is None:
-        prefix_k, prefix_v = _empty_prefix(key)
-        prefix_index = prefix_lengths = None
+        prefix_k, prefix_v, prefix_index, prefix_lengths = _no_prefix(key)
     else:
         prefix_k, prefix_v = spec.layer(getattr(module, "layer_idx", None))
         prefix_index, prefix_lengths = spec.prefix_index, spec.prefix_lengths

@@ -1,0 +1,303 @@
+"""``fastpeft.accelerate`` / ``fastpeft.restore``: PEFT prompt-learning models on fastpeft's fused attention.
+
+``accelerate(peft_model)`` makes instance-level, undoable changes only (no class or module is patched):
+
+* the backbone's ``attn_implementation`` becomes ``"fastpeft"`` (see ``fastpeft.integration.attention``), so
+  attention runs through ``fastpeft.prefix_attention`` with the 2-D key padding mask handled in the kernels;
+* for prefix tuning, the instance gets its own ``forward`` and (causal LMs) ``generate``. The prompt encoder runs
+  once per call on ``arange(P)`` (not once per row), its output is split into per-layer ``[Hkv, P, D]`` prefix K/V
+  and handed to every attention call as the ``fastpeft_prefix`` keyword. Nothing is expanded per row, nothing is
+  copied into a KV cache, no 4-D mask is built, and gradients flow from the kernels' prefix gradient (the sum over
+  the batch) back into the prompt encoder;
+* prompt tuning and p-tuning keep PEFT's own forward and generate (the virtual tokens are real input embeddings
+  there, so PEFT's semantics come for free); only their attention changes;
+* PEFT's refusal of prefix tuning under gradient checkpointing (``_setup_prompt_encoder``, peft#869/#2191) is
+  lifted for this instance: with the prefix outside the cache, checkpoint recomputation is correct.
+
+PEFT's semantics are reproduced exactly (``/work/shared/PEFT_NOTES.md``): prefix keys per KV head and never
+rotated; in ``forward`` the real tokens sit at positions ``P .. P+L-1`` whatever the padding (user
+``position_ids`` get ``+P``); in ``generate`` positions are pad-aware, ``cumsum(mask) - 1 + P``.
+"""
+
+import functools
+import types
+
+import torch
+
+from . import attention
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "bert")
+STATE_ATTR = "_fastpeft_acceleration"
+# Instance attributes accelerate() sets on the PeftModel; restore() deletes exactly these.
+_OVERRIDDEN_METHODS = ("forward", "generate", "_setup_prompt_encoder")
+
+
+class _AccelerationState:
+    """What ``restore`` needs: the backbone's previous attention implementation."""
+
+    def __init__(self, previous_attn_implementation):
+        self.previous_attn_implementation = previous_attn_implementation
+
+
+def _peft_types():
+    from peft import PeftType
+
+    return PeftType.PREFIX_TUNING, PeftType.PROMPT_TUNING, PeftType.P_TUNING
+
+
+def _supported_peft_classes():
+    from peft import PeftModelForCausalLM, PeftModelForSequenceClassification
+
+    return PeftModelForCausalLM, PeftModelForSequenceClassification
+
+
+def _text_config(model):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _attention_geometry(config):
+    """(num_layers, kv_heads, head_dim) of a decoder/encoder config (GPT-2's names are aliased by its config)."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+def _check_peft_config(peft_model, adapter_name):
+    """Raise ValueError for an adapter configuration fastpeft cannot run with PEFT's exact numbers."""
+    prefix_tuning, prompt_tuning, p_tuning = _peft_types()
+    config = peft_model.peft_config[adapter_name]
+    if config.peft_type not in (prefix_tuning, prompt_tuning, p_tuning):
+        raise ValueError(f"fastpeft.accelerate supports PREFIX_TUNING, PROMPT_TUNING and P_TUNING adapters; "
+                         f"adapter {adapter_name!r} is {config.peft_type.value}")
+    if getattr(config, "num_transformer_submodules", 1) not in (None, 1):
+        raise ValueError(f"adapter {adapter_name!r} has num_transformer_submodules="
+                         f"{config.num_transformer_submodules} (encoder-decoder); fastpeft supports decoder-only "
+                         "and encoder-only backbones")
+    if config.peft_type != prefix_tuning:
+        return
+    num_layers, kv_heads, head_dim = _attention_geometry(_text_config(peft_model.get_base_model()))
+    if config.num_layers != num_layers:
+        raise ValueError(f"prefix-tuning adapter {adapter_name!r} has num_layers={config.num_layers} but the "
+                         f"backbone has {num_layers} attention layers")
+    if config.num_attention_heads != kv_heads or config.token_dim != kv_heads * head_dim:
+        raise ValueError(
+            f"prefix-tuning adapter {adapter_name!r} stores its prefix as num_attention_heads="
+            f"{config.num_attention_heads} x head size {config.token_dim // config.num_attention_heads}, but the "
+            f"backbone's attention has {kv_heads} KV heads of size {head_dim}: the prefix cannot be split into "
+            "per-KV-head keys and values")
+
+
+def _check_backbone(peft_model):
+    base = peft_model.get_base_model()
+    config = _text_config(base)
+    if getattr(base.config, "is_encoder_decoder", False):
+        raise ValueError(f"fastpeft.accelerate does not support encoder-decoder models "
+                         f"({type(base).__name__}); decoder-only and encoder-only backbones are supported")
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"fastpeft.accelerate supports the model types {', '.join(SUPPORTED_MODEL_TYPES)}; got "
+                         f"{model_type!r} ({type(base).__name__}), whose attention may use features "
+                         "(soft-capping, sinks, custom masks, position schemes) fastpeft does not reproduce")
+
+
+def accelerate(peft_model):
+    """Run a PEFT prompt-learning model's attention through fastpeft's fused prefix attention.
+
+    Arguments:
+        peft_model: a ``peft.PeftModelForCausalLM`` (Llama, Mistral, Qwen2, Qwen3, GPT-2) or
+            ``peft.PeftModelForSequenceClassification`` (BERT, or one of the causal families), whose active
+            adapter is PREFIX_TUNING (with or without ``prefix_projection``), PROMPT_TUNING or P_TUNING. The
+            backbone may be loaded in 4-bit or 8-bit through bitsandbytes.
+
+    Returns:
+        the same object, accelerated in place: forward outputs (logits, loss), prompt-parameter gradients,
+        ``generate`` tokens and saved adapter files equal PEFT's. Calling it twice is a no-op.
+
+    Raises:
+        ValueError: for another PEFT model class or adapter type, an encoder-decoder or unsupported backbone, or a
+            prefix-tuning configuration whose prefix does not split into the backbone's KV heads.
+    """
+    from peft import PeftModel
+
+    if not isinstance(peft_model, PeftModel):
+        raise ValueError(f"fastpeft.accelerate takes a peft.PeftModel, got {type(peft_model).__name__}")
+    if hasattr(peft_model, STATE_ATTR):
+        return peft_model
+    if not isinstance(peft_model, _supported_peft_classes()):
+        raise ValueError(f"fastpeft.accelerate supports PeftModelForCausalLM and "
+                         f"PeftModelForSequenceClassification, got {type(peft_model).__name__}")
+    _check_backbone(peft_model)
+    for adapter_name in peft_model.peft_config:
+        _check_peft_config(peft_model, adapter_name)
+
+    previous = attention.use_fastpeft_attention(peft_model.get_base_model())
+    setattr(peft_model, STATE_ATTR, _AccelerationState(previous))
+    peft_model.forward = types.MethodType(_accelerated_forward, peft_model)
+    peft_model._setup_prompt_encoder = types.MethodType(_setup_prompt_encoder_allowing_checkpointing, peft_model)
+    from peft import PeftModelForCausalLM
+
+    if isinstance(peft_model, PeftModelForCausalLM):
+        peft_model.generate = types.MethodType(_accelerated_generate, peft_model)
+    return peft_model
+
+
+def restore(peft_model):
+    """Undo ``accelerate``: PEFT's own forward/generate and the backbone's previous attention implementation
+    come back. Returns the same object. Raises ValueError for a model ``accelerate`` was not applied to."""
+    state = getattr(peft_model, STATE_ATTR, None)
+    if state is None:
+        raise ValueError("fastpeft.restore: this model was not accelerated by fastpeft.accelerate")
+    for name in _OVERRIDDEN_METHODS:
+        peft_model.__dict__.pop(name, None)
+    peft_model.get_base_model().set_attn_implementation(state.previous_attn_implementation)
+    delattr(peft_model, STATE_ATTR)
+    return peft_model
+
+
+def is_accelerated(peft_model):
+    return hasattr(peft_model, STATE_ATTR)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prefix K/V straight from the prompt encoder
+
+
+def prefix_spec(peft_model):
+    """The active prefix-tuning adapter's per-layer K/V as a ``PrefixSpec`` of shared ``[Hkv, P, D]`` tensors.
+
+    The encoder runs once on ``arange(P)`` (PEFT runs it on ``(B, P)`` ids, B identical rows); in inference mode
+    PEFT reads ``embedding.weight`` directly, and so does this. The output is cast to the backbone's dtype like
+    PEFT's and laid out ``[2 * num_layers, Hkv, P, D]`` in one copy, so every layer's K (slot ``2i``) and V (slot
+    ``2i + 1``) is a contiguous view. Differentiable: the kernels' prefix gradients reach the encoder.
+    """
+    adapter = peft_model.active_adapter
+    config = peft_model.peft_config[adapter]
+    encoder = peft_model.prompt_encoder[adapter]
+    P, kv_heads = config.num_virtual_tokens, config.num_attention_heads
+    if config.inference_mode:
+        flat = encoder.embedding.weight
+    else:
+        tokens = peft_model.prompt_tokens[adapter][:P].to(encoder.embedding.weight.device)
+        flat = encoder(tokens)
+    dtype = peft_model.base_model_torch_dtype
+    if dtype is not None:
+        flat = flat.to(dtype)
+    kv = flat.view(P, config.num_layers * 2, kv_heads, config.token_dim // kv_heads).permute(1, 2, 0, 3)
+    kv = kv.contiguous()
+    return attention.PrefixSpec.build(kv[0::2].unbind(0), kv[1::2].unbind(0))
+
+
+def _prefix_position_ids(position_ids, num_virtual_tokens, past_length, length, device):
+    """PEFT's forward positions: user ``position_ids + P``, else ``P + past .. P + past + L - 1`` for every row
+    (not pad-aware, as PEFT's: the prefix occupies cache positions 0..P-1 and the model counts from there)."""
+    if position_ids is not None:
+        return position_ids + num_virtual_tokens
+    start = num_virtual_tokens + past_length
+    return torch.arange(start, start + length, device=device).unsqueeze(0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Instance methods installed by accelerate()
+
+
+def _active_is_prefix_tuning(peft_model):
+    config = peft_model.active_peft_config
+    _check_peft_config(peft_model, peft_model.active_adapter)
+    return config.peft_type == _peft_types()[0]
+
+
+def _accelerated_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
+                         output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None,
+                         **kwargs):
+    """PeftModel forward with the prefix fused into attention (prefix tuning) or PEFT's own forward (prompt
+    tuning, p-tuning) over fastpeft attention. Outputs are PEFT's, except that a prefix-tuning output's
+    ``past_key_values`` holds only the real tokens (the prefix is never in a cache); passing such a cache back in
+    continues the sequence (positions follow it)."""
+    if not _active_is_prefix_tuning(self):
+        return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
+                                  inputs_embeds=inputs_embeds, labels=labels, output_attentions=output_attentions,
+                                  output_hidden_states=output_hidden_states, return_dict=return_dict,
+                                  task_ids=task_ids, **kwargs)
+    from peft import PeftModelForSequenceClassification
+    from peft.peft_model import _get_return_dict_transformers_v4
+
+    for name in self.special_peft_forward_args:  # PEFT ignores these for prompt learning
+        kwargs.pop(name, None)
+    if attention.PREFIX_KWARG in kwargs:
+        raise ValueError(f"{attention.PREFIX_KWARG} is set by the accelerated model itself; do not pass it")
+    if isinstance(self, PeftModelForSequenceClassification) and return_dict is None:
+        return_dict = _get_return_dict_transformers_v4(self.config)
+    config = self.active_peft_config
+    reference = input_ids if input_ids is not None else inputs_embeds
+    cache = kwargs.get("past_key_values")
+    past_length = cache.get_seq_length() if cache is not None else 0
+    kwargs["position_ids"] = _prefix_position_ids(kwargs.get("position_ids"), config.num_virtual_tokens,
+                                                  past_length, reference.shape[1], reference.device)
+    kwargs[attention.PREFIX_KWARG] = prefix_spec(self)
+    return self.get_base_model()(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                 labels=labels, output_attentions=output_attentions,
+                                 output_hidden_states=output_hidden_states, return_dict=return_dict, **kwargs)
+
+
+def _accelerated_generate(self, *args, **kwargs):
+    """PeftModelForCausalLM.generate with the prefix held once and read by the kernels at every step.
+
+    The backbone's ``generate`` runs with a ``prepare_inputs_for_generation`` (an instance attribute for the call,
+    as PEFT's own generate does) that adds ``fastpeft_prefix`` to every step's forward inputs; the cache holds only real tokens, so beam search reorders nothing of the prefix. Each step's
+    position_ids (``cumsum(mask) - 1`` from transformers, pad-aware) get ``+P`` as PEFT's do.
+    """
+    if not _active_is_prefix_tuning(self):
+        return type(self).generate(self, *args, **kwargs)
+    if attention.PREFIX_KWARG in kwargs:
+        raise ValueError(f"{attention.PREFIX_KWARG} is set by the accelerated model itself; do not pass it")
+    base = self.get_base_model()
+    num_virtual_tokens = self.active_peft_config.num_virtual_tokens
+    with torch.no_grad():
+        spec = prefix_spec(self)
+    # As PEFT's generate: the PeftModel's generation config drives the backbone's generate.
+    if hasattr(base, "model"):
+        base.model.generation_config = self.generation_config
+    else:
+        base.generation_config = self.generation_config
+
+    had_instance_prepare = "prepare_inputs_for_generation" in base.__dict__
+    prepare_inputs = base.prepare_inputs_for_generation
+
+    # functools.wraps keeps the signature transformers inspects to validate generate's model kwargs.
+    @functools.wraps(prepare_inputs)
+    def prepare_inputs_with_prefix_positions(*prepare_args, **prepare_kwargs):
+        model_inputs = prepare_inputs(*prepare_args, **prepare_kwargs)
+        position_ids = model_inputs.get("position_ids")
+        if position_ids is None:
+            raise ValueError(f"{type(base).__name__} generate passed no position_ids; fastpeft needs them to place "
+                             "the real tokens after the prefix")
+        model_inputs["position_ids"] = position_ids + num_virtual_tokens
+        model_inputs[attention.PREFIX_KWARG] = spec
+        return model_inputs
+
+    base.prepare_inputs_for_generation = prepare_inputs_with_prefix_positions
+    try:
+        return base.generate(*args, **kwargs)
+    finally:
+        if had_instance_prepare:
+            base.prepare_inputs_for_generation = prepare_inputs
+        else:
+            del base.prepare_inputs_for_generation
+
+
+def _setup_prompt_encoder_allowing_checkpointing(self, adapter_name):
+    """PEFT refuses to set up a prefix-tuning encoder when gradient checkpointing is on, because its prefix lives
+    in the KV cache, which checkpoint recomputation corrupts. fastpeft passes the prefix as a keyword argument, so
+    the refusal does not apply: hide the flag from PEFT's check for the duration of the setup."""
+    checkpointing = [module for module in self.get_base_model().modules()
+                     if getattr(module, "gradient_checkpointing", False)]
+    for module in checkpointing:
+        module.gradient_checkpointing = False
+    try:
+        type(self)._setup_prompt_encoder(self, adapter_name)
+    finally:
+        for module in checkpointing:
+            module.gradient_checkpointing = True
+    _check_peft_config(self, adapter_name)
