@@ -1,18 +1,21 @@
 """Build script for fastpeft.
 
 The pure-Python package (``fastpeft`` plus the Triton kernels in ``kernels/``, installed as
-``fastpeft.kernels``) always installs. The CUDA extension ``fastpeft._C`` is built from ``csrc/`` only when
+``fastpeft.kernels``) always installs. The CUDA extension ``fastpeft._C`` (``csrc/*.cu`` + ``csrc/*.cpp``)
+is built when
 
-* ``FASTPEFT_BUILD_CUDA=1``, or
+* ``FASTPEFT_BUILD_CUDA=1`` (a failure is then an error), or
 * ``FASTPEFT_BUILD_CUDA`` is unset, torch is importable in the build environment, torch was built with CUDA
-  and ``nvcc`` is found (``CUDA_HOME`` or ``PATH``).
+  and ``nvcc`` is found (``CUDA_HOME`` or ``PATH``). A failure to compile is then a warning and the package
+  installs without the extension.
 
 ``FASTPEFT_BUILD_CUDA=0`` never builds it. Because the extension links against torch, build it with
-``pip install --no-build-isolation .`` so the build sees the torch you run with (otherwise pip's isolated
-build environment has no torch and the extension is skipped with a warning, never an error).
+``pip install --no-build-isolation .`` (or ``-e .``) so the build sees the torch you run with; in pip's
+isolated build environment there is no torch and the extension is skipped with a warning, never an error.
+A binary built against one torch does not load in another (``undefined symbol``): rebuild after upgrading.
 
 ``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures (default ``8.0;9.0a``); ``MAX_JOBS`` caps parallel
-nvcc jobs (default: one per 4 GiB of free memory, at most the core count).
+nvcc jobs (default: one per 4 GiB of available memory, at most the core count).
 """
 
 import os
@@ -20,59 +23,83 @@ import shutil
 import warnings
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent.resolve()
 DEFAULT_ARCH_LIST = "8.0;9.0a"
+MEMORY_PER_JOB = 4 << 30  # peak of one nvcc job on the templated kernels, with margin
 
 
-def _build_cuda_requested():
-    flag = os.environ.get("FASTPEFT_BUILD_CUDA", "").strip()
+def build_cuda_decision(environ=None):
+    """``(build, forced, reason)``: whether to build ``fastpeft._C``, whether the user demanded it, and why.
+
+    Raises RuntimeError only when ``FASTPEFT_BUILD_CUDA=1`` asks for a build that cannot happen.
+    """
+    environ = os.environ if environ is None else environ
+    flag = environ.get("FASTPEFT_BUILD_CUDA", "").strip()
+    if flag not in ("", "0", "1"):
+        raise RuntimeError(f"FASTPEFT_BUILD_CUDA must be 0, 1 or unset, got {flag!r}")
     if flag == "0":
-        return False, "FASTPEFT_BUILD_CUDA=0"
+        return False, False, "FASTPEFT_BUILD_CUDA=0"
     forced = flag == "1"
     try:
-        import torch  # noqa: F401  (only the build needs it; never imported at module scope)
+        import torch  # only the build needs it, and only here
         from torch.utils.cpp_extension import CUDA_HOME
     except ImportError:
         if forced:
             raise RuntimeError("FASTPEFT_BUILD_CUDA=1 but torch is not importable in the build environment; "
-                               "install torch first and use `pip install --no-build-isolation`.")
-        return False, "torch is not importable in the build environment (use --no-build-isolation)"
+                               "install torch first and use `pip install --no-build-isolation`.") from None
+        return False, False, "torch is not importable in the build environment (use --no-build-isolation)"
     nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")))
     if forced:
         if not nvcc:
-            raise RuntimeError("FASTPEFT_BUILD_CUDA=1 but nvcc was not found (set CUDA_HOME).")
-        return True, "FASTPEFT_BUILD_CUDA=1"
+            raise RuntimeError("FASTPEFT_BUILD_CUDA=1 but nvcc was not found (set CUDA_HOME or add it to PATH).")
+        return True, True, "FASTPEFT_BUILD_CUDA=1"
     if torch.version.cuda is None:
-        return False, "torch was built without CUDA"
+        return False, False, "torch was built without CUDA"
     if not nvcc:
-        return False, "nvcc not found (set CUDA_HOME or add it to PATH)"
-    return True, f"CUDA {torch.version.cuda} and nvcc found"
+        return False, False, "nvcc not found (set CUDA_HOME or add it to PATH)"
+    return True, False, f"torch {torch.__version__} with CUDA {torch.version.cuda} and nvcc found"
 
 
-def _default_max_jobs():
+def default_max_jobs():
+    """Parallel nvcc jobs: one per MEMORY_PER_JOB of available memory, at most the core count, at least 1."""
+    available = None
     try:
-        pages, page_size = os.sysconf("SC_AVPHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-        by_memory = max(1, (pages * page_size) // (4 << 30))
-    except (ValueError, OSError, AttributeError):
-        by_memory = 1
-    return str(min(os.cpu_count() or 1, by_memory))
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            available = MEMORY_PER_JOB
+    return max(1, min(os.cpu_count() or 1, available // MEMORY_PER_JOB))
+
+
+def _cuda_sources():
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu")) + \
+        sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
 
 
 def _cuda_extensions():
-    build, why = _build_cuda_requested()
-    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu")) + \
-        sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
-    if not build or not sources:
-        if not build:
+    build, forced, why = build_cuda_decision()
+    sources = _cuda_sources()
+    if not build:
+        if why != "FASTPEFT_BUILD_CUDA=0":  # an explicit opt-out needs no warning
             warnings.warn(f"fastpeft: not building the CUDA extension ({why}); the Triton and PyTorch paths "
                           "still work.", stacklevel=1)
         return [], {}
+    if not sources:
+        raise RuntimeError(f"no CUDA sources under {ROOT / 'csrc'}")
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
-    os.environ.setdefault("MAX_JOBS", _default_max_jobs())
+    os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
     ext = CUDAExtension(
         name="fastpeft._C",
         sources=sources,
@@ -83,14 +110,31 @@ def _cuda_extensions():
                      "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"],
         },
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+    class BuildCudaExtension(BuildExtension):
+        """Unless the build was forced, a failed extension build (compiler error, CUDA/torch version
+        mismatch) warns and installs the pure-Python package instead of failing the install."""
+
+        def build_extensions(self):
+            try:
+                super().build_extensions()
+            except Exception as exc:
+                if forced:
+                    raise
+                warnings.warn(f"fastpeft: building the CUDA extension failed ({exc.__class__.__name__}: {exc}); "
+                              "installing without it (the Triton and PyTorch paths still work). Set "
+                              "FASTPEFT_BUILD_CUDA=1 to make this an error.", stacklevel=1)
+                self.extensions = []
+
+    return [ext], {"build_ext": BuildCudaExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = _cuda_extensions()
-
-setup(
-    packages=["fastpeft", "fastpeft.ops", "fastpeft.integration", "fastpeft.kernels"],
-    package_dir={"fastpeft": "fastpeft", "fastpeft.kernels": "kernels"},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+if __name__ == "__main__":  # setuptools' build backend runs this file as __main__; tests import the helpers
+    ext_modules, cmdclass = _cuda_extensions()
+    setup(
+        # Every subpackage of fastpeft/, plus kernels/ installed as fastpeft.kernels.
+        packages=find_packages(include=["fastpeft", "fastpeft.*"]) + ["fastpeft.kernels"],
+        package_dir={"fastpeft": "fastpeft", "fastpeft.kernels": "kernels"},
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )

@@ -185,7 +185,9 @@ at::Tensor prefix_decode_meta(const at::Tensor& q, const at::Tensor& k, const at
 
 }  // namespace
 
-TORCH_LIBRARY(fastpeft, m) {
+// A fragment, not TORCH_LIBRARY: the Python side registers its Triton ops (torch.library.custom_op) in the
+// same "fastpeft" namespace, and a namespace can have only one defining TORCH_LIBRARY.
+TORCH_LIBRARY_FRAGMENT(fastpeft, m) {
   m.def(
       "prefix_decode(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor prefix_index, "
       "Tensor prefix_lengths, Tensor? key_padding_mask, bool causal, float softmax_scale) -> Tensor");

@@ -47,15 +47,34 @@ def triton_usable_on(device):
 
 @functools.lru_cache(maxsize=None)
 def cuda_extension():
-    """(module or None, reason). Loaded lazily, once; a missing extension warns once and never raises."""
+    """(module or None, reason). Loaded lazily, once; a missing or broken extension warns once and never raises.
+
+    Importing ``fastpeft._C`` registers its ops under ``torch.ops.fastpeft``.
+    """
     try:
         module = importlib.import_module("fastpeft._C")
-    except ImportError as exc:
-        reason = f"fastpeft._C is not built ({exc}); reinstall with CUDA and nvcc present to build it"
+    except (ImportError, OSError) as exc:
+        reason = _extension_failure_reason(exc)
         warnings.warn(f"fastpeft: CUDA extension unavailable, using Triton/PyTorch kernels: {reason}",
                       RuntimeWarning, stacklevel=3)
         return None, reason
     return module, "loaded"
+
+
+def _extension_failure_reason(exc):
+    """Why ``import fastpeft._C`` failed, and what fixes it."""
+    message = str(exc)
+    if isinstance(exc, ModuleNotFoundError) and exc.name == "fastpeft._C":
+        return ("fastpeft._C is not built; reinstall where torch has CUDA and nvcc is present: "
+                "`pip install --no-deps --no-build-isolation -e .` (FASTPEFT_BUILD_CUDA=1 makes a failed build an "
+                "error)")
+    if "undefined symbol" in message:
+        import torch
+
+        return (f"fastpeft._C was built against a different torch than the installed torch {torch.__version__} "
+                f"({message}); rebuild it against the installed torch: "
+                "`pip install --no-deps --no-build-isolation --force-reinstall -e .`")
+    return f"fastpeft._C failed to load ({exc.__class__.__name__}: {message})"
 
 
 _warned_messages = set()

@@ -1,0 +1,101 @@
+"""Build decisions of setup.py, the pure-Python wheel (FASTPEFT_BUILD_CUDA=0), and the messages of the lazy
+extension loader."""
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def setup_module():
+    # Imported under another name than __main__, setup.py defines its helpers without calling setup().
+    spec = importlib.util.spec_from_file_location("fastpeft_setup_under_test", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_build_cuda_0_never_builds(setup_module):
+    assert setup_module.build_cuda_decision({"FASTPEFT_BUILD_CUDA": "0"}) == (False, False, "FASTPEFT_BUILD_CUDA=0")
+
+
+def test_build_cuda_rejects_unknown_values(setup_module):
+    with pytest.raises(RuntimeError, match="FASTPEFT_BUILD_CUDA"):
+        setup_module.build_cuda_decision({"FASTPEFT_BUILD_CUDA": "yes"})
+
+
+def test_build_cuda_auto_follows_torch_and_nvcc(setup_module):
+    import torch
+
+    build, forced, reason = setup_module.build_cuda_decision({})
+    assert not forced
+    if torch.version.cuda is None:
+        assert (build, reason) == (False, "torch was built without CUDA")
+    else:
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        nvcc = shutil.which("nvcc") or (CUDA_HOME and (Path(CUDA_HOME) / "bin" / "nvcc").exists())
+        assert build == bool(nvcc), reason
+
+
+def test_max_jobs_is_bounded_by_cores(setup_module):
+    jobs = setup_module.default_max_jobs()
+    assert 1 <= jobs <= (os.cpu_count() or 1)
+
+
+def test_wheel_without_cuda_holds_every_module_and_no_extension(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for name in ("fastpeft", "kernels", "csrc"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    env = dict(os.environ, FASTPEFT_BUILD_CUDA="0")
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                             "-q", "-w", str(tmp_path / "dist"), str(source)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (wheel,) = (tmp_path / "dist").glob("fastpeft-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {f"fastpeft/{p.relative_to(ROOT / 'fastpeft').as_posix()}" for p in (ROOT / "fastpeft").rglob("*.py")}
+    expected |= {f"fastpeft/kernels/{p.name}" for p in (ROOT / "kernels").glob("*.py")}
+    assert "fastpeft/kernels/prefix_decode.py" in expected
+    assert expected <= names, f"missing from the wheel: {sorted(expected - names)}"
+    assert not [n for n in names if n.startswith("fastpeft/_C")], "the CUDA extension was built with FASTPEFT_BUILD_CUDA=0"
+
+
+def test_extension_failure_reasons():
+    from fastpeft import _backend
+
+    missing = _backend._extension_failure_reason(ModuleNotFoundError("No module named 'fastpeft._C'",
+                                                                     name="fastpeft._C"))
+    assert "not built" in missing and "--no-build-isolation" in missing
+    abi = _backend._extension_failure_reason(ImportError("_C.so: undefined symbol: _ZN3c106detail14torchCheckFail"))
+    assert "rebuild it against the installed torch" in abi and "undefined symbol" in abi
+    other = _backend._extension_failure_reason(ImportError("libcudart.so.13: cannot open shared object file"))
+    assert "libcudart" in other
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fastpeft._C") is not None, reason="the extension is built here")
+def test_missing_extension_warns_once_and_never_raises():
+    from fastpeft import _backend
+
+    _backend.cuda_extension.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            first = _backend.cuda_extension()
+            second = _backend.cuda_extension()
+        assert first[0] is None and first == second
+        assert len([w for w in caught if "CUDA extension unavailable" in str(w.message)]) == 1
+    finally:
+        _backend.cuda_extension.cache_clear()
