@@ -1,0 +1,107 @@
+"""Shared pieces of the fastpeft.accelerate tests: PEFT models of every method on the tiny families, and one
+training step (loss, logits at the real tokens, gradients of every trainable parameter) to compare."""
+
+import warnings
+
+import torch
+
+from tests.models import padded_batch, tiny_model
+
+NUM_VIRTUAL_TOKENS = 4
+METHODS = ("prefix", "prefix_projection", "prompt", "p_tuning")
+PREFIX_METHODS = ("prefix", "prefix_projection")
+
+
+def peft_config(method, family, num_virtual_tokens=NUM_VIRTUAL_TOKENS):
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType
+
+    task = TaskType.SEQ_CLS if family == "bert" else TaskType.CAUSAL_LM
+    if method == "prefix":
+        return PrefixTuningConfig(task_type=task, num_virtual_tokens=num_virtual_tokens)
+    if method == "prefix_projection":
+        return PrefixTuningConfig(task_type=task, num_virtual_tokens=num_virtual_tokens, prefix_projection=True,
+                                  encoder_hidden_size=64)
+    if method == "prompt":
+        return PromptTuningConfig(task_type=task, num_virtual_tokens=num_virtual_tokens)
+    if method == "p_tuning":
+        return PromptEncoderConfig(task_type=task, num_virtual_tokens=num_virtual_tokens, encoder_hidden_size=64)
+    raise ValueError(method)
+
+
+def randomize_prompt_parameters(peft_model, seed):
+    """PEFT initializes some prompt parameters to small or structured values; random ones make every
+    comparison sensitive."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in peft_model.prompt_encoder.parameters():
+            param.copy_(torch.randn(param.shape, generator=g) * 0.5)
+
+
+def make_peft_model(family, method, seed=0, base=None, attn_implementation="sdpa"):
+    """A PEFT model of ``method`` on a tiny ``family`` backbone (or on ``base``), prompt parameters random."""
+    from peft import get_peft_model
+
+    if base is None:
+        base = tiny_model(family, seed=seed, attn_implementation=attn_implementation)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(base, peft_config(method, family))
+    randomize_prompt_parameters(peft_model, seed + 100)
+    return peft_model
+
+
+def batch_and_labels(family, seed=0, batch=3, length=7, left_pad=(0, 3, 1)):
+    """Left-padded input_ids/attention_mask and labels: next-token labels with -100 at the pads (causal LMs),
+    class ids (BERT)."""
+    ids, mask = padded_batch(seed=seed, batch=batch, length=length, left_pad=left_pad)
+    if family == "bert":
+        labels = torch.arange(batch) % 3
+    else:
+        labels = ids.masked_fill(mask == 0, -100)
+    return ids, mask, labels
+
+
+def real_token_logits(logits, mask, num_virtual_tokens):
+    """Logits at the positions that are not padding: ``[B, L, V]`` (prefix tuning) or ``[B, P + L, V]`` (prompt
+    and p-tuning, whose virtual positions are real) -> ``[N, V]``; sequence-classification logits as they are."""
+    if logits.dim() == 2:
+        return logits
+    if logits.shape[1] == mask.shape[1] + num_virtual_tokens:
+        mask = torch.cat([torch.ones(mask.shape[0], num_virtual_tokens, dtype=mask.dtype), mask], dim=1)
+    return logits[mask.bool()]
+
+
+def training_step(peft_model, ids, mask, labels, **forward_kwargs):
+    """One forward/backward in train mode. Returns (loss, real-token logits, {name: grad}) of every trainable
+    parameter (the prompt encoder, and the classifier head PEFT trains for sequence classification)."""
+    peft_model.train()
+    peft_model.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = peft_model(input_ids=ids, attention_mask=mask, labels=labels, **forward_kwargs)
+    out.loss.backward()
+    grads = {name: param.grad.detach().clone() for name, param in peft_model.named_parameters()
+             if param.requires_grad}
+    assert grads and all(g is not None for g in grads.values())
+    peft_model.eval()
+    return out.loss.detach(), real_token_logits(out.logits.detach(), mask, NUM_VIRTUAL_TOKENS), grads
+
+
+def assert_same_step(actual, expected, rtol=1e-5, what=""):
+    from tests.reference import assert_close
+
+    loss, logits, grads = actual
+    ref_loss, ref_logits, ref_grads = expected
+    assert_close(loss, ref_loss, rtol, f"{what} loss")
+    assert_close(logits, ref_logits, rtol, f"{what} logits")
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        assert ref_grads[name].abs().sum() > 0, f"{what} {name}: PEFT's gradient is zero, the check is void"
+        assert_close(grads[name], ref_grads[name], rtol, f"{what} grad {name}")
+
+
+def greedy(model, ids, mask, max_new_tokens=6, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                              pad_token_id=0, **kwargs)

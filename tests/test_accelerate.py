@@ -1,0 +1,226 @@
+"""fastpeft.accelerate on PEFT prompt-learning models: forward/backward parity with PEFT for every family and
+method (left-padded rows), PEFT's position rules, restore, saved adapters, and the refusals."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import fastpeft
+from fastpeft.integration import attention
+from tests.accelerate_helpers import (METHODS, NUM_VIRTUAL_TOKENS, assert_same_step,
+                                      batch_and_labels, make_peft_model, peft_config, training_step)
+from tests.models import ALL_FAMILIES, tiny_model
+from tests.reference import assert_close
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_forward_backward_match_peft(family, method):
+    peft_model = make_peft_model(family, method)
+    ids, mask, labels = batch_and_labels(family)
+    expected = training_step(peft_model, ids, mask, labels)
+
+    assert fastpeft.accelerate(peft_model) is peft_model
+    assert peft_model.get_base_model().config._attn_implementation == attention.ATTN_IMPLEMENTATION
+    assert_same_step(training_step(peft_model, ids, mask, labels), expected, what=f"{family}/{method}")
+
+
+def _spy_attention_calls(monkeypatch):
+    """Record (key length, attention mask, prefix spec) of every fastpeft attention call."""
+    calls = []
+    original = attention.fastpeft_attention_forward
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        calls.append((key.shape[2], attention_mask, kwargs.get(attention.PREFIX_KWARG)))
+        return original(module, query, key, value, attention_mask, **kwargs)
+
+    from transformers import AttentionInterface
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, attention.ATTN_IMPLEMENTATION, spy)
+    return calls
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_prefix_is_fused_not_expanded(family, monkeypatch):
+    """Every layer gets shared [Hkv, P, D] prefix K/V; keys are the real tokens only; the mask is 2-D."""
+    peft_model = fastpeft.accelerate(make_peft_model(family, "prefix"))
+    ids, mask, labels = batch_and_labels(family)
+    calls = _spy_attention_calls(monkeypatch)
+    training_step(peft_model, ids, mask, labels)
+
+    config = peft_model.active_peft_config
+    head_dim = config.token_dim // config.num_attention_heads
+    assert len(calls) == config.num_layers
+    for key_length, attention_mask, spec in calls:
+        assert key_length == ids.shape[1]
+        assert attention_mask is not None and attention_mask.shape == ids.shape
+        assert all(k.shape == (config.num_attention_heads, NUM_VIRTUAL_TOKENS, head_dim) for k in spec.keys)
+        assert spec.prefix_index is None
+
+
+def test_prefix_keys_values_are_peft_layout():
+    """Layer i's K is slot 2i of PEFT's (P, 2*layers, Hkv, D) view, V slot 2i+1, never rotated."""
+    peft_model = make_peft_model("llama", "prefix")
+    config = peft_model.active_peft_config
+    spec = fastpeft.integration.peft.prefix_spec(peft_model)
+    weight = peft_model.prompt_encoder["default"].embedding.weight
+    view = weight.view(NUM_VIRTUAL_TOKENS, 2 * config.num_layers, config.num_attention_heads, -1)
+    for layer in range(config.num_layers):
+        assert torch.equal(spec.keys[layer], view[:, 2 * layer].transpose(0, 1))
+        assert torch.equal(spec.values[layer], view[:, 2 * layer + 1].transpose(0, 1))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_user_position_ids_are_shifted_like_peft(family):
+    peft_model = make_peft_model(family, "prefix")
+    ids, mask, labels = batch_and_labels(family)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # pad-aware positions chosen by the user
+    expected = training_step(peft_model, ids, mask, labels, position_ids=position_ids)
+    fastpeft.accelerate(peft_model)
+    assert_same_step(training_step(peft_model, ids, mask, labels, position_ids=position_ids), expected)
+
+
+def test_inference_mode_adapter_matches_peft(tmp_path):
+    """A saved adapter loaded for inference keeps only the MLP's output: the prefix comes from the weights."""
+    from peft import PeftModel
+
+    trained = make_peft_model("qwen3", "prefix_projection")
+    trained.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model("qwen3", attn_implementation="sdpa"), tmp_path)
+    ids, mask, _ = batch_and_labels("qwen3")
+    with torch.no_grad():
+        expected = loaded(input_ids=ids, attention_mask=mask).logits
+        fastpeft.accelerate(loaded)
+        actual = loaded(input_ids=ids, attention_mask=mask).logits
+    assert_close(actual[mask.bool()], expected[mask.bool()], 1e-5, "logits")
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_restore_round_trip(method):
+    peft_model = make_peft_model("mistral", method, attn_implementation="eager")
+    ids, mask, labels = batch_and_labels("mistral")
+    expected = training_step(peft_model, ids, mask, labels)
+
+    fastpeft.accelerate(peft_model)
+    assert fastpeft.accelerate(peft_model) is peft_model  # idempotent
+    assert "forward" in vars(peft_model)
+    assert fastpeft.restore(peft_model) is peft_model
+    assert peft_model.get_base_model().config._attn_implementation == "eager"
+    assert not {"forward", "generate", "_setup_prompt_encoder"} & set(vars(peft_model))
+    assert_same_step(training_step(peft_model, ids, mask, labels), expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="not accelerated"):
+        fastpeft.restore(peft_model)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_saved_adapter_is_peft_and_loads_in_plain_peft(method, tmp_path):
+    from peft import PeftModel
+
+    peft_model = make_peft_model("llama", method)
+    peft_model.save_pretrained(tmp_path / "peft")
+    fastpeft.accelerate(peft_model)
+    peft_model.save_pretrained(tmp_path / "fastpeft")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "peft" / name).read_bytes() == (tmp_path / "fastpeft" / name).read_bytes(), name
+    assert json.loads((tmp_path / "fastpeft" / "adapter_config.json").read_text())["peft_type"] in (
+        "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
+
+    ids, mask, _ = batch_and_labels("llama")
+    plain = PeftModel.from_pretrained(tiny_model("llama", attn_implementation="sdpa"), tmp_path / "fastpeft")
+    with torch.no_grad():
+        expected = plain(input_ids=ids, attention_mask=mask).logits
+        actual = peft_model(input_ids=ids, attention_mask=mask).logits
+    assert_close(actual, expected, 1e-5, "logits of the adapter reloaded in plain PEFT")
+
+
+def test_add_adapter_with_gradient_checkpointing_is_allowed():
+    """PEFT refuses a prefix-tuning adapter while gradient checkpointing is on; an accelerated model accepts it."""
+    peft_model = make_peft_model("llama", "prefix")
+    peft_model.get_base_model().gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        peft_model.add_adapter("second", peft_config("prefix", "llama"))
+    fastpeft.accelerate(peft_model)
+    peft_model.add_adapter("second", peft_config("prefix", "llama"))
+    assert "second" in peft_model.prompt_encoder
+    assert peft_model.get_base_model().model.gradient_checkpointing
+
+
+# ------------------------------------------------------------------------------------------------- refusals
+
+
+def test_refuses_non_peft_and_non_prompt_learning():
+    with pytest.raises(ValueError, match="peft.PeftModel"):
+        fastpeft.accelerate(tiny_model("llama"))
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(tiny_model("llama"), LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="LORA"):
+        fastpeft.accelerate(lora)
+
+
+def test_refuses_unsupported_family():
+    import transformers as tf
+    from peft import get_peft_model
+
+    config = tf.GPTNeoXConfig(vocab_size=128, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(tf.GPTNeoXForCausalLM(config), peft_config("prefix", "gpt_neox"))
+    with pytest.raises(ValueError, match="gpt_neox"):
+        fastpeft.accelerate(peft_model)
+    assert peft_model.config._attn_implementation != attention.ATTN_IMPLEMENTATION
+
+
+def test_refuses_encoder_decoder():
+    import transformers as tf
+    from peft import PrefixTuningConfig, get_peft_model
+
+    config = tf.T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(tf.T5ForConditionalGeneration(config),
+                                    PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=2))
+    with pytest.raises(ValueError, match="PeftModelForCausalLM"):
+        fastpeft.accelerate(peft_model)
+
+
+def test_refuses_prefix_that_does_not_split_into_kv_heads():
+    """An adapter sized for the query heads (4 x 32 per token) on a backbone with 2 KV heads (peft#1901-style
+    shape bugs): refused rather than reinterpreted."""
+    peft_model = make_peft_model("llama", "prefix")
+    config = peft_model.peft_config["default"]
+    config.num_attention_heads, config.token_dim = 4, 128
+    with pytest.raises(ValueError, match="KV heads"):
+        fastpeft.accelerate(peft_model)
+
+
+def _mistral_with_window(window):
+    base = tiny_model("mistral", attn_implementation="sdpa")
+    base.config.sliding_window = window
+    return base
+
+
+def test_sliding_window_shorter_than_prefix_plus_sequence_is_refused():
+    peft_model = fastpeft.accelerate(make_peft_model("mistral", "prefix", base=_mistral_with_window(8)))
+    ids, mask, _ = batch_and_labels("mistral")  # P + L = 4 + 7 > 8
+    with pytest.raises(ValueError, match="sliding-window"):
+        peft_model(input_ids=ids, attention_mask=mask)
+
+
+def test_window_covering_prefix_plus_sequence_matches_peft():
+    peft_model = make_peft_model("mistral", "prefix", base=_mistral_with_window(64))
+    ids, mask, labels = batch_and_labels("mistral")
+    expected = training_step(peft_model, ids, mask, labels)
+    fastpeft.accelerate(peft_model)
+    assert_same_step(training_step(peft_model, ids, mask, labels), expected)
+
+
+def test_fastpeft_prefix_keyword_is_reserved():
+    peft_model = fastpeft.accelerate(make_peft_model("llama", "prefix"))
+    ids, mask, _ = batch_and_labels("llama")
+    spec = fastpeft.integration.peft.prefix_spec(peft_model)
+    with pytest.raises(ValueError, match=attention.PREFIX_KWARG):
+        peft_model(input_ids=ids, attention_mask=mask, **{attention.PREFIX_KWARG: spec})
