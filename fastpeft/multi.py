@@ -317,9 +317,8 @@ class MultiPrefixTrainer:
         if config.num_transformer_submodules is None:
             config.num_transformer_submodules = 1  # what PeftModel sets for a decoder-only model
         config = _prepare_prompt_learning_config(config, self.model.config)
-        if config.base_model_name_or_path is None:
-            # What PeftModel records (and saves) for the base model.
-            config.base_model_name_or_path = self.model.__dict__.get("name_or_path", None)
+        # What get_peft_model records (and saves) for the base model; a model built from a config has "".
+        config.base_model_name_or_path = self.model.__dict__.get("name_or_path", None) or None
         self._check_config(config, "config")
         return config, PrefixEncoder(config)
 
@@ -339,7 +338,8 @@ class MultiPrefixTrainer:
         # into a plain table, built in inference mode.
         config.inference_mode = True
         encoder = PrefixEncoder(config)
-        encoder.load_prompt_embeddings(saved.embeddings)
+        with torch.no_grad():  # check_compatible checked the shape [P, num_layers * 2 * token_dim]
+            encoder.embedding.weight.copy_(saved.embeddings)
         return config, encoder
 
     def _copy_peft_model(self, peft_model, adapter_name):
