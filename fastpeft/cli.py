@@ -186,6 +186,8 @@ def _quiet_transformers():
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
+    # PEFT drops the position ids generate() builds for prompt tuning and says so on every call
+    warnings.filterwarnings("ignore", message="Position ids are not supported", module=r"peft\.")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
@@ -551,34 +553,34 @@ def _generation_kwargs(args):
 
 def _generate_with_bank(model, tokenizer, adapters, requests, args, device):
     """Every (prompt, adapter) request through one AdapterBank, ``--batch-size`` rows per call."""
+    import torch
+
     import fastpeft
 
     bank = fastpeft.AdapterBank(model)
     for name, path in adapters.items():
         bank.add(name, path)
+    sampling = {"generator": torch.Generator(device).manual_seed(args.seed)} if args.do_sample else {}
     completions = []
     for start in range(0, len(requests), args.batch_size):
         chunk = requests[start:start + args.batch_size]
         encoded = tokenizer([prompt for prompt, _ in chunk], return_tensors="pt", padding=True).to(device)
         generated = bank.generate(encoded["input_ids"], attention_mask=encoded["attention_mask"],
-                                  adapters=[name for _, name in chunk], **_generation_kwargs(args))
+                                  adapters=[name for _, name in chunk], **_generation_kwargs(args), **sampling)
         completions += tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1]:],
                                               skip_special_tokens=True)
     return completions
 
 
 def _generate_with_peft(model, tokenizer, adapters, requests, args, device):
-    """Plain PEFT: one PeftModel holding every adapter, generating one adapter's requests at a time."""
+    """Plain PEFT, one adapter at a time: wrap the base model with the adapter, generate its requests, unwrap.
+    (One PeftModel cannot hold prompt-learning adapters of different types, so each gets its own wrapper;
+    prompt learning leaves the base model's modules untouched, so unwrapping is ``get_base_model``.)"""
     from peft import PeftModel
 
-    names = list(adapters)
-    peft_model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
-    for name in names[1:]:
-        peft_model.load_adapter(adapters[name], adapter_name=name)
-    peft_model.eval()
     completions = [None] * len(requests)
-    for name in names:
-        peft_model.set_adapter(name)
+    for name, path in adapters.items():
+        peft_model = PeftModel.from_pretrained(model, path).eval()
         indices = [i for i, (_, adapter) in enumerate(requests) if adapter == name]
         for start in range(0, len(indices), args.batch_size):
             chunk = indices[start:start + args.batch_size]
@@ -587,6 +589,7 @@ def _generate_with_peft(model, tokenizer, adapters, requests, args, device):
             texts = tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
             for i, text in zip(chunk, texts):
                 completions[i] = text
+        model = peft_model.get_base_model()
     return completions
 
 

@@ -369,7 +369,7 @@ def render_markdown(run):
 
 
 PLOTTED = {  # suite -> (metric, unit, axis label, log scale): the one metric each suite's panel shows
-    "ceilings": ("achieved", None, "achieved (GB/s or TFLOP/s)", False),
+    # (the ceilings are no panel of their own: they go in the figure's title, as the context of the rest)
     "kernel": ("time", "ms", "time (ms), lower is better", True),
     "training": ("throughput", "tokens/s", "tokens/s, higher is better", False),
     "serving": ("throughput", "tokens/s", "generated tokens/s, higher is better", True),
@@ -422,6 +422,10 @@ def plot_run(run, path):
             title += f" ({run['note']})"
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
+    ceilings = [f"{_format(r['value'], r['unit'])} {r['unit']} {r['case']}" for r in run["results"]
+                if r["suite"] == "ceilings" and r["metric"] == "achieved"]
+    if ceilings:
+        fig.suptitle("ceilings: " + "; ".join(ceilings), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

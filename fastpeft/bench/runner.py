@@ -46,3 +46,26 @@ def run_suites(suites, device, quick=False, out_dir=os.path.join("benchmarks", "
     log(f"results: {json_path}")
     log(f"plot:    {png_path}" if png_path else "plot:    skipped (matplotlib is not installed)")
     return run, json_path, png_path
+
+
+def script_main(suites, description, argv=None):
+    """Command line of the ``benchmarks/bench_*.py`` scripts: ``--quick``, ``--out DIR``, ``--device``."""
+    import argparse
+
+    import torch
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="small shapes and few repetitions (a smoke run)")
+    parser.add_argument("--out", default=os.path.join("benchmarks", "results"), metavar="DIR",
+                        help="where to write the JSON and PNG (default: benchmarks/results)")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="auto: CUDA when available (default)")
+    args = parser.parse_args(argv)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    else:
+        device = torch.device(args.device)
+    run_suites(suites, device=device, quick=args.quick, out_dir=args.out)
+    return 0

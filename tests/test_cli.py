@@ -1,0 +1,271 @@
+"""The ``fastpeft`` command line: help, info, training on the built-in model, loading the adapter in plain
+PEFT, generation with several adapters, and one-line errors for bad arguments.
+
+The CLI runs in subprocesses (as a user runs it, from a directory outside the checkout), with timeouts.
+Training runs use the built-in small model for a few steps.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastpeft import cli, data, tiny
+
+TIMEOUT_S = 240
+SUBCOMMANDS = ("train", "generate", "bench", "info")
+# fastpeft.accelerate is built in parallel with the CLI; train through it whenever this install has it
+ACCELERATE_FLAGS = [] if importlib.util.find_spec("fastpeft.integration.peft") else ["--no-accelerate"]
+
+
+def run_cli(args, cwd, timeout=TIMEOUT_S):
+    """``python -m fastpeft ARGS`` in a subprocess; returns the CompletedProcess (text mode)."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+    env.pop("FASTPEFT_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "fastpeft", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# help and info (in process: argparse and the info collector are plain functions)
+
+
+def test_top_level_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for name in SUBCOMMANDS:
+        assert name in out
+
+
+@pytest.mark.parametrize("subcommand", SUBCOMMANDS)
+def test_subcommand_help(subcommand, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([subcommand, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: fastpeft {subcommand}")
+    expected_option = {"train": "--virtual-tokens", "generate": "--adapter", "bench": "--suite",
+                       "info": "--json"}[subcommand]
+    assert expected_option in out
+
+
+def test_info_reports_versions_device_and_backends(capsys):
+    assert cli.main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["versions"]["torch"] == torch.__version__.split("+")[0] or \
+        info["versions"]["torch"] == torch.__version__
+    assert set(info["backends"]) == {"cuda", "triton", "reference"}
+    assert info["backends"]["reference"]["available"] is True
+    assert info["device"]["type"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    for state in info["backends"].values():
+        assert state["why"]  # every backend says why it is (not) available
+    assert info["features"]["fastpeft.accelerate"] == bool(ACCELERATE_FLAGS == [])
+
+
+def test_info_text_from_the_entry_point(tmp_path):
+    result = run_cli(["info"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "prefix_attention backends" in result.stdout
+    assert "reference  yes" in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data loading
+
+
+def test_load_text_jsonl_and_prompt_completion(tmp_path):
+    text = tmp_path / "train.txt"
+    text.write_text("first line\n\n  \nsecond line\n")
+    assert [e.completion for e in data.load_examples(str(text))] == ["first line", "second line"]
+
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text('{"text": "plain"}\n{"prompt": "Q: 2+2?", "completion": " 4", "task": "math"}\n')
+    examples = data.load_examples(str(jsonl))
+    assert (examples[0].prompt, examples[0].completion, examples[0].task) == ("", "plain", None)
+    assert (examples[1].prompt, examples[1].completion, examples[1].task) == ("Q: 2+2?", " 4", "math")
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"text": "ok"}\n{"text": \n', "train.jsonl:2: not valid JSON"),
+    ('{"prompt": "no completion"}\n', "train.jsonl:1: expected"),
+    ('[1, 2]\n', "train.jsonl:1: each JSONL line must be an object"),
+    ("\n\n", "no examples"),
+])
+def test_malformed_data_names_file_and_line(tmp_path, content, message):
+    path = tmp_path / "train.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message.replace("+", r"\+")):
+        data.load_examples(str(path))
+
+
+def test_encode_masks_the_prompt_and_collate_right_pads():
+    tokenizer = tiny.build_tokenizer()
+    examples = [data.Example("ab", "cd"), data.Example("", "xyz"), data.Example("long prompt", "z")]
+    rows, dropped = data.encode(examples, tokenizer, max_length=6)
+    # The third example's completion is cut away by max_length: no loss left, dropped.
+    assert dropped == 1 and len(rows) == 2
+    bos, eos = tiny.BOS_ID, tiny.EOS_ID
+    assert rows[0].input_ids == [bos, ord("a"), ord("b"), ord("c"), ord("d"), eos]
+    assert rows[0].labels == [-100, -100, -100, ord("c"), ord("d"), eos]
+    assert rows[1].input_ids == [bos, ord("x"), ord("y"), ord("z"), eos]
+    # plain text: loss on every token but bos (position 0 is never a prediction target)
+    assert rows[1].labels == [-100, ord("x"), ord("y"), ord("z"), eos]
+    batch = data.collate(rows, pad_token_id=tiny.PAD_ID)
+    assert batch["input_ids"][1].tolist() == rows[1].input_ids + [tiny.PAD_ID]
+    assert batch["attention_mask"][1].tolist() == [1, 1, 1, 1, 1, 0]
+    assert batch["labels"][1, -1].item() == -100
+
+
+def test_batches_visit_every_row_once_per_epoch():
+    rows = [data.EncodedExample([i, i], [i, i]) for i in range(7)]
+    stream = data.batches(rows, batch_size=3, pad_token_id=0, seed=1)
+    epoch0 = [next(stream) for _ in range(3)]
+    assert [e for e, _ in epoch0] == [0, 0, 0]
+    seen = sorted(int(x) for _, b in epoch0 for x in b["input_ids"][:, 0])
+    assert seen == list(range(7))
+    assert next(stream)[0] == 1
+
+
+def test_tiny_tokenizer_round_trips_bytes(tmp_path):
+    tokenizer = tiny.build_tokenizer()
+    text = "héllo, wörld \t\n ✓"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids == list(text.encode("utf-8"))
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token_id == tiny.PAD_ID
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train -> load in PEFT -> generate
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two adapters trained on the built-in model: prefix tuning on the built-in lines, prompt tuning on a
+    prompt/completion JSONL file. Returns {name: directory}."""
+    root = tmp_path_factory.mktemp("cli")
+    jsonl = root / "qa.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"prompt": f"Q{i}: ", "completion": f"answer {i}"}) for i in range(6)))
+    runs = {
+        "prefix": ["train", "--method", "prefix", "--virtual-tokens", "8", "--max-steps", "3",
+                   "--batch-size", "8", "--out", str(root / "prefix")],
+        "prompt": ["train", "--method", "prompt", "--virtual-tokens", "4", "--max-steps", "2",
+                   "--batch-size", "4", "--data", str(jsonl), "--out", str(root / "prompt")],
+    }
+    for name, args in runs.items():
+        result = run_cli(args + ACCELERATE_FLAGS, cwd=root)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "saved" in result.stdout
+    return {name: root / name for name in runs}
+
+
+def test_train_writes_adapter_log_and_base_model(trained):
+    log = json.loads((trained["prefix"] / "train_log.json").read_text())
+    assert [s["step"] for s in log["steps"]] == [1, 2, 3]
+    assert all(s["loss"] > 0 and s["tokens_per_s"] > 0 for s in log["steps"])
+    # every step sees the same 8 built-in lines: three Adam steps at lr 1e-2 lower the loss
+    assert log["steps"][-1]["loss"] < log["steps"][0]["loss"]
+    assert log["config"]["method"] == "prefix" and log["config"]["virtual_tokens"] == 8
+    assert log["accelerated"] is (ACCELERATE_FLAGS == [])
+    config = json.loads((trained["prefix"] / "adapter_config.json").read_text())
+    assert config["peft_type"] == "PREFIX_TUNING" and config["num_virtual_tokens"] == 8
+    assert config["base_model_name_or_path"] == str((trained["prefix"] / "base-model").resolve())
+    prompt_log = json.loads((trained["prompt"] / "train_log.json").read_text())
+    assert prompt_log["examples"] == 6 and len(prompt_log["steps"]) == 2
+
+
+@pytest.mark.parametrize("name", ["prefix", "prompt"])
+def test_adapter_loads_in_plain_peft(trained, name):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(trained[name] / "base-model"))
+    model = PeftModel.from_pretrained(base, str(trained[name]))
+    saved = load_file(str(trained[name] / "adapter_model.safetensors"))["prompt_embeddings"]
+    # the trained prompt differs from a fresh initialization and is what PEFT now holds
+    if name == "prefix":
+        loaded = model.prompt_encoder["default"].embedding.weight
+        assert saved.shape == (8, 4 * 2 * 2 * 32)  # P x (layers * 2 * kv heads * head size)
+    else:
+        loaded = model.prompt_encoder["default"].embedding.weight
+        assert saved.shape == (4, 256)
+    torch.testing.assert_close(loaded.detach(), saved)
+    tokenizer = tiny.build_tokenizer()
+    batch = tokenizer(["hello"], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fastpeft.bank") is None, reason="fastpeft.AdapterBank not present")
+def test_generate_two_adapters_matches_plain_peft(trained, tmp_path):
+    common = ["generate", "--adapter", f"pre={trained['prefix']}", "--adapter", f"pro={trained['prompt']}",
+              "--prompt", "Hello", "--prompt", "Q1: ", "--max-new-tokens", "6", "--json"]
+    bank = run_cli(common, cwd=tmp_path)
+    assert bank.returncode == 0, bank.stderr[-2000:]
+    outputs = json.loads(bank.stdout)
+    assert [(o["prompt"], o["adapter"]) for o in outputs] == [
+        ("Hello", "pre"), ("Hello", "pro"), ("Q1: ", "pre"), ("Q1: ", "pro")]
+    assert all(o["completion"] for o in outputs)
+    peft = run_cli(common + ["--engine", "peft"], cwd=tmp_path)
+    assert peft.returncode == 0, peft.stderr[-2000:]
+    # greedy, float32: the batched bank gives each row exactly what PEFT gives it alone
+    assert json.loads(peft.stdout) == outputs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bad arguments: one line on stderr, non-zero exit, no traceback
+
+
+def _other_base_model(directory):
+    """A model directory whose config has other shapes than the built-in model (2 layers, hidden 128)."""
+    directory.mkdir()
+    config = dict(tiny.TINY_CONFIG, model_type="llama", architectures=["LlamaForCausalLM"], num_hidden_layers=2,
+                  hidden_size=128, head_dim=16)
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def _bad_arguments(case, trained, tmp_path):
+    """(argv, text the one-line error must contain) for each kind of mistake."""
+    return {
+        "missing-data": (["train", "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")],
+                         "no such file"),
+        "unknown-method": (["train", "--method", "lora", "--out", str(tmp_path / "o")], "invalid choice"),
+        "missing-adapter": (["generate", "--adapter", f"a={tmp_path / 'absent'}", "--prompt", "x"],
+                            "no such directory"),
+        "other-base": (["generate", "--model", str(_other_base_model(tmp_path / "other")), "--adapter",
+                        f"a={trained['prefix']}", "--prompt", "x"], "trained for another base model"),
+        "bad-steps": (["train", "--max-steps", "0", "--out", str(tmp_path / "o")], "--max-steps"),
+        "no-prompt": (["generate", "--adapter", f"a={trained['prefix']}"], "--prompt"),
+        "both-quantizations": (["train", "--load-in-4bit", "--load-in-8bit", "--out", str(tmp_path / "o")],
+                               "not allowed with"),
+    }[case]
+
+
+@pytest.mark.parametrize("case", ["missing-data", "unknown-method", "missing-adapter", "other-base",
+                                  "bad-steps", "no-prompt", "both-quantizations"])
+def test_bad_arguments_fail_with_one_line(case, trained, tmp_path, capsys):
+    args, expected = _bad_arguments(case, trained, tmp_path)
+    status = cli.main(args)  # an uncaught exception (a traceback) would fail this test
+    assert status != 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastpeft") and expected in lines[0], lines
+    assert not (tmp_path / "o").exists()  # refused before doing anything
+
+
+@pytest.mark.parametrize("case", ["unknown-method", "other-base", "missing-data"])
+def test_bad_arguments_from_the_entry_point(case, trained, tmp_path):
+    args, expected = _bad_arguments(case, trained, tmp_path)
+    result = run_cli(args, cwd=tmp_path, timeout=60)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
