@@ -134,44 +134,51 @@ def _canonicalize(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key
     return (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, softmax_scale)
 
 
-def _kernel_case_unsupported(q):
+def _kernel_case_unsupported(dtype):
     """Why the Triton kernels cannot run this case, or None."""
-    if q.dtype == torch.float64:
+    if dtype == torch.float64:
         return "float64 inputs"
     return None
 
 
 def _choose_backend(q, needs_grad):
     """'cuda', 'triton' or 'reference' for these (already validated) inputs."""
+    return _select_backend(q.device, q.dtype, q.shape[2] == 1 and not needs_grad)
+
+
+# torch.compile evaluates the choice once while tracing (it depends on the environment and on cached imports,
+# which Dynamo cannot trace) and bakes the result into the graph.
+@torch.compiler.assume_constant_result
+def _select_backend(device, dtype, decode):
     forced = _backend.forced_backend()
-    decode = q.shape[2] == 1 and not needs_grad
+    is_cuda = device.type == "cuda"
     if forced == "reference":
         return "reference"
-    unsupported = _kernel_case_unsupported(q)
+    unsupported = _kernel_case_unsupported(dtype)
     if forced is not None:
         if unsupported is not None:
             raise ValueError(f"FASTPEFT_BACKEND={forced} cannot run {unsupported}")
-        if not _backend.triton_usable_on(q.device) and not (forced == "cuda" and q.is_cuda):
+        if not _backend.triton_usable_on(device) and not (forced == "cuda" and is_cuda):
             raise ValueError(f"FASTPEFT_BACKEND={forced} needs CUDA tensors (or TRITON_INTERPRET=1 for "
-                             f"triton on CPU), got tensors on {q.device}")
-        if forced == "cuda" and q.is_cuda and decode and _cuda_decode_available():
+                             f"triton on CPU), got tensors on {device}")
+        if forced == "cuda" and is_cuda and decode and _cuda_decode_available():
             return "cuda"
         if forced == "cuda":
-            if not _backend.triton_usable_on(q.device):
+            if not _backend.triton_usable_on(device):
                 raise ValueError("FASTPEFT_BACKEND=cuda: the CUDA extension does not cover this case "
                                  "and Triton is unavailable")
             _backend.warn_once("FASTPEFT_BACKEND=cuda: the CUDA extension implements decode (L=1, no grad) "
                                "only; using Triton for the rest")
         return "triton"
 
-    if q.is_cuda and decode and _cuda_decode_available():
+    if is_cuda and decode and _cuda_decode_available():
         return "cuda"
-    if _backend.triton_usable_on(q.device):
+    if _backend.triton_usable_on(device):
         if unsupported is None:
             return "triton"
         _backend.warn_fallback_once(unsupported)
         return "reference"
-    if q.is_cuda:
+    if is_cuda:
         _backend.warn_fallback_once(_backend.triton_available()[1])
     return "reference"
 
