@@ -105,3 +105,30 @@ def greedy(model, ids, mask, max_new_tokens=6, **kwargs):
         warnings.simplefilter("ignore")
         return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                               pad_token_id=0, **kwargs)
+
+
+def forbid_framework_attention(monkeypatch, peft_model):
+    """Make PyTorch's SDPA and the model family's eager attention raise: only fastpeft's kernels may attend."""
+    import importlib
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the framework's own attention was called")
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", forbidden)
+    modeling = importlib.import_module(type(peft_model.get_base_model()).__module__)
+    monkeypatch.setattr(modeling, "eager_attention_forward", forbidden)
+
+
+def use_interpreted_triton(monkeypatch):
+    """FASTPEFT_BACKEND=triton with TRITON_INTERPRET=1. Triton fixes the interpreter mode when a kernel module is
+    imported, so a module imported earlier in compiled mode is reloaded."""
+    import importlib
+    import sys
+
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for name, flag in (("fastpeft.kernels.prefix_attention", "_INTERPRETING"),
+                       ("fastpeft.kernels.prefix_decode", "INTERPRETED")):
+        module = sys.modules.get(name)
+        if module is not None and not getattr(module, flag):
+            importlib.reload(module)

@@ -9,8 +9,9 @@ import torch
 
 import fastpeft
 from fastpeft.integration import attention
-from tests.accelerate_helpers import (METHODS, NUM_VIRTUAL_TOKENS, assert_same_step,
-                                      batch_and_labels, make_peft_model, peft_config, training_step)
+from tests.accelerate_helpers import (METHODS, NUM_VIRTUAL_TOKENS, assert_same_step, forbid_framework_attention,
+                                      batch_and_labels, make_peft_model, peft_config, training_step,
+                                      use_interpreted_triton)
 from tests.models import ALL_FAMILIES, tiny_model
 from tests.reference import assert_close
 
@@ -224,3 +225,15 @@ def test_fastpeft_prefix_keyword_is_reserved():
     spec = fastpeft.integration.peft.prefix_spec(peft_model)
     with pytest.raises(ValueError, match=attention.PREFIX_KWARG):
         peft_model(input_ids=ids, attention_mask=mask, **{attention.PREFIX_KWARG: spec})
+
+
+@pytest.mark.parametrize("family,method", [("llama", "prefix_projection"), ("gpt2", "prefix"), ("bert", "prompt")])
+def test_interpreted_triton_forward_backward_match_peft(family, method, monkeypatch):
+    """The same parity through the Triton kernels (interpreted on CPU); neither SDPA nor eager attention runs."""
+    peft_model = make_peft_model(family, method)
+    ids, mask, labels = batch_and_labels(family)
+    expected = training_step(peft_model, ids, mask, labels)
+    fastpeft.accelerate(peft_model)
+    use_interpreted_triton(monkeypatch)
+    forbid_framework_attention(monkeypatch, peft_model)
+    assert_same_step(training_step(peft_model, ids, mask, labels), expected, what=f"triton {family}/{method}")
