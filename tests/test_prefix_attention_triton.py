@@ -1,8 +1,8 @@
 """The Triton kernels of prefix_attention (forward and the five gradients) against the float64 concatenation
 reference, on CPU tensors under the Triton interpreter (``FASTPEFT_TEST_DEVICE=cuda`` runs them on the GPU).
 
-Low-precision tolerance: the kernel and PyTorch's own computation in that dtype (``torch_lowp_attention``:
-gather, concatenate, mask, softmax, all in fp16/bf16 through autograd) get the same rounded inputs; both are
+Low-precision tolerance: the kernel and PyTorch's own computation in that dtype
+(``tests.lowp_reference.torch_lowp_attention``: gather, concatenate, mask, softmax, all in fp16/bf16) get the same rounded inputs; both are
 measured against float64 on those inputs, and the kernel's relative error must stay within twice PyTorch's
 (plus a floor of 1e-4 for outputs PyTorch happens to hit almost exactly). The kernel accumulates in float32,
 so it normally does much better than that bound.
@@ -18,6 +18,7 @@ import fastpeft
 
 dispatch = importlib.import_module("fastpeft.ops.prefix_attention")   # fastpeft.ops re-exports the function
 from tests.cases import CASES, GRAD_NAMES, Case, forward_and_grads, make_inputs
+from tests.lowp_reference import torch_lowp_attention
 from tests.reference import assert_close, concat_reference, relative_error
 
 DEVICE = os.environ.get("FASTPEFT_TEST_DEVICE", "cpu")
@@ -48,34 +49,6 @@ def _reference_grads(inputs, dout):
 def _dout(case, dtype, seed=2):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(case.B, case.Hq, case.L, case.D, generator=g).to(dtype=dtype, device=DEVICE)
-
-
-def torch_lowp_attention(q, k, v, prefix_k, prefix_v, prefix_index=None, prefix_lengths=None,
-                         key_padding_mask=None, causal=True, softmax_scale=None):
-    """Attention over ``[prefix ; k]`` computed by PyTorch entirely in the inputs' dtype (the error baseline)."""
-    B, Hq, L, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    if prefix_k.dim() == 3:
-        prefix_k, prefix_v = prefix_k[None], prefix_v[None]
-        prefix_index = torch.zeros(B, dtype=torch.long, device=q.device)
-    T, P = prefix_k.shape[0], prefix_k.shape[2]
-    if prefix_lengths is None:
-        prefix_lengths = torch.full((T,), P, device=q.device)
-    rows = prefix_index.long()
-    keys = torch.cat([prefix_k[rows], k], dim=2).repeat_interleave(Hq // Hkv, dim=1)     # [B, Hq, P+S, D]
-    values = torch.cat([prefix_v[rows], v], dim=2).repeat_interleave(Hq // Hkv, dim=1)
-    prefix_visible = torch.arange(P, device=q.device)[None, :] < prefix_lengths.long()[rows][:, None]  # [B, P]
-    seq_visible = torch.ones(B, L, S, dtype=torch.bool, device=q.device)
-    if key_padding_mask is not None:
-        seq_visible &= key_padding_mask.bool()[:, None, :]
-    if causal:
-        query_pos = torch.arange(L, device=q.device)[:, None] + S - L
-        seq_visible &= torch.arange(S, device=q.device)[None, :] <= query_pos
-    visible = torch.cat([prefix_visible[:, None, :].expand(B, L, P), seq_visible], dim=2)[:, None]
-    scale = softmax_scale if softmax_scale is not None else D ** -0.5
-    scores = (q @ keys.transpose(-1, -2)) * scale
-    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-    return torch.nan_to_num(probs, nan=0.0) @ values
 
 
 def _check_against_reference(case, dtype, seed=1):
