@@ -267,7 +267,8 @@ class AdapterBank:
             do_sample: False = greedy; True = sample from the softmax of the logits after ``temperature``,
                 ``top_k`` (keep the k most likely tokens) and ``top_p`` (keep the smallest set of most likely tokens
                 whose probability reaches top_p), applied in that order as transformers does.
-            eos_token_id: an id or a list of ids that end a row; default the model's generation config.
+            eos_token_id: an id or a list of ids that end a row; default the model's generation config; an empty
+                list: rows never end early.
             pad_token_id: what fills a row after it ended; default the generation config's pad id, else its
                 first eos id.
             generator: a ``torch.Generator`` for sampling.
@@ -378,8 +379,10 @@ class AdapterBank:
         if eos_token_id is None:
             return None, None
         eos_list = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        if not eos_list or not all(isinstance(t, int) for t in eos_list):
+        if not all(isinstance(t, int) for t in eos_list):
             raise ValueError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
+        if not eos_list:
+            return None, None
         if pad_token_id is None and generation_config is not None:
             pad_token_id = generation_config.pad_token_id
         if pad_token_id is None:

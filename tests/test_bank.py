@@ -1,0 +1,362 @@
+"""fastpeft.AdapterBank: a batch mixing prefix tuning (with and without projection), prompt tuning, p-tuning and no
+adapter, with different numbers of virtual tokens and padding, gives every row what PEFT gives it alone."""
+
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fastpeft.bank import AdapterBank
+from tests.bank_fixtures import (ADAPTER_KINDS, assert_rows_match_reference, make_peft_model, make_rows, pad_rows,
+                                 peft_reference, relative_error)
+from tests.models import tiny_model
+
+NEW_TOKENS = 4
+ROW_LENGTHS = (5, 2, 7, 4, 6, 3, 7, 1)
+# Every kind, twice for some (same entry read by several rows), the projection prefix both in memory and from disk.
+ROW_ADAPTERS = ("prefix", None, "prefix-proj", "prompt", "p-tuning", "prefix-proj-dir", "prefix", None)
+
+
+def _build_setup(family, tmp_dir):
+    factory = lambda: tiny_model(family)  # noqa: E731  identical weights on every call (seeded)
+    peft_models = {kind: make_peft_model(factory, kind, seed=100 + i) for i, kind in enumerate(ADAPTER_KINDS)}
+    dirs = {}
+    for kind in ADAPTER_KINDS:
+        dirs[kind] = os.path.join(tmp_dir, f"{family}-{kind}")
+        peft_models[kind].save_pretrained(dirs[kind])
+
+    bank = AdapterBank(tiny_model(family))
+    bank.add("prefix", dirs["prefix"])
+    bank.add("prefix-proj", peft_models["prefix-proj"])  # in memory: the projection MLP is evaluated once
+    bank.add("prefix-proj-dir", dirs["prefix-proj"])  # saved: the MLP's output
+    bank.add("prompt", dirs["prompt"])
+    bank.add("p-tuning", peft_models["p-tuning"])
+
+    base = tiny_model(family)
+    model_of = {None: base, "prefix-proj-dir": peft_models["prefix-proj"], **peft_models}
+    rows = make_rows(seed=7, lengths=ROW_LENGTHS)
+    references = [peft_reference(model_of[name], row, NEW_TOKENS) for row, name in zip(rows, ROW_ADAPTERS)]
+    return SimpleNamespace(bank=bank, rows=rows, references=references, dirs=dirs, peft_models=peft_models,
+                           base=base)
+
+
+@pytest.fixture(scope="module")
+def setups(tmp_path_factory):
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = _build_setup(family, str(tmp_path_factory.mktemp(family)))
+        return cache[family]
+
+    yield get
+    for setup in cache.values():
+        setup.bank.close()
+
+
+@pytest.mark.parametrize("family,side", [("llama", "left"), ("llama", "right"), ("gpt2", "left"), ("qwen2", "left")])
+def test_mixed_batch_equals_peft_per_row(setups, family, side):
+    s = setups(family)
+    ids, mask = pad_rows(s.rows, side)
+    logits = s.bank(ids, attention_mask=mask, adapters=ROW_ADAPTERS).logits
+    assert logits.shape == (len(s.rows), ids.shape[1], s.base.config.vocab_size)
+    generated = s.bank.generate(ids, attention_mask=mask, adapters=ROW_ADAPTERS, max_new_tokens=NEW_TOKENS)
+    assert generated.shape[0] == len(s.rows) and ids.shape[1] < generated.shape[1] <= ids.shape[1] + NEW_TOKENS
+    assert torch.equal(generated[:, :ids.shape[1]], ids)
+    assert_rows_match_reference(logits, generated, mask, s.rows, ROW_ADAPTERS, s.references)
+
+
+_TRITON_SERVING_SCRIPT = """
+import importlib, sys
+import torch
+import transformers.models.llama.modeling_llama as modeling_llama
+from fastpeft.bank import AdapterBank
+from tests.models import tiny_model
+
+def forbidden(*args, **kwargs):
+    raise AssertionError("a non-kernel attention path ran")
+
+torch.nn.functional.scaled_dot_product_attention = forbidden
+modeling_llama.eager_attention_forward = forbidden
+importlib.import_module("fastpeft.ops.prefix_attention").reference_prefix_attention = forbidden
+
+request = torch.load(sys.argv[1])
+bank = AdapterBank(tiny_model("llama"))
+for name, directory in request["dirs"].items():
+    bank.add(name, directory)  # prompt tuning / p-tuning run their virtual tokens through the kernels here
+logits = bank(request["ids"], attention_mask=request["mask"], adapters=request["adapters"]).logits
+generated = bank.generate(request["ids"], attention_mask=request["mask"], adapters=request["adapters"],
+                          max_new_tokens=request["new_tokens"])
+torch.save({"logits": logits, "generated": generated}, sys.argv[2])
+"""
+
+
+def test_triton_kernels_serve_without_framework_attention(setups, tmp_path):
+    """With FASTPEFT_BACKEND=triton (TRITON_INTERPRET=1 on CPU) the bank's add, prefill and decode run on the Triton
+    kernels: SDPA, transformers' eager attention and fastpeft's PyTorch reference are made to raise. It runs in a
+    fresh interpreter because Triton fixes the interpreter mode when it (and each kernel module) is first imported,
+    which in this process happened long before."""
+    pytest.importorskip("triton")
+    s = setups("llama")
+    new_tokens = 2
+    ids, mask = pad_rows(s.rows, "left")
+    dirs = {name: s.dirs[name.replace("-dir", "")] for name in ROW_ADAPTERS if name is not None}
+    torch.save(dict(dirs=dirs, ids=ids, mask=mask, adapters=list(ROW_ADAPTERS), new_tokens=new_tokens),
+               tmp_path / "request.pt")
+    env = dict(os.environ, TRITON_INTERPRET="1", FASTPEFT_BACKEND="triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", _TRITON_SERVING_SCRIPT, str(tmp_path / "request.pt"),
+                          str(tmp_path / "result.pt")], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = torch.load(tmp_path / "result.pt")
+    references = [(ref_logits, ref_tokens[:new_tokens]) for ref_logits, ref_tokens in s.references]
+    assert_rows_match_reference(result["logits"], result["generated"], mask, s.rows, ROW_ADAPTERS, references)
+
+
+def test_rows_without_adapter_equal_the_base_model(setups):
+    s = setups("llama")
+    ids, mask = pad_rows(s.rows[:3], "left")
+    logits = s.bank(ids, attention_mask=mask).logits
+    for b, row in enumerate(s.rows[:3]):
+        with torch.no_grad():
+            expected = s.base(input_ids=row.unsqueeze(0)).logits[0]
+        assert relative_error(logits[b][mask[b].bool()], expected) < 1e-5
+
+
+def test_greedy_stops_at_eos_and_pads_finished_rows(setups):
+    s = setups("llama")
+    ids, mask = pad_rows(s.rows, "left")
+    free_run = s.bank.generate(ids, attention_mask=mask, adapters=ROW_ADAPTERS, max_new_tokens=NEW_TOKENS,
+                               eos_token_id=[])
+    new = free_run[:, ids.shape[1]:]
+    eos = int(new[2, 1])  # row 2's second token ends it; other rows end wherever they produce it too
+    pad = 1
+    stopped = s.bank.generate(ids, attention_mask=mask, adapters=ROW_ADAPTERS, max_new_tokens=NEW_TOKENS,
+                              eos_token_id=eos, pad_token_id=pad)
+    expected = new.clone()
+    ends = []
+    for b in range(len(s.rows)):
+        hits = (new[b] == eos).nonzero().flatten().tolist()
+        end = hits[0] + 1 if hits else NEW_TOKENS
+        expected[b, end:] = pad
+        ends.append(end)
+    assert torch.equal(stopped[:, ids.shape[1]:], expected[:, :max(ends)])
+
+
+def test_sampling_is_seeded_and_degenerates_to_greedy(setups):
+    s = setups("llama")
+    ids, mask = pad_rows(s.rows, "left")
+    kwargs = dict(attention_mask=mask, adapters=ROW_ADAPTERS, max_new_tokens=3, eos_token_id=[])
+    greedy = s.bank.generate(ids, **kwargs)
+    for sampling in (dict(top_k=1), dict(top_p=1e-6), dict(temperature=1e-4)):
+        sampled = s.bank.generate(ids, do_sample=True, generator=torch.Generator().manual_seed(0), **sampling,
+                                  **kwargs)
+        assert torch.equal(sampled, greedy), sampling
+    first = s.bank.generate(ids, do_sample=True, temperature=1.5, generator=torch.Generator().manual_seed(3), **kwargs)
+    again = s.bank.generate(ids, do_sample=True, temperature=1.5, generator=torch.Generator().manual_seed(3), **kwargs)
+    assert torch.equal(first, again)
+    with pytest.raises(ValueError, match="top_p"):
+        s.bank.generate(ids, do_sample=True, top_p=1.5, **kwargs)
+
+
+# ----- adapter management and errors ------------------------------------------------------------------------------
+
+
+def test_unknown_and_removed_names_raise_key_error(setups):
+    s = setups("llama")
+    ids, mask = pad_rows(s.rows[:3], "left")
+    with pytest.raises(KeyError, match="'nope'.*'other'|'other'.*'nope'"):
+        s.bank(ids, attention_mask=mask, adapters=["prefix", "nope", "other"])
+    with pytest.raises(KeyError, match="nope"):
+        s.bank.generate(ids, attention_mask=mask, adapters=["nope", None, None], max_new_tokens=1)
+    with pytest.raises(ValueError, match="3 rows|rows"):
+        s.bank(ids, attention_mask=mask, adapters=["prefix"])
+
+    bank = AdapterBank(tiny_model("llama"))
+    bank.add("temp", s.dirs["prompt"])
+    bank(ids, attention_mask=mask, adapters=["temp", None, "temp"])
+    bank.remove("temp")
+    with pytest.raises(KeyError, match="temp"):
+        bank(ids, attention_mask=mask, adapters=["temp", None, None])
+    with pytest.raises(KeyError, match="temp"):
+        bank.remove("temp")
+    bank.close()
+
+
+def test_duplicate_name_is_refused_and_leaves_the_bank_unchanged(setups):
+    s = setups("llama")
+    bank = AdapterBank(tiny_model("llama"))
+    bank.add("a", s.dirs["prefix"])
+    before = bank.storage_bytes
+    with pytest.raises(ValueError, match="already holds an adapter named 'a'"):
+        bank.add("a", s.dirs["prompt"])
+    assert bank.names == ["a"] and bank.storage_bytes == before and bank.num_virtual_tokens("a") == 3
+    bank.close()
+
+
+def _save_prompt_adapter(model, kind, path):
+    make_peft_model(lambda: model, kind, seed=5).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("overrides,kind,message", [
+    (dict(layers=3), "prefix", "layers: adapter 3, base model 2"),
+    (dict(kv_heads=4), "prefix", "KV heads: adapter 4, base model 2"),
+    (dict(hidden=192, heads=4, kv_heads=2), "prefix", "head size: adapter 48, base model 32"),
+    (dict(hidden=192, heads=4, kv_heads=2), "prompt", "hidden size: adapter 192, base model 128"),
+    (dict(heads=8, kv_heads=2), "p-tuning", "attention heads: adapter 8, base model 4"),
+])
+def test_foreign_adapter_is_refused(tmp_path, overrides, kind, message):
+    path = _save_prompt_adapter(tiny_model("llama", **overrides), kind, str(tmp_path / "foreign"))
+    bank = AdapterBank(tiny_model("llama"))
+    with pytest.raises(ValueError, match=message):
+        bank.add("foreign", path)
+    assert len(bank) == 0
+    bank.close()
+
+
+def test_wrong_task_and_non_prompt_learning_adapters_are_refused(setups, tmp_path):
+    s = setups("llama")
+    bank = AdapterBank(tiny_model("llama"))
+    edited = str(tmp_path / "seq-cls")
+    shutil.copytree(s.dirs["prefix"], edited)
+    config_path = os.path.join(edited, "adapter_config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config["task_type"] = "SEQ_CLS"
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError, match="task_type 'SEQ_CLS'"):
+        bank.add("seq-cls", edited)
+
+    import peft
+
+    lora = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="peft_type 'LORA' is not prompt learning"):
+        bank.add("lora", lora)
+    with pytest.raises(ValueError, match="not a PeftModel|base transformers model"):
+        AdapterBank(lora)
+    bank.close()
+
+
+def test_pickle_checkpoint_needs_allow_pickle(setups, tmp_path):
+    s = setups("llama")
+    pickled = str(tmp_path / "pickled")
+    s.peft_models["prompt"].save_pretrained(pickled, safe_serialization=False)
+    assert "adapter_model.bin" in os.listdir(pickled) and "adapter_model.safetensors" not in os.listdir(pickled)
+    bank = AdapterBank(tiny_model("llama"))
+    with pytest.raises(ValueError, match="adapter_model.bin.*allow_pickle=True"):
+        bank.add("pickled", pickled)
+    assert len(bank) == 0
+    bank.add("pickled", pickled, allow_pickle=True)
+    bank.add("safe", s.dirs["prompt"])
+    ids, mask = pad_rows(s.rows[:2], "left")
+    from_pickle = bank(ids, attention_mask=mask, adapters=["pickled", "pickled"]).logits
+    from_safetensors = bank(ids, attention_mask=mask, adapters=["safe", "safe"]).logits
+    assert torch.equal(from_pickle, from_safetensors)
+    bank.close()
+
+
+def test_remove_and_re_add_reuse_slots_and_growth_keeps_adapters(setups):
+    s = setups("llama")
+    ids, mask = pad_rows(s.rows[:4], "left")
+    kinds = ["prefix", "prompt", "prefix-proj", "p-tuning"]
+    bank = AdapterBank(tiny_model("llama"), initial_capacity=2)
+    bank.add("prefix", s.dirs["prefix"])
+    bank.add("prompt", s.dirs["prompt"])
+    assert bank.capacity == 2
+    before_growth = bank(ids, attention_mask=mask, adapters=["prefix", "prompt", None, "prefix"]).logits
+    bank.add("prefix-proj", s.peft_models["prefix-proj"])  # grows T (doubling) and P_max
+    bank.add("p-tuning", s.peft_models["p-tuning"])
+    assert bank.capacity == 5
+    after_growth = bank(ids, attention_mask=mask, adapters=["prefix", "prompt", None, "prefix"]).logits
+    assert torch.equal(before_growth, after_growth)
+
+    slots = {name: bank.slot_of(name) for name in kinds}
+    assert sorted(slots.values()) == [1, 2, 3, 4]
+    storage = bank.storage_bytes
+    bank.remove("prompt")
+    bank.remove("prefix")
+    bank.add("prompt-again", s.dirs["prompt"])  # the lowest freed entry
+    bank.add("prefix-again", s.dirs["prefix"])
+    assert bank.slot_of("prompt-again") == min(slots["prefix"], slots["prompt"])
+    assert bank.slot_of("prefix-again") == max(slots["prefix"], slots["prompt"])
+    assert bank.storage_bytes == storage and bank.capacity == 5
+
+    # A shorter adapter in an entry that held a longer one, next to every other kind: still PEFT's numbers.
+    adapters = ["prefix-again", "prompt-again", "prefix-proj", "p-tuning"]
+    logits = bank(ids, attention_mask=mask, adapters=adapters).logits
+    for b, kind in enumerate(kinds):
+        model = s.peft_models[kind]
+        with torch.no_grad():
+            expected = model(input_ids=s.rows[b].unsqueeze(0)).logits[0, -len(s.rows[b]):]
+        assert relative_error(logits[b][mask[b].bool()], expected) < 1e-5, kind
+    bank.close()
+
+
+def test_close_restores_the_base_model(setups):
+    model = tiny_model("llama", attn_implementation="sdpa").train()
+    with AdapterBank(model) as bank:
+        assert model.config._attn_implementation == "fastpeft" and not model.training
+        bank.add("prefix", setups("llama").dirs["prefix"])
+    assert model.config._attn_implementation == "sdpa" and model.training
+    with pytest.raises(RuntimeError, match="closed"):
+        bank(torch.ones(1, 2, dtype=torch.long), adapters=["prefix"])
+
+
+def test_bad_inputs_are_refused(setups):
+    s = setups("llama")
+    ids, mask = pad_rows(s.rows[:2], "left")
+    with pytest.raises(ValueError, match="input_ids"):
+        s.bank(ids[0])
+    with pytest.raises(ValueError, match="attention_mask"):
+        s.bank(ids, attention_mask=mask[:, 1:])
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        s.bank(ids, attention_mask=mask * 2)
+    empty = mask.clone()
+    empty[1] = 0
+    with pytest.raises(ValueError, match=r"rows \[1\] have no real token"):
+        s.bank.generate(ids, attention_mask=empty, max_new_tokens=1)
+    with pytest.raises(ValueError, match="not a string"):
+        s.bank(ids, attention_mask=mask, adapters="prefix")
+
+
+def _live_tensors():
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance() on some lazily deprecated module attributes warns
+        warnings.simplefilter("ignore")
+        return sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor))
+
+
+def test_serving_many_requests_does_not_grow_memory(setups):
+    """200 mixed requests (batches of 4 through forward and generate, every adapter kind, left and right padding):
+    the bank's storage stays the same and no tensor outlives its call (no per-request cache or prefix copy is kept)."""
+    s = setups("llama")
+    names = list(ROW_ADAPTERS)
+    g = torch.Generator().manual_seed(11)
+    batch = 4
+
+    def serve(call):
+        picks = torch.randint(0, len(names), (batch,), generator=g).tolist()
+        ids, mask = pad_rows([s.rows[p] for p in picks], "right" if call % 3 == 0 else "left")
+        adapters = [names[p] for p in picks]
+        if call % 2:
+            s.bank(ids, attention_mask=mask, adapters=adapters)
+        else:
+            s.bank.generate(ids, attention_mask=mask, adapters=adapters, max_new_tokens=2, eos_token_id=[])
+
+    for call in range(4):  # warm-up: lazily created state (warning registries, transformers' caches) settles
+        serve(call)
+    storage, live = s.bank.storage_bytes, _live_tensors()
+    for call in range(4, 200 // batch):
+        serve(call)
+    assert s.bank.storage_bytes == storage
+    assert _live_tensors() == live
