@@ -17,7 +17,7 @@ from tests.reference import assert_close
 peft = pytest.importorskip("peft")
 from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model  # noqa: E402
 
-from fastpeft.multi import IGNORE_INDEX, MultiPrefixTrainer  # noqa: E402
+from fastpeft.multi import IGNORE_INDEX, MIXED_PRECISION, MultiPrefixTrainer  # noqa: E402
 
 LR, WEIGHT_DECAY = 1e-2, 0.1   # weight decay on, so that a stepped idle adapter would drift
 ADAPTERS = {
@@ -386,3 +386,137 @@ def test_4bit_backbone_trains(tmp_path):
                                     labels=batch["labels"])["adapter_losses"] for _ in range(4)]
     for name in ADAPTERS:
         assert losses[-1][name] < losses[0][name], name
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen3"])
+def test_other_families_match_peft(family):
+    """Absolute positions (GPT-2: the offset P matters directly) and Qwen3's q/k norms."""
+    batch = make_batch(6, ["s", "p", "s"], [7, 5, 6], left_pad=[1])
+    kwargs = {"s": dict(num_virtual_tokens=3), "p": dict(num_virtual_tokens=2, prefix_projection=True,
+                                                          encoder_hidden_size=24)}
+    trainer = MultiPrefixTrainer(tiny_model(family))
+    trainer.model.train()
+    references = {}
+    for name, config in kwargs.items():
+        torch.manual_seed(len(name))
+        references[name] = get_peft_model(tiny_model(family), PrefixTuningConfig(task_type="CAUSAL_LM", **config))
+        trainer.add_adapter(name, references[name])
+    out = trainer(batch["input_ids"], batch["adapters"], attention_mask=batch["attention_mask"],
+                  labels=batch["labels"])
+    out.loss.backward()
+    for name, reference in references.items():
+        reference.train()
+        expected = reference(**rows_of(batch, name))
+        expected.loss.backward()
+        keep = [b for b, n in enumerate(batch["adapters"]) if n == name]
+        assert_close(out.logits[keep], expected.logits, 1e-5, name=f"{family} {name} logits")
+        for key, p in reference.prompt_encoder["default"].named_parameters():
+            assert_close(dict(trainer.encoder(name).named_parameters())[key].grad, p.grad, 1e-5,
+                         name=f"{family} {name}.{key}.grad")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_mixed_precision(precision):
+    """torch.autocast over the backbone (GPT-2: its attention inputs all come out of autocast matmuls), fp32
+    adapters and optimizer states; fp16 scales the loss. Gradients stay near the fp32 ones."""
+    batch = make_batch(7, ["s", "p", "s", "p"], [6, 7, 5, 7])
+    kwargs = {"s": dict(num_virtual_tokens=3), "p": dict(num_virtual_tokens=2, prefix_projection=True,
+                                                          encoder_hidden_size=24)}
+    trainers = []
+    for mixed_precision in (None, precision):
+        trainer = MultiPrefixTrainer(tiny_model("gpt2"), lr=LR, mixed_precision=mixed_precision)
+        torch.manual_seed(0)
+        for name, config in kwargs.items():
+            trainer.add_adapter(name, PrefixTuningConfig(**config))
+        trainer.model.train()
+        out = trainer(batch["input_ids"], batch["adapters"], attention_mask=batch["attention_mask"],
+                      labels=batch["labels"])
+        out.loss.backward()
+        trainers.append(trainer)
+    assert out.logits.dtype == MIXED_PRECISION[precision]
+    full, mixed = trainers
+    for name in kwargs:
+        for key, p in mixed.encoder(name).named_parameters():
+            assert p.dtype == torch.float32
+            assert_close(p.grad, dict(full.encoder(name).named_parameters())[key].grad, 5e-2, name=f"{name}.{key}")
+    mixed.zero_grad()
+    before = {name: params(mixed.encoder(name)) for name in kwargs}
+    for _ in range(2):
+        result = mixed.training_step(batch["input_ids"], batch["adapters"], attention_mask=batch["attention_mask"],
+                                     labels=batch["labels"])
+    for name in kwargs:
+        for key, value in params(mixed.encoder(name)).items():
+            assert torch.isfinite(value).all() and not torch.equal(value, before[name][key]), f"{name}.{key}"
+    assert sorted(result["updated"]) == ["p", "s"]
+
+
+# ---------------------------------------------------------------------------------------------- DDP (gloo, 2 CPU procs)
+
+DDP_ADAPTERS = {"a": dict(num_virtual_tokens=3), "b": dict(num_virtual_tokens=4, prefix_projection=True,
+                                                             encoder_hidden_size=32),
+                "c": dict(num_virtual_tokens=2), "idle": dict(num_virtual_tokens=3)}
+# Rank 0 takes rows 0-2, rank 1 rows 3-5: "a" lives only on rank 0, "c" only on rank 1, "idle" nowhere, and the
+# token counts per adapter differ between ranks.
+DDP_BATCH = make_batch(4, ["a", "b", "a", "c", "b", "b"], [8, 5, 6, 8, 7, 3], prompt=[2, 0, 0, 3, 0, 0])
+
+
+def _ddp_trainer(seed):
+    torch.manual_seed(seed)
+    trainer = MultiPrefixTrainer(tiny_model("llama"), lr=LR, weight_decay=WEIGHT_DECAY)
+    for name, kwargs in DDP_ADAPTERS.items():
+        trainer.add_adapter(name, PrefixTuningConfig(**kwargs))
+    trainer.model.train()
+    return trainer
+
+
+def _ddp_run(trainer, rows):
+    """Gradients of one forward/backward on ``rows`` of DDP_BATCH, then two training steps; what the test compares."""
+    batch = {k: (v[rows] if torch.is_tensor(v) else [v[r] for r in rows]) for k, v in DDP_BATCH.items()}
+    args = (batch["input_ids"], batch["adapters"])
+    kwargs = dict(attention_mask=batch["attention_mask"], labels=batch["labels"])
+    out = trainer(*args, **kwargs)
+    out.loss.backward()
+    result = {"grads": {n: grads(trainer.encoder(n)) for n in ("a", "b", "c")}, "counts": out.token_counts,
+              "losses": out.adapter_losses}
+    trainer.zero_grad()
+    result["steps"] = [trainer.training_step(*args, **kwargs) for _ in range(2)]
+    result["params"] = {n: params(trainer.encoder(n)) for n in DDP_ADAPTERS}
+    return result
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        # Rank 1 starts from other values: DDP must broadcast rank 0's adapters.
+        trainer = _ddp_trainer(seed=rank)
+        result = _ddp_run(trainer, [0, 1, 2] if rank == 0 else [3, 4, 5])
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    # fork: the children inherit the imported modules (spawning two fresh interpreters costs more than the test);
+    # each child runs single-threaded, as DataLoader's forked workers do.
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+    single = _ddp_run(_ddp_trainer(seed=0), list(range(6)))
+    initial = params(_ddp_trainer(seed=0).encoder("idle"))
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result["counts"] == single["counts"]
+        assert result["losses"] == pytest.approx(single["losses"], rel=1e-6)
+        for name, expected in single["grads"].items():
+            for key, value in expected.items():
+                assert_close(result["grads"][name][key], value, 1e-5, name=f"rank {rank} {name}.{key}.grad")
+        for got, want in zip(result["steps"], single["steps"]):
+            assert got["updated"] == want["updated"] == ["a", "b", "c"]
+            assert got["adapter_losses"] == pytest.approx(want["adapter_losses"], rel=1e-6)
+        for name, expected in single["params"].items():
+            for key, value in expected.items():
+                assert_close(result["params"][name][key], value, 1e-5, name=f"rank {rank} {name}.{key}")
+        for key, value in initial.items():
+            assert torch.equal(result["params"]["idle"][key], value)
