@@ -229,6 +229,8 @@ def _accelerated_forward(self, input_ids=None, attention_mask=None, inputs_embed
         raise ValueError(f"{attention.PREFIX_KWARG} is set by the accelerated model itself; do not pass it")
     if isinstance(self, PeftModelForSequenceClassification) and return_dict is None:
         return_dict = _get_return_dict_transformers_v4(self.config)
+    if self.training and torch.is_grad_enabled():
+        _check_no_reentrant_checkpointing(self.get_base_model())
     config = self.active_peft_config
     reference = input_ids if input_ids is not None else inputs_embeds
     cache = kwargs.get("past_key_values")
@@ -239,6 +241,23 @@ def _accelerated_forward(self, input_ids=None, attention_mask=None, inputs_embed
     return self.get_base_model()(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                  labels=labels, output_attentions=output_attentions,
                                  output_hidden_states=output_hidden_states, return_dict=return_dict, **kwargs)
+
+
+def _check_no_reentrant_checkpointing(base):
+    """Reentrant checkpointing recomputes each layer inside its own ``backward`` call, which would traverse the
+    prompt encoder's graph (shared by all layers) once per layer: refuse it with the fix, rather than fail deep in
+    autograd. transformers' default (``use_reentrant=False``) works."""
+    for module in base.modules():
+        checkpoint_function = getattr(module, "_gradient_checkpointing_func", None)
+        if not getattr(module, "gradient_checkpointing", False) or checkpoint_function is None:
+            continue
+        # transformers stores functools.partial(checkpoint, **gradient_checkpointing_kwargs); torch's checkpoint
+        # defaults to reentrant when use_reentrant is not given. Other checkpoint functions are taken as they are.
+        keywords = getattr(checkpoint_function, "keywords", None)
+        if keywords is not None and keywords.get("use_reentrant", True):
+            raise ValueError("prefix tuning under fastpeft does not support reentrant gradient checkpointing; "
+                             "enable it with gradient_checkpointing_kwargs={'use_reentrant': False} "
+                             "(transformers' default)")
 
 
 def _accelerated_generate(self, *args, **kwargs):
