@@ -415,8 +415,76 @@ def _validate_train_args(args):
                            "missing); pass --no-accelerate to train with plain PEFT")
 
 
+def _load_training_examples(args):
+    """The examples of ``--data`` (or the built-in lines) and the task names they use (empty: one adapter).
+
+    A file whose examples name two or more tasks trains one prefix per task (``fastpeft.MultiPrefixTrainer``);
+    then every example needs a task, and task names become directory names under ``--out``."""
+    from . import data as data_module
+
+    if args.data is None:
+        return [data_module.Example("", text) for text in DEMO_TEXTS], []
+    try:
+        examples = data_module.load_examples(args.data)
+    except (ValueError, OSError) as exc:
+        raise CLIError(str(exc)) from None
+    tasks = list(dict.fromkeys(example.task for example in examples if example.task is not None))
+    if len(tasks) < 2:
+        return examples, []
+    untagged = sum(example.task is None for example in examples)
+    if untagged:
+        raise CLIError(f"--data {args.data}: {untagged} examples have no \"task\" while others name {len(tasks)} "
+                       f"tasks; give every example a task (one adapter is trained per task)")
+    for task in tasks:
+        if not task.strip() or task in (".", "..") or "/" in task or os.sep in task:
+            raise CLIError(f"--data {args.data}: task name {task!r} cannot be a directory name under --out")
+    if not args.method.startswith("prefix"):
+        raise CLIError(f"--data {args.data} names {len(tasks)} tasks: training one adapter per task in shared "
+                       f"batches supports --method prefix and prefix-projection, not {args.method}")
+    if args.no_accelerate:
+        raise CLIError("--no-accelerate: training several tasks in shared batches runs on fastpeft's fused "
+                       "attention (fastpeft.MultiPrefixTrainer); PEFT has no such mode")
+    import importlib.util
+    if importlib.util.find_spec("fastpeft.multi") is None:
+        raise CLIError("this data names several tasks, which needs fastpeft.MultiPrefixTrainer "
+                       "(fastpeft/multi.py), missing from this install")
+    return examples, tasks
+
+
+def _run_steps(total_steps, stream, step_fn, description, device):
+    """Drive ``total_steps`` training steps with a progress bar showing the loss and tokens/s.
+
+    ``step_fn(batch, tasks) -> (loss, extra)`` runs one optimizer step on a batch already on ``device``; returns
+    the per-step log records and the totals ``(tokens, seconds)``. Tokens are real (non-padding) tokens."""
+    import torch
+    from tqdm.auto import tqdm
+
+    records, total_tokens, total_seconds = [], 0, 0.0
+    bar = tqdm(total=total_steps, desc=description, unit="step", dynamic_ncols=True)
+    for step in range(1, total_steps + 1):
+        epoch, batch, tasks = next(stream)
+        batch = {key: value.to(device) for key, value in batch.items()}
+        start = time.perf_counter()
+        loss, extra = step_fn(batch, tasks)  # loss is a float: the device has finished the step
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        if loss != loss:  # NaN
+            raise CLIError(f"the loss became NaN at step {step}; lower --lr")
+        tokens = int(batch["attention_mask"].sum())
+        total_tokens += tokens
+        total_seconds += seconds
+        records.append({"step": step, "epoch": epoch, "loss": loss, **extra, "tokens": tokens,
+                        "seconds": seconds, "tokens_per_s": tokens / seconds})
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{total_tokens / total_seconds:,.0f}")
+        bar.update(1)
+    bar.close()
+    return records, total_tokens, total_seconds
+
+
 def cmd_train(args):
     _validate_train_args(args)
+    examples, tasks = _load_training_examples(args)
 
     import torch
 
@@ -424,11 +492,10 @@ def cmd_train(args):
 
     _quiet_transformers()
     from peft import get_peft_model
-    from tqdm.auto import tqdm
 
-    os.makedirs(args.out, exist_ok=True)
     device = _resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, device)
+    os.makedirs(args.out, exist_ok=True)
     if args.model is None:
         from .tiny import save_tiny
         model_dir = os.path.join(args.out, BASE_MODEL_SUBDIR)
@@ -438,18 +505,21 @@ def cmd_train(args):
     model_dir = os.path.abspath(model_dir)  # recorded in adapter_config.json as the base model
 
     model, tokenizer = _load_base(model_dir, device, dtype, args.load_in_4bit, args.load_in_8bit)
-    examples = (data_module.load_examples(args.data) if args.data is not None
-                else [data_module.Example("", text) for text in DEMO_TEXTS])
-    tasks = sorted({example.task for example in examples if example.task is not None})
-    if len(tasks) > 1:
-        raise CLIError(f"the data names {len(tasks)} tasks ({', '.join(tasks[:5])}); `fastpeft train` trains "
-                       f"one adapter: split the file per task, or drop the \"task\" field")
     rows, dropped = data_module.encode(examples, tokenizer, args.max_length)
     if not rows:
         raise CLIError(f"no example keeps a completion token within --max-length {args.max_length}")
-
-    torch.manual_seed(args.seed)
+    steps_per_epoch = -(-len(rows) // args.batch_size)
+    total_steps = args.max_steps or max(1, round(args.epochs * steps_per_epoch))
+    stream = data_module.batches(rows, args.batch_size, tokenizer.pad_token_id, args.seed)
     hidden_size = _config_dims(model.config.to_dict())[1]
+    torch.manual_seed(args.seed)
+    log = {"config": {key: value for key, value in vars(args).items() if key != "func"},
+           "model_dir": model_dir, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+           "accelerated": not args.no_accelerate, "examples": len(rows), "dropped_examples": dropped}
+
+    if tasks:
+        return _train_tasks(args, model, model_dir, tasks, hidden_size, stream, total_steps, device, log)
+
     model = get_peft_model(model, _peft_config(args.method, args.virtual_tokens, hidden_size))
     if not args.no_accelerate:
         import fastpeft
@@ -461,41 +531,20 @@ def cmd_train(args):
         model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.get_base_model().config.use_cache = False
     model.train()
-
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.0)
-    steps_per_epoch = -(-len(rows) // args.batch_size)
-    total_steps = args.max_steps or max(1, round(args.epochs * steps_per_epoch))
 
-    log = {"config": {key: value for key, value in vars(args).items() if key != "func"},
-           "model_dir": model_dir, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-           "accelerated": not args.no_accelerate, "examples": len(rows), "dropped_examples": dropped,
-           "trainable_parameters": sum(p.numel() for p in parameters), "steps": []}
-    stream = data_module.batches(rows, args.batch_size, tokenizer.pad_token_id, args.seed)
-    total_tokens, total_seconds = 0, 0.0
-    bar = tqdm(total=total_steps, desc=f"train {args.method}", unit="step", dynamic_ncols=True)
-    for step in range(1, total_steps + 1):
-        epoch, batch = next(stream)
-        batch = {key: value.to(device) for key, value in batch.items()}
-        start = time.perf_counter()
+    def step(batch, tasks):
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_value = loss.item()  # synchronizes the device, so the step time below is real
-        seconds = time.perf_counter() - start
-        tokens = int(batch["attention_mask"].sum())
-        total_tokens += tokens
-        total_seconds += seconds
-        if not loss_value == loss_value:  # NaN
-            raise CLIError(f"the loss became NaN at step {step}; lower --lr (now {args.lr})")
-        log["steps"].append({"step": step, "epoch": epoch, "loss": loss_value, "tokens": tokens,
-                             "seconds": seconds, "tokens_per_s": tokens / seconds})
-        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{total_tokens / total_seconds:,.0f}")
-        bar.update(1)
-    bar.close()
+        return loss.item(), {}
 
+    log["trainable_parameters"] = sum(p.numel() for p in parameters)
+    log["steps"], total_tokens, total_seconds = _run_steps(total_steps, stream, step, f"train {args.method}",
+                                                           device)
     log.update(final_loss=log["steps"][-1]["loss"], total_tokens=total_tokens, train_seconds=total_seconds,
                tokens_per_s=total_tokens / total_seconds)
     model.save_pretrained(args.out)
@@ -504,6 +553,40 @@ def cmd_train(args):
     first = log["steps"][0]["loss"]
     print(f"saved {args.method} adapter ({args.virtual_tokens} virtual tokens) to {args.out}: {total_steps} steps, "
           f"loss {first:.4f} -> {log['final_loss']:.4f}, {log['tokens_per_s']:,.0f} tokens/s on {device}")
+    print(f"base model: {model_dir}")
+    return 0
+
+
+def _train_tasks(args, model, model_dir, tasks, hidden_size, stream, total_steps, device, log):
+    """One prefix per task, trained together in shared batches (``fastpeft.MultiPrefixTrainer``); each task's
+    adapter goes to ``OUT/<task>/``. Each adapter's loss and gradient are those of its own rows."""
+    import fastpeft
+
+    trainer = fastpeft.MultiPrefixTrainer(model, lr=args.lr, max_grad_norm=1.0,
+                                          gradient_checkpointing=args.gradient_checkpointing)
+    for task in tasks:
+        config = _peft_config(args.method, args.virtual_tokens, hidden_size)
+        config.base_model_name_or_path = model_dir  # as get_peft_model records it, so generate finds the base
+        trainer.add_adapter(task, config)
+
+    def step(batch, row_tasks):
+        result = trainer.training_step(batch["input_ids"], row_tasks, attention_mask=batch["attention_mask"],
+                                       labels=batch["labels"])
+        losses = result["adapter_losses"]
+        return sum(losses.values()) / len(losses), {"adapter_losses": losses, "updated": result["updated"]}
+
+    log["tasks"] = tasks
+    log["steps"], total_tokens, total_seconds = _run_steps(total_steps, stream, step,
+                                                           f"train {args.method} x{len(tasks)} tasks", device)
+    log.update(final_loss=log["steps"][-1]["loss"], total_tokens=total_tokens, train_seconds=total_seconds,
+               tokens_per_s=total_tokens / total_seconds)
+    trainer.save_pretrained(args.out)
+    with open(os.path.join(args.out, "train_log.json"), "w") as f:
+        json.dump(log, f, indent=2)
+    print(f"saved {len(tasks)} {args.method} adapters ({args.virtual_tokens} virtual tokens each) to "
+          f"{args.out}/<task>: {total_steps} steps, mean task loss {log['steps'][0]['loss']:.4f} -> "
+          f"{log['final_loss']:.4f}, {log['tokens_per_s']:,.0f} tokens/s on {device}")
+    print(f"tasks: {', '.join(tasks)}")
     print(f"base model: {model_dir}")
     return 0
 

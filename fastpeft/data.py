@@ -129,7 +129,8 @@ def collate(rows, pad_token_id):
 
 def batches(rows, batch_size, pad_token_id, seed):
     """Endless stream of shuffled, right-padded batches: each epoch visits every row once, in an order drawn
-    from ``seed`` and the epoch number. Yields ``(epoch, batch)``; the last batch of an epoch may be smaller."""
+    from ``seed`` and the epoch number. Yields ``(epoch, batch, tasks)`` with ``tasks`` the rows' task names;
+    the last batch of an epoch may be smaller."""
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     epoch = 0
@@ -137,5 +138,6 @@ def batches(rows, batch_size, pad_token_id, seed):
         order = list(range(len(rows)))
         random.Random(seed * 1_000_003 + epoch).shuffle(order)
         for start in range(0, len(order), batch_size):
-            yield epoch, collate([rows[i] for i in order[start:start + batch_size]], pad_token_id)
+            chosen = [rows[i] for i in order[start:start + batch_size]]
+            yield epoch, collate(chosen, pad_token_id), [row.task for row in chosen]
         epoch += 1
