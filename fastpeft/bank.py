@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapters import PREFIX_TUNING, BaseGeometry, check_compatible, load_prompt_adapter, prefix_key_values
-from .integration.attention import PREFIX_KWARG, PrefixSpec, use_fastpeft_attention
+from .integration.attention import ATTN_IMPLEMENTATION, PREFIX_KWARG, PrefixSpec, use_fastpeft_attention
 
 NO_ADAPTER_SLOT = 0
 
@@ -45,11 +45,12 @@ class AdapterBank:
 
     ``AdapterBank(base_model)`` switches ``base_model`` (a transformers causal LM instance, full precision or
     bitsandbytes 4/8-bit) to the ``"fastpeft"`` attention implementation and to eval mode for as long as the bank
-    is open. Called without a prefix, that implementation computes plain causal attention, so the model keeps
-    giving the same outputs if used directly meanwhile. ``bank.close()`` (or leaving ``with AdapterBank(...) as
-    bank:``) restores the previous attention implementation and training mode. The switch is made once rather than
-    around every call because switching walks the model's configs on every request and would race with any other
-    user of the same model instance.
+    is open. Called without the bank's prefix keyword, that implementation computes plain causal attention, so the
+    model gives the same outputs if used directly meanwhile (through fastpeft's kernels). ``bank.close()`` (or
+    leaving ``with AdapterBank(...) as bank:``) restores the previous attention implementation and training mode.
+    The switch is made once rather than around every call: switching is cheap, but switching back and forth on
+    every request would mutate the shared model under any other user of the instance (another thread, another
+    bank, an accelerated PeftModel on the same backbone), which then silently runs with the wrong implementation.
 
     Not thread-safe: do not ``add``/``remove`` while another thread serves from the same bank.
 
@@ -71,6 +72,10 @@ class AdapterBank:
             raise ValueError(f"AdapterBank serves decoder-only causal LMs; got {type(base_model).__name__}")
         if not isinstance(initial_capacity, int) or initial_capacity < 1:
             raise ValueError(f"initial_capacity must be a positive integer, got {initial_capacity!r}")
+        devices = set((getattr(base_model, "hf_device_map", None) or {}).values())
+        if len(devices) > 1:
+            raise ValueError(f"the base model is split over several devices ({sorted(map(str, devices))}); "
+                             "AdapterBank keeps its prefix tables on one device and needs the model on it")
         self.model = base_model
         self.geometry = BaseGeometry.of(base_model.config)
         embedding = base_model.get_input_embeddings().weight
@@ -116,17 +121,26 @@ class AdapterBank:
     def __exit__(self, *exc_info):
         self.close()
 
-    def _check_open(self):
+    def _check_open(self, runs_model=True):
         if self._closed:
             raise RuntimeError("this AdapterBank is closed")
+        if not runs_model:
+            return
+        current = self.model.config._attn_implementation
+        if current != ATTN_IMPLEMENTATION:
+            # Any other implementation would drop the prefix keyword silently and serve the bare base model.
+            raise RuntimeError(f"the base model's attention implementation was changed to {current!r} while this "
+                               f"AdapterBank is open; it needs {ATTN_IMPLEMENTATION!r} (was another bank on the same "
+                               "model closed?)")
 
     # ----- adapters --------------------------------------------------------------------------------------------
 
-    def add(self, name, adapter, allow_pickle=False):
+    def add(self, name, adapter, allow_pickle=False, adapter_name=None):
         """Add a PEFT prompt-learning adapter under ``name``.
 
         ``adapter`` is a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``) or an
-        in-memory ``PeftModel`` (its active adapter; a prefix with projection is evaluated once). A pickle-only
+        in-memory ``PeftModel`` (its adapter ``adapter_name``, default the active one; a prefix with projection is
+        evaluated once). A pickle-only
         directory (``adapter_model.bin``) is refused unless ``allow_pickle=True``. The adapter must be a causal-LM
         prefix-tuning, prompt-tuning or p-tuning adapter for this base model's layout; otherwise ``ValueError``
         names what differs. Names are unique (``ValueError`` for a duplicate). Nothing changes if it raises.
@@ -136,7 +150,7 @@ class AdapterBank:
             raise ValueError(f"an adapter name must be a non-empty string, got {name!r}")
         if name in self._slot_by_name:
             raise ValueError(f"the bank already holds an adapter named {name!r}; remove it first to replace it")
-        loaded = load_prompt_adapter(adapter, allow_pickle=allow_pickle)
+        loaded = load_prompt_adapter(adapter, allow_pickle=allow_pickle, adapter_name=adapter_name)
         check_compatible(loaded, self.geometry)
         with torch.inference_mode():
             if loaded.peft_type == PREFIX_TUNING:
@@ -153,7 +167,7 @@ class AdapterBank:
 
     def remove(self, name):
         """Remove adapter ``name`` (``KeyError`` if absent); its table entry is zeroed and reused by later adds."""
-        self._check_open()
+        self._check_open(runs_model=False)
         if name not in self._slot_by_name:
             raise KeyError(f"no adapter named {name!r} in the bank (it holds {sorted(self._slot_by_name)})")
         slot = self._slot_by_name.pop(name)

@@ -311,6 +311,17 @@ def test_close_restores_the_base_model(setups):
     with pytest.raises(RuntimeError, match="closed"):
         bank(torch.ones(1, 2, dtype=torch.long), adapters=["prefix"])
 
+    # A bank whose model was switched back underneath it refuses to serve (the prefix would be dropped silently).
+    first, second = AdapterBank(model), AdapterBank(model)
+    first.close()
+    with pytest.raises(RuntimeError, match="changed to 'sdpa'"):
+        second(torch.ones(1, 2, dtype=torch.long))
+    second.close()
+
+    model.hf_device_map = {"model.layers.0": 0, "model.layers.1": 1}
+    with pytest.raises(ValueError, match="several devices"):
+        AdapterBank(model)
+
 
 def test_bad_inputs_are_refused(setups):
     s = setups("llama")
@@ -337,12 +348,12 @@ def _live_tensors():
 
 
 def test_serving_many_requests_does_not_grow_memory(setups):
-    """200 mixed requests (batches of 4 through forward and generate, every adapter kind, left and right padding):
+    """200 mixed requests (batches of 8 through forward and generate, every adapter kind, left and right padding):
     the bank's storage stays the same and no tensor outlives its call (no per-request cache or prefix copy is kept)."""
     s = setups("llama")
     names = list(ROW_ADAPTERS)
     g = torch.Generator().manual_seed(11)
-    batch = 4
+    batch = 8
 
     def serve(call):
         picks = torch.randint(0, len(names), (batch,), generator=g).tolist()
