@@ -239,6 +239,11 @@ class MultiPrefixTrainer:
         """The PEFT ``PrefixEncoder`` of adapter ``name`` (its parameters are the trainable ones)."""
         return self._tenant(name).encoder
 
+    def config(self, name):
+        """The PEFT ``PrefixTuningConfig`` of adapter ``name`` (what ``save_adapter`` writes, with
+        ``inference_mode`` set there)."""
+        return self._tenant(name).config
+
     def optimizer(self, name):
         """The optimizer of adapter ``name``."""
         return self._tenant(name).optimizer
@@ -354,13 +359,11 @@ class MultiPrefixTrainer:
 
     def remove_adapter(self, name):
         """Drop adapter ``name`` with its optimizer."""
-        tenant = self._tenant(name)
+        self._tenant(name)
         del self._tenants[name]
-        keep = [n for n in self._slots if n != name]
-        self._tables.encoders = torch.nn.ModuleList(self._tenants[n].encoder for n in keep)
-        self._slots = {n: i for i, n in enumerate(keep)}
+        self._tables.encoders = torch.nn.ModuleList(tenant.encoder for tenant in self._tenants.values())
+        self._slots = {n: i for i, n in enumerate(self._tenants)}
         self._ddp = None
-        del tenant
 
     def _tenant(self, name):
         if name not in self._tenants:

@@ -7,6 +7,7 @@ Tiny random Llama with GQA (4 query heads, 2 KV heads), fp32, CPU; the fused att
 import copy
 import json
 import os
+import types
 
 import pytest
 import torch
@@ -236,7 +237,7 @@ def test_new_adapter_is_initialised_like_get_peft_model():
     trainer = MultiPrefixTrainer(tiny_model("llama"))
     torch.manual_seed(7)
     trainer.add_adapter("fresh", PrefixTuningConfig(**kwargs))
-    assert trainer._tenants["fresh"].config.to_dict() == reference.peft_config["default"].to_dict()
+    assert trainer.config("fresh").to_dict() == reference.peft_config["default"].to_dict()
     expected = params(reference.prompt_encoder["default"])
     actual = params(trainer.encoder("fresh"))
     assert expected.keys() == actual.keys()
@@ -265,7 +266,9 @@ def test_train_over_records_batches_and_pads_like_hand_built_steps():
 
     seen = []
     trainer = fresh()
-    history = trainer.train(records, batch_size=2, shuffle=False, callback=seen.append)
+    # Records may also be objects with attributes (e.g. dataclasses), labels absent = loss on every token.
+    as_objects = records[:3] + [types.SimpleNamespace(task="x", input_ids=records[3]["input_ids"], labels=None)]
+    history = trainer.train(as_objects + records[4:], batch_size=2, shuffle=False, callback=seen.append)
     assert len(history) == 3 and seen == history and [r["step"] for r in history] == [1, 2, 3]
 
     # The same steps from hand-padded batches: right padding with pad id 0, labels -100 on padding.
@@ -310,6 +313,10 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         trainer.add_adapter("other", tmp_path / "other")
     with pytest.raises(ValueError, match="PeftModel"):
         MultiPrefixTrainer(other)
+    trainer.remove_adapter("a")
+    assert trainer.adapters == []
+    with pytest.raises(KeyError, match="'a'"):
+        trainer(ids, ["a", "a"])
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -360,15 +367,18 @@ def test_bf16_backbone_trains_with_fp32_adapters():
     assert state["exp_avg"].dtype == torch.float32
 
 
-def test_4bit_backbone_trains(tmp_path):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_backbone_trains(tmp_path, bits):
     pytest.importorskip("bitsandbytes")
     import transformers
 
     tiny_model("llama").save_pretrained(tmp_path / "base")
-    quantized = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "base", device_map="cpu",
-        quantization_config=transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32))
-    assert "Linear4bit" in type(quantized.model.layers[0].self_attn.q_proj).__name__
+    quantization = (transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+                    if bits == 4 else transformers.BitsAndBytesConfig(load_in_8bit=True))
+    quantized = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map="cpu",
+                                                                  quantization_config=quantization)
+    assert type(quantized.model.layers[0].self_attn.q_proj).__name__ == ("Linear4bit" if bits == 4
+                                                                          else "Linear8bitLt")
     trainer = MultiPrefixTrainer(quantized, lr=3e-2, gradient_checkpointing=True)
     torch.manual_seed(0)
     for name, kwargs in ADAPTERS.items():
