@@ -289,6 +289,31 @@ def test_train_over_records_batches_and_pads_like_hand_built_steps():
             assert torch.equal(params(trainer.encoder(name))[key], value), f"{name}.{key}"
 
 
+def test_optimizer_factory_scheduler_and_clipping_are_per_adapter():
+    """SGD(lr=1) makes each update minus the clipped gradient: its norm must be max_grad_norm per adapter. Each
+    scheduler counts only its own adapter's updates."""
+    max_norm = 1e-3
+    trainer = MultiPrefixTrainer(tiny_model("llama"), optimizer_factory=lambda p: torch.optim.SGD(p, lr=1.0),
+                                 scheduler_factory=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda n: 0.5 ** n),
+                                 max_grad_norm=max_norm)
+    torch.manual_seed(0)
+    for name, kwargs in ADAPTERS.items():
+        trainer.add_adapter(name, PrefixTuningConfig(**kwargs))
+    for step, batch in enumerate(BATCHES):
+        lrs = {name: trainer.optimizer(name).param_groups[0]["lr"] for name in ADAPTERS}
+        before = {name: params(trainer.encoder(name)) for name in ADAPTERS}
+        result = trainer.training_step(batch["input_ids"], batch["adapters"], attention_mask=batch["attention_mask"],
+                                       labels=batch["labels"])
+        for name in ADAPTERS:
+            after = params(trainer.encoder(name))
+            update = torch.cat([(after[k] - before[name][k]).flatten() for k in after])
+            expected = lrs[name] * max_norm if name in result["updated"] else 0.0
+            assert float(update.norm()) == pytest.approx(expected, rel=1e-4), (step, name)
+    # "tiny" sat out step 1: two updates, so its learning rate was halved twice; the others three times.
+    assert trainer.optimizer("tiny").param_groups[0]["lr"] == pytest.approx(0.25)
+    assert trainer.optimizer("short").param_groups[0]["lr"] == pytest.approx(0.125)
+
+
 def test_bad_inputs_raise_clear_errors(tmp_path):
     trainer = MultiPrefixTrainer(tiny_model("llama"))
     trainer.add_adapter("a", PrefixTuningConfig(num_virtual_tokens=2))
