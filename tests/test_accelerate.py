@@ -237,3 +237,37 @@ def test_interpreted_triton_forward_backward_match_peft(family, method, monkeypa
     use_interpreted_triton(monkeypatch)
     forbid_framework_attention(monkeypatch, peft_model)
     assert_same_step(training_step(peft_model, ids, mask, labels), expected, what=f"triton {family}/{method}")
+
+
+def test_accelerated_model_pickles_and_deep_copies(tmp_path):
+    import copy
+
+    peft_model = fastpeft.accelerate(make_peft_model("llama", "prefix"))
+    ids, mask, _ = batch_and_labels("llama")
+    torch.save(peft_model, tmp_path / "model.pt")
+    for clone in (torch.load(tmp_path / "model.pt", weights_only=False), copy.deepcopy(peft_model)):
+        assert fastpeft.integration.peft.is_accelerated(clone)
+        with torch.no_grad():
+            # The clone's forward runs on the clone: changing the original's prefix does not reach it.
+            expected = clone(input_ids=ids, attention_mask=mask).logits
+            peft_model.prompt_encoder["default"].embedding.weight.add_(1.0)
+            assert torch.equal(clone(input_ids=ids, attention_mask=mask).logits, expected)
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_causal_family_sequence_classification_matches_peft(method):
+    import transformers as tf
+
+    from tests.models import tiny_config
+
+    torch.manual_seed(0)
+    config = tiny_config("llama")
+    config.num_labels = 3
+    base = tf.LlamaForSequenceClassification(config)
+    base.set_attn_implementation("sdpa")
+    peft_model = make_peft_model("bert", method, base=base.eval())  # "bert": the SEQ_CLS task type
+    ids, mask, _ = batch_and_labels("llama")
+    labels = torch.tensor([2, 0, 1])
+    expected = training_step(peft_model, ids, mask, labels)
+    fastpeft.accelerate(peft_model)
+    assert_same_step(training_step(peft_model, ids, mask, labels), expected)

@@ -20,7 +20,6 @@ rotated; in ``forward`` the real tokens sit at positions ``P .. P+L-1`` whatever
 """
 
 import functools
-import types
 
 import torch
 
@@ -134,12 +133,14 @@ def accelerate(peft_model):
 
     previous = attention.use_fastpeft_attention(peft_model.get_base_model())
     setattr(peft_model, STATE_ATTR, _AccelerationState(previous))
-    peft_model.forward = types.MethodType(_accelerated_forward, peft_model)
-    peft_model._setup_prompt_encoder = types.MethodType(_setup_prompt_encoder_allowing_checkpointing, peft_model)
+    # functools.partial rather than bound methods: a partial pickles and deep-copies by value (a bound method
+    # pickles as getattr(model, function name), which the unpickled model would not have).
+    peft_model.forward = functools.partial(_accelerated_forward, peft_model)
+    peft_model._setup_prompt_encoder = functools.partial(_setup_prompt_encoder_allowing_checkpointing, peft_model)
     from peft import PeftModelForCausalLM
 
     if isinstance(peft_model, PeftModelForCausalLM):
-        peft_model.generate = types.MethodType(_accelerated_generate, peft_model)
+        peft_model.generate = functools.partial(_accelerated_generate, peft_model)
     return peft_model
 
 
