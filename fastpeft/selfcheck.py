@@ -41,13 +41,15 @@ def _rel(a, b):
 
 def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        # Must precede the first import of triton: the interpreter mode is fixed then.
+        os.environ["TRITON_INTERPRET"] = "1"
     os.environ["FASTPEFT_BACKEND"] = "reference"
     expected = _run(_inputs("cpu", torch.float64))
     runs = [("reference", device, torch.float32)]
     if _backend.triton_available()[0] and device == "cuda":
         runs += [("triton", "cuda", torch.float32), ("triton", "cuda", torch.bfloat16)]
     elif _backend.triton_available()[0]:
-        os.environ["TRITON_INTERPRET"] = "1"
         runs += [("triton", "cpu", torch.float32)]
     ok = True
     print(f"prefix_attention self-check (B=3, Hq=8, Hkv=2, L=S=16, P<=8 ragged table, D=64, left padding)")
