@@ -31,7 +31,7 @@ from triton.runtime.interpreter import InterpretedFunction
 _LOG2E = 1.4426950408889634
 # Finite "minus infinity" for running maxima: exp2(NEG_BIG - NEG_BIG) = 1 instead of NaN, so a program, a
 # split or a whole row that sees no key needs no special case (its sum stays 0 and the output becomes 0).
-_NEG_BIG = -1.0e30
+_NEG_BIG = tl.constexpr(-1.0e30)
 # Programs per SM the split heuristic aims for: a few waves hide the tail of unequal splits.
 _PROGRAMS_PER_SM = 4
 _MAX_SPLITS = 128
@@ -203,13 +203,23 @@ def choose_num_splits(device, programs_per_split, max_keys, block_n):
     return max(1, min(triton.cdiv(target_programs, max(1, programs_per_split)), tiles, _MAX_SPLITS))
 
 
-def _block_sizes(group, head_dim):
+def _launch_config(group, head_dim, dtype):
+    """(BLOCK_G, BLOCK_N, BLOCK_D, num_warps), sized so the sm_90 build keeps its tiles in registers (no
+    spills, checked with an offline compile). fp32 dots run on FMA units, with the whole product tile in
+    registers, so fp32 gets smaller head tiles and more warps."""
     block_d = max(16, triton.next_power_of_2(head_dim))
+    wide = dtype == torch.float32
+    if block_d <= 64:
+        head_cap, block_n = (32 if wide else 64), 64
+    elif block_d <= 128:
+        head_cap, block_n = (16, 32) if wide else (32, 64)
+    else:
+        head_cap, block_n = 16, 32
     # tl.dot needs M >= 16; a group larger than the cap is spread over several programs (head chunks),
-    # which re-read K/V, so the cap is as large as the registers of the fp32 accumulator allow.
-    block_g = min(max(16, triton.next_power_of_2(group)), 64 if block_d <= 64 else 32 if block_d <= 128 else 16)
-    block_n = 64 if block_d <= 128 else 32
-    return block_g, block_n, block_d
+    # each of which reads the group's K/V again.
+    block_g = min(max(16, triton.next_power_of_2(group)), head_cap)
+    num_warps = 8 if wide or block_d > 128 else 4
+    return block_g, block_n, block_d, num_warps
 
 
 def prefix_decode_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal,
@@ -235,7 +245,7 @@ def prefix_decode_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
     if B == 0 or Hq == 0:
         return out
 
-    block_g, block_n, block_d = _block_sizes(group, D)
+    block_g, block_n, block_d, num_warps = _launch_config(group, D, q.dtype)
     head_chunks = triton.cdiv(group, block_g)
     programs_per_split = B * Hkv * head_chunks
     if num_splits is None:
@@ -272,7 +282,7 @@ def prefix_decode_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
         GROUP=group, HEAD_CHUNKS=head_chunks,
         BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
         HAS_MASK=has_mask, SINGLE_SPLIT=single_split, DOT_IN_FP32=dot_in_fp32,
-        num_warps=4,
+        num_warps=num_warps,
     )
     if not single_split:
         _prefix_decode_combine_kernel[(B * Hq,)](
