@@ -322,8 +322,10 @@ class MultiPrefixTrainer:
         if config.num_transformer_submodules is None:
             config.num_transformer_submodules = 1  # what PeftModel sets for a decoder-only model
         config = _prepare_prompt_learning_config(config, self.model.config)
-        # What get_peft_model records (and saves) for the base model; a model built from a config has "".
-        config.base_model_name_or_path = self.model.__dict__.get("name_or_path", None) or None
+        # get_peft_model records (and saves) the model's own name; a model built from a config has "" (PEFT then
+        # records None; here a name the caller put in the config is kept).
+        config.base_model_name_or_path = (self.model.__dict__.get("name_or_path", None)
+                                          or config.base_model_name_or_path)
         self._check_config(config, "config")
         return config, PrefixEncoder(config)
 
