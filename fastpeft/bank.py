@@ -31,6 +31,8 @@ from .adapters import PREFIX_TUNING, BaseGeometry, check_compatible, load_prompt
 from .integration.attention import ATTN_IMPLEMENTATION, PREFIX_KWARG, PrefixSpec, use_fastpeft_attention
 
 NO_ADAPTER_SLOT = 0
+# transformers' global defaults for sampling arguments that neither the caller nor the generation config sets.
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
 
 
 @dataclass
@@ -272,20 +274,22 @@ class AdapterBank:
         return BankOutput(logits=logits)
 
     def generate(self, input_ids, attention_mask=None, adapters=None, max_new_tokens=20, do_sample=False,
-                 temperature=1.0, top_k=None, top_p=None, eos_token_id=None, pad_token_id=None, generator=None):
+                 temperature=None, top_k=None, top_p=None, eos_token_id=None, pad_token_id=None, generator=None):
         """Generate for a batch whose rows use different adapters, like transformers' ``generate``.
 
         Arguments:
             input_ids, attention_mask, adapters: as in ``__call__``. Every row needs at least one real token.
             max_new_tokens: the most tokens to add per row.
             do_sample: False = greedy; True = sample from the softmax of the logits after ``temperature``,
-                ``top_k`` (keep the k most likely tokens) and ``top_p`` (keep the smallest set of most likely tokens
-                whose probability reaches top_p), applied in that order as transformers does.
+                ``top_k`` (keep the k most likely tokens; 0 = all) and ``top_p`` (keep the smallest set of most
+                likely tokens whose probability reaches top_p), applied in that order as transformers does. Each
+                left at None takes the model's generation config value, else transformers' default (temperature
+                1.0, top_k 50, top_p 1.0), so sampling draws from the distribution ``model.generate`` draws from.
             eos_token_id: an id or a list of ids that end a row; default the model's generation config; an empty
                 list: rows never end early.
             pad_token_id: what fills a row after it ended; default the generation config's pad id, else its
                 first eos id.
-            generator: a ``torch.Generator`` for sampling.
+            generator: a ``torch.Generator`` for sampling; None = torch's global generator (as transformers).
 
         Returns ``[B, L + n]`` token ids (the input followed by the new tokens), ``n <= max_new_tokens``: it stops
         early once every row has produced an eos token. Greedy tokens of each row equal PEFT's ``generate`` on that
@@ -296,7 +300,7 @@ class AdapterBank:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
         if do_sample:
-            _check_sampling(temperature, top_k, top_p)
+            temperature, top_k, top_p = self._sampling_settings(temperature, top_k, top_p)
         empty_rows = (attention_mask.sum(-1) == 0).nonzero().flatten().tolist()
         if empty_rows:
             raise ValueError(f"attention_mask: rows {empty_rows} have no real token to continue from")
@@ -385,6 +389,17 @@ class AdapterBank:
                          past_key_values=cache, use_cache=cache is not None, **{PREFIX_KWARG: spec}, **extra)
         return out.logits
 
+    def _sampling_settings(self, temperature, top_k, top_p):
+        """Sampling arguments with None resolved like transformers: generation config, then its global defaults."""
+        generation_config = getattr(self.model, "generation_config", None)
+        resolved = []
+        for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
+            if value is None:
+                value = getattr(generation_config, name, None)
+            resolved.append(SAMPLING_DEFAULTS[name] if value is None else value)
+        _check_sampling(*resolved)
+        return resolved
+
     def _stop_ids(self, eos_token_id, pad_token_id):
         """(eos ids as a tensor or None, pad id) from the arguments or the model's generation config."""
         generation_config = getattr(self.model, "generation_config", None)
@@ -416,9 +431,9 @@ def _positions(attention_mask, offsets):
 def _check_sampling(temperature, top_k, top_p):
     if not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ValueError(f"temperature must be a positive number when sampling, got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
-        raise ValueError(f"top_k must be a non-negative integer or None, got {top_k!r}")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+    if not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be a non-negative integer, got {top_k!r}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
         raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
 
 
@@ -431,7 +446,7 @@ def _pick_tokens(logits, do_sample, temperature, top_k, top_p, generator):
     if top_k:
         kth_best = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
-    if top_p is not None and top_p < 1:
+    if top_p < 1:
         sorted_logits, order = logits.sort(dim=-1)
         # Drop the least likely tokens whose cumulative probability stays within 1 - top_p; keep the best always.
         drop_sorted = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p

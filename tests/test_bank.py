@@ -153,8 +153,8 @@ def test_greedy_stops_at_eos_and_pads_finished_rows(setups):
 
 def test_sampling_is_seeded_and_degenerates_to_greedy(setups):
     s = setups("llama")
-    ids, mask = pad_rows(s.rows, "left")
-    kwargs = dict(attention_mask=mask, adapters=ROW_ADAPTERS, max_new_tokens=3, eos_token_id=[])
+    ids, mask = pad_rows(s.rows[:4], "left")
+    kwargs = dict(attention_mask=mask, adapters=ROW_ADAPTERS[:4], max_new_tokens=2, eos_token_id=[])
     greedy = s.bank.generate(ids, **kwargs)
     for sampling in (dict(top_k=1), dict(top_p=1e-6), dict(temperature=1e-4)):
         sampled = s.bank.generate(ids, do_sample=True, generator=torch.Generator().manual_seed(0), **sampling,
@@ -165,6 +165,22 @@ def test_sampling_is_seeded_and_degenerates_to_greedy(setups):
     assert torch.equal(first, again)
     with pytest.raises(ValueError, match="top_p"):
         s.bank.generate(ids, do_sample=True, top_p=1.5, **kwargs)
+
+
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.7, top_p=0.8)])
+def test_sampling_draws_what_peft_draws_for_the_same_seed(setups, sampling):
+    """One row at a time (so both consume the global RNG alike): the bank samples from the same distribution as
+    PEFT's generate, with transformers' defaults (top_k=50) where arguments are left out, so the draws coincide."""
+    s = setups("llama")
+    for b in (0, 3, 4):  # prefix, prompt tuning, p-tuning
+        name, row = ROW_ADAPTERS[b], s.rows[b].unsqueeze(0)
+        torch.manual_seed(1234 + b)
+        with torch.no_grad():
+            expected = s.peft_models[name].generate(input_ids=row, attention_mask=torch.ones_like(row),
+                                                    max_new_tokens=4, do_sample=True, **sampling)
+        torch.manual_seed(1234 + b)
+        sampled = s.bank.generate(row, adapters=[name], max_new_tokens=4, do_sample=True, **sampling)
+        assert torch.equal(sampled, expected), (name, sampled.tolist(), expected.tolist())
 
 
 # ----- adapter management and errors ------------------------------------------------------------------------------
