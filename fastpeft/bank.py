@@ -5,7 +5,8 @@ Storage. Every adapter becomes per-layer prefix K/V. All of them live in one ten
 tables are the views ``[T, Hkv, P_max, head_dim]`` the fused attention reads through ``prefix_index`` (one table entry
 per row) and ``prefix_lengths`` (``[T]``, each entry's number of virtual tokens; entries past it are invisible).
 Entry 0 is permanently empty (length 0): rows without an adapter point at it. ``T`` grows by doubling, ``P_max`` to
-the longest adapter added; a removed adapter's entry is zeroed and reused by the next ``add``.
+the longest adapter ever added (it never shrinks; the kernels read only each entry's valid length); a removed
+adapter's entry is zeroed and reused by the next ``add``.
 
 Adapters. Prefix tuning (with or without projection) is stored as PEFT saves it: the prompt encoder's output split
 into per-layer K/V, never rotated. Prompt tuning and p-tuning are run once, at ``add``, through the frozen model as a
@@ -142,10 +143,11 @@ class AdapterBank:
 
         ``adapter`` is a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``) or an
         in-memory ``PeftModel`` (its adapter ``adapter_name``, default the active one; a prefix with projection is
-        evaluated once). A pickle-only
-        directory (``adapter_model.bin``) is refused unless ``allow_pickle=True``. The adapter must be a causal-LM
-        prefix-tuning, prompt-tuning or p-tuning adapter for this base model's layout; otherwise ``ValueError``
-        names what differs. Names are unique (``ValueError`` for a duplicate). Nothing changes if it raises.
+        evaluated once). A pickle-only directory (``adapter_model.bin``) is refused unless ``allow_pickle=True``.
+        The adapter must be a causal-LM prefix-tuning, prompt-tuning or p-tuning adapter for this base model's
+        layout; otherwise ``ValueError`` names what differs. Names are unique (``ValueError`` for a duplicate).
+        Nothing changes if it raises. Prompt tuning and p-tuning run their virtual tokens through the model here,
+        once.
         """
         self._check_open()
         if not isinstance(name, str) or not name:
