@@ -6,7 +6,11 @@ CPU: the Triton kernel under the interpreter. GPU (marked): the Triton kernel co
 
 import importlib
 import math
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,19 +48,20 @@ DECODE_CASES = [
 
 
 @pytest.fixture
-def decode_interpreted(monkeypatch):
-    """The kernel module in interpreter mode. Triton fixes the mode when the module is imported and reads
-    TRITON_INTERPRET again at launch, so it stays set for the test."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    module = importlib.import_module("fastpeft.kernels.prefix_decode")
-    return module if module.INTERPRETED else importlib.reload(module)
+def decode_kernels():
+    """The Triton decode module, in the mode this session imported triton in (see conftest.py)."""
+    return importlib.import_module("fastpeft.kernels.prefix_decode")
 
 
 @pytest.fixture
-def decode_compiled(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    module = importlib.import_module("fastpeft.kernels.prefix_decode")
-    return importlib.reload(module) if module.INTERPRETED else module
+def kernel_device(decode_kernels):
+    """Where the Triton kernels run in this session: CPU tensors under the interpreter (CPU-only torch),
+    otherwise a CUDA device. Triton fixes the mode when it is first imported, for the whole process."""
+    if decode_kernels.INTERPRETED:
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    pytest.skip("Triton is neither interpreted (TRITON_INTERPRET=1 before importing triton) nor has a GPU")
 
 
 def make_decode_inputs(case, dtype=torch.float32, device="cpu", seed=0):
@@ -92,72 +97,74 @@ def low_precision_tolerance(inputs, expected):
 
 @pytest.mark.parametrize("case", DECODE_CASES, ids=str)
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_triton_decode_fp32_matches_reference(decode_interpreted, case, num_splits):
-    inputs = make_decode_inputs(case)
-    out = decode_interpreted.prefix_decode_fwd(**inputs, num_splits=num_splits)
+def test_triton_decode_fp32_matches_reference(decode_kernels, kernel_device, case, num_splits):
+    inputs = make_decode_inputs(case, device=kernel_device)
+    out = decode_kernels.prefix_decode_fwd(**inputs, num_splits=num_splits)
     assert out.shape == inputs["q"].shape and out.dtype == torch.float32
     assert_close(out, concat_reference(**inputs), 1e-5, name=f"out[{case}, splits={num_splits}]")
 
 
 @pytest.mark.parametrize("num_splits", [2, 5, 64])
-def test_triton_decode_split_counts(decode_interpreted, num_splits):
+def test_triton_decode_split_counts(decode_kernels, kernel_device, num_splits):
     # More splits than tiles: the launcher drops the splits that would start past every row's end.
     case = DecodeCase("splits", S=150, P=40, prefix_lengths=(17, 40, 0), D=40)
-    inputs = make_decode_inputs(case, seed=num_splits)
-    out = decode_interpreted.prefix_decode_fwd(**inputs, num_splits=num_splits)
+    inputs = make_decode_inputs(case, seed=num_splits, device=kernel_device)
+    out = decode_kernels.prefix_decode_fwd(**inputs, num_splits=num_splits)
     assert_close(out, concat_reference(**inputs), 1e-5, name=f"out[splits={num_splits}]")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_triton_decode_low_precision(decode_interpreted, dtype):
-    inputs = make_decode_inputs(DECODE_CASES[1], dtype=dtype, seed=3)
-    out = decode_interpreted.prefix_decode_fwd(**inputs, num_splits=2)
+def test_triton_decode_low_precision(decode_kernels, kernel_device, dtype):
+    inputs = make_decode_inputs(DECODE_CASES[1], dtype=dtype, seed=3, device=kernel_device)
+    out = decode_kernels.prefix_decode_fwd(**inputs, num_splits=2)
     assert out.dtype == dtype
     expected = concat_reference(**inputs)
     assert_close(out, expected, low_precision_tolerance(inputs, expected), name=f"out[{dtype}]")
 
 
 @pytest.mark.parametrize("num_splits", [1, 2])
-def test_triton_decode_row_that_sees_nothing_is_zero(decode_interpreted, num_splits):
+def test_triton_decode_row_that_sees_nothing_is_zero(decode_kernels, kernel_device, num_splits):
     # Row 1 uses an empty table entry and all of its own keys are padding; row 0 sees both parts.
     case = DecodeCase("blind-row", B=2, S=20, P=8, D=16, prefix_lengths=(8, 0), prefix_index=(0, 1),
                       left_pad=(4, 20))
-    inputs = make_decode_inputs(case, seed=5)
-    out = decode_interpreted.prefix_decode_fwd(**inputs, num_splits=num_splits)
+    inputs = make_decode_inputs(case, seed=5, device=kernel_device)
+    out = decode_kernels.prefix_decode_fwd(**inputs, num_splits=num_splits)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     assert_close(out, concat_reference(**inputs), 1e-5, name="out")
 
 
-def test_triton_decode_strided_cache_views(decode_interpreted):
+def test_triton_decode_strided_cache_views(decode_kernels, kernel_device):
     # The shapes a KV cache hands over: q the query heads of a fused [B, 1, Hq + 2 Hkv, D] projection,
     # k/v the first S slots of a longer cache, the table a slice of a larger one. Strides are honoured.
     case = DECODE_CASES[0]
-    inputs = make_decode_inputs(case, seed=7)
+    inputs = make_decode_inputs(case, seed=7, device=kernel_device)
     g = torch.Generator().manual_seed(8)
-    fused = torch.randn(case.B, 1, case.Hq + 2 * case.Hkv, case.D, generator=g)
-    q = fused[:, :, :case.Hq].transpose(1, 2)
-    cache_k = torch.randn(case.B, case.Hkv, case.S + 13, case.D, generator=g)
-    cache_v = torch.randn(case.B, case.Hkv, case.S + 13, case.D, generator=g)
-    table_k = torch.randn(len(case.prefix_lengths), case.Hkv, case.P + 3, case.D, generator=g)
-    table_v = torch.randn(len(case.prefix_lengths), case.Hkv, case.P + 3, case.D, generator=g)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(kernel_device)
+
+    q = randn(case.B, 1, case.Hq + 2 * case.Hkv, case.D)[:, :, :case.Hq].transpose(1, 2)
+    cache_k, cache_v = randn(case.B, case.Hkv, case.S + 13, case.D), randn(case.B, case.Hkv, case.S + 13, case.D)
+    table_k = randn(len(case.prefix_lengths), case.Hkv, case.P + 3, case.D)
+    table_v = randn(len(case.prefix_lengths), case.Hkv, case.P + 3, case.D)
     strided = dict(inputs, q=q, k=cache_k[:, :, :case.S], v=cache_v[:, :, :case.S],
                    prefix_k=table_k[:, :, :case.P], prefix_v=table_v[:, :, :case.P])
     assert not strided["k"].is_contiguous() and not strided["q"].is_contiguous()
-    out = decode_interpreted.prefix_decode_fwd(**strided, num_splits=2)
+    out = decode_kernels.prefix_decode_fwd(**strided, num_splits=2)
     assert_close(out, concat_reference(**strided), 1e-5, name="out")
 
 
-def test_triton_decode_rejects_more_than_one_query(decode_interpreted):
+def test_triton_decode_rejects_more_than_one_query(decode_kernels):
     inputs = make_decode_inputs(DECODE_CASES[0])
     inputs["q"] = inputs["q"].expand(-1, -1, 2, -1)
     with pytest.raises(ValueError, match="L == 1"):
-        decode_interpreted.prefix_decode_fwd(**inputs)
+        decode_kernels.prefix_decode_fwd(**inputs)
 
 
-def test_decode_bytes_model(decode_interpreted):
+def test_decode_bytes_model(decode_kernels):
     case = DECODE_CASES[0]   # lengths (0, 5, 11), rows use entries (2, 0, 1), left padding (0, 7, 0)
     inputs = make_decode_inputs(case, dtype=torch.float16)
-    moved = decode_interpreted.prefix_decode_bytes(inputs["q"], inputs["k"], inputs["prefix_k"],
+    moved = decode_kernels.prefix_decode_bytes(inputs["q"], inputs["k"], inputs["prefix_k"],
                                                    inputs["prefix_index"], inputs["prefix_lengths"],
                                                    inputs["key_padding_mask"])
     row = 2 * case.Hkv * case.D * 2
@@ -167,25 +174,70 @@ def test_decode_bytes_model(decode_interpreted):
     assert moved["total"] > moved["kv"]
 
 
-def test_dispatcher_runs_decode_kernel(decode_interpreted, backend_env, monkeypatch):
+def test_dispatcher_runs_decode_kernel(decode_kernels, kernel_device, backend_env, monkeypatch):
     import fastpeft
 
     backend_env("triton")
     calls = []
-    kernel = decode_interpreted.prefix_decode_fwd
+    kernel = decode_kernels.prefix_decode_fwd
 
     def counting_kernel(*args, **kwargs):
         calls.append(args[0].shape)
         return kernel(*args, **kwargs)
 
-    monkeypatch.setattr(decode_interpreted, "prefix_decode_fwd", counting_kernel)
+    monkeypatch.setattr(decode_kernels, "prefix_decode_fwd", counting_kernel)
     case = DECODE_CASES[1]
-    inputs = make_decode_inputs(case, seed=11)
+    inputs = make_decode_inputs(case, seed=11, device=kernel_device)
     inputs["prefix_index"] = inputs["prefix_index"].long()   # the public API takes any integer dtype
     with torch.no_grad():
         out = fastpeft.prefix_attention(**inputs)
     assert calls == [inputs["q"].shape]
     assert_close(out, concat_reference(**inputs), 1e-5, name="out")
+
+
+# Compiles the kernels for sm_90 without a GPU (Triton's bundled ptxas), in a process without the interpreter:
+# errors that only the compiler sees (non-constexpr globals, tl.dot shapes, dtype mismatches) fail on CPU CI.
+OFFLINE_COMPILE = r"""
+import inspect, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import fastpeft.kernels.prefix_decode as pd
+
+def signature(kernel, types, constexprs):
+    return {name: "constexpr" if name in constexprs else types.get(name, "i32")
+            for name in inspect.signature(kernel.fn).parameters}
+
+target = GPUTarget("cuda", 90, 32)
+for dtype, name, group, head_dim in ((torch.bfloat16, "bf16", 8, 128), (torch.float32, "fp32", 4, 40)):
+    block_g, block_n, block_d, num_warps = pd._launch_config(group, head_dim, dtype)
+    types = {arg: "*" + name for arg in ("q_ptr", "k_ptr", "v_ptr", "prefix_k_ptr", "prefix_v_ptr", "out_ptr")}
+    types.update(prefix_index_ptr="*i32", prefix_lengths_ptr="*i32", mask_ptr="*u8", part_m_ptr="*fp32",
+                 part_l_ptr="*fp32", part_acc_ptr="*fp32", qk_scale="fp32")
+    for single_split in (False, True):
+        constexprs = dict(GROUP=group, HEAD_CHUNKS=triton.cdiv(group, block_g), BLOCK_G=block_g, BLOCK_N=block_n,
+                          BLOCK_D=block_d, HAS_MASK=True, SINGLE_SPLIT=single_split,
+                          DOT_IN_FP32=dtype == torch.float32)
+        kernel = pd._prefix_decode_split_kernel
+        triton.compile(ASTSource(kernel, signature(kernel, types, constexprs), constexprs), target=target,
+                       options={"num_warps": num_warps})
+    constexprs = dict(BLOCK_SPLITS=8, BLOCK_D=block_d)
+    types = dict(part_m_ptr="*fp32", part_l_ptr="*fp32", part_acc_ptr="*fp32", out_ptr="*" + name)
+    kernel = pd._prefix_decode_combine_kernel
+    triton.compile(ASTSource(kernel, signature(kernel, types, constexprs), constexprs), target=target,
+                   options={"num_warps": 4})
+print("compiled")
+"""
+
+
+def test_triton_decode_compiles_for_sm90_without_gpu():
+    import triton.backends
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton has no NVIDIA backend")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", OFFLINE_COMPILE], capture_output=True, text=True, env=env,
+                            cwd=Path(__file__).resolve().parent.parent, timeout=600)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
 
 
 GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -206,11 +258,13 @@ def _gpu_tolerance(inputs, expected):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
-def test_triton_decode_gpu(decode_compiled, case, dtype):
+def test_triton_decode_gpu(decode_kernels, case, dtype):
+    if decode_kernels.INTERPRETED:
+        pytest.skip("triton was imported with TRITON_INTERPRET=1; run the GPU tests in a session without it")
     inputs = make_decode_inputs(case, dtype=dtype, device="cuda")
     expected = concat_reference(**inputs)
     for num_splits in (None, 1, 4):
-        out = decode_compiled.prefix_decode_fwd(**inputs, num_splits=num_splits)
+        out = decode_kernels.prefix_decode_fwd(**inputs, num_splits=num_splits)
         assert_close(out, expected, _gpu_tolerance(inputs, expected), name=f"triton[{dtype}, splits={num_splits}]")
 
 
