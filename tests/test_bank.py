@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from fastpeft.adapters import BaseGeometry, load_prompt_adapter, prefix_key_values
 from fastpeft.bank import AdapterBank
 from tests.bank_fixtures import (ADAPTER_KINDS, assert_rows_match_reference, make_peft_model, make_rows, pad_rows,
                                  peft_reference, relative_error)
@@ -184,6 +185,22 @@ def test_sampling_draws_what_peft_draws_for_the_same_seed(setups, sampling):
 
 
 # ----- adapter management and errors ------------------------------------------------------------------------------
+
+
+def test_loader_splits_a_prefix_like_peft(setups):
+    """``fastpeft.adapters`` on a saved projection prefix gives, per layer, exactly the K/V PEFT puts in its cache."""
+    s = setups("llama")
+    adapter = load_prompt_adapter(s.dirs["prefix-proj"])
+    assert adapter.peft_type == "PREFIX_TUNING" and adapter.num_virtual_tokens == 5
+    keys, values = prefix_key_values(adapter, BaseGeometry.of(s.base.config))
+    with torch.no_grad():
+        cache = s.peft_models["prefix-proj"].get_prompt(batch_size=1)
+    assert len(keys) == len(values) == len(cache.layers) == 2
+    for layer, (k, v) in enumerate(zip(keys, values)):
+        assert k.shape == (2, 5, 32)  # [Hkv, P, head_dim]
+        torch.testing.assert_close(k, cache.layers[layer].keys[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(v, cache.layers[layer].values[0], rtol=1e-6, atol=1e-6)
+
 
 
 def test_unknown_and_removed_names_raise_key_error(setups):
