@@ -97,6 +97,14 @@ def fastpeft_attention_forward(module, query, key, value, attention_mask, dropou
         prefix_index, prefix_lengths = spec.prefix_index, spec.prefix_lengths
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
 
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Under autocast RoPE's fp32 cos/sin promote q and k to fp32 while v leaves its autocast matmul in
+        # bf16/fp16: compute in the autocast dtype, as SDPA and eager attention's matmuls do.
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+        prefix_k, prefix_v = prefix_k.to(dtype), prefix_v.to(dtype)
+
     sliding_window = kwargs.get("sliding_window")
     if sliding_window is not None and prefix_k.shape[-2] + key.shape[2] > sliding_window:
         raise ValueError(f"sliding-window attention (window {sliding_window}) over prefix+sequence length "
