@@ -122,6 +122,30 @@ def test_triton_kernels_serve_without_framework_attention(setups, tmp_path):
     assert_rows_match_reference(result["logits"], result["generated"], mask, s.rows, ROW_ADAPTERS, references)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mixed_batch_on_cuda(setups, dtype):
+    """On the GPU (Triton prefill, Triton or CUDA split-KV decode): float32 gives PEFT's per-row logits (compared with
+    the CPU float32 PEFT references) and greedy tokens; bfloat16 stays within bfloat16 rounding of them."""
+    s = setups("llama")
+    dirs = {name: s.dirs[name.replace("-dir", "")] for name in ROW_ADAPTERS if name is not None}
+    ids, mask = pad_rows(s.rows, "left")
+    with AdapterBank(tiny_model("llama").to("cuda", dtype)) as bank:
+        for name, directory in dirs.items():
+            bank.add(name, directory)
+        logits = bank(ids.cuda(), attention_mask=mask.cuda(), adapters=ROW_ADAPTERS).logits.float().cpu()
+        generated = bank.generate(ids.cuda(), attention_mask=mask.cuda(), adapters=ROW_ADAPTERS,
+                                  max_new_tokens=NEW_TOKENS).cpu()
+    assert logits.shape[:2] == ids.shape and generated.shape[0] == len(s.rows)
+    if dtype == torch.float32:
+        # float32 on both sides; the GPU's matmuls differ from the CPU's in the last bits only.
+        assert_rows_match_reference(logits, generated, mask, s.rows, ROW_ADAPTERS, s.references, tol=1e-4)
+    else:
+        for b, (ref_logits, _) in enumerate(s.references):
+            err = relative_error(logits[b][mask[b].bool()], ref_logits)
+            assert err < 3e-2, f"row {b} ({ROW_ADAPTERS[b]!r}): bfloat16 logits relative error {err:.2e}"
+
+
 def test_rows_without_adapter_equal_the_base_model(setups):
     s = setups("llama")
     ids, mask = pad_rows(s.rows[:3], "left")
