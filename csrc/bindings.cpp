@@ -118,6 +118,9 @@ at::Tensor prefix_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_in, co
   const at::Tensor v = with_unit_last_stride(v_in);
   const at::Tensor prefix_k = with_unit_last_stride(prefix_k_in);
   const at::Tensor prefix_v = with_unit_last_stride(prefix_v_in);
+  // The kernel indexes these with unit stride; they are tiny, so a copy of a strided view costs nothing.
+  const at::Tensor index = prefix_index.contiguous();
+  const at::Tensor lengths = prefix_lengths.contiguous();
   at::Tensor out = at::empty({q.size(0), q.size(1), 1, q.size(3)}, q.options());
 
   fastpeft::PrefixDecodeParams params;
@@ -126,8 +129,8 @@ at::Tensor prefix_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_in, co
   params.v = v.data_ptr();
   params.prefix_k = prefix_k.data_ptr();
   params.prefix_v = prefix_v.data_ptr();
-  params.prefix_index = prefix_index.data_ptr<int32_t>();
-  params.prefix_lengths = prefix_lengths.data_ptr<int32_t>();
+  params.prefix_index = index.data_ptr<int32_t>();
+  params.prefix_lengths = lengths.data_ptr<int32_t>();
   params.out = out.data_ptr();
   params.batch = static_cast<int>(q.size(0));
   params.q_heads = static_cast<int>(q.size(1));

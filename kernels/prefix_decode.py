@@ -263,6 +263,8 @@ def prefix_decode_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
         part_m = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)
         part_acc = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
+    # The kernel reads these with unit stride; they are tiny, so a copy of a strided view costs nothing.
+    prefix_index, prefix_lengths = prefix_index.contiguous(), prefix_lengths.contiguous()
     has_mask = key_padding_mask is not None
     mask = key_padding_mask.view(torch.uint8) if has_mask else prefix_index  # placeholder pointer when absent
     mask_strides = (key_padding_mask.stride(0), key_padding_mask.stride(1)) if has_mask else (0, 0)

@@ -148,8 +148,10 @@ def test_triton_decode_strided_cache_views(decode_kernels, kernel_device):
     table_k = randn(len(case.prefix_lengths), case.Hkv, case.P + 3, case.D)
     table_v = randn(len(case.prefix_lengths), case.Hkv, case.P + 3, case.D)
     strided = dict(inputs, q=q, k=cache_k[:, :, :case.S], v=cache_v[:, :, :case.S],
-                   prefix_k=table_k[:, :, :case.P], prefix_v=table_v[:, :, :case.P])
+                   prefix_k=table_k[:, :, :case.P], prefix_v=table_v[:, :, :case.P],
+                   prefix_index=inputs["prefix_index"].repeat_interleave(2)[::2])
     assert not strided["k"].is_contiguous() and not strided["q"].is_contiguous()
+    assert not strided["prefix_index"].is_contiguous()
     out = decode_kernels.prefix_decode_fwd(**strided, num_splits=2)
     assert_close(out, concat_reference(**strided), 1e-5, name="out")
 
@@ -297,7 +299,8 @@ def test_cuda_decode_op_blind_row_and_strided_inputs():
     inputs = make_decode_inputs(case, dtype=torch.float16, device="cuda")
     cache_k = torch.randn(case.B, case.Hkv, 64, case.D, device="cuda", dtype=torch.float16)
     cache_v = torch.randn_like(cache_k)
-    inputs.update(k=cache_k[:, :, :case.S], v=cache_v[:, :, :case.S])
+    inputs.update(k=cache_k[:, :, :case.S], v=cache_v[:, :, :case.S],
+                  prefix_index=inputs["prefix_index"].repeat_interleave(2)[::2])
     out = op(*inputs.values())
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     expected = concat_reference(**inputs)
