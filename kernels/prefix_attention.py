@@ -266,7 +266,8 @@ def _prefix_attn_fwd_kernel(
         CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """out/lse of one query block of one (row, query head). ``bucket_l``/``bucket_s`` only key the autotuner."""
-    pid_m = tl.program_id(0)
+    # Under the causal mask later query blocks see more keys: launch them first to shorten the tail.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
     h = pid_bh % Hq
@@ -534,7 +535,7 @@ def _prefix_attn_bwd_dq_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dq of one query block of one (row, query head): prefix keys, then sequence keys (diagonal split as in
     the forward)."""
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)     # longest (latest) query blocks first, as in the forward
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
     h = pid_bh % Hq
