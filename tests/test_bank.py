@@ -360,9 +360,15 @@ def test_remove_and_re_add_reuse_slots_and_growth_keeps_adapters(setups):
 
 def test_close_restores_the_base_model(setups):
     model = tiny_model("llama", attn_implementation="sdpa").train()
+    ids, mask = pad_rows(setups("llama").rows[:3], "left")
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
     with AdapterBank(model) as bank:
         assert model.config._attn_implementation == "fastpeft" and not model.training
         bank.add("prefix", setups("llama").dirs["prefix"])
+        with torch.no_grad():  # used directly meanwhile, the model computes what it computed before
+            during = model(input_ids=ids, attention_mask=mask).logits
+        assert relative_error(during[mask.bool()], before[mask.bool()]) < 1e-5
     assert model.config._attn_implementation == "sdpa" and model.training
     with pytest.raises(RuntimeError, match="closed"):
         bank(torch.ones(1, 2, dtype=torch.long), adapters=["prefix"])
