@@ -296,30 +296,3 @@ def prefix_decode_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
         )
     return out
 
-
-def prefix_decode_bytes(q, k, prefix_k, prefix_index, prefix_lengths, key_padding_mask):
-    """Bytes a decode step must move, for bandwidth figures: ``{"kv": ..., "kv_unique": ..., "total": ...}``.
-
-    ``kv``: K and V of every visible key as the kernels request them, per row and kv head (a table entry
-    used by several rows is requested by each; repeats usually hit L2). ``kv_unique``: the same with each
-    table entry counted once (the DRAM lower bound). ``total``: ``kv`` plus q, out, the mask and the indices.
-    Padding keys are excluded: both kernels skip them. The split partials (fp32) are left out: they are
-    ``B*Hq*num_splits*(D+2)*4`` bytes written and read once, small next to K/V for long contexts.
-    """
-    B, Hq, _, D = q.shape
-    Hkv = k.shape[1]
-    elem = q.element_size()
-    lengths = prefix_lengths.long().cpu()
-    index = prefix_index.long().cpu()
-    own_keys = (key_padding_mask.sum(dim=1).long().cpu() if key_padding_mask is not None
-                else torch.full((B,), k.shape[2], dtype=torch.long))
-    row_bytes = 2 * Hkv * D * elem
-    prefix_keys = int(lengths[index].sum())
-    unique_prefix_keys = int(lengths[index.unique()].sum())
-    kv = row_bytes * (prefix_keys + int(own_keys.sum()))
-    kv_unique = row_bytes * (unique_prefix_keys + int(own_keys.sum()))
-    side = 2 * B * Hq * D * elem + 4 * B + 4 * prefix_lengths.numel()
-    if key_padding_mask is not None:
-        side += key_padding_mask.numel()
-    return {"kv": kv, "kv_unique": kv_unique, "total": kv + side}
-

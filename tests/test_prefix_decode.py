@@ -163,19 +163,6 @@ def test_triton_decode_rejects_more_than_one_query(decode_kernels):
         decode_kernels.prefix_decode_fwd(**inputs)
 
 
-def test_decode_bytes_model(decode_kernels):
-    case = DECODE_CASES[0]   # lengths (0, 5, 11), rows use entries (2, 0, 1), left padding (0, 7, 0)
-    inputs = make_decode_inputs(case, dtype=torch.float16)
-    moved = decode_kernels.prefix_decode_bytes(inputs["q"], inputs["k"], inputs["prefix_k"],
-                                                   inputs["prefix_index"], inputs["prefix_lengths"],
-                                                   inputs["key_padding_mask"])
-    row = 2 * case.Hkv * case.D * 2
-    own_keys = 3 * case.S - 7
-    assert moved["kv"] == row * (11 + 0 + 5 + own_keys)
-    assert moved["kv_unique"] == moved["kv"]
-    assert moved["total"] > moved["kv"]
-
-
 def test_dispatcher_runs_decode_kernel(decode_kernels, kernel_device, backend_env, monkeypatch):
     import fastpeft
 
