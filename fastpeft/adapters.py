@@ -83,17 +83,21 @@ def load_prompt_adapter(source, allow_pickle=False, adapter_name=None):
     else:
         raise ValueError(f"an adapter must be a PEFT adapter directory or a PeftModel, got {type(source).__name__}")
 
-    peft_type = _plain(config.get("peft_type"))
-    if peft_type not in PROMPT_LEARNING_TYPES:
-        raise ValueError(f"{origin}: peft_type {peft_type!r} is not prompt learning; supported: "
-                         f"{', '.join(PROMPT_LEARNING_TYPES)}")
     if not isinstance(config.get("num_virtual_tokens"), int) or config["num_virtual_tokens"] <= 0:
         raise ValueError(f"{origin}: num_virtual_tokens must be a positive integer, "
                          f"got {config.get('num_virtual_tokens')!r}")
     if embeddings.dim() != 2 or not embeddings.dtype.is_floating_point:
         raise ValueError(f"{origin}: {EMBEDDINGS_KEY} must be a 2-D floating-point tensor, got "
                          f"{embeddings.dtype} of shape {tuple(embeddings.shape)}")
-    return PromptAdapter(peft_type, config, embeddings.detach().to("cpu", torch.float32), origin)
+    return PromptAdapter(config["peft_type"], config, embeddings.detach().to("cpu", torch.float32), origin)
+
+
+def _check_prompt_learning(config, origin):
+    """Refuse a non-prompt-learning adapter by its peft_type, before any weights are read."""
+    peft_type = config.get("peft_type")
+    if peft_type not in PROMPT_LEARNING_TYPES:
+        raise ValueError(f"{origin}: peft_type {peft_type!r} is not prompt learning; supported: "
+                         f"{', '.join(PROMPT_LEARNING_TYPES)}")
 
 
 def _read_directory(path, allow_pickle):
@@ -104,6 +108,7 @@ def _read_directory(path, allow_pickle):
         raise ValueError(f"{path!r} has no {CONFIG_FILE}; is it a PEFT adapter directory?")
     with open(config_path) as f:
         config = json.load(f)
+    _check_prompt_learning(config, repr(path))
 
     safetensors_path = os.path.join(path, SAFETENSORS_FILE)
     pickle_path = os.path.join(path, PICKLE_FILE)
@@ -132,9 +137,7 @@ def _read_peft_model(peft_model, adapter_name):
         raise ValueError(f"the PeftModel has no adapter {name!r} (it has {sorted(peft_model.peft_config)})")
     peft_config = peft_model.peft_config[name]
     config = {key: _plain(value) for key, value in peft_config.to_dict().items()}
-    if config.get("peft_type") not in PROMPT_LEARNING_TYPES:
-        raise ValueError(f"PeftModel adapter {name!r}: peft_type {config.get('peft_type')!r} is not prompt "
-                         f"learning; supported: {', '.join(PROMPT_LEARNING_TYPES)}")
+    _check_prompt_learning(config, f"PeftModel adapter {name!r}")
     encoder = peft_model.prompt_encoder[name]
     was_training = encoder.training
     encoder.eval()  # an LSTM p-tuning encoder has dropout; what is served must be deterministic, as when saved

@@ -298,6 +298,9 @@ def test_wrong_task_and_non_prompt_learning_adapters_are_refused(setups, tmp_pat
     lora = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="peft_type 'LORA' is not prompt learning"):
         bank.add("lora", lora)
+    lora.save_pretrained(str(tmp_path / "lora"))
+    with pytest.raises(ValueError, match="peft_type 'LORA' is not prompt learning"):
+        bank.add("lora", str(tmp_path / "lora"))
     with pytest.raises(ValueError, match="not a PeftModel|base transformers model"):
         AdapterBank(lora)
     bank.close()
