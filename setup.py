@@ -14,7 +14,7 @@ is built when
 isolated build environment there is no torch and the extension is skipped with a warning, never an error.
 A binary built against one torch does not load in another (``undefined symbol``): rebuild after upgrading.
 
-``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures (default ``8.0;9.0a``); ``MAX_JOBS`` caps parallel
+``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures (default ``8.0+PTX;9.0a``); ``MAX_JOBS`` caps parallel
 nvcc jobs (default: one per 4 GiB of available memory, at most the core count).
 """
 
@@ -26,7 +26,8 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent.resolve()
-DEFAULT_ARCH_LIST = "8.0;9.0a"
+# sm_80 code runs on every 8.x GPU, its PTX lets newer GPUs JIT it; sm_90a is the Hopper build.
+DEFAULT_ARCH_LIST = "8.0+PTX;9.0a"
 MEMORY_PER_JOB = 4 << 30  # peak of one nvcc job on the templated kernels, with margin
 
 

@@ -171,6 +171,9 @@ at::Tensor prefix_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_in, co
     params.workspace = workspace.data_ptr<float>();
   }
   const cudaError_t status = fastpeft::prefix_decode_launch(params, dtype, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(status != cudaErrorNoKernelImageForDevice,
+              "prefix_decode: fastpeft._C holds no kernel for this GPU; rebuild with its architecture in "
+              "TORCH_CUDA_ARCH_LIST (e.g. TORCH_CUDA_ARCH_LIST=\"8.0;9.0a;10.0\" pip install --no-build-isolation -e .)");
   TORCH_CHECK(status == cudaSuccess, "prefix_decode: kernel launch failed: ", cudaGetErrorString(status));
   return out;
 }
