@@ -36,6 +36,7 @@ CASES = [
     Case("cache-prefill", B=2, L=4, S=10, P=3, D=128),
     Case("d-odd", B=2, L=5, S=5, P=4, D=59),
     Case("no-prefix-length-zero", B=2, T=1, P=4, ragged=True, D=16),
+    Case("empty-prefix-p0", B=2, P=0, D=16, padding="left"),
 ]
 
 

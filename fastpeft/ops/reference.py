@@ -63,7 +63,10 @@ def reference_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, prefix
 
     # One normalizer over both blocks. A query that sees nothing has max = -inf: shift by 0 instead, so its
     # weights are exp(-inf) = 0 and its output (and every gradient through it) is exactly zero.
-    row_max = torch.maximum(scores_prefix.amax(-1, keepdim=True), scores_seq.amax(-1, keepdim=True)).detach()
+    row_max = scores_seq.amax(-1, keepdim=True)
+    if P > 0:
+        row_max = torch.maximum(row_max, scores_prefix.amax(-1, keepdim=True))
+    row_max = row_max.detach()
     row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
     weights_prefix = torch.exp(scores_prefix - row_max)
     weights_seq = torch.exp(scores_seq - row_max)
