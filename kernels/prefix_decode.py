@@ -35,6 +35,8 @@ _NEG_BIG = tl.constexpr(-1.0e30)
 # Programs per SM the split heuristic aims for: a few waves hide the tail of unequal splits.
 _PROGRAMS_PER_SM = 4
 _MAX_SPLITS = 128
+# Splits whose accumulators the combine kernel sums per step.
+_COMBINE_SPLIT_TILE = 16
 # Under the interpreter every program runs serially on the CPU: keep the split count small and fixed.
 _INTERPRETER_SPLITS = 2
 
@@ -157,23 +159,30 @@ def _prefix_decode_combine_kernel(
     part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr,
     stride_o_b, stride_o_h, stride_o_d,
     Hq, D, num_splits,
-    BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr, SPLIT_TILE: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // Hq
     head = pid % Hq
-    offs_s = tl.arange(0, BLOCK_SPLITS)
     offs_d = tl.arange(0, BLOCK_D)
-    s_valid = offs_s < num_splits
     d_valid = offs_d < D
-    row_split = pid * num_splits + offs_s
-    m = tl.load(part_m_ptr + row_split, mask=s_valid, other=_NEG_BIG)
-    l = tl.load(part_l_ptr + row_split, mask=s_valid, other=0.0)
-    acc = tl.load(part_acc_ptr + row_split[:, None] * D + offs_d[None, :],
-                  mask=s_valid[:, None] & d_valid[None, :], other=0.0)
-    weight = tl.exp2(m - tl.max(m, 0))
-    denominator = tl.sum(weight * l, 0)
-    numerator = tl.sum(weight[:, None] * acc, 0)
+    first = pid * num_splits
+    # The maxima and sums of all splits fit in a vector; the accumulators ([splits, D]) are summed SPLIT_TILE
+    # splits at a time so that a long split list does not need [BLOCK_SPLITS, BLOCK_D] registers.
+    offs_all = tl.arange(0, BLOCK_SPLITS)
+    all_valid = offs_all < num_splits
+    m_all = tl.load(part_m_ptr + first + offs_all, mask=all_valid, other=_NEG_BIG)
+    l_all = tl.load(part_l_ptr + first + offs_all, mask=all_valid, other=0.0)
+    m_max = tl.max(m_all, 0)
+    denominator = tl.sum(tl.exp2(m_all - m_max) * l_all, 0)
+    numerator = tl.zeros([BLOCK_D], tl.float32)
+    for tile_start in range(0, num_splits, SPLIT_TILE):
+        offs_s = tile_start + tl.arange(0, SPLIT_TILE)
+        s_valid = offs_s < num_splits
+        weight = tl.exp2(tl.load(part_m_ptr + first + offs_s, mask=s_valid, other=_NEG_BIG) - m_max)
+        acc = tl.load(part_acc_ptr + (first + offs_s)[:, None] * D + offs_d[None, :],
+                      mask=s_valid[:, None] & d_valid[None, :], other=0.0)
+        numerator += tl.sum(weight[:, None] * acc, 0)
     out = tl.where(denominator > 0, numerator / tl.where(denominator > 0, denominator, 1.0), 0.0)
     tl.store(out_ptr + b * stride_o_b + head * stride_o_h + offs_d * stride_o_d,
              out.to(out_ptr.dtype.element_ty), mask=d_valid)
@@ -291,7 +300,7 @@ def prefix_decode_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
             part_m, part_l, part_acc, out,
             out.stride(0), out.stride(1), out.stride(3),
             Hq, D, num_splits,
-            BLOCK_SPLITS=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+            BLOCK_SPLITS=triton.next_power_of_2(num_splits), SPLIT_TILE=_COMBINE_SPLIT_TILE, BLOCK_D=block_d,
             num_warps=4,
         )
     return out

@@ -113,6 +113,15 @@ def test_triton_decode_split_counts(decode_kernels, kernel_device, num_splits):
     assert_close(out, concat_reference(**inputs), 1e-5, name=f"out[splits={num_splits}]")
 
 
+def test_triton_decode_more_splits_than_one_combine_step(decode_kernels, kernel_device):
+    # 20 splits: the combine kernel sums the accumulators in two steps of 16.
+    case = DecodeCase("many-splits", B=1, Hq=2, Hkv=1, S=1250, P=30, D=16, prefix_lengths=(30,), prefix_index=(0,),
+                      left_pad=(100,))
+    inputs = make_decode_inputs(case, seed=13, device=kernel_device)
+    out = decode_kernels.prefix_decode_fwd(**inputs, num_splits=20)
+    assert_close(out, concat_reference(**inputs), 1e-5, name="out")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_triton_decode_low_precision(decode_kernels, kernel_device, dtype):
     inputs = make_decode_inputs(DECODE_CASES[1], dtype=dtype, seed=3, device=kernel_device)
@@ -209,7 +218,7 @@ for dtype, name, group, head_dim in ((torch.bfloat16, "bf16", 8, 128), (torch.fl
         kernel = pd._prefix_decode_split_kernel
         triton.compile(ASTSource(kernel, signature(kernel, types, constexprs), constexprs), target=target,
                        options={"num_warps": num_warps})
-    constexprs = dict(BLOCK_SPLITS=8, BLOCK_D=block_d)
+    constexprs = dict(BLOCK_SPLITS=128, SPLIT_TILE=pd._COMBINE_SPLIT_TILE, BLOCK_D=block_d)
     types = dict(part_m_ptr="*fp32", part_l_ptr="*fp32", part_acc_ptr="*fp32", out_ptr="*" + name)
     kernel = pd._prefix_decode_combine_kernel
     triton.compile(ASTSource(kernel, signature(kernel, types, constexprs), constexprs), target=target,
