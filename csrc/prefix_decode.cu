@@ -111,7 +111,8 @@ __device__ __forceinline__ uint4 load_vector(const T* row, int d0, int head_dim,
   return packed.raw;
 }
 
-// Merge the online-softmax state (m_other, l_other, acc_other) into (m, l, acc).
+// Scales that bring two online-softmax states (running max m, m_other) to their common max, which m becomes;
+// the caller applies them to the sums and accumulators.
 __device__ __forceinline__ void merge_scale(float& m, float m_other, float& self_scale, float& other_scale) {
   const float m_new = fmaxf(m, m_other);
   self_scale = exp2f(m - m_new);
