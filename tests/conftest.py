@@ -32,11 +32,10 @@ def _default_reference_backend(monkeypatch):
 
 @pytest.fixture
 def backend_env(monkeypatch):
-    """Set FASTPEFT_BACKEND (and TRITON_INTERPRET for triton on CPU) for one test."""
+    """Set FASTPEFT_BACKEND for one test. (TRITON_INTERPRET is session-wide, see above: setting it here, after
+    triton was imported, would break the kernels instead of interpreting them.)"""
 
     def set_backend(name):
         monkeypatch.setenv("FASTPEFT_BACKEND", name)
-        if name == "triton" and os.environ.get("FASTPEFT_TEST_DEVICE", "cpu") == "cpu":
-            monkeypatch.setenv("TRITON_INTERPRET", "1")
 
     return set_backend
