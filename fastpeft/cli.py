@@ -178,12 +178,16 @@ def _resolve_dtype(name, device):
     return getattr(torch, name)
 
 
-def _quiet_transformers():
-    """Keep stdout/stderr for our own output: no per-file progress bars or info logs from transformers, no
-    deprecation notices that transformers/PEFT raise at each other, and no notice from bitsandbytes (imported
-    by PEFT) about optional CPU kernels it could not download."""
+def _prepare_transformers():
+    """Before transformers is imported: never touch the network (every model and adapter here is a local
+    directory; without this, PEFT looks base-model names up on the Hub when saving). Then keep stdout/stderr
+    for our own output: no per-file progress bars or info logs from transformers, no deprecation notices that
+    transformers/PEFT raise at each other, no notice from bitsandbytes (imported by PEFT) about optional CPU
+    kernels it could not download."""
     import logging
     import warnings
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
     # PEFT drops the position ids generate() builds for prompt tuning and says so on every call
@@ -408,6 +412,9 @@ def _validate_train_args(args):
         raise CLIError(f"--out {args.out} exists and is not a directory")
     if (args.load_in_4bit or args.load_in_8bit) and _package_version("bitsandbytes") is None:
         raise CLIError("--load-in-4bit/--load-in-8bit need bitsandbytes (pip install bitsandbytes)")
+    if args.gradient_checkpointing and args.no_accelerate and args.method.startswith("prefix"):
+        raise CLIError("PEFT refuses gradient checkpointing with prefix tuning; drop --no-accelerate "
+                       "(fastpeft.accelerate supports it) or --gradient-checkpointing")
     if not args.no_accelerate:
         import importlib.util
         if importlib.util.find_spec("fastpeft.integration.peft") is None:
@@ -490,7 +497,7 @@ def cmd_train(args):
 
     from . import data as data_module
 
-    _quiet_transformers()
+    _prepare_transformers()
     from peft import get_peft_model
 
     device = _resolve_device(args.device)
@@ -525,10 +532,8 @@ def cmd_train(args):
         import fastpeft
         model = fastpeft.accelerate(model)
     if args.gradient_checkpointing:
-        if args.no_accelerate and args.method.startswith("prefix"):
-            raise CLIError("PEFT refuses gradient checkpointing with prefix tuning; drop --no-accelerate "
-                           "(fastpeft.accelerate supports it) or --gradient-checkpointing")
-        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from .bench.models import set_checkpointing
+        set_checkpointing(model.get_base_model(), True)
         model.get_base_model().config.use_cache = False
     model.train()
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -708,7 +713,7 @@ def cmd_generate(args):
                            "pass --engine peft to generate with plain PEFT, one adapter at a time")
 
     import torch
-    _quiet_transformers()
+    _prepare_transformers()
     device = _resolve_device(args.device)
     model, tokenizer = _load_base(model_dir, device, _resolve_dtype(args.dtype, device))
     model.eval()
@@ -739,6 +744,7 @@ def cmd_generate(args):
 def cmd_bench(args):
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise CLIError(f"--out {args.out} exists and is not a directory")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suites build their models locally; never reach out
     from .bench.runner import SUITES, run_suites
 
     suites = list(SUITES) if args.suite == "all" else [args.suite]

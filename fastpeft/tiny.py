@@ -41,8 +41,6 @@ TINY_CONFIG = dict(
 )
 """Keyword arguments of the ``LlamaConfig`` of the built-in model."""
 
-TINY_MODEL_NAME = "fastpeft-tiny-llama"
-
 
 def _byte_to_unicode():
     """The reversible byte -> printable character map of byte-level BPE (GPT-2's): the ``ByteLevel``
@@ -84,8 +82,8 @@ def build_model(seed=0, dtype=torch.float32):
     """The built-in ``LlamaForCausalLM`` with weights drawn from ``seed`` (the global RNG is left untouched)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    # No name: PEFT looks a named base model up on the Hub when saving an adapter; an unnamed one it skips.
     config = LlamaConfig(**TINY_CONFIG)
-    config._name_or_path = TINY_MODEL_NAME
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)

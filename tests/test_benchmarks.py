@@ -11,6 +11,7 @@ import torch
 
 from fastpeft.bench import harness, kernel
 from tests.reference import concat_reference
+from tests.test_cli import user_environment
 
 TIMEOUT_S = 240
 
@@ -95,7 +96,7 @@ def test_results_never_overwrite_and_render(tmp_path):
 
 
 def test_bench_quick_kernel_writes_json_and_png(tmp_path):
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env = user_environment()
     result = subprocess.run([sys.executable, "-m", "fastpeft", "bench", "--quick", "--suite", "kernel",
                              "--device", "cpu", "--out", str(tmp_path / "results")], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=TIMEOUT_S)

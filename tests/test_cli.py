@@ -25,10 +25,18 @@ ACCELERATE_FLAGS = [] if importlib.util.find_spec("fastpeft.integration.peft") e
 MULTI_PRESENT = importlib.util.find_spec("fastpeft.multi") is not None
 
 
+def user_environment():
+    """The environment a user runs the CLI in: without the test session's backend switches (conftest turns the
+    Triton interpreter on for the whole CPU session, which would make every kernel call crawl)."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+    for name in ("FASTPEFT_DEBUG", "FASTPEFT_BACKEND", "TRITON_INTERPRET"):
+        env.pop(name, None)
+    return env
+
+
 def run_cli(args, cwd, timeout=TIMEOUT_S):
     """``python -m fastpeft ARGS`` in a subprocess; returns the CompletedProcess (text mode)."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
-    env.pop("FASTPEFT_DEBUG", None)
+    env = user_environment()
     return subprocess.run([sys.executable, "-m", "fastpeft", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -166,8 +174,10 @@ def trained(tmp_path_factory):
     result = run_cli(runs.pop("prefix") + ACCELERATE_FLAGS, cwd=root)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "saved prefix adapter" in result.stdout
-    for args in runs.values():
-        assert cli.main(args + ACCELERATE_FLAGS) == 0
+    with pytest.MonkeyPatch.context() as patch:  # a module fixture runs before conftest's per-test backend pin
+        patch.setenv("FASTPEFT_BACKEND", "reference")
+        for args in runs.values():
+            assert cli.main(args + ACCELERATE_FLAGS) == 0
     return {name: root / name for name in ("prefix", "prompt", "tasks")}
 
 
@@ -251,6 +261,11 @@ def _other_base_model(directory):
     return directory
 
 
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
 def _bad_arguments(case, trained, tmp_path):
     """(argv, text the one-line error must contain) for each kind of mistake."""
     return {
@@ -265,11 +280,16 @@ def _bad_arguments(case, trained, tmp_path):
         "no-prompt": (["generate", "--adapter", f"a={trained['prefix']}"], "--prompt"),
         "both-quantizations": (["train", "--load-in-4bit", "--load-in-8bit", "--out", str(tmp_path / "o")],
                                "not allowed with"),
+        "peft-checkpointing": (["train", "--no-accelerate", "--gradient-checkpointing", "--out",
+                                str(tmp_path / "o")], "PEFT refuses gradient checkpointing"),
+        "malformed-data": (["train", "--data", str(_write(tmp_path / "bad.jsonl", '{"text": 1}\n')), "--out",
+                            str(tmp_path / "o")], "bad.jsonl:1"),
     }[case]
 
 
 @pytest.mark.parametrize("case", ["missing-data", "unknown-method", "missing-adapter", "other-base",
-                                  "bad-steps", "no-prompt", "both-quantizations"])
+                                  "bad-steps", "no-prompt", "both-quantizations", "peft-checkpointing",
+                                  "malformed-data"])
 def test_bad_arguments_fail_with_one_line(case, trained, tmp_path, capsys):
     args, expected = _bad_arguments(case, trained, tmp_path)
     status = cli.main(args)  # an uncaught exception (a traceback) would fail this test

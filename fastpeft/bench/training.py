@@ -16,7 +16,7 @@ prefix parameters' gradient.
 import torch
 
 from . import harness
-from .models import build_causal_lm, random_batch
+from .models import build_causal_lm, random_batch, set_checkpointing
 
 SUITE = "training"
 BASELINE = "peft"
@@ -105,11 +105,11 @@ def run(recorder, device, quick=False):
         accelerate(model)
         timing = measure("fastpeft")
         recorder.add(SUITE, case, shape, "fastpeft", "speedup", baseline.median_ms / timing.median_ms, "x")
-        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_checkpointing(model.get_base_model(), True)
         timing = measure("fastpeft+ckpt")
         recorder.add(SUITE, case, shape, "fastpeft+ckpt", "speedup", baseline.median_ms / timing.median_ms, "x")
     except Exception as exc:  # report, keep the baseline's numbers
         recorder.note(f"fastpeft training step failed: {exc.__class__.__name__}: {str(exc).strip()[:300]}")
     finally:
-        model.get_base_model().gradient_checkpointing_disable()
+        set_checkpointing(model.get_base_model(), False)
         restore(model)
