@@ -9,8 +9,8 @@ Providers, all on the same inputs in the same process:
   with a materialized boolean mask ``[B, 1, L, P+S]`` (built once per shape, outside the timing, as
   transformers builds it once per forward for all layers).
 - ``flex``: ``torch.nn.attention.flex_attention``, compiled, over the same concatenation with a
-  prefix-causal block mask (prefix always visible, bottom-right causal on the keys). CUDA only here: on
-  CPU its compile time dwarfs the smoke shapes, so it is skipped with a note.
+  prefix-causal block mask (prefix always visible, bottom-right causal on the keys). CUDA only: FlexAttention
+  has no backward on CPU, so the CPU smoke run skips it with a note.
 - ``sdpa-no-prefix``: SDPA on the sequence alone (``is_causal``, native GQA): the speed of light, the same
   attention without the prefix's ``P`` extra keys. It computes something else, so it has no parity.
 
@@ -135,6 +135,9 @@ def flex_provider(shape, device):
         return (kv_idx < P) | (kv_idx - P <= q_idx + (S - L))
 
     block_mask = create_block_mask(prefix_causal, B=None, H=None, Q_LEN=L, KV_LEN=P + S, device=device)
+    # Every shape (and the parity sub-batch) compiles anew; start from empty caches so the suite's many shapes
+    # never hit dynamo's recompile limit, past which flex_attention silently runs unfused.
+    torch._dynamo.reset()
     compiled = torch.compile(flex_attention, dynamic=False)
 
     def forward(q, k, v, prefix_k, prefix_v):
@@ -220,7 +223,7 @@ def _measure(recorder, shape, label, forward, inputs, dout, device, quick, basel
 def run(recorder, device, quick=False):
     """Measure every provider on every shape for this device; failures become notes, never abort the suite."""
     if device.type != "cuda":
-        recorder.note("flex: skipped on CPU (torch.compile time dominates at smoke shapes; compared on CUDA)")
+        recorder.note("flex: skipped on CPU (FlexAttention has no CPU backward; it is compared on CUDA)")
     for shape in shapes_for(device, quick):
         recorder.log(f"[kernel] {shape_label(shape)}")
         inputs, dout = make_inputs(shape, device)

@@ -103,6 +103,7 @@ def run(recorder, device, quick=False):
         return
     try:
         accelerate(model)
+        model.train()
         timing = measure("fastpeft")
         recorder.add(SUITE, case, shape, "fastpeft", "speedup", baseline.median_ms / timing.median_ms, "x")
         set_checkpointing(model.get_base_model(), True)
