@@ -90,6 +90,15 @@ else:
 
 
 @triton.jit
+def _row_prefix(prefix_index_ptr, prefix_lengths_ptr, b, T, P):
+    """(table entry as int64, valid prefix length) of batch row ``b``. Clamped into the table so that nothing
+    out of bounds is read even from unchecked indices (``prefix_attention_prevalidated`` skips the checks)."""
+    entry = tl.minimum(tl.maximum(tl.load(prefix_index_ptr + b), 0), T - 1).to(tl.int64)
+    prefix_len = tl.minimum(tl.maximum(tl.load(prefix_lengths_ptr + entry), 0), P)
+    return entry, prefix_len
+
+
+@triton.jit
 def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, mask_base,
                     stride_k_n, stride_k_d, stride_v_n, stride_v_d, stride_mask_n,
                     q_pos, offs_d, d_valid, n_lo, n_hi, n_limit, qk_scale,
@@ -221,13 +230,15 @@ def _configs(shapes):
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop configs whose tiles cannot fit a wide head in registers, and query tiles much taller than L."""
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    """Drop configs whose tiles do not fit a wide head (by bytes per row: fp32 rows are twice as wide as
+    bf16 ones) in registers and shared memory, and query tiles much taller than L."""
+    row_bytes = kwargs["BLOCK_D"] * named_args["q_ptr"].element_size()
+    max_tile = 32 if row_bytes > 512 else 64 if row_bytes > 256 else None
     bucket_l = named_args["bucket_l"]
     kept = []
     for config in configs:
         block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-        if block_d > 128 and (block_m > 64 or block_n > 64):
+        if max_tile is not None and max(block_m, block_n) > max_tile:
             continue
         if block_m > max(16, bucket_l) and bucket_l < 64:
             continue
@@ -235,11 +246,13 @@ def _prune_configs(configs, named_args, **kwargs):
     return kept or configs[-1:]
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). The last entry of each list is the safe fallback of the pruner.
-_FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (16, 64, 4, 2), (64, 32, 4, 2)])
-_DQ_CONFIGS = _configs([(128, 32, 8, 2), (64, 64, 4, 2), (16, 64, 4, 2), (64, 32, 4, 2)])
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). The last entry of each list, 32 x 32, is the pruner's fallback:
+# it fits every head size and dtype.
+_FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (16, 64, 4, 2), (64, 32, 4, 2),
+                         (32, 32, 4, 1)])
+_DQ_CONFIGS = _configs([(128, 32, 8, 2), (64, 64, 4, 2), (16, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1)])
 # For the dk/dv kernels BLOCK_N is the key tile each program owns and BLOCK_M the query tile it loops over.
-_DKDV_CONFIGS = _configs([(32, 128, 8, 2), (64, 64, 4, 2), (16, 64, 4, 2), (32, 64, 4, 2)])
+_DKDV_CONFIGS = _configs([(32, 128, 8, 2), (64, 64, 4, 2), (16, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1)])
 
 _AUTOTUNE_KEY = ["BLOCK_D", "bucket_l", "bucket_s", "CAUSAL", "HAS_MASK"]
 _PRUNE = {"early_config_prune": _prune_configs}
@@ -261,7 +274,7 @@ def _prefix_attn_fwd_kernel(
         stride_pv_t, stride_pv_h, stride_pv_p, stride_pv_d,
         stride_mask_b, stride_mask_s,
         stride_out_b, stride_out_h, stride_out_l, stride_out_d,
-        Hq, L, S, D, group, qk_scale,
+        Hq, L, S, D, T, P, group, qk_scale,
         bucket_l, bucket_s,
         CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -287,8 +300,7 @@ def _prefix_attn_fwd_kernel(
     l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
 
     # The row's prefix entry, read in place from the table: every valid entry is visible to every query.
-    entry = tl.load(prefix_index_ptr + b).to(tl.int64)
-    prefix_len = tl.load(prefix_lengths_ptr + entry)
+    entry, prefix_len = _row_prefix(prefix_index_ptr, prefix_lengths_ptr, b, T, P)
     acc, m_i, l_i = _fwd_key_blocks(
         acc, m_i, l_i, q, prefix_k_ptr + entry * stride_pk_t + h_kv * stride_pk_h,
         prefix_v_ptr + entry * stride_pv_t + h_kv * stride_pv_h, mask_ptr,
@@ -427,7 +439,7 @@ def _prefix_attn_bwd_prefix_dkdv_kernel(
         stride_pv_t, stride_pv_h, stride_pv_p, stride_pv_d,
         stride_do_b, stride_do_h, stride_do_l, stride_do_d,
         stride_acc_r, stride_acc_h, stride_acc_p, stride_acc_d,
-        Hq, Hkv, L, D, group, softmax_scale, qk_scale,
+        Hq, Hkv, L, D, T, P, group, softmax_scale, qk_scale,
         bucket_l, bucket_s,
         ATOMIC: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -442,8 +454,7 @@ def _prefix_attn_bwd_prefix_dkdv_kernel(
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hkv).to(tl.int64)
     h_kv = pid_bh % Hkv
-    entry = tl.load(prefix_index_ptr + b).to(tl.int64)
-    prefix_len = tl.load(prefix_lengths_ptr + entry)
+    entry, prefix_len = _row_prefix(prefix_index_ptr, prefix_lengths_ptr, b, T, P)
 
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -486,7 +497,7 @@ def _prefix_grad_reduce_kernel(
         stride_part_b, stride_part_h, stride_part_p, stride_part_d,
         stride_dpk_t, stride_dpk_h, stride_dpk_p, stride_dpk_d,
         stride_dpv_t, stride_dpv_h, stride_dpv_p, stride_dpv_d,
-        B, Hkv, P, D,
+        B, Hkv, T, P, D,
         BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     """Deterministic per-entry sum: dprefix[t] = sum of the per-row partials of the rows b with
     prefix_index[b] == t, added in increasing b. Grid ``(cdiv(P, BLOCK_P), T * Hkv)``."""
@@ -505,7 +516,7 @@ def _prefix_grad_reduce_kernel(
     row_v_ptrs = partial_v_ptr + part_offsets
     for b in range(B):
         # The partials of rows using other entries are never read.
-        if tl.load(prefix_index_ptr + b) == entry:
+        if tl.minimum(tl.maximum(tl.load(prefix_index_ptr + b), 0), T - 1) == entry:
             acc_k += tl.load(row_k_ptrs, mask=tile_mask, other=0.0)
             acc_v += tl.load(row_v_ptrs, mask=tile_mask, other=0.0)
         row_k_ptrs += stride_part_b
@@ -529,7 +540,7 @@ def _prefix_attn_bwd_dq_kernel(
         stride_mask_b, stride_mask_s,
         stride_do_b, stride_do_h, stride_do_l, stride_do_d,
         stride_dq_b, stride_dq_h, stride_dq_l, stride_dq_d,
-        Hq, L, S, D, group, softmax_scale, qk_scale,
+        Hq, L, S, D, T, P, group, softmax_scale, qk_scale,
         bucket_l, bucket_s,
         CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -556,8 +567,7 @@ def _prefix_attn_bwd_dq_kernel(
     q_pos = offs_m + (S - L)
 
     dq = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
-    entry = tl.load(prefix_index_ptr + b).to(tl.int64)
-    prefix_len = tl.load(prefix_lengths_ptr + entry)
+    entry, prefix_len = _row_prefix(prefix_index_ptr, prefix_lengths_ptr, b, T, P)
     dq = _dq_key_blocks(
         dq, q, do, lse2, delta, prefix_k_ptr + entry * stride_pk_t + h_kv * stride_pk_h,
         prefix_v_ptr + entry * stride_pv_t + h_kv * stride_pv_h, mask_ptr,
@@ -666,7 +676,7 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengt
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, mask, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
         stride_mask_b, stride_mask_s, *out.stride(),
-        Hq, L, S, D, Hq // Hkv, softmax_scale * _LOG2E_HOST,
+        Hq, L, S, D, prefix_k.shape[0], prefix_k.shape[2], Hq // Hkv, softmax_scale * _LOG2E_HOST,
         _bucket(L), _bucket(S),
         CAUSAL=bool(causal), HAS_MASK=has_mask, DOT_FP32=_dot_fp32(q.dtype), BLOCK_D=_block_d(D))
     return out, lse
@@ -722,7 +732,7 @@ def prefix_attention_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_index, prefix
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, mask, dout, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
         stride_mask_b, stride_mask_s, *dout.stride(), *dq.stride(),
-        Hq, L, S, D, group, softmax_scale, qk_scale, *buckets,
+        Hq, L, S, D, prefix_k.shape[0], prefix_k.shape[2], group, softmax_scale, qk_scale, *buckets,
         CAUSAL=bool(causal), HAS_MASK=has_mask, DOT_FP32=dot_fp32, BLOCK_D=block_d)
 
     dprefix_k, dprefix_v = _prefix_grads(q, prefix_k, prefix_v, prefix_index, prefix_lengths, dout, lse, delta,
@@ -748,7 +758,7 @@ def _prefix_grads(q, prefix_k, prefix_v, prefix_index, prefix_lengths, dout, lse
     _prefix_attn_bwd_prefix_dkdv_kernel[grid](
         q, prefix_k, prefix_v, prefix_index, prefix_lengths, dout, lse, delta, acc_k, acc_v,
         *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *dout.stride(), *acc_k.stride(),
-        Hq, Hkv, L, D, Hq // Hkv, softmax_scale, softmax_scale * _LOG2E_HOST, *buckets,
+        Hq, Hkv, L, D, T, P, Hq // Hkv, softmax_scale, softmax_scale * _LOG2E_HOST, *buckets,
         ATOMIC=not deterministic, CAUSAL=bool(causal), HAS_MASK=has_mask, DOT_FP32=dot_fp32, BLOCK_D=block_d)
     if not deterministic:
         return acc_k.to(prefix_k.dtype), acc_v.to(prefix_v.dtype)
@@ -757,6 +767,6 @@ def _prefix_grads(q, prefix_k, prefix_v, prefix_index, prefix_lengths, dout, lse
     dprefix_v = torch.empty(prefix_v.shape, dtype=prefix_v.dtype, device=prefix_v.device)
     _prefix_grad_reduce_kernel[(triton.cdiv(P, _REDUCE_BLOCK_P), T * Hkv)](
         acc_k, acc_v, prefix_index, dprefix_k, dprefix_v,
-        *acc_k.stride(), *dprefix_k.stride(), *dprefix_v.stride(), B, Hkv, P, D,
+        *acc_k.stride(), *dprefix_k.stride(), *dprefix_v.stride(), B, Hkv, T, P, D,
         BLOCK_P=_REDUCE_BLOCK_P, BLOCK_D=block_d)
     return dprefix_k, dprefix_v

@@ -237,3 +237,20 @@ def test_torch_compile_traces_the_custom_ops():
     assert_close(out, ref_out, 1e-5, "out")
     for name in GRAD_NAMES:
         assert_close(grads[name], ref_grads[name], 1e-5, f"d{name}")
+
+
+def test_unchecked_indices_are_clamped_into_the_table():
+    # prefix_attention_prevalidated skips the value checks; the kernels must still never read outside the
+    # table: an index past T reads the last entry, a length past P is cut to P.
+    case = Case("unchecked", B=3, Hq=2, Hkv=1, L=6, S=6, P=4, D=16, T=2)
+    inputs = make_inputs(case, torch.float32, device=DEVICE, seed=13)
+    bad = dict(inputs, prefix_index=torch.tensor([5, -3, 1], device=DEVICE),
+               prefix_lengths=torch.tensor([9, 2], device=DEVICE))
+    clamped = dict(inputs, prefix_index=torch.tensor([1, 0, 1], device=DEVICE),
+                   prefix_lengths=torch.tensor([4, 2], device=DEVICE))
+    dout = _dout(case, torch.float32)
+    out, grads = forward_and_grads(dispatch.prefix_attention_prevalidated, bad, dout)
+    ref_out, ref_grads = _reference_grads(clamped, dout)
+    assert_close(out, ref_out, 1e-5, "out")
+    for name in GRAD_NAMES:
+        assert_close(grads[name], ref_grads[name], 1e-5, f"d{name}")
