@@ -23,6 +23,10 @@ Kernels (all accumulate in float32):
 * ``_prefix_attn_bwd_dq_kernel``: grid ``(cdiv(L, BLOCK_M), B * Hq)``; prefix blocks, then the sequence blocks
   with the same diagonal split as the forward.
 
+The forward and dq kernels launch the last (longest, under the causal mask) query blocks first. Table
+indices and prefix lengths are clamped into ``[0, T)`` and ``[0, P]`` inside the kernels, so even unchecked
+values never read out of bounds.
+
 Scores are kept in the log2 domain: ``softmax_scale * log2(e)`` is folded into one multiplier and ``exp2``
 is used throughout. Head sizes up to 256 that are not powers of two run with ``BLOCK_D =
 next_power_of_2(D)`` and masked loads. Any strides are accepted; only a tensor whose last dimension is not
