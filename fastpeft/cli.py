@@ -108,6 +108,9 @@ def build_parser():
                           help="bank: every adapter in one batch through fastpeft.AdapterBank (default); "
                                "peft: plain PEFT, one adapter at a time (a reference to compare with)")
     generate.add_argument("--json", action="store_true", help="print a JSON list instead of text")
+    gen_quant = generate.add_mutually_exclusive_group()
+    gen_quant.add_argument("--load-in-4bit", action="store_true", help="load the base model in 4-bit (bitsandbytes)")
+    gen_quant.add_argument("--load-in-8bit", action="store_true", help="load the base model in 8-bit (bitsandbytes)")
     _add_device_arguments(generate)
     generate.add_argument("--seed", type=int, default=0, help="sampling seed")
     generate.set_defaults(func=cmd_generate)
@@ -690,6 +693,8 @@ def cmd_generate(args):
         raise CLIError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.do_sample and not (args.temperature > 0 and 0 < args.top_p <= 1):
         raise CLIError("sampling needs --temperature > 0 and 0 < --top-p <= 1")
+    if (args.load_in_4bit or args.load_in_8bit) and _package_version("bitsandbytes") is None:
+        raise CLIError("--load-in-4bit/--load-in-8bit need bitsandbytes (pip install bitsandbytes)")
     adapter_configs = {name: _read_json(os.path.join(path, "adapter_config.json"), f"adapter {name!r}")
                        for name, path in adapters.items()}
     model_dir = args.model
@@ -715,7 +720,8 @@ def cmd_generate(args):
     import torch
     _prepare_transformers()
     device = _resolve_device(args.device)
-    model, tokenizer = _load_base(model_dir, device, _resolve_dtype(args.dtype, device))
+    model, tokenizer = _load_base(model_dir, device, _resolve_dtype(args.dtype, device), args.load_in_4bit,
+                                  args.load_in_8bit)
     model.eval()
     torch.manual_seed(args.seed)
     requests = [(prompt, name) for prompt in prompts for name in adapters]
