@@ -119,6 +119,7 @@ def test_bench_quick_kernel_writes_json_and_png(tmp_path):
         modes = {r["shape"]["mode"] for r in records if r["provider"] == provider and r["metric"] == "time"}
         assert modes == {"fwd", "bwd", "fwd+bwd"}
         parity = [r["value"] for r in records if r["provider"] == provider and r["metric"] == "parity"]
-        assert len(parity) == 3 and max(parity) < 1e-4  # fp32 vs the fp32 reference
+        # float32 computations against the float64 reference: rounding-level, and measured (not a copy)
+        assert len(parity) == 3 and 0 < min(parity) and max(parity) < 1e-5
     assert any(r["metric"] == "speedup" and r["provider"] == fused[0] for r in records)
     assert any("flex" in note for note in run["notes"])  # skipped on CPU, and said so

@@ -17,8 +17,9 @@ Providers, all on the same inputs in the same process:
 Modes: ``fwd`` (forward with inputs requiring grad, as in training), ``bwd`` (the backward of a retained
 graph), ``fwd+bwd``. Metrics: time (ms, median and 20/80 percentiles), TFLOP/s (see
 ``harness.attention_flops``), peak memory (CUDA), speedup over ``peft-concat``, and parity: the relative
-error of the output (fwd) or the worst of the five input gradients (bwd) against the float32 PyTorch
-reference, measured on the first two rows of the batch (the reference materializes the scores).
+error of the output (fwd) or the worst of the five input gradients (bwd) against the PyTorch reference one
+precision above the inputs (float64 for float32, float32 for bf16/fp16), measured on the first two rows of
+the batch (the reference materializes the scores).
 """
 
 import torch
@@ -163,17 +164,24 @@ def _reference_forward(q, k, v, prefix_k, prefix_v):
                                       None, True, q.shape[-1] ** -0.5)
 
 
+def reference_dtype(dtype):
+    """The precision of the parity reference: one step above the inputs' (float64 for float32 inputs, float32
+    for bfloat16/float16 ones, whose kernels accumulate in float32)."""
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def _parity(forward, inputs, dout):
-    """(forward error, worst gradient error) of ``forward`` against the float32 reference, on the first
-    ``PARITY_ROWS`` rows."""
+    """(forward error, worst gradient error) of ``forward`` against the PyTorch reference computed in
+    ``reference_dtype``, on the first ``PARITY_ROWS`` rows."""
     rows = [x[:PARITY_ROWS].detach().requires_grad_(True) for x in inputs[:3]]
     prefix = [x.detach().requires_grad_(True) for x in inputs[3:]]
     sub_inputs, sub_dout = rows + prefix, dout[:PARITY_ROWS]
     out = forward(*sub_inputs)
     grads = torch.autograd.grad(out, sub_inputs, sub_dout)
-    ref_inputs = [x.detach().float().requires_grad_(True) for x in sub_inputs]
+    ref_dtype = reference_dtype(inputs[0].dtype)
+    ref_inputs = [x.detach().to(ref_dtype).requires_grad_(True) for x in sub_inputs]
     ref_out = _reference_forward(*ref_inputs)
-    ref_grads = torch.autograd.grad(ref_out, ref_inputs, sub_dout.float())
+    ref_grads = torch.autograd.grad(ref_out, ref_inputs, sub_dout.to(ref_dtype))
     forward_error = harness.relative_error(out, ref_out)
     grad_error = max(harness.relative_error(g, r) for g, r in zip(grads, ref_grads))
     return forward_error, grad_error
@@ -216,7 +224,8 @@ def _measure(recorder, shape, label, forward, inputs, dout, device, quick, basel
             baseline_ms[mode] = timing.median_ms
         if parity is not None:
             recorder.add(SUITE, case, record_shape, label, "parity", parity[0] if mode == "fwd" else parity[1],
-                         "rel", reference="fp32 PyTorch reference, first 2 rows")
+                         "rel", reference=f"{str(reference_dtype(inputs[0].dtype)).replace('torch.', '')} "
+                                          f"PyTorch reference, first {PARITY_ROWS} rows")
     del retained
 
 
