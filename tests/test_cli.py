@@ -307,3 +307,33 @@ def test_bad_arguments_from_the_entry_point(case, trained, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# README
+
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+
+
+def test_readme_opens_with_the_main_job_and_the_test_command():
+    with open(README) as f:
+        first_block = f.read().split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+    assert first_block[0].startswith('pip install -e ".[test]" && fastpeft train ')
+    assert "fastpeft generate --adapter" in first_block[0]
+    assert first_block[1].split("#")[0].strip() == "python -m pytest -q tests"  # what .ci/run runs
+
+
+@pytest.mark.skipif(not (MULTI_PRESENT and ACCELERATE_FLAGS == [] and importlib.util.find_spec("fastpeft.bank")),
+                    reason="the README's snippets use accelerate, AdapterBank and MultiPrefixTrainer")
+def test_readme_python_snippets_run(tmp_path):
+    import re
+
+    with open(README) as f:
+        snippets = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    runnable = [s for s in snippets if "fastpeft.prefix_attention(\n    q," not in s]  # the op's signature block
+    assert len(runnable) == 3
+    for snippet in runnable:  # in order: the bank serves the adapter the first snippet saved
+        exec(compile(snippet.replace("/tmp/", f"{tmp_path}/"), README, "exec"), {})
+    assert (tmp_path / "fp-readme-prefix" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "fp-readme-tenants" / "legal" / "adapter_config.json").is_file()
