@@ -123,3 +123,22 @@ def test_bench_quick_kernel_writes_json_and_png(tmp_path):
         assert len(parity) == 3 and 0 < min(parity) and max(parity) < 1e-5
     assert any(r["metric"] == "speedup" and r["provider"] == fused[0] for r in records)
     assert any("flex" in note for note in run["notes"])  # skipped on CPU, and said so
+
+
+@pytest.mark.gpu
+def test_bench_quick_kernel_on_cuda(tmp_path):
+    """On a GPU: the fused kernel, PEFT's path, FlexAttention and SDPA all measured in bf16, with parity."""
+    result = subprocess.run([sys.executable, "-m", "fastpeft", "bench", "--quick", "--suite", "kernel",
+                             "--device", "cuda", "--out", str(tmp_path)], cwd=tmp_path, env=user_environment(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = json.loads((tmp_path / sorted(p for p in os.listdir(tmp_path) if p.endswith(".json"))[0]).read_text())
+    harness.validate_run(run)
+    assert run["device"]["type"] == "cuda" and run["note"] is None
+    records = [r for r in run["results"] if r["suite"] == "kernel"]
+    assert {"peft-concat", "flex", "sdpa-no-prefix"} <= {r["provider"] for r in records}, run["notes"]
+    fused = [r for r in records if r["provider"].startswith("fastpeft[")]
+    assert fused and fused[0]["provider"] in ("fastpeft[triton]", "fastpeft[cuda]")
+    parity = [r["value"] for r in fused if r["metric"] == "parity"]
+    assert len(parity) == 3 and max(parity) < 2e-2  # bf16 kernels vs the fp32 reference
+    assert all(r["value"] > 0 for r in fused if r["metric"] == "peak_memory")

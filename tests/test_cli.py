@@ -337,3 +337,17 @@ def test_readme_python_snippets_run(tmp_path):
         exec(compile(snippet.replace("/tmp/", f"{tmp_path}/"), README, "exec"), {})
     assert (tmp_path / "fp-readme-prefix" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "fp-readme-tenants" / "legal" / "adapter_config.json").is_file()
+
+
+@pytest.mark.gpu
+def test_train_and_generate_on_cuda(tmp_path):
+    """On a GPU (bf16 backbone): train through fastpeft.accelerate, then serve through the bank."""
+    result = run_cli(["train", "--device", "cuda", "--max-steps", "3", "--virtual-tokens", "8", "--out",
+                      str(tmp_path / "gpu")], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = json.loads((tmp_path / "gpu" / "train_log.json").read_text())
+    assert log["device"].startswith("cuda") and log["dtype"] == "bfloat16" and log["accelerated"] is True
+    result = run_cli(["generate", "--device", "cuda", "--adapter", f"a={tmp_path / 'gpu'}", "--prompt", "Hi",
+                      "--max-new-tokens", "4", "--json"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(json.loads(result.stdout)) == 1
