@@ -228,9 +228,10 @@ def _load_base(model_dir, device, dtype, load_in_4bit=False, load_in_8bit=False)
 
 def _config_dims(config):
     """(layers, hidden, heads, kv heads, head size) from a model's config.json dict; None where absent."""
+    config = config.get("text_config", config)  # multimodal models: the language model's part
+
     def first(*keys):
         return next((config[k] for k in keys if config.get(k) is not None), None)
-    config = config.get("text_config", config)
     layers = first("num_hidden_layers", "n_layer", "num_layers")
     hidden = first("hidden_size", "n_embd", "d_model")
     heads = first("num_attention_heads", "n_head", "num_heads")
@@ -648,18 +649,18 @@ def _generate_with_bank(model, tokenizer, adapters, requests, args, device):
 
     import fastpeft
 
-    bank = fastpeft.AdapterBank(model)
-    for name, path in adapters.items():
-        bank.add(name, path)
     sampling = {"generator": torch.Generator(device).manual_seed(args.seed)} if args.do_sample else {}
     completions = []
-    for start in range(0, len(requests), args.batch_size):
-        chunk = requests[start:start + args.batch_size]
-        encoded = tokenizer([prompt for prompt, _ in chunk], return_tensors="pt", padding=True).to(device)
-        generated = bank.generate(encoded["input_ids"], attention_mask=encoded["attention_mask"],
-                                  adapters=[name for _, name in chunk], **_generation_kwargs(args), **sampling)
-        completions += tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1]:],
-                                              skip_special_tokens=True)
+    with fastpeft.AdapterBank(model) as bank:
+        for name, path in adapters.items():
+            bank.add(name, path)
+        for start in range(0, len(requests), args.batch_size):
+            chunk = requests[start:start + args.batch_size]
+            encoded = tokenizer([prompt for prompt, _ in chunk], return_tensors="pt", padding=True).to(device)
+            generated = bank.generate(encoded["input_ids"], attention_mask=encoded["attention_mask"],
+                                      adapters=[name for _, name in chunk], **_generation_kwargs(args), **sampling)
+            completions += tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1]:],
+                                                  skip_special_tokens=True)
     return completions
 
 
