@@ -662,7 +662,7 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengt
     natural-log normalizer of each query, ``+inf`` for a query that sees no key (its output is 0).
     """
     _check_device(q)
-    # Outputs take the inputs' layout (before any copy below), so a transposed view in gives one out.
+    # out takes q's memory layout (before any copy below): a [B, L, H, D] buffer viewed as [B, H, L, D] gives one.
     out = torch.empty_like(q)
     q, k, v, prefix_k, prefix_v = (_unit_last_stride(t) for t in (q, k, v, prefix_k, prefix_v))
     prefix_index, prefix_lengths = _index_args(prefix_index, prefix_lengths)
