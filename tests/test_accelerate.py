@@ -61,6 +61,22 @@ def test_prefix_is_fused_not_expanded(family, monkeypatch):
         assert spec.prefix_index is None
 
 
+@pytest.mark.parametrize("method", ["prompt", "p_tuning"])
+def test_prompt_learning_attention_gets_a_2d_mask(method, monkeypatch):
+    """Virtual tokens are part of the sequence: keys cover P + L, padding arrives as a [B, P + L] mask."""
+    peft_model = fastpeft.accelerate(make_peft_model("qwen2", method))
+    ids, mask, labels = batch_and_labels("qwen2")
+    calls = _spy_attention_calls(monkeypatch)
+    training_step(peft_model, ids, mask, labels)
+    assert len(calls) == peft_model.get_base_model().config.num_hidden_layers
+    for key_length, attention_mask, spec in calls:
+        assert key_length == NUM_VIRTUAL_TOKENS + ids.shape[1]
+        assert spec is None
+        assert attention_mask.shape == (ids.shape[0], key_length)
+        assert attention_mask[:, :NUM_VIRTUAL_TOKENS].all() and torch.equal(
+            attention_mask[:, NUM_VIRTUAL_TOKENS:], mask.bool())
+
+
 def test_prefix_keys_values_are_peft_layout():
     """Layer i's K is slot 2i of PEFT's (P, 2*layers, Hkv, D) view, V slot 2i+1, never rotated."""
     peft_model = make_peft_model("llama", "prefix")
@@ -271,3 +287,24 @@ def test_causal_family_sequence_classification_matches_peft(method):
     expected = training_step(peft_model, ids, mask, labels)
     fastpeft.accelerate(peft_model)
     assert_same_step(training_step(peft_model, ids, mask, labels), expected)
+
+
+def test_autocast_bf16_matches_peft_within_its_own_error():
+    """Under CPU autocast the projections run in bfloat16 while the prefix stays float32 (the prompt encoder's
+    dtype); the prefix is cast per layer. The error against float32 PEFT stays within a small multiple of PEFT's
+    own autocast error."""
+    from tests.reference import relative_error
+
+    peft_model = make_peft_model("llama", "prefix_projection")
+    ids, mask, labels = batch_and_labels("llama")
+    exact = training_step(peft_model, ids, mask, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        peft_autocast = training_step(peft_model, ids, mask, labels)
+        fastpeft.accelerate(peft_model)
+        ours = training_step(peft_model, ids, mask, labels)
+    for index, what in ((0, "loss"), (1, "logits")):
+        bound = 2 * relative_error(peft_autocast[index].float(), exact[index]) + 1e-3
+        assert relative_error(ours[index].float(), exact[index]) < bound, what
+    for name, grad in exact[2].items():
+        bound = 2 * relative_error(peft_autocast[2][name], grad) + 1e-3
+        assert relative_error(ours[2][name], grad) < bound, name

@@ -112,6 +112,10 @@ def _ddp_worker(rank, world_size, init_file, out_path):
         ddp_model(input_ids=ids[rows], attention_mask=mask[rows], labels=labels[rows]).loss.backward()
         if rank == 0:
             torch.save({n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}, out_path)
+        # Let gloo finish its work items, and drop DDP's reducer, before the process group goes: destroying the
+        # group from the reducer's destructor can deadlock with a gloo thread that needs the GIL.
+        dist.barrier()
+        del ddp_model
     finally:
         dist.destroy_process_group()
 
@@ -119,10 +123,18 @@ def _ddp_worker(rank, world_size, init_file, out_path):
 def test_ddp_gradients_match_single_process(tmp_path):
     """DDP averages the two ranks' gradients: they must equal plain PEFT's gradient of the mean of the two
     half-batch losses in one process."""
+    import time
+
     import torch.multiprocessing as mp
 
     out_path = tmp_path / "grads.pt"
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(out_path)), nprocs=2, join=True)
+    context = mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(out_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 300
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the DDP workers did not finish within 300 s")
     ddp_grads = torch.load(out_path)
 
     peft_model = make_peft_model("llama", "prefix_projection")

@@ -95,6 +95,16 @@ def fastpeft_attention_forward(module, query, key, value, attention_mask, dropou
     else:
         prefix_k, prefix_v = spec.layer(getattr(module, "layer_idx", None))
         prefix_index, prefix_lengths = spec.prefix_index, spec.prefix_lengths
+        if prefix_k.dtype != query.dtype or prefix_k.device != query.device:
+            # Under autocast the projections run in half precision while the prefix stays in the weights' dtype
+            # (PEFT's torch.cat promotes and SDPA then autocasts to the same half precision); with a device map
+            # the layers live on several devices. Cast/move per layer, differentiably.
+            prefix_k = prefix_k.to(device=query.device, dtype=query.dtype)
+            prefix_v = prefix_v.to(device=query.device, dtype=query.dtype)
+            if prefix_index is not None:
+                prefix_index = prefix_index.to(query.device)
+            if prefix_lengths is not None:
+                prefix_lengths = prefix_lengths.to(query.device)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
 
     device_type = query.device.type
