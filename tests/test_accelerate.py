@@ -45,12 +45,18 @@ def _spy_attention_calls(monkeypatch):
 
 @pytest.mark.parametrize("family", ["llama", "bert"])
 def test_prefix_is_fused_not_expanded(family, monkeypatch):
-    """Every layer gets shared [Hkv, P, D] prefix K/V; keys are the real tokens only; the mask is 2-D."""
-    peft_model = fastpeft.accelerate(make_peft_model(family, "prefix"))
+    """The encoder runs once per step; every layer gets shared [Hkv, P, D] prefix K/V; keys are the real tokens
+    only; the mask is 2-D."""
+    peft_model = fastpeft.accelerate(make_peft_model(family, "prefix_projection"))
     ids, mask, labels = batch_and_labels(family)
     calls = _spy_attention_calls(monkeypatch)
+    encoder_inputs = []
+    peft_model.prompt_encoder["default"].register_forward_hook(
+        lambda module, args, output: encoder_inputs.append(args[0]))
     training_step(peft_model, ids, mask, labels)
 
+    # The prompt encoder ran once, on arange(P), not on (B, P) ids.
+    assert len(encoder_inputs) == 1 and torch.equal(encoder_inputs[0], torch.arange(NUM_VIRTUAL_TOKENS))
     config = peft_model.active_peft_config
     head_dim = config.token_dim // config.num_attention_heads
     assert len(calls) == config.num_layers

@@ -56,17 +56,22 @@ def test_beam_search_matches_peft(family, method):
     assert torch.equal(greedy(peft_model, ids, mask, num_beams=3, num_return_sequences=2), expected)
 
 
-def test_prefix_is_not_in_the_cache():
-    """PEFT's cache holds P extra entries per layer and row (the prefix, concatenated at every step); the
-    accelerated model's cache holds the real tokens only, and the backbone's generate is restored after."""
-    peft_model = make_peft_model("llama", "prefix")
-    ids, mask, _ = batch_and_labels("llama")
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_step_scores_match_and_prefix_is_not_in_the_cache(family):
+    """Every step's logits equal PEFT's (pad-aware positions + P on the left-padded rows), and PEFT's cache holds
+    P extra entries per layer and row (the prefix, concatenated at every step) while the accelerated model's
+    cache holds the real tokens only; the backbone's prepare_inputs_for_generation is put back after."""
+    from tests.reference import assert_close
+
+    peft_model = make_peft_model(family, "prefix")
+    ids, mask, _ = batch_and_labels(family)
     base = peft_model.get_base_model()
-    peft_out = greedy(peft_model, ids, mask, return_dict_in_generate=True)
+    peft_out = greedy(peft_model, ids, mask, return_dict_in_generate=True, output_scores=True)
     fastpeft.accelerate(peft_model)
     prepare_before = vars(base).get("prepare_inputs_for_generation")
-    out = greedy(peft_model, ids, mask, return_dict_in_generate=True)
+    out = greedy(peft_model, ids, mask, return_dict_in_generate=True, output_scores=True)
     assert torch.equal(out.sequences, peft_out.sequences)
+    assert_close(torch.stack(out.scores), torch.stack(peft_out.scores), 1e-5, "step scores")
     cached = out.sequences.shape[1] - 1
     assert out.past_key_values.get_seq_length() == cached
     assert peft_out.past_key_values.get_seq_length() == cached + NUM_VIRTUAL_TOKENS
