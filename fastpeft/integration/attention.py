@@ -96,9 +96,9 @@ def fastpeft_attention_forward(module, query, key, value, attention_mask, dropou
         prefix_k, prefix_v = spec.layer(getattr(module, "layer_idx", None))
         prefix_index, prefix_lengths = spec.prefix_index, spec.prefix_lengths
         if prefix_k.dtype != query.dtype or prefix_k.device != query.device:
-            # Under autocast the projections run in half precision while the prefix stays in the weights' dtype
-            # (PEFT's torch.cat promotes and SDPA then autocasts to the same half precision); with a device map
-            # the layers live on several devices. Cast/move per layer, differentiably.
+            # The prefix is built once in the model's dtype on its first device; activations can differ (a
+            # quantized backbone computing in bnb's compute dtype, layers spread by a device map). Cast/move per
+            # layer, differentiably; autocast is handled below.
             prefix_k = prefix_k.to(device=query.device, dtype=query.dtype)
             prefix_v = prefix_v.to(device=query.device, dtype=query.dtype)
             if prefix_index is not None:
