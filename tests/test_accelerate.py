@@ -314,3 +314,25 @@ def test_autocast_bf16_matches_peft_within_its_own_error():
     for name, grad in exact[2].items():
         bound = 2 * relative_error(peft_autocast[2][name], grad) + 1e-3
         assert relative_error(ours[2][name], grad) < bound, name
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_bfloat16_backbone_matches_peft_within_its_own_error(method):
+    """A bfloat16 backbone (the prompt parameters stay float32, as PEFT keeps them): the error against the float32
+    computation stays within a small multiple of PEFT's own bfloat16 error."""
+    from tests.reference import relative_error
+
+    peft_model = make_peft_model("qwen2", method)
+    ids, mask, labels = batch_and_labels("qwen2")
+    exact = training_step(peft_model, ids, mask, labels)
+    peft_model.get_base_model().to(torch.bfloat16)
+    peft_bf16 = training_step(peft_model, ids, mask, labels)
+    fastpeft.accelerate(peft_model)
+    ours = training_step(peft_model, ids, mask, labels)
+    for index, what in ((0, "loss"), (1, "logits")):
+        bound = 2 * relative_error(peft_bf16[index].float(), exact[index]) + 1e-3
+        assert relative_error(ours[index].float(), exact[index]) < bound, what
+    for name, grad in exact[2].items():
+        assert ours[2][name].dtype == torch.float32
+        bound = 2 * relative_error(peft_bf16[2][name], grad) + 1e-3
+        assert relative_error(ours[2][name], grad) < bound, name
