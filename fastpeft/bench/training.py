@@ -25,7 +25,7 @@ BASELINE = "peft"
 def settings(device, quick):
     if device.type == "cuda":
         return dict(B=8, L=1024, P=64, dtype="bfloat16", warmup=1 if quick else 2, reps=3 if quick else 6)
-    return dict(B=2, L=32 if quick else 64, P=8, dtype="float32", warmup=1, reps=2 if quick else 4)
+    return dict(B=2, L=32 if quick else 64, P=8, dtype="float32", warmup=1 if quick else 2, reps=2 if quick else 6)
 
 
 def _loss_and_grad(model, batch):
