@@ -3,6 +3,7 @@ training step (loss, logits at the real tokens, gradients of every trainable par
 
 import warnings
 
+import pytest
 import torch
 
 from tests.models import padded_batch, tiny_model
@@ -119,16 +120,39 @@ def forbid_framework_attention(monkeypatch, peft_model):
     monkeypatch.setattr(modeling, "eager_attention_forward", forbidden)
 
 
-def use_interpreted_triton(monkeypatch):
-    """FASTPEFT_BACKEND=triton with TRITON_INTERPRET=1. Triton fixes the interpreter mode when a kernel module is
-    imported, so a module imported earlier in compiled mode is reloaded."""
+_KERNEL_MODULES = (("fastpeft.kernels.prefix_attention", "_INTERPRETING"),
+                   ("fastpeft.kernels.prefix_decode", "INTERPRETED"))
+
+
+def _reload_kernel_modules(interpreting):
+    """Reload the imported kernel modules whose interpreter mode differs from ``interpreting`` (Triton fixes the
+    mode when a module's kernels are decorated, at import). Returns the names reloaded."""
     import importlib
     import sys
 
+    reloaded = []
+    for name, flag in _KERNEL_MODULES:
+        module = sys.modules.get(name)
+        if module is not None and bool(getattr(module, flag)) != interpreting:
+            importlib.reload(module)
+            reloaded.append(name)
+    return reloaded
+
+
+@pytest.fixture
+def interpreted_triton(monkeypatch):
+    """FASTPEFT_BACKEND=triton with TRITON_INTERPRET=1 for one test. Kernel modules imported earlier in
+    compiled mode are reloaded for the test and reloaded back after it, so later (GPU) tests are unaffected."""
+    import os
+
+    previous = os.environ.get("TRITON_INTERPRET")
     monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    for name, flag in (("fastpeft.kernels.prefix_attention", "_INTERPRETING"),
-                       ("fastpeft.kernels.prefix_decode", "INTERPRETED")):
-        module = sys.modules.get(name)
-        if module is not None and not getattr(module, flag):
-            importlib.reload(module)
+    reloaded = _reload_kernel_modules(interpreting=True)
+    yield
+    if reloaded:
+        if previous is None:
+            monkeypatch.delenv("TRITON_INTERPRET")
+        else:
+            monkeypatch.setenv("TRITON_INTERPRET", previous)
+        _reload_kernel_modules(interpreting=previous == "1")

@@ -10,8 +10,8 @@ import torch
 import fastpeft
 from fastpeft.integration import attention
 from tests.accelerate_helpers import (METHODS, NUM_VIRTUAL_TOKENS, assert_same_step, forbid_framework_attention,
-                                      batch_and_labels, make_peft_model, peft_config, training_step,
-                                      use_interpreted_triton)
+                                      batch_and_labels, interpreted_triton, make_peft_model, peft_config,
+                                      training_step)
 from tests.models import ALL_FAMILIES, tiny_model
 from tests.reference import assert_close
 
@@ -250,13 +250,12 @@ def test_fastpeft_prefix_keyword_is_reserved():
 
 
 @pytest.mark.parametrize("family,method", [("llama", "prefix_projection"), ("gpt2", "prefix"), ("bert", "prompt")])
-def test_interpreted_triton_forward_backward_match_peft(family, method, monkeypatch):
+def test_interpreted_triton_forward_backward_match_peft(family, method, monkeypatch, interpreted_triton):
     """The same parity through the Triton kernels (interpreted on CPU); neither SDPA nor eager attention runs."""
     peft_model = make_peft_model(family, method)
     ids, mask, labels = batch_and_labels(family)
     expected = training_step(peft_model, ids, mask, labels)
     fastpeft.accelerate(peft_model)
-    use_interpreted_triton(monkeypatch)
     forbid_framework_attention(monkeypatch, peft_model)
     assert_same_step(training_step(peft_model, ids, mask, labels), expected, what=f"triton {family}/{method}")
 

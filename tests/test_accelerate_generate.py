@@ -90,7 +90,7 @@ _TRITON_GENERATE_SCRIPT = """
 import torch
 import fastpeft
 from tests.accelerate_helpers import batch_and_labels, greedy, make_peft_model
-from tests.accelerate_helpers import forbid_framework_attention, use_interpreted_triton
+from tests.accelerate_helpers import forbid_framework_attention
 import pytest
 
 peft_model = make_peft_model("llama", "prefix")
@@ -98,7 +98,7 @@ ids, mask, _ = batch_and_labels("llama")
 expected = greedy(peft_model, ids, mask, max_new_tokens=3)
 fastpeft.accelerate(peft_model)
 with pytest.MonkeyPatch.context() as monkeypatch:
-    use_interpreted_triton(monkeypatch)
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
     forbid_framework_attention(monkeypatch, peft_model)
     actual = greedy(peft_model, ids, mask, max_new_tokens=3)
 assert torch.equal(actual, expected), (actual, expected)
