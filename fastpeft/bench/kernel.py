@@ -93,7 +93,7 @@ def _expand_concat(k, v, prefix_k, prefix_v):
     return keys, values
 
 
-def _repeat_kv(x, groups):
+def repeat_kv(x, groups):
     """``[B, Hkv, S, D]`` -> ``[B, Hkv*groups, S, D]``, each kv head repeated for its query heads."""
     if groups == 1:
         return x
@@ -120,7 +120,7 @@ def peft_concat_provider(shape, device):
 
     def forward(q, k, v, prefix_k, prefix_v):
         keys, values = _expand_concat(k, v, prefix_k, prefix_v)
-        return F.scaled_dot_product_attention(q, _repeat_kv(keys, groups), _repeat_kv(values, groups),
+        return F.scaled_dot_product_attention(q, repeat_kv(keys, groups), repeat_kv(values, groups),
                                               attn_mask=mask)
     return BASELINE, forward
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import harness
-from .kernel import _repeat_kv
+from .kernel import repeat_kv
 from .models import build_causal_lm, random_batch
 
 SUITE = "serving"
@@ -176,7 +176,7 @@ def _decode_kernel(recorder, device, quick, copy_gbps):
         def concat():
             keys = torch.cat([table_k.index_select(0, prefix_index.long()), k], dim=2)
             values = torch.cat([table_v.index_select(0, prefix_index.long()), v], dim=2)
-            return F.scaled_dot_product_attention(q, _repeat_kv(keys, Hq // Hkv), _repeat_kv(values, Hq // Hkv))
+            return F.scaled_dot_product_attention(q, repeat_kv(keys, Hq // Hkv), repeat_kv(values, Hq // Hkv))
 
         with torch.inference_mode():
             for label, fn in (("peft-concat", concat), ("fastpeft", fused)):
