@@ -78,6 +78,22 @@ def test_step_scores_match_and_prefix_is_not_in_the_cache(family):
     assert vars(base).get("prepare_inputs_for_generation") == prepare_before
 
 
+def test_generate_without_cache_and_from_embeddings():
+    """Two generate modes PEFT's prefix tuning cannot run (use_cache=False fails on its mask; inputs_embeds is
+    refused by its prepare_inputs_for_generation) give PEFT's cached tokens."""
+    peft_model = make_peft_model("llama", "prefix")
+    ids, mask, _ = batch_and_labels("llama")
+    expected = greedy(peft_model, ids, mask, max_new_tokens=4)
+    fastpeft.accelerate(peft_model)
+    assert torch.equal(greedy(peft_model, ids, mask, max_new_tokens=4, use_cache=False), expected)
+    embeddings = peft_model.get_base_model().get_input_embeddings()(ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        new_tokens = peft_model.generate(inputs_embeds=embeddings, attention_mask=mask, max_new_tokens=4,
+                                         do_sample=False, pad_token_id=0)
+    assert torch.equal(new_tokens, expected[:, ids.shape[1]:])
+
+
 def test_generate_after_restore_is_peft():
     peft_model = make_peft_model("qwen2", "prefix")
     ids, mask, _ = batch_and_labels("qwen2")
