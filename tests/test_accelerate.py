@@ -335,3 +335,17 @@ def test_bfloat16_backbone_matches_peft_within_its_own_error(method):
         assert ours[2][name].dtype == torch.float32
         bound = 2 * relative_error(peft_bf16[2][name], grad) + 1e-3
         assert relative_error(ours[2][name], grad) < bound, name
+
+
+def test_forward_continues_from_its_own_cache():
+    """The returned cache holds the real tokens only (the prefix stays outside it); feeding it back continues the
+    sequence at the right positions: the split forward equals the whole one."""
+    peft_model = fastpeft.accelerate(make_peft_model("llama", "prefix"))
+    ids, mask, _ = batch_and_labels("llama")
+    split = 4
+    with torch.no_grad():
+        whole = peft_model(input_ids=ids, attention_mask=mask).logits
+        first = peft_model(input_ids=ids[:, :split], attention_mask=mask[:, :split], use_cache=True)
+        assert first.past_key_values.get_seq_length() == split
+        rest = peft_model(input_ids=ids[:, split:], attention_mask=mask, past_key_values=first.past_key_values).logits
+    assert_close(rest[mask[:, split:].bool()], whole[:, split:][mask[:, split:].bool()], 1e-5, "continued logits")
