@@ -222,14 +222,15 @@ def _accelerated_forward(self, input_ids=None, attention_mask=None, inputs_embed
                                   output_hidden_states=output_hidden_states, return_dict=return_dict,
                                   task_ids=task_ids, **kwargs)
     from peft import PeftModelForSequenceClassification
-    from peft.peft_model import _get_return_dict_transformers_v4
 
     for name in self.special_peft_forward_args:  # PEFT ignores these for prompt learning
         kwargs.pop(name, None)
     if attention.PREFIX_KWARG in kwargs:
         raise ValueError(f"{attention.PREFIX_KWARG} is set by the accelerated model itself; do not pass it")
     if isinstance(self, PeftModelForSequenceClassification) and return_dict is None:
-        return_dict = _get_return_dict_transformers_v4(self.config)
+        # PEFT's sequence-classification forward resolves the default itself: the config's return_dict, never
+        # in torchscript mode.
+        return_dict = getattr(self.config, "return_dict", True) and not getattr(self.config, "torchscript", False)
     if self.training and torch.is_grad_enabled():
         _check_no_reentrant_checkpointing(self.get_base_model())
     config = self.active_peft_config
