@@ -56,14 +56,15 @@ def test_beam_search_matches_peft(family, method):
     assert torch.equal(greedy(peft_model, ids, mask, num_beams=3, num_return_sequences=2), expected)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_step_scores_match_and_prefix_is_not_in_the_cache(family):
-    """Every step's logits equal PEFT's (pad-aware positions + P on the left-padded rows), and PEFT's cache holds
-    P extra entries per layer and row (the prefix, concatenated at every step) while the accelerated model's
+@pytest.mark.parametrize("family,method", [("llama", "prefix"), ("gpt2", "prefix"), ("qwen2", "prompt"),
+                                           ("gpt2", "p_tuning")])
+def test_step_scores_match_and_prefix_is_not_in_the_cache(family, method):
+    """Every step's logits equal PEFT's (PEFT's positions on the left-padded rows), and PEFT's cache holds P
+    extra entries per layer and row (the prefix or the virtual tokens, per row) while the accelerated model's
     cache holds the real tokens only; the backbone's prepare_inputs_for_generation is put back after."""
     from tests.reference import assert_close
 
-    peft_model = make_peft_model(family, "prefix")
+    peft_model = make_peft_model(family, method)
     ids, mask, _ = batch_and_labels(family)
     base = peft_model.get_base_model()
     peft_out = greedy(peft_model, ids, mask, return_dict_in_generate=True, output_scores=True)

@@ -9,8 +9,9 @@
   and handed to every attention call as the ``fastpeft_prefix`` keyword. Nothing is expanded per row, nothing is
   copied into a KV cache, no 4-D mask is built, and gradients flow from the kernels' prefix gradient (the sum over
   the batch) back into the prompt encoder;
-* prompt tuning and p-tuning keep PEFT's own forward and generate (the virtual tokens are real input embeddings
-  there, so PEFT's semantics come for free); only their attention changes;
+* prompt tuning and p-tuning keep PEFT's own forward (the virtual tokens are input embeddings there, so PEFT's
+  semantics come for free; only attention changes); their ``generate`` runs the virtual tokens through the
+  backbone once and serves their K/V as a shared prefix, like prefix tuning's;
 * PEFT's refusal of prefix tuning under gradient checkpointing (``_setup_prompt_encoder``, peft#869/#2191) is
   lifted for this instance: with the prefix outside the cache, checkpoint recomputation is correct.
 
@@ -262,21 +263,47 @@ def _check_no_reentrant_checkpointing(base):
                              "(transformers' default)")
 
 
+def _virtual_token_prefix_spec(peft_model):
+    """Prompt tuning / p-tuning for generation: the virtual tokens sit first and see only each other, so their
+    keys and values never depend on the row. Run them through the backbone once, as one row at positions
+    ``0 .. P-1`` (PEFT runs them B times, once per row, and keeps B copies in the cache), and return every layer's
+    ``[Hkv, P, D]`` K/V (rotated at those positions, as PEFT's cache holds them) as a shared ``PrefixSpec``.
+
+    The prompts are PEFT's: ``embedding.weight`` in inference mode, else the encoder over the ``(1, P)`` ids (the
+    p-tuning MLP/LSTM reads the whole sequence), cast to the word embeddings' dtype.
+    """
+    adapter = peft_model.active_adapter
+    config = peft_model.peft_config[adapter]
+    encoder = peft_model.prompt_encoder[adapter]
+    if config.inference_mode:
+        prompts = encoder.embedding.weight.unsqueeze(0)
+    else:
+        tokens = peft_model.prompt_tokens[adapter].unsqueeze(0).to(encoder.embedding.weight.device)
+        prompts = encoder(tokens)
+    prompts = prompts.to(peft_model.word_embeddings.weight.dtype)
+    cache = peft_model.get_base_model()(inputs_embeds=prompts, use_cache=True).past_key_values
+    return attention.PrefixSpec.build([layer.keys[0] for layer in cache.layers],
+                                      [layer.values[0] for layer in cache.layers])
+
+
 def _accelerated_generate(self, *args, **kwargs):
     """PeftModelForCausalLM.generate with the prefix held once and read by the kernels at every step.
 
-    The backbone's ``generate`` runs with a ``prepare_inputs_for_generation`` (an instance attribute for the call,
-    as PEFT's own generate does) that adds ``fastpeft_prefix`` to every step's forward inputs; the cache holds only real tokens, so beam search reorders nothing of the prefix. Each step's
-    position_ids (``cumsum(mask) - 1`` from transformers, pad-aware) get ``+P`` as PEFT's do.
+    Prefix tuning: the prefix is the prompt encoder's output. Prompt tuning / p-tuning: the virtual tokens' K/V,
+    computed once (``_virtual_token_prefix_spec``), so prefill and cache cover the real tokens only. The backbone's
+    ``generate`` runs with a ``prepare_inputs_for_generation`` (an instance attribute for the call, as PEFT's own
+    generate does) that adds ``fastpeft_prefix`` to every step's forward inputs; the cache holds only real
+    tokens, so beam search reorders nothing of the prefix. Positions are PEFT's: prefix tuning takes each step's
+    pad-aware position_ids (``cumsum(mask) - 1`` from transformers) ``+ P``; prompt tuning and p-tuning number
+    the concatenation, not pad-aware: ``P + cached tokens + arange(new tokens)``.
     """
-    if not _active_is_prefix_tuning(self):
-        return type(self).generate(self, *args, **kwargs)
     if attention.PREFIX_KWARG in kwargs:
         raise ValueError(f"{attention.PREFIX_KWARG} is set by the accelerated model itself; do not pass it")
+    prefix_tuning = _active_is_prefix_tuning(self)
     base = self.get_base_model()
     num_virtual_tokens = self.active_peft_config.num_virtual_tokens
     with torch.no_grad():
-        spec = prefix_spec(self)
+        spec = prefix_spec(self) if prefix_tuning else _virtual_token_prefix_spec(self)
     # As PEFT's generate: the PeftModel's generation config drives the backbone's generate.
     if hasattr(base, "model"):
         base.model.generation_config = self.generation_config
@@ -288,17 +315,26 @@ def _accelerated_generate(self, *args, **kwargs):
 
     # functools.wraps keeps the signature transformers inspects to validate generate's model kwargs.
     @functools.wraps(prepare_inputs)
-    def prepare_inputs_with_prefix_positions(*prepare_args, **prepare_kwargs):
+    def prepare_inputs_with_prefix(*prepare_args, **prepare_kwargs):
         model_inputs = prepare_inputs(*prepare_args, **prepare_kwargs)
-        position_ids = model_inputs.get("position_ids")
-        if position_ids is None:
-            raise ValueError(f"{type(base).__name__} generate passed no position_ids; fastpeft needs them to place "
-                             "the real tokens after the prefix")
+        if prefix_tuning:
+            position_ids = model_inputs.get("position_ids")
+            if position_ids is None:
+                raise ValueError(f"{type(base).__name__} generate passed no position_ids; fastpeft needs them to "
+                                 "place the real tokens after the prefix")
+        else:
+            new_tokens = model_inputs.get("input_ids")
+            if new_tokens is None:
+                new_tokens = model_inputs["inputs_embeds"]
+            cache = model_inputs.get("past_key_values")
+            past_length = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(past_length, past_length + new_tokens.shape[1],
+                                        device=new_tokens.device).unsqueeze(0)
         model_inputs["position_ids"] = position_ids + num_virtual_tokens
         model_inputs[attention.PREFIX_KWARG] = spec
         return model_inputs
 
-    base.prepare_inputs_for_generation = prepare_inputs_with_prefix_positions
+    base.prepare_inputs_for_generation = prepare_inputs_with_prefix
     try:
         return base.generate(*args, **kwargs)
     finally:
