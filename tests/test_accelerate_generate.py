@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import fastpeft
-from tests.accelerate_helpers import METHODS, NUM_VIRTUAL_TOKENS, batch_and_labels, greedy, make_peft_model
+from tests.accelerate_helpers import (METHODS, NUM_VIRTUAL_TOKENS, batch_and_labels, forbid_framework_attention,
+                                      greedy, interpreted_triton, make_peft_model)
 from tests.models import CAUSAL_FAMILIES, tiny_model
 
 
@@ -103,37 +104,13 @@ def test_generate_after_restore_is_peft():
     assert torch.equal(greedy(peft_model, ids, mask), expected)
 
 
-_TRITON_GENERATE_SCRIPT = """
-import torch
-import fastpeft
-from tests.accelerate_helpers import batch_and_labels, greedy, make_peft_model
-from tests.accelerate_helpers import forbid_framework_attention
-import pytest
-
-peft_model = make_peft_model("llama", "prefix")
-ids, mask, _ = batch_and_labels("llama")
-expected = greedy(peft_model, ids, mask, max_new_tokens=3)
-fastpeft.accelerate(peft_model)
-with pytest.MonkeyPatch.context() as monkeypatch:
-    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
-    forbid_framework_attention(monkeypatch, peft_model)
-    actual = greedy(peft_model, ids, mask, max_new_tokens=3)
-assert torch.equal(actual, expected), (actual, expected)
-print("ok")
-"""
-
-
-def test_interpreted_triton_generate_matches_peft():
+@pytest.mark.parametrize("method", ["prefix", "p_tuning"])
+def test_interpreted_triton_generate_matches_peft(method, monkeypatch, interpreted_triton):
     """Prefill through the Triton attention kernel and decoding through the split-KV decode kernel (interpreted
-    on CPU); neither SDPA nor eager attention may run. In a fresh process with TRITON_INTERPRET=1 set before
-    anything imports Triton (peft imports it through bitsandbytes), the configuration the interpreter supports:
-    Triton decides the interpreter mode of its own jit functions at import."""
-    import os
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": root, "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, "-c", _TRITON_GENERATE_SCRIPT], cwd=root, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    on CPU); neither SDPA nor eager attention may run."""
+    peft_model = make_peft_model("llama", method)
+    ids, mask, _ = batch_and_labels("llama")
+    expected = greedy(peft_model, ids, mask, max_new_tokens=3)
+    fastpeft.accelerate(peft_model)
+    forbid_framework_attention(monkeypatch, peft_model)
+    assert torch.equal(greedy(peft_model, ids, mask, max_new_tokens=3), expected)
