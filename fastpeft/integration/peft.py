@@ -282,6 +282,9 @@ def _virtual_token_prefix_spec(peft_model):
         prompts = encoder(tokens)
     prompts = prompts.to(peft_model.word_embeddings.weight.dtype)
     cache = peft_model.get_base_model()(inputs_embeds=prompts, use_cache=True).past_key_values
+    if cache is None:  # transformers drops the cache when gradient checkpointing is on in training mode
+        raise ValueError("generate with prompt tuning / p-tuning needs the backbone's KV cache for the virtual "
+                         "tokens; with gradient checkpointing enabled, call model.eval() before generate")
     return attention.PrefixSpec.build([layer.keys[0] for layer in cache.layers],
                                       [layer.values[0] for layer in cache.layers])
 
