@@ -68,7 +68,8 @@ def real_token_logits(logits, mask, num_virtual_tokens):
     if logits.dim() == 2:
         return logits
     if logits.shape[1] == mask.shape[1] + num_virtual_tokens:
-        mask = torch.cat([torch.ones(mask.shape[0], num_virtual_tokens, dtype=mask.dtype), mask], dim=1)
+        virtual = torch.ones(mask.shape[0], num_virtual_tokens, dtype=mask.dtype, device=mask.device)
+        mask = torch.cat([virtual, mask], dim=1)
     return logits[mask.bool()]
 
 

@@ -10,8 +10,8 @@ import torch
 import fastpeft
 from fastpeft.integration import attention
 from tests.accelerate_helpers import (METHODS, NUM_VIRTUAL_TOKENS, assert_same_step, forbid_framework_attention,
-                                      batch_and_labels, interpreted_triton, make_peft_model, peft_config,
-                                      training_step)
+                                      batch_and_labels, greedy, interpreted_triton, make_peft_model,
+                                      peft_config, training_step)
 from tests.models import ALL_FAMILIES, tiny_model
 from tests.reference import assert_close
 
@@ -349,3 +349,27 @@ def test_forward_continues_from_its_own_cache():
         assert first.past_key_values.get_seq_length() == split
         rest = peft_model(input_ids=ids[:, split:], attention_mask=mask, past_key_values=first.past_key_values).logits
     assert_close(rest[mask[:, split:].bool()], whole[:, split:][mask[:, split:].bool()], 1e-5, "continued logits")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["prefix_projection", "prompt"])
+def test_cuda_bfloat16_kernels_match_peft_within_its_own_error(method):
+    """On the GPU the default dispatch runs the compiled Triton kernels (and the CUDA decode op): a bfloat16
+    training step and greedy generation against float32 PEFT, bounded by PEFT's own bfloat16 error."""
+    from tests.reference import relative_error
+
+    peft_model = make_peft_model("llama", method).cuda()
+    ids, mask, labels = (t.cuda() for t in batch_and_labels("llama"))
+    exact = training_step(peft_model, ids, mask, labels)
+    peft_model.get_base_model().to(torch.bfloat16)
+    peft_bf16 = training_step(peft_model, ids, mask, labels)
+    fastpeft.accelerate(peft_model)
+    ours = training_step(peft_model, ids, mask, labels)
+    for index, what in ((0, "loss"), (1, "logits")):
+        bound = 2 * relative_error(peft_bf16[index].float(), exact[index]) + 1e-3
+        assert relative_error(ours[index].float(), exact[index]) < bound, what
+    for name, grad in exact[2].items():
+        bound = 2 * relative_error(peft_bf16[2][name], grad) + 1e-3
+        assert relative_error(ours[2][name], grad) < bound, name
+    generated = greedy(peft_model, ids, mask, max_new_tokens=4)
+    assert generated.shape == (ids.shape[0], ids.shape[1] + 4) and torch.equal(generated[:, :ids.shape[1]], ids)
