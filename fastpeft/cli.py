@@ -536,7 +536,7 @@ def cmd_train(args):
         import fastpeft
         model = fastpeft.accelerate(model)
     if args.gradient_checkpointing:
-        from .bench.models import set_checkpointing
+        from .integration.checkpointing import set_checkpointing
         set_checkpointing(model.get_base_model(), True)
         model.get_base_model().config.use_cache = False
     model.train()

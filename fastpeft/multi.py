@@ -210,11 +210,9 @@ class MultiPrefixTrainer:
         model.requires_grad_(False)
         self._previous_attn_implementation = use_fastpeft_attention(model)
         if gradient_checkpointing:
-            kwargs = {"use_reentrant": False}
-            if hasattr(model, "activation_checkpointing_enable"):
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            from .integration.checkpointing import set_checkpointing
+
+            set_checkpointing(model, True)
 
         self.autocast_dtype = MIXED_PRECISION[mixed_precision]
         self._scaler = (torch.amp.GradScaler(self.device.type) if self.autocast_dtype == torch.float16 else None)

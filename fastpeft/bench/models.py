@@ -52,19 +52,3 @@ def random_batch(vocab_size, B, L, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(3, vocab_size, (B, L), generator=g).to(device)
     return input_ids, torch.ones_like(input_ids)
-
-
-def set_checkpointing(model, enabled):
-    """Turn non-reentrant activation checkpointing of a transformers model on or off, under the method name of
-    the installed transformers (v5.2x renamed ``gradient_checkpointing_*`` to ``activation_checkpointing_*``).
-    Non-reentrant: the reentrant variant drops keyword arguments (the prefix) from the recomputed graph."""
-    if enabled:
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    elif hasattr(model, "activation_checkpointing_disable"):
-        model.activation_checkpointing_disable()
-    else:
-        model.gradient_checkpointing_disable()

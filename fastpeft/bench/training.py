@@ -16,7 +16,8 @@ prefix parameters' gradient.
 import torch
 
 from . import harness
-from .models import build_causal_lm, random_batch, set_checkpointing
+from ..integration.checkpointing import set_checkpointing
+from .models import build_causal_lm, random_batch
 
 SUITE = "training"
 BASELINE = "peft"
