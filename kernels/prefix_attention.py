@@ -37,16 +37,17 @@ Triton interpreter computes bfloat16 dots incorrectly; on the GPU fp16/bf16 dots
 inputs always use IEEE float32 dots (no TF32), which the float32 parity target needs.
 
 The interpreter mode is fixed when this module is imported (as ``triton.jit`` decides it at decoration), so
-``TRITON_INTERPRET=1`` must be set before the first import.
+``TRITON_INTERPRET=1`` must be set before the first import of this module, though not necessarily before
+triton's: the reductions and ``tile_dot`` come from ``_common`` (shared with the decode kernels), which avoids
+triton's own ``@jit`` library functions for that case.
 """
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._common import INTERPRETING as _INTERPRETING
+from ._common import row_prefix, tile_dot, tile_max, tile_sum
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -62,44 +63,36 @@ _REDUCE_BLOCK_P = 32
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _tile_dot(a, b, DOT_FP32: tl.constexpr):
-    """``a @ b`` accumulated in float32. ``DOT_FP32`` upcasts the operands and forbids TF32: used for float32
-    inputs (parity) and under the interpreter (whose bfloat16 dot is wrong)."""
-    if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b)
+def _query_block_program(Hq, group, BLOCK_M: tl.constexpr):
+    """(row-head index ``b * Hq + h`` of the ``[B, Hq, L]`` lse/delta buffers, b as int64, query head h, kv head,
+    first query m0) of a program of grid ``(cdiv(L, BLOCK_M), B * Hq)``.
 
-
-if _INTERPRETING:
-    # Triton's tl.max/tl.sum are themselves @jit functions, decorated when triton is imported; if triton was
-    # imported before TRITON_INTERPRET=1 was set (as python -m fastpeft.selfcheck does) the interpreter cannot
-    # call them. tl.reduce is patched by the interpreter at launch and runs these combine functions through
-    # its numpy fast path, so the interpreter works whatever the import order.
-    @triton.jit
-    def _row_max(x):
-        return tl.reduce(x, 1, tl.standard._elementwise_max)
-
-    @triton.jit
-    def _row_sum(x):
-        return tl.reduce(x, 1, tl.standard._sum_combine)
-else:
-    @triton.jit
-    def _row_max(x):
-        return tl.max(x, 1)
-
-    @triton.jit
-    def _row_sum(x):
-        return tl.sum(x, 1)
+    Under the causal mask later query blocks see more keys: program 0 takes the last block, so the longest
+    programs start first and the tail is shorter.
+    """
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    h = pid_bh % Hq
+    return pid_bh, (pid_bh // Hq).to(tl.int64), h, h // group, pid_m * BLOCK_M
 
 
 @triton.jit
-def _row_prefix(prefix_index_ptr, prefix_lengths_ptr, b, T, P):
-    """(table entry as int64, valid prefix length) of batch row ``b``. Clamped into the table so that nothing
-    out of bounds is read even from unchecked indices (``prefix_attention_prevalidated`` skips the checks)."""
-    entry = tl.minimum(tl.maximum(tl.load(prefix_index_ptr + b), 0), T - 1).to(tl.int64)
-    prefix_len = tl.minimum(tl.maximum(tl.load(prefix_lengths_ptr + entry), 0), P)
-    return entry, prefix_len
+def _head_bases(k_ptr, v_ptr, row, h_kv, stride_k_row, stride_k_h, stride_v_row, stride_v_h):
+    """(k, v) pointers to key 0 of kv head ``h_kv`` of ``row`` (a batch row of k/v or a prefix table entry)."""
+    return k_ptr + row * stride_k_row + h_kv * stride_k_h, v_ptr + row * stride_v_row + h_kv * stride_v_h
+
+
+@triton.jit
+def _sequence_block_bounds(S, L, m0, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(n_full, n_end) of the sequence keys for the query block starting at ``m0``.
+
+    Key blocks before ``n_full`` are visible to every query of the block (and lie inside S); ``[n_full,
+    n_end)`` are crossed by the causal diagonal or the end of S; keys from ``n_end`` on are never visible.
+    """
+    if CAUSAL:
+        return ((S - L + m0 + 1) // BLOCK_N) * BLOCK_N, tl.minimum(S, S - L + m0 + BLOCK_M)
+    else:
+        return (S // BLOCK_N) * BLOCK_N, S
 
 
 @triton.jit
@@ -128,7 +121,7 @@ def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, mask_base,
                           mask=d_valid[:, None], other=0.0)
             v = tl.load(v_base + offs_n[:, None] * stride_v_n + offs_d[None, :] * stride_v_d,
                         mask=d_valid[None, :], other=0.0)
-        s = _tile_dot(q, k_t, DOT_FP32) * qk_scale
+        s = tile_dot(q, k_t, DOT_FP32) * qk_scale
         if ON_DIAGONAL:
             visible = n_valid[None, :]
             if CAUSAL:
@@ -139,12 +132,12 @@ def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, mask_base,
             s = tl.where(key_real[None, :], s, float("-inf"))
         # A row that has seen no visible key yet keeps m = -inf; shifting by 0 instead keeps exp2 finite
         # (its weights are exp2(-inf) = 0) and its correction factor exp2(-inf - 0) = 0.
-        m_new = tl.maximum(m_i, _row_max(s))
+        m_new = tl.maximum(m_i, tile_max(s, 1))
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_shift)
         p = tl.math.exp2(s - m_shift[:, None])
-        l_i = l_i * alpha + _row_sum(p)
-        acc = acc * alpha[:, None] + _tile_dot(p.to(v.dtype), v, DOT_FP32)
+        l_i = l_i * alpha + tile_sum(p, 1)
+        acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, DOT_FP32)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -172,7 +165,7 @@ def _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, mask_base,
                           mask=d_valid[:, None], other=0.0)
             v_t = tl.load(v_base + offs_n[None, :] * stride_v_n + offs_d[:, None] * stride_v_d,
                           mask=d_valid[:, None], other=0.0)
-        s = _tile_dot(q, k_t, DOT_FP32) * qk_scale
+        s = tile_dot(q, k_t, DOT_FP32) * qk_scale
         if ON_DIAGONAL:
             visible = n_valid[None, :]
             if CAUSAL:
@@ -182,9 +175,9 @@ def _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, mask_base,
             key_real = tl.load(mask_base + offs_n * stride_mask_n, mask=offs_n < n_limit, other=0) != 0
             s = tl.where(key_real[None, :], s, float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])
-        dp = _tile_dot(do, v_t, DOT_FP32)
+        dp = tile_dot(do, v_t, DOT_FP32)
         ds = p * (dp - delta[:, None])
-        dq += _tile_dot(ds.to(k_t.dtype), tl.trans(k_t), DOT_FP32)
+        dq += tile_dot(ds.to(k_t.dtype), tl.trans(k_t), DOT_FP32)
     return dq
 
 
@@ -210,14 +203,14 @@ def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                      mask=m_valid[:, None] & d_valid[None, :], other=0.0)
         lse2 = tl.load(lse_base + offs_m, mask=m_valid, other=float("inf")) * _LOG2E
         delta = tl.load(delta_base + offs_m, mask=m_valid, other=0.0)
-        s_t = _tile_dot(k, q_t, DOT_FP32) * qk_scale                                  # [BLOCK_N, BLOCK_M]
+        s_t = tile_dot(k, q_t, DOT_FP32) * qk_scale                                  # [BLOCK_N, BLOCK_M]
         if CAUSAL_MASK:
             s_t = tl.where(offs_n[:, None] <= (offs_m + query_offset)[None, :], s_t, float("-inf"))
         p_t = tl.math.exp2(s_t - lse2[None, :])
-        dv += _tile_dot(p_t.to(do.dtype), do, DOT_FP32)
-        dp_t = _tile_dot(v, tl.trans(do), DOT_FP32)
+        dv += tile_dot(p_t.to(do.dtype), do, DOT_FP32)
+        dp_t = tile_dot(v, tl.trans(do), DOT_FP32)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += _tile_dot(ds_t.to(q_t.dtype), tl.trans(q_t), DOT_FP32)
+        dk += tile_dot(ds_t.to(q_t.dtype), tl.trans(q_t), DOT_FP32)
     return dk, dv
 
 
@@ -283,14 +276,7 @@ def _prefix_attn_fwd_kernel(
         CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """out/lse of one query block of one (row, query head). ``bucket_l``/``bucket_s`` only key the autotuner."""
-    # Under the causal mask later query blocks see more keys: launch them first to shorten the tail.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // Hq).to(tl.int64)
-    h = pid_bh % Hq
-    h_kv = h // group
-
-    m0 = pid_m * BLOCK_M
+    pid_bh, b, h, h_kv, m0 = _query_block_program(Hq, group, BLOCK_M)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < L
@@ -304,24 +290,17 @@ def _prefix_attn_fwd_kernel(
     l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
 
     # The row's prefix entry, read in place from the table: every valid entry is visible to every query.
-    entry, prefix_len = _row_prefix(prefix_index_ptr, prefix_lengths_ptr, b, T, P)
+    entry, prefix_len = row_prefix(prefix_index_ptr, prefix_lengths_ptr, b, T, P)
+    pk_base, pv_base = _head_bases(prefix_k_ptr, prefix_v_ptr, entry, h_kv,
+                                   stride_pk_t, stride_pk_h, stride_pv_t, stride_pv_h)
     acc, m_i, l_i = _fwd_key_blocks(
-        acc, m_i, l_i, q, prefix_k_ptr + entry * stride_pk_t + h_kv * stride_pk_h,
-        prefix_v_ptr + entry * stride_pv_t + h_kv * stride_pv_h, mask_ptr,
-        stride_pk_p, stride_pk_d, stride_pv_p, stride_pv_d, 0,
+        acc, m_i, l_i, q, pk_base, pv_base, mask_ptr, stride_pk_p, stride_pk_d, stride_pv_p, stride_pv_d, 0,
         q_pos, offs_d, d_valid, 0, prefix_len, prefix_len, qk_scale,
         ON_DIAGONAL=True, CAUSAL=False, HAS_MASK=False, DOT_FP32=DOT_FP32, BLOCK_N=BLOCK_N)
 
-    # The sequence: blocks before n_full are visible to every query of this block (and lie inside S);
-    # [n_full, n_end) are crossed by the diagonal or the end of S; blocks after n_end are never visible.
-    if CAUSAL:
-        n_full = ((S - L + m0 + 1) // BLOCK_N) * BLOCK_N
-        n_end = tl.minimum(S, S - L + m0 + BLOCK_M)
-    else:
-        n_full = (S // BLOCK_N) * BLOCK_N
-        n_end = S
-    k_base = k_ptr + b * stride_k_b + h_kv * stride_k_h
-    v_base = v_ptr + b * stride_v_b + h_kv * stride_v_h
+    # The sequence: unmasked blocks up to n_full, then the blocks the diagonal or the end of S crosses.
+    n_full, n_end = _sequence_block_bounds(S, L, m0, CAUSAL, BLOCK_M, BLOCK_N)
+    k_base, v_base = _head_bases(k_ptr, v_ptr, b, h_kv, stride_k_b, stride_k_h, stride_v_b, stride_v_h)
     mask_base = mask_ptr + b * stride_mask_b
     acc, m_i, l_i = _fwd_key_blocks(
         acc, m_i, l_i, q, k_base, v_base, mask_base, stride_k_s, stride_k_d, stride_v_s, stride_v_d,
@@ -362,7 +341,7 @@ def _prefix_attn_bwd_preprocess_kernel(
                 + offs_d[None, :] * stride_out_d, mask=tile_mask, other=0.0).to(tl.float32)
     do = tl.load(dout_ptr + b * stride_do_b + h * stride_do_h + offs_m[:, None] * stride_do_l
                  + offs_d[None, :] * stride_do_d, mask=tile_mask, other=0.0).to(tl.float32)
-    tl.store(delta_ptr + pid_bh * L + offs_m, _row_sum(o * do), mask=offs_m < L)
+    tl.store(delta_ptr + pid_bh * L + offs_m, tile_sum(o * do, 1), mask=offs_m < L)
 
 
 @triton.autotune(configs=_DKDV_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
@@ -458,7 +437,7 @@ def _prefix_attn_bwd_prefix_dkdv_kernel(
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hkv).to(tl.int64)
     h_kv = pid_bh % Hkv
-    entry, prefix_len = _row_prefix(prefix_index_ptr, prefix_lengths_ptr, b, T, P)
+    entry, prefix_len = row_prefix(prefix_index_ptr, prefix_lengths_ptr, b, T, P)
 
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -550,13 +529,7 @@ def _prefix_attn_bwd_dq_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dq of one query block of one (row, query head): prefix keys, then sequence keys (diagonal split as in
     the forward)."""
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)     # longest (latest) query blocks first, as in the forward
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // Hq).to(tl.int64)
-    h = pid_bh % Hq
-    h_kv = h // group
-
-    m0 = pid_m * BLOCK_M
+    pid_bh, b, h, h_kv, m0 = _query_block_program(Hq, group, BLOCK_M)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < L
@@ -571,22 +544,17 @@ def _prefix_attn_bwd_dq_kernel(
     q_pos = offs_m + (S - L)
 
     dq = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
-    entry, prefix_len = _row_prefix(prefix_index_ptr, prefix_lengths_ptr, b, T, P)
+    entry, prefix_len = row_prefix(prefix_index_ptr, prefix_lengths_ptr, b, T, P)
+    pk_base, pv_base = _head_bases(prefix_k_ptr, prefix_v_ptr, entry, h_kv,
+                                   stride_pk_t, stride_pk_h, stride_pv_t, stride_pv_h)
     dq = _dq_key_blocks(
-        dq, q, do, lse2, delta, prefix_k_ptr + entry * stride_pk_t + h_kv * stride_pk_h,
-        prefix_v_ptr + entry * stride_pv_t + h_kv * stride_pv_h, mask_ptr,
-        stride_pk_p, stride_pk_d, stride_pv_p, stride_pv_d, 0,
+        dq, q, do, lse2, delta, pk_base, pv_base, mask_ptr, stride_pk_p, stride_pk_d, stride_pv_p, stride_pv_d, 0,
         q_pos, offs_d, d_valid, 0, prefix_len, prefix_len, qk_scale,
         ON_DIAGONAL=True, CAUSAL=False, HAS_MASK=False, DOT_FP32=DOT_FP32, BLOCK_N=BLOCK_N)
 
-    if CAUSAL:
-        n_full = ((S - L + m0 + 1) // BLOCK_N) * BLOCK_N
-        n_end = tl.minimum(S, S - L + m0 + BLOCK_M)
-    else:
-        n_full = (S // BLOCK_N) * BLOCK_N
-        n_end = S
-    k_base = k_ptr + b * stride_k_b + h_kv * stride_k_h
-    v_base = v_ptr + b * stride_v_b + h_kv * stride_v_h
+    # The sequence: unmasked blocks up to n_full, then the blocks the diagonal or the end of S crosses.
+    n_full, n_end = _sequence_block_bounds(S, L, m0, CAUSAL, BLOCK_M, BLOCK_N)
+    k_base, v_base = _head_bases(k_ptr, v_ptr, b, h_kv, stride_k_b, stride_k_h, stride_v_b, stride_v_h)
     mask_base = mask_ptr + b * stride_mask_b
     dq = _dq_key_blocks(
         dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_k_s, stride_k_d, stride_v_s, stride_v_d,

@@ -18,7 +18,9 @@ Layout:
 * ``_prefix_decode_combine_kernel``, grid ``(B * Hq,)``: rescales the splits' states to their common max and
   writes ``sum(acc) / sum(l)``; a query that saw no key gets zeros.
 
-The launcher picks ``num_splits`` so that about four waves of programs cover the GPU's SMs.
+The launcher picks ``num_splits`` so that about four waves of programs cover the GPU's SMs. The row's table
+lookup, the dots and the reductions are ``_common``'s helpers (shared with the training kernels), which keep
+the interpreter working even when triton was imported before ``TRITON_INTERPRET=1`` was set.
 """
 
 import functools
@@ -26,7 +28,11 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+# INTERPRETED: whether TRITON_INTERPRET=1 was set when the kernels were decorated; then they run on CPU tensors
+# and the interpreter's broken bf16 tl.dot must be avoided.
+from ._common import INTERPRETING as INTERPRETED
+from ._common import row_prefix, tile_dot, tile_max, tile_sum
 
 _LOG2E = 1.4426950408889634
 # Finite "minus infinity" for running maxima: exp2(NEG_BIG - NEG_BIG) = 1 instead of NaN, so a program, a
@@ -46,23 +52,16 @@ def _online_softmax_tile(q, k_tile, v_tile, visible, m_i, l_i, acc, qk_scale, DO
     """Fold one tile of keys into the running (max, sum, acc) of BLOCK_G query heads.
 
     q ``[BLOCK_G, BLOCK_D]``, k_tile / v_tile ``[BLOCK_N, BLOCK_D]``, visible ``[BLOCK_N]`` bool.
-    Scores are in the log2 domain (``qk_scale`` includes log2(e)) so exp2 replaces exp.
+    Scores are in the log2 domain (``qk_scale`` includes log2(e)) so exp2 replaces exp. ``DOT_IN_FP32``: IEEE
+    float32 dots, for float32 inputs (no TF32) and under the interpreter (whose bf16 dot is wrong).
     """
-    if DOT_IN_FP32:
-        # fp32 inputs must not be rounded to tf32; the interpreter also takes this path (its bf16 dot is wrong).
-        scores = tl.dot(q.to(tl.float32), tl.trans(k_tile.to(tl.float32)), input_precision="ieee")
-    else:
-        scores = tl.dot(q, tl.trans(k_tile))
+    scores = tile_dot(q, tl.trans(k_tile), DOT_IN_FP32)
     scores = tl.where(visible[None, :], scores * qk_scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    m_new = tl.maximum(m_i, tile_max(scores, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(scores - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if DOT_IN_FP32:
-        pv = tl.dot(p, v_tile.to(tl.float32), input_precision="ieee")
-    else:
-        pv = tl.dot(p.to(v_tile.dtype), v_tile)
-    acc = acc * alpha[:, None] + pv
+    l_i = l_i * alpha + tile_sum(p, 1)
+    acc = acc * alpha[:, None] + tile_dot(p.to(v_tile.dtype), v_tile, DOT_IN_FP32)
     return m_new, l_i, acc
 
 
@@ -89,10 +88,7 @@ def _prefix_decode_split_kernel(
     b = pid_row // HEAD_CHUNKS // Hkv
     kv_head = pid_row // HEAD_CHUNKS % Hkv
 
-    # Clamped so that a bad index or length can never address outside the table (the Python layer
-    # validates them; the clamp only guards the memory).
-    entry = tl.minimum(tl.maximum(tl.load(prefix_index_ptr + b), 0), T - 1)
-    prefix_len = tl.minimum(tl.maximum(tl.load(prefix_lengths_ptr + entry), 0), P)
+    entry, prefix_len = row_prefix(prefix_index_ptr, prefix_lengths_ptr, b, T, P)
     chunk_start = split * chunk_len
     chunk_end = tl.minimum(chunk_start + chunk_len, prefix_len + S)
 
@@ -106,13 +102,13 @@ def _prefix_decode_split_kernel(
                 mask=g_valid[:, None] & d_valid[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_G], _NEG_BIG, tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    l_i = tl.full([BLOCK_G], 0.0, tl.float32)
+    acc = tl.full([BLOCK_G, BLOCK_D], 0.0, tl.float32)
 
     # Prefix part of the chunk: table positions [chunk_start, min(chunk_end, prefix_len)).
     prefix_stop = tl.minimum(chunk_end, prefix_len)
-    pk_base = prefix_k_ptr + entry.to(tl.int64) * stride_pk_t + kv_head * stride_pk_h
-    pv_base = prefix_v_ptr + entry.to(tl.int64) * stride_pv_t + kv_head * stride_pv_h
+    pk_base = prefix_k_ptr + entry * stride_pk_t + kv_head * stride_pk_h
+    pv_base = prefix_v_ptr + entry * stride_pv_t + kv_head * stride_pv_h
     for start in range(chunk_start, prefix_stop, BLOCK_N):
         pos = start + offs_n
         visible = pos < prefix_stop
@@ -173,24 +169,19 @@ def _prefix_decode_combine_kernel(
     all_valid = offs_all < num_splits
     m_all = tl.load(part_m_ptr + first + offs_all, mask=all_valid, other=_NEG_BIG)
     l_all = tl.load(part_l_ptr + first + offs_all, mask=all_valid, other=0.0)
-    m_max = tl.max(m_all, 0)
-    denominator = tl.sum(tl.exp2(m_all - m_max) * l_all, 0)
-    numerator = tl.zeros([BLOCK_D], tl.float32)
+    m_max = tile_max(m_all, 0)
+    denominator = tile_sum(tl.exp2(m_all - m_max) * l_all, 0)
+    numerator = tl.full([BLOCK_D], 0.0, tl.float32)
     for tile_start in range(0, num_splits, SPLIT_TILE):
         offs_s = tile_start + tl.arange(0, SPLIT_TILE)
         s_valid = offs_s < num_splits
         weight = tl.exp2(tl.load(part_m_ptr + first + offs_s, mask=s_valid, other=_NEG_BIG) - m_max)
         acc = tl.load(part_acc_ptr + (first + offs_s)[:, None] * D + offs_d[None, :],
                       mask=s_valid[:, None] & d_valid[None, :], other=0.0)
-        numerator += tl.sum(weight[:, None] * acc, 0)
+        numerator += tile_sum(weight[:, None] * acc, 0)
     out = tl.where(denominator > 0, numerator / tl.where(denominator > 0, denominator, 1.0), 0.0)
     tl.store(out_ptr + b * stride_o_b + head * stride_o_h + offs_d * stride_o_d,
              out.to(out_ptr.dtype.element_ty), mask=d_valid)
-
-
-# Whether TRITON_INTERPRET=1 was set when this module was imported (Triton decides at decoration time):
-# then the kernels run on CPU tensors and the interpreter's broken bf16 tl.dot must be avoided.
-INTERPRETED = isinstance(_prefix_decode_split_kernel, InterpretedFunction)
 
 
 @functools.lru_cache(maxsize=None)

@@ -193,6 +193,66 @@ def test_dispatcher_runs_decode_kernel(decode_kernels, kernel_device, backend_en
     assert_close(out, concat_reference(**inputs), 1e-5, name="out")
 
 
+# The import order of a user script that loads peft (or transformers, bitsandbytes) before asking for the
+# interpreter: triton is imported first, so its own @jit library functions (tl.max, tl.sum, tl.zeros, ...) are
+# decorated for compiled mode, and an interpreted kernel that calls them fails with "Cannot call @triton.jit'd
+# outside of the scope of a kernel". The kernels must not depend on them; decode and training both run here.
+LATE_INTERPRETER = r"""
+import os
+import triton
+import triton.language as tl
+import peft  # noqa: F401  (the usual reason triton is already imported)
+from triton.runtime.interpreter import InterpretedFunction
+
+assert not isinstance(tl.max, InterpretedFunction), "precondition: triton's library decorated for compiled mode"
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ["FASTPEFT_BACKEND"] = "triton"
+
+import torch
+import fastpeft
+from fastpeft.kernels import prefix_attention as training_kernels, prefix_decode as decode_kernels
+from tests.cases import CASES, GRAD_NAMES, forward_and_grads, make_inputs
+from tests.reference import assert_close, concat_reference
+
+assert decode_kernels.INTERPRETED and training_kernels._INTERPRETING
+calls = []
+for module, name in ((decode_kernels, "prefix_decode_fwd"), (training_kernels, "prefix_attention_fwd"),
+                     (training_kernels, "prefix_attention_bwd")):
+    def counting(*args, _launcher=getattr(module, name), _name=name, **kwargs):
+        calls.append(_name)
+        return _launcher(*args, **kwargs)
+    setattr(module, name, counting)
+
+decode_case = next(case for case in CASES if case.name == "decode")
+inputs = make_inputs(decode_case, seed=21, requires_grad=False)
+with torch.no_grad():
+    out = fastpeft.prefix_attention(**inputs)
+assert_close(out, concat_reference(**inputs), 1e-5, name="decode out")
+
+train_case = next(case for case in CASES if case.name == "table-ragged-leftpad")
+inputs = make_inputs(train_case, seed=22)
+dout = torch.randn(train_case.B, train_case.Hq, train_case.L, train_case.D,
+                   generator=torch.Generator().manual_seed(23))
+out, grads = forward_and_grads(fastpeft.prefix_attention, inputs, dout)
+reference_inputs = {name: (t.detach().double().requires_grad_(name in GRAD_NAMES)
+                           if torch.is_tensor(t) and t.is_floating_point() else t) for name, t in inputs.items()}
+ref_out, ref_grads = forward_and_grads(concat_reference, reference_inputs, dout.double())
+assert_close(out, ref_out, 1e-5, name="training out")
+for name in GRAD_NAMES:
+    assert_close(grads[name], ref_grads[name], 1e-5, name=f"d{name}")
+assert calls == ["prefix_decode_fwd", "prefix_attention_fwd", "prefix_attention_bwd"], calls
+print("interpreted after a late TRITON_INTERPRET")
+"""
+
+
+def test_kernels_interpret_when_triton_was_imported_before_triton_interpret():
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("TRITON_INTERPRET", "FASTPEFT_BACKEND")}
+    result = subprocess.run([sys.executable, "-c", LATE_INTERPRETER], capture_output=True, text=True, env=env,
+                            cwd=Path(__file__).resolve().parent.parent, timeout=600)
+    assert result.returncode == 0 and "interpreted after a late" in result.stdout, result.stderr[-4000:]
+
+
 # Compiles the kernels for sm_90 without a GPU (Triton's bundled ptxas), in a process without the interpreter:
 # errors that only the compiler sees (non-constexpr globals, tl.dot shapes, dtype mismatches) fail on CPU CI.
 OFFLINE_COMPILE = r"""
