@@ -96,6 +96,36 @@ def _sequence_block_bounds(S, L, m0, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr
 
 
 @triton.jit
+def _load_keys_transposed(base, offs_n, offs_d, d_valid, stride_n, stride_d, n_limit, ON_DIAGONAL: tl.constexpr):
+    """Tile ``[BLOCK_D, BLOCK_N]`` of the rows ``offs_n`` of a K or V range, transposed for ``q @ k_t``.
+
+    Only ``ON_DIAGONAL`` blocks can reach past the ``n_limit`` valid keys, so only they mask the key dimension.
+    """
+    if ON_DIAGONAL:
+        mask = (offs_n < n_limit)[None, :] & d_valid[:, None]
+    else:
+        mask = d_valid[:, None]
+    return tl.load(base + offs_n[None, :] * stride_n + offs_d[:, None] * stride_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def _masked_scores(s, offs_n, q_pos, n_limit, mask_base, stride_mask_n,
+                   ON_DIAGONAL: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Scores ``s [BLOCK_M, BLOCK_N]`` with the invisible keys set to ``-inf``: on ``ON_DIAGONAL`` blocks the
+    keys ``>= n_limit`` and (``CAUSAL``) those after each query's position ``q_pos``; with ``HAS_MASK`` the
+    padding keys."""
+    if ON_DIAGONAL:
+        visible = (offs_n < n_limit)[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= q_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+    if HAS_MASK:
+        key_real = tl.load(mask_base + offs_n * stride_mask_n, mask=offs_n < n_limit, other=0) != 0
+        s = tl.where(key_real[None, :], s, float("-inf"))
+    return s
+
+
+@triton.jit
 def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, mask_base,
                     stride_k_n, stride_k_d, stride_v_n, stride_v_d, stride_mask_n,
                     q_pos, offs_d, d_valid, n_lo, n_hi, n_limit, qk_scale,
@@ -110,26 +140,14 @@ def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, mask_base,
     """
     for n0 in range(n_lo, n_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
+        k_t = _load_keys_transposed(k_base, offs_n, offs_d, d_valid, stride_k_n, stride_k_d, n_limit, ON_DIAGONAL)
         if ON_DIAGONAL:
-            n_valid = offs_n < n_limit
-            k_t = tl.load(k_base + offs_n[None, :] * stride_k_n + offs_d[:, None] * stride_k_d,
-                          mask=n_valid[None, :] & d_valid[:, None], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_v_n + offs_d[None, :] * stride_v_d,
-                        mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+            v_mask = (offs_n < n_limit)[:, None] & d_valid[None, :]
         else:
-            k_t = tl.load(k_base + offs_n[None, :] * stride_k_n + offs_d[:, None] * stride_k_d,
-                          mask=d_valid[:, None], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_v_n + offs_d[None, :] * stride_v_d,
-                        mask=d_valid[None, :], other=0.0)
-        s = tile_dot(q, k_t, DOT_FP32) * qk_scale
-        if ON_DIAGONAL:
-            visible = n_valid[None, :]
-            if CAUSAL:
-                visible = visible & (offs_n[None, :] <= q_pos[:, None])
-            s = tl.where(visible, s, float("-inf"))
-        if HAS_MASK:
-            key_real = tl.load(mask_base + offs_n * stride_mask_n, mask=offs_n < n_limit, other=0) != 0
-            s = tl.where(key_real[None, :], s, float("-inf"))
+            v_mask = d_valid[None, :]
+        v = tl.load(v_base + offs_n[:, None] * stride_v_n + offs_d[None, :] * stride_v_d, mask=v_mask, other=0.0)
+        s = _masked_scores(tile_dot(q, k_t, DOT_FP32) * qk_scale, offs_n, q_pos, n_limit, mask_base, stride_mask_n,
+                           ON_DIAGONAL, CAUSAL, HAS_MASK)
         # A row that has seen no visible key yet keeps m = -inf; shifting by 0 instead keeps exp2 finite
         # (its weights are exp2(-inf) = 0) and its correction factor exp2(-inf - 0) = 0.
         m_new = tl.maximum(m_i, tile_max(s, 1))
@@ -154,26 +172,10 @@ def _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, mask_base,
     """
     for n0 in range(n_lo, n_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        if ON_DIAGONAL:
-            n_valid = offs_n < n_limit
-            k_t = tl.load(k_base + offs_n[None, :] * stride_k_n + offs_d[:, None] * stride_k_d,
-                          mask=n_valid[None, :] & d_valid[:, None], other=0.0)
-            v_t = tl.load(v_base + offs_n[None, :] * stride_v_n + offs_d[:, None] * stride_v_d,
-                          mask=n_valid[None, :] & d_valid[:, None], other=0.0)
-        else:
-            k_t = tl.load(k_base + offs_n[None, :] * stride_k_n + offs_d[:, None] * stride_k_d,
-                          mask=d_valid[:, None], other=0.0)
-            v_t = tl.load(v_base + offs_n[None, :] * stride_v_n + offs_d[:, None] * stride_v_d,
-                          mask=d_valid[:, None], other=0.0)
-        s = tile_dot(q, k_t, DOT_FP32) * qk_scale
-        if ON_DIAGONAL:
-            visible = n_valid[None, :]
-            if CAUSAL:
-                visible = visible & (offs_n[None, :] <= q_pos[:, None])
-            s = tl.where(visible, s, float("-inf"))
-        if HAS_MASK:
-            key_real = tl.load(mask_base + offs_n * stride_mask_n, mask=offs_n < n_limit, other=0) != 0
-            s = tl.where(key_real[None, :], s, float("-inf"))
+        k_t = _load_keys_transposed(k_base, offs_n, offs_d, d_valid, stride_k_n, stride_k_d, n_limit, ON_DIAGONAL)
+        v_t = _load_keys_transposed(v_base, offs_n, offs_d, d_valid, stride_v_n, stride_v_d, n_limit, ON_DIAGONAL)
+        s = _masked_scores(tile_dot(q, k_t, DOT_FP32) * qk_scale, offs_n, q_pos, n_limit, mask_base, stride_mask_n,
+                           ON_DIAGONAL, CAUSAL, HAS_MASK)
         p = tl.math.exp2(s - lse2[:, None])
         dp = tile_dot(do, v_t, DOT_FP32)
         ds = p * (dp - delta[:, None])
