@@ -40,9 +40,10 @@ def triton_available():
 
 def triton_usable_on(device):
     """Triton kernels run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``."""
-    if not triton_available()[0]:
+    # Device first: a plain CPU call must not pay for importing triton.
+    if not (device.type == "cuda" or (device.type == "cpu" and triton_interpreting())):
         return False
-    return device.type == "cuda" or (device.type == "cpu" and triton_interpreting())
+    return triton_available()[0]
 
 
 @functools.lru_cache(maxsize=None)

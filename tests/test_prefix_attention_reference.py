@@ -69,3 +69,17 @@ def test_float64_gradcheck():
         return fastpeft.prefix_attention(**kwargs)
 
     assert torch.autograd.gradcheck(fn, tuple(inputs[n] for n in names))
+
+
+def test_empty_sequence_gives_empty_output():
+    q, k = torch.randn(2, 4, 0, 8), torch.randn(2, 2, 0, 8)
+    out = fastpeft.prefix_attention(q, k, k, torch.randn(2, 3, 8), torch.randn(2, 3, 8))
+    assert out.shape == (2, 4, 0, 8)
+
+
+def test_compiles_fullgraph_with_a_prefix_table():
+    # The value checks of prefix_index/prefix_lengths are data-dependent; under torch.compile they are skipped.
+    case = Case("compiled", B=2, T=3, ragged=True, padding="left")
+    inputs = make_inputs(case, seed=6, requires_grad=False)
+    compiled = torch.compile(fastpeft.prefix_attention, backend="aot_eager", fullgraph=True)
+    assert_close(compiled(**inputs), fastpeft.prefix_attention(**inputs), 1e-6, "compiled")

@@ -44,8 +44,11 @@ def _canonicalize(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key
     Canonical: prefix_k/prefix_v ``[T, Hkv, P, D]`` (a shared prefix becomes T = 1), prefix_index ``[B]``
     int32, prefix_lengths ``[T]`` int32, key_padding_mask ``[B, S]`` bool or None, softmax_scale a float.
     ``check_values=False`` skips the value checks of prefix_index / prefix_lengths (they synchronize with the
-    device); only callers that validated them already (once per model forward) pass it.
+    device); only callers that validated them already (once per model forward) pass it. Under torch.compile the
+    value checks are skipped too (they are data-dependent); the kernels clamp indices, so nothing is read out of
+    bounds either way.
     """
+    check_values = check_values and not torch.compiler.is_compiling()
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, 4)
     B, Hq, L, D = q.shape
@@ -146,9 +149,6 @@ def _choose_backend(q, needs_grad):
     return _select_backend(q.device, q.dtype, q.shape[2] == 1 and not needs_grad)
 
 
-# torch.compile evaluates the choice once while tracing (it depends on the environment and on cached imports,
-# which Dynamo cannot trace) and bakes the result into the graph.
-@torch.compiler.assume_constant_result
 def _select_backend(device, dtype, decode):
     forced = _backend.forced_backend()
     is_cuda = device.type == "cuda"
@@ -181,6 +181,13 @@ def _select_backend(device, dtype, decode):
     if is_cuda:
         _backend.warn_fallback_once(_backend.triton_available()[1])
     return "reference"
+
+
+# torch.compile evaluates the choice once while tracing (it depends on the environment and on cached imports,
+# which Dynamo cannot trace) and bakes the result into the graph. This is exactly what
+# `torch.compiler.assume_constant_result` does (it sets this attribute), but calling it imports torch._dynamo,
+# and with it triton, which `import fastpeft` must not do.
+_select_backend._dynamo_marked_constant = True
 
 
 def _cuda_decode_available():

@@ -41,6 +41,8 @@ def reference_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, prefix
     Hkv, S = k.shape[1], k.shape[2]
     T, P = prefix_k.shape[0], prefix_k.shape[2]
     group = Hq // Hkv
+    if S == 0:  # then L == 0 too: nothing to attend from (and no key axis to reduce over)
+        return q.new_zeros(B, Hq, L, D)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
 
     qg = q.to(compute).reshape(B, Hkv, group, L, D) * softmax_scale
