@@ -89,7 +89,7 @@ def _canonicalize(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key
     tensors = {"q": q, "k": k, "v": v, "prefix_k": prefix_k, "prefix_v": prefix_v}
     for name, t in tensors.items():
         if t.dtype not in SUPPORTED_DTYPES + (torch.float64,):
-            raise ValueError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
+            raise ValueError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32 (float64 on the reference path)")
         if t.dtype != q.dtype:
             raise ValueError(f"all inputs must share one dtype: q is {q.dtype} but {name} is {t.dtype}")
         if t.device != q.device:
@@ -167,8 +167,8 @@ def _select_backend(device, dtype, decode):
             if not _backend.triton_usable_on(device):
                 raise ValueError("FASTPEFT_BACKEND=cuda: the CUDA extension does not cover this case "
                                  "and Triton is unavailable")
-            _backend.warn_once("FASTPEFT_BACKEND=cuda: the CUDA extension implements decode (L=1, no grad) "
-                               "only; using Triton for the rest")
+            _backend.warn_once("FASTPEFT_BACKEND=cuda: the CUDA extension (where built) implements decode "
+                               "(L=1, no grad) only; using Triton for the rest")
         return "triton"
 
     if is_cuda and decode and _cuda_decode_available():
