@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from .adapters import PREFIX_TUNING, BaseGeometry, check_compatible, load_prompt_adapter, prefix_key_values
-from .integration.attention import ATTN_IMPLEMENTATION, PREFIX_KWARG, PrefixSpec, use_fastpeft_attention
+from .integration.attention import (ATTN_IMPLEMENTATION, PREFIX_KWARG, PrefixSpec, check_supported_model,
+                                    use_fastpeft_attention)
 
 NO_ADAPTER_SLOT = 0
 # transformers' global defaults for sampling arguments that neither the caller nor the generation config sets.
@@ -73,6 +74,7 @@ class AdapterBank:
                              "peft_model)")
         if getattr(base_model.config, "is_encoder_decoder", False) or not base_model.can_generate():
             raise ValueError(f"AdapterBank serves decoder-only causal LMs; got {type(base_model).__name__}")
+        check_supported_model(base_model, "AdapterBank")
         if not isinstance(initial_capacity, int) or initial_capacity < 1:
             raise ValueError(f"initial_capacity must be a positive integer, got {initial_capacity!r}")
         devices = set((getattr(base_model, "hf_device_map", None) or {}).values())
@@ -88,8 +90,9 @@ class AdapterBank:
 
         g = self.geometry
         # One entry for the permanent empty slot plus room for the requested number of adapters. P_max starts at 1,
-        # not 0: every call, even one without adapters, then goes through a non-empty table (the PyTorch reference
-        # path cannot reduce over zero prefix columns). The tables are only ever touched under inference mode.
+        # not 0, so that the tables never have a zero-size prefix axis (an entry's length, not P_max, decides what
+        # is visible; no backend has to handle an empty axis). The tables are only ever touched under inference
+        # mode.
         with torch.inference_mode():
             self._kv = torch.zeros(2, g.num_layers, initial_capacity + 1, g.num_kv_heads, 1, g.head_dim,
                                    device=self.device, dtype=self.dtype)
@@ -383,7 +386,11 @@ class AdapterBank:
                 torch.tensor(offsets, dtype=torch.long, device=self.device))
 
     def _prefix_spec(self, prefix_index):
-        return PrefixSpec.build(self._layer_keys, self._layer_values, prefix_index, self._lengths)
+        """The bank's tables as a ``PrefixSpec`` for the rows' table entries ``prefix_index [B]``. Built without
+        the spec's value checks (device syncs on every forward and decode step): ``_route`` makes every index a
+        live slot and ``_lengths`` never exceeds ``P_max``, by construction."""
+        return PrefixSpec.build(self._layer_keys, self._layer_values, prefix_index, self._lengths,
+                                check_values=False)
 
     def _forward(self, input_ids, attention_mask, position_ids, spec, cache=None, logits_to_keep=0):
         extra = {"logits_to_keep": logits_to_keep} if logits_to_keep and self._accepts_logits_to_keep else {}

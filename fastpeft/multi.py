@@ -181,7 +181,7 @@ class MultiPrefixTrainer:
         from peft import PeftModel, PrefixTuningConfig
         from peft.utils import _prepare_prompt_learning_config
 
-        from .integration.attention import use_fastpeft_attention
+        from .integration.attention import check_supported_model, use_fastpeft_attention
 
         if isinstance(model, PeftModel):
             raise ValueError("model must be the base transformers model, not a PeftModel: add PEFT adapters with "
@@ -191,6 +191,7 @@ class MultiPrefixTrainer:
         if getattr(model.config, "is_encoder_decoder", False):
             raise ValueError("MultiPrefixTrainer trains prefixes of decoder-only causal LMs; "
                              f"{type(model).__name__} is an encoder-decoder model")
+        check_supported_model(model, "MultiPrefixTrainer")
         if mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of None, 'bf16', 'fp16', got {mixed_precision!r}")
         if max_grad_norm is not None and not max_grad_norm > 0:
@@ -429,7 +430,9 @@ class MultiPrefixTrainer:
         with self._autocast():
             keys, values = self._table_module()(tuple(self._slots[n] for n in present), tuple(lengths),
                                                 self._compute_dtype())
-            spec = PrefixSpec.build(keys, values, prefix_index, prefix_lengths)
+            # Indices and lengths are valid by construction (entries of ``present``, their own lengths): skip the
+            # spec's device-syncing value checks.
+            spec = PrefixSpec.build(keys, values, prefix_index, prefix_lengths, check_values=False)
             # The attention mask is always passed: without one transformers would read position_ids offset by P as
             # packed sequences.
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

@@ -132,3 +132,15 @@ def interpreted_triton(monkeypatch):
         pytest.skip("the interpreted-Triton subset needs TRITON_INTERPRET=1 for the whole session "
                     "(tests/conftest.py sets it on CPU-only torch builds)")
     monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+
+
+def tiny_softcapped_gemma2():
+    """A tiny Gemma 2 causal LM with attention logit soft-capping: a family whose attention fastpeft does not
+    reproduce (``tanh`` soft-capping of the scores), so every entry point must refuse it."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.Gemma2Config(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                             num_key_value_heads=1, head_dim=32, intermediate_size=128, attn_logit_softcapping=5.0,
+                             max_position_embeddings=64, pad_token_id=0)
+    return tf.Gemma2ForCausalLM(config).eval()

@@ -373,3 +373,56 @@ def test_cuda_bfloat16_kernels_match_peft_within_its_own_error(method):
         assert relative_error(ours[2][name], grad) < bound, name
     generated = greedy(peft_model, ids, mask, max_new_tokens=4)
     assert generated.shape == (ids.shape[0], ids.shape[1] + 4) and torch.equal(generated[:, :ids.shape[1]], ids)
+
+
+def test_attention_kwargs_that_change_the_scores_are_refused():
+    """Gemma 2's soft-capping (``softcap``) and attention sinks (``s_aux``) reach the attention function as keyword
+    arguments; ignoring them would give wrong outputs silently."""
+    g = torch.Generator().manual_seed(0)
+    query, key = torch.randn(1, 2, 3, 16, generator=g), torch.randn(1, 1, 3, 16, generator=g)
+    module = torch.nn.Module()
+    module.layer_idx, module.is_causal = 0, True
+    output, _ = attention.fastpeft_attention_forward(module, query, key, key, None, softcap=None, s_aux=None)
+    assert output.shape == (1, 3, 2, 16)
+    with pytest.raises(ValueError, match="softcap"):
+        attention.fastpeft_attention_forward(module, query, key, key, None, softcap=50.0)
+    with pytest.raises(ValueError, match="s_aux"):
+        attention.fastpeft_attention_forward(module, query, key, key, None, s_aux=torch.randn(2, generator=g))
+
+
+def test_softcapped_model_on_fastpeft_attention_raises():
+    from tests.accelerate_helpers import tiny_softcapped_gemma2
+
+    model = tiny_softcapped_gemma2()
+    attention.use_fastpeft_attention(model)
+    ids = torch.randint(1, 128, (1, 5), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="softcap"):
+        model(input_ids=ids)
+
+
+def test_refuses_softcapped_family():
+    from peft import get_peft_model
+
+    from tests.accelerate_helpers import tiny_softcapped_gemma2
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(tiny_softcapped_gemma2(), peft_config("prefix", "gemma2"))
+    with pytest.raises(ValueError, match="gemma2"):
+        fastpeft.accelerate(peft_model)
+
+
+def test_mask_function_accepts_both_transformers_call_styles():
+    """Recent transformers call mask functions with q_length/q_offset, older ones with cache_position; either way
+    the result is the 2-D boolean key padding mask over the last kv_length keys."""
+    from transformers.masking_utils import causal_mask_function
+
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    new_style = attention.fastpeft_mask(batch_size=2, q_length=2, kv_length=4, q_offset=2, kv_offset=0,
+                                        mask_function=causal_mask_function, attention_mask=mask)
+    old_style = attention.fastpeft_mask(batch_size=2, cache_position=torch.arange(2, 4), kv_length=4, kv_offset=0,
+                                        mask_function=causal_mask_function, attention_mask=mask)
+    for result in (new_style, old_style):
+        assert result.dtype == torch.bool and torch.equal(result, mask[:, -4:].bool())
+    assert attention.fastpeft_mask(batch_size=2, cache_position=torch.arange(4), kv_length=4,
+                                   mask_function=causal_mask_function, attention_mask=None) is None

@@ -436,3 +436,15 @@ def test_serving_many_requests_does_not_grow_memory(setups):
         serve(call)
     assert s.bank.storage_bytes == storage
     assert _live_tensors() == live
+
+
+def test_refuses_unsupported_family():
+    """A soft-capped Gemma 2 would be served with logits off by soft-capping: refused at construction, and the model
+    keeps its attention implementation."""
+    from tests.accelerate_helpers import tiny_softcapped_gemma2
+
+    model = tiny_softcapped_gemma2()
+    previous = model.config._attn_implementation
+    with pytest.raises(ValueError, match="gemma2"):
+        AdapterBank(model)
+    assert model.config._attn_implementation == previous

@@ -555,3 +555,13 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
                 assert_close(result["params"][name][key], value, 1e-5, name=f"rank {rank} {name}.{key}")
         for key, value in initial.items():
             assert torch.equal(result["params"]["idle"][key], value)
+
+
+def test_refuses_unsupported_family():
+    from tests.accelerate_helpers import tiny_softcapped_gemma2
+
+    model = tiny_softcapped_gemma2()
+    previous = model.config._attn_implementation
+    with pytest.raises(ValueError, match="gemma2"):
+        MultiPrefixTrainer(model)
+    assert model.config._attn_implementation == previous and all(p.requires_grad for p in model.parameters())

@@ -11,8 +11,8 @@ every attention call, so each layer's attention function picks its own K/V out o
 ``module.layer_idx``. Keyword arguments (rather than state on the modules) survive gradient checkpointing, whose
 recomputation runs after the forward has returned, and concurrent models sharing one backbone.
 
-The mask function hands the attention function the 2-D key padding mask ``[B, S]`` (bool, or None when every key
-is real) instead of a 4-D mask: causality and padding are applied inside the kernels.
+The mask function hands the attention function the 2-D key padding mask ``[B, S]`` (bool, or None when the model
+got no attention mask) instead of a 4-D mask: causality and padding are applied inside the kernels.
 """
 
 from dataclasses import dataclass
@@ -38,7 +38,8 @@ class PrefixSpec:
     prefix_lengths: ``[T]`` integer, valid length of each entry (ragged tables); default P.
 
     Build it with ``PrefixSpec.build``, which checks the index values once, so that the per-layer attention calls
-    can skip that (device-synchronizing) check.
+    can skip that (device-synchronizing) check. Callers whose indices are valid by construction (``AdapterBank``,
+    ``MultiPrefixTrainer``) pass ``check_values=False``: the checks cost a device sync per forward.
     """
 
     keys: Sequence[torch.Tensor]
@@ -47,7 +48,9 @@ class PrefixSpec:
     prefix_lengths: Optional[torch.Tensor] = None
 
     @classmethod
-    def build(cls, keys, values, prefix_index=None, prefix_lengths=None):
+    def build(cls, keys, values, prefix_index=None, prefix_lengths=None, check_values=True):
+        """Check the per-layer structure (always) and, with ``check_values``, that ``prefix_index`` lies in
+        ``[0, T)`` and ``prefix_lengths`` in ``[0, P]`` (four device syncs). Raises ValueError / IndexError."""
         keys, values = tuple(keys), tuple(values)
         if len(keys) != len(values) or not keys:
             raise ValueError(f"keys and values must hold one tensor per layer, got {len(keys)} and {len(values)}")
@@ -56,9 +59,10 @@ class PrefixSpec:
             if prefix_index is None:
                 raise ValueError("prefix_index is required with per-layer prefix tables [T, Hkv, P, D]")
             T, P = keys[0].shape[0], keys[0].shape[2]
-            if prefix_index.numel() and (int(prefix_index.min()) < 0 or int(prefix_index.max()) >= T):
+            if check_values and prefix_index.numel() and (
+                    int(prefix_index.min()) < 0 or int(prefix_index.max()) >= T):
                 raise IndexError(f"prefix_index values must lie in [0, T={T})")
-            if prefix_lengths is not None and prefix_lengths.numel() and (
+            if check_values and prefix_lengths is not None and prefix_lengths.numel() and (
                     int(prefix_lengths.min()) < 0 or int(prefix_lengths.max()) > P):
                 raise ValueError(f"prefix_lengths values must lie in [0, P={P}]")
         return cls(keys, values, prefix_index, prefix_lengths)
@@ -70,10 +74,36 @@ class PrefixSpec:
         return self.keys[layer_idx], self.values[layer_idx]
 
 
+# Keyword arguments transformers passes to attention functions that change the attention math (logit
+# soft-capping: Gemma 2; attention sinks: gpt-oss and others; additive position biases: T5-style; sparse or packed
+# key selections). fastpeft's kernels implement none of them: a non-None value is refused, never ignored.
+UNSUPPORTED_ATTENTION_KWARGS = ("softcap", "s_aux", "sinks", "position_bias", "indices", "block_indices",
+                                "cu_seq_lens_q", "cu_seq_lens_k")
+# Model families whose attention is exactly what the kernels compute (causal or bidirectional softmax attention
+# with padding, RoPE or learned positions applied before attention, an optional sliding window checked per call).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "bert")
+
+
+def check_supported_model(model, user):
+    """Raise ValueError unless ``model`` (a transformers ``PreTrainedModel``) is of a supported family.
+
+    ``user`` names the caller in the message (``"fastpeft.accelerate"``, ``"AdapterBank"``, ...). Other families
+    may use attention features (soft-capping, sinks, custom masks, position schemes) that fastpeft does not
+    reproduce; refusing them up front beats wrong outputs."""
+    config = model.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{user} supports the model types {', '.join(SUPPORTED_MODEL_TYPES)}; got {model_type!r} "
+                         f"({type(model).__name__}), whose attention may use features (soft-capping, sinks, custom "
+                         "masks, position schemes) fastpeft does not reproduce")
+
+
 def _no_prefix(key):
     """A one-entry prefix of valid length 0 (``prefix_lengths = [0]``): attention over the sequence alone, through
-    the same kernels. (A zero-size P axis is avoided: reductions over an empty axis fail in the reference path.)
-    Returns prefix_k, prefix_v ``[1, Hkv, 1, D]``, prefix_index ``[B]`` and prefix_lengths ``[1]``."""
+    the same kernels. The entry has one (invisible) column rather than none, so that no backend has to handle a
+    zero-size prefix axis. Returns prefix_k, prefix_v ``[1, Hkv, 1, D]``, prefix_index ``[B]`` and
+    prefix_lengths ``[1]``."""
     B, Hkv, _, D = key.shape
     empty = key.new_zeros(1, Hkv, 1, D)
     index = torch.zeros(B, dtype=torch.int32, device=key.device)
@@ -89,6 +119,10 @@ def fastpeft_attention_forward(module, query, key, value, attention_mask, dropou
     if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
         raise ValueError("fastpeft attention takes a 2-D key padding mask [B, S]; this model passed a "
                          f"{getattr(attention_mask, 'dim', lambda: '?')()}-D mask (a custom 4-D mask is not supported)")
+    unsupported = [name for name in UNSUPPORTED_ATTENTION_KWARGS if kwargs.get(name) is not None]
+    if unsupported:
+        raise ValueError(f"{type(module).__name__} passes {', '.join(unsupported)} to its attention function; "
+                         "fastpeft attention does not implement that (it would change the attention scores)")
     spec = kwargs.get(PREFIX_KWARG)
     if spec is None:
         prefix_k, prefix_v, prefix_index, prefix_lengths = _no_prefix(key)
@@ -141,10 +175,16 @@ def fastpeft_attention_forward(module, query, key, value, attention_mask, dropou
     return out.transpose(1, 2), None
 
 
-def fastpeft_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
-                  attention_mask=None, config=None, **kwargs):
-    """transformers mask function: the 2-D key padding mask ``[B, kv_length]`` (bool), or None when every key is
-    real. Causality is the kernels' job. Mask patterns the kernels cannot express are refused, never ignored."""
+def fastpeft_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None,
+                  attention_mask=None, config=None, cache_position=None, **kwargs):
+    """transformers mask function: the 2-D key padding mask ``[B, kv_length]`` (bool), or None when the model got no
+    attention_mask. Causality is the kernels' job. Mask patterns the kernels cannot express are refused, never ignored.
+
+    Only ``kv_length``, ``mask_function``, ``attention_mask`` and ``config`` matter. transformers calls mask
+    functions by keyword, with ``q_length``/``q_offset`` in recent releases and ``cache_position`` (the query
+    positions) in older ones: both are accepted and neither is needed."""
+    if kv_length is None:
+        raise ValueError("fastpeft_mask needs kv_length (the number of keys attention sees)")
     from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
 
     plain = mask_function in (None, causal_mask_function, bidirectional_mask_function)
@@ -159,7 +199,9 @@ def fastpeft_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
     if attention_mask.shape[1] != kv_length:
         raise ValueError(f"the 2-D attention_mask covers {attention_mask.shape[1]} keys but attention sees "
                          f"{kv_length}; a static cache is not supported by fastpeft attention")
-    return None if bool(attention_mask.all()) else attention_mask
+    # Returned even when every key is real: testing that (``mask.all()``) would synchronize with the device on every
+    # forward and decode step, while a mask of ones costs the kernels only its reads.
+    return attention_mask
 
 
 def register():

@@ -24,9 +24,9 @@ import functools
 
 import torch
 
+from ..adapters import BaseGeometry
 from . import attention
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "bert")
 STATE_ATTR = "_fastpeft_acceleration"
 # Instance attributes accelerate() sets on the PeftModel; restore() deletes exactly these.
 _OVERRIDDEN_METHODS = ("forward", "generate", "_setup_prompt_encoder")
@@ -51,19 +51,6 @@ def _supported_peft_classes():
     return PeftModelForCausalLM, PeftModelForSequenceClassification
 
 
-def _text_config(model):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def _attention_geometry(config):
-    """(num_layers, kv_heads, head_dim) of a decoder/encoder config (GPT-2's names are aliased by its config)."""
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return config.num_hidden_layers, kv_heads, head_dim
-
-
 def _check_peft_config(peft_model, adapter_name):
     """Raise ValueError for an adapter configuration fastpeft cannot run with PEFT's exact numbers."""
     prefix_tuning, prompt_tuning, p_tuning = _peft_types()
@@ -77,7 +64,8 @@ def _check_peft_config(peft_model, adapter_name):
                          "and encoder-only backbones")
     if config.peft_type != prefix_tuning:
         return
-    num_layers, kv_heads, head_dim = _attention_geometry(_text_config(peft_model.get_base_model()))
+    geometry = BaseGeometry.of(peft_model.get_base_model().config)
+    num_layers, kv_heads, head_dim = geometry.num_layers, geometry.num_kv_heads, geometry.head_dim
     if config.num_layers != num_layers:
         raise ValueError(f"prefix-tuning adapter {adapter_name!r} has num_layers={config.num_layers} but the "
                          f"backbone has {num_layers} attention layers")
@@ -91,15 +79,10 @@ def _check_peft_config(peft_model, adapter_name):
 
 def _check_backbone(peft_model):
     base = peft_model.get_base_model()
-    config = _text_config(base)
     if getattr(base.config, "is_encoder_decoder", False):
         raise ValueError(f"fastpeft.accelerate does not support encoder-decoder models "
                          f"({type(base).__name__}); decoder-only and encoder-only backbones are supported")
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"fastpeft.accelerate supports the model types {', '.join(SUPPORTED_MODEL_TYPES)}; got "
-                         f"{model_type!r} ({type(base).__name__}), whose attention may use features "
-                         "(soft-capping, sinks, custom masks, position schemes) fastpeft does not reproduce")
+    attention.check_supported_model(base, "fastpeft.accelerate")
 
 
 def accelerate(peft_model):
@@ -249,7 +232,7 @@ def _accelerated_forward(self, input_ids=None, attention_mask=None, inputs_embed
 def _check_no_reentrant_checkpointing(base):
     """Reentrant checkpointing recomputes each layer inside its own ``backward`` call, which would traverse the
     prompt encoder's graph (shared by all layers) once per layer: refuse it with the fix, rather than fail deep in
-    autograd. transformers' default (``use_reentrant=False``) works."""
+    autograd. ``use_reentrant=False`` works."""
     for module in base.modules():
         checkpoint_function = getattr(module, "_gradient_checkpointing_func", None)
         if not getattr(module, "gradient_checkpointing", False) or checkpoint_function is None:
@@ -259,8 +242,7 @@ def _check_no_reentrant_checkpointing(base):
         keywords = getattr(checkpoint_function, "keywords", None)
         if keywords is not None and keywords.get("use_reentrant", True):
             raise ValueError("prefix tuning under fastpeft does not support reentrant gradient checkpointing; "
-                             "enable it with gradient_checkpointing_kwargs={'use_reentrant': False} "
-                             "(transformers' default)")
+                             "enable it with gradient_checkpointing_kwargs={'use_reentrant': False}")
 
 
 def _virtual_token_prefix_spec(peft_model):
