@@ -226,20 +226,6 @@ def _load_base(model_dir, device, dtype, load_in_4bit=False, load_in_8bit=False)
     return model, tokenizer
 
 
-def _config_dims(config):
-    """(layers, hidden, heads, kv heads, head size) from a model's config.json dict; None where absent."""
-    config = config.get("text_config", config)  # multimodal models: the language model's part
-
-    def first(*keys):
-        return next((config[k] for k in keys if config.get(k) is not None), None)
-    layers = first("num_hidden_layers", "n_layer", "num_layers")
-    hidden = first("hidden_size", "n_embd", "d_model")
-    heads = first("num_attention_heads", "n_head", "num_heads")
-    kv_heads = first("num_key_value_heads") or heads
-    head_dim = first("head_dim") or (hidden // heads if hidden and heads else None)
-    return layers, hidden, heads, kv_heads, head_dim
-
-
 def _read_json(path, what):
     try:
         with open(path) as f:
@@ -250,40 +236,24 @@ def _read_json(path, what):
         raise CLIError(f"{what}: {path} is not valid JSON ({exc.msg})") from None
 
 
-PROMPT_LEARNING_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
+def _check_adapter_fits(name, adapter_dir, model_dir, geometry, allow_pickle):
+    """Refuse, before the model's weights load, an adapter that is not prompt learning or was trained for a base
+    model of another shape: ``adapters.check_compatible`` against ``geometry`` (the ``BaseGeometry`` of the model
+    in ``model_dir``)."""
+    from .adapters import check_compatible, load_prompt_adapter
 
-
-def _check_adapter_fits(name, adapter_dir, adapter_config, model_dir, model_config):
-    """Refuse, before loading anything, an adapter trained for a base model of another shape.
-
-    PEFT records the shapes it built the prompt for: prefix tuning stores ``num_layers`` and a ``token_dim``
-    of ``head_dim * num_key_value_heads`` (one K/V per kv head); prompt tuning and p-tuning a ``token_dim`` of
-    the hidden size.
-    """
-    peft_type = adapter_config.get("peft_type")
-    if peft_type not in PROMPT_LEARNING_TYPES:
-        raise CLIError(f"adapter {name!r} ({adapter_dir}) is a {peft_type} adapter; fastpeft serves "
-                       f"{', '.join(PROMPT_LEARNING_TYPES)} adapters")
-    layers, hidden, _, kv_heads, head_dim = _config_dims(model_config)
-    expected = {"num_layers": layers,
-                "token_dim": head_dim * kv_heads if peft_type == "PREFIX_TUNING" and head_dim else hidden}
-    for key, want in expected.items():
-        got = adapter_config.get(key)
-        if want is not None and got is not None and got != want:
-            raise CLIError(f"adapter {name!r} ({adapter_dir}) was trained for another base model: its {key} is "
-                           f"{got}, the model in {model_dir} needs {want}")
+    try:
+        adapter = load_prompt_adapter(adapter_dir, allow_pickle=allow_pickle)
+    except ValueError as exc:
+        raise CLIError(f"adapter {name!r}: {exc}") from None
+    try:
+        check_compatible(adapter, geometry)
+    except ValueError as exc:
+        raise CLIError(f"adapter {name!r} was trained for another base model than {model_dir}: {exc}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
 # fastpeft info
-
-
-def _package_version(name):
-    from importlib import metadata
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def _collect_info():
@@ -293,10 +263,11 @@ def _collect_info():
     import torch
 
     from . import _backend
+    from .bench.harness import package_version
 
     versions = {"fastpeft": _version(), "python": sys.version.split()[0]}
     for package in ("torch", "triton", "transformers", "peft", "bitsandbytes"):
-        versions[package] = _package_version(package)
+        versions[package] = package_version(package)
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         device = {"type": "cuda", "name": props.name, "capability": f"{props.major}.{props.minor}",
@@ -414,7 +385,9 @@ def _validate_train_args(args):
         raise CLIError(f"--lr must be positive, got {args.lr}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise CLIError(f"--out {args.out} exists and is not a directory")
-    if (args.load_in_4bit or args.load_in_8bit) and _package_version("bitsandbytes") is None:
+    from .bench.harness import package_version
+
+    if (args.load_in_4bit or args.load_in_8bit) and package_version("bitsandbytes") is None:
         raise CLIError("--load-in-4bit/--load-in-8bit need bitsandbytes (pip install bitsandbytes)")
     if args.gradient_checkpointing and args.no_accelerate and args.method.startswith("prefix"):
         raise CLIError("PEFT refuses gradient checkpointing with prefix tuning; drop --no-accelerate "
@@ -522,7 +495,9 @@ def cmd_train(args):
     steps_per_epoch = -(-len(rows) // args.batch_size)
     total_steps = args.max_steps or max(1, round(args.epochs * steps_per_epoch))
     stream = data_module.batches(rows, args.batch_size, tokenizer.pad_token_id, args.seed)
-    hidden_size = _config_dims(model.config.to_dict())[1]
+    from .adapters import BaseGeometry
+
+    hidden_size = BaseGeometry.of(model.config).hidden_size
     torch.manual_seed(args.seed)
     log = {"config": {key: value for key, value in vars(args).items() if key != "func"},
            "model_dir": model_dir, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
@@ -694,7 +669,9 @@ def cmd_generate(args):
         raise CLIError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.do_sample and not (args.temperature > 0 and 0 < args.top_p <= 1):
         raise CLIError("sampling needs --temperature > 0 and 0 < --top-p <= 1")
-    if (args.load_in_4bit or args.load_in_8bit) and _package_version("bitsandbytes") is None:
+    from .bench.harness import package_version
+
+    if (args.load_in_4bit or args.load_in_8bit) and package_version("bitsandbytes") is None:
         raise CLIError("--load-in-4bit/--load-in-8bit need bitsandbytes (pip install bitsandbytes)")
     adapter_configs = {name: _read_json(os.path.join(path, "adapter_config.json"), f"adapter {name!r}")
                        for name, path in adapters.items()}
@@ -709,9 +686,15 @@ def cmd_generate(args):
     else:
         flag = "--model"
     _require_model_dir(model_dir, flag)
-    model_config = _read_json(os.path.join(model_dir, "config.json"), "base model config")
+    _prepare_transformers()
+    from transformers import AutoConfig
+
+    from .adapters import BaseGeometry
+
+    geometry = BaseGeometry.of(AutoConfig.from_pretrained(model_dir))
     for name, path in adapters.items():
-        _check_adapter_fits(name, path, adapter_configs[name], model_dir, model_config)
+        # PEFT's own loader reads a pickle-only adapter (adapter_model.bin, weights only); the bank refuses it.
+        _check_adapter_fits(name, path, model_dir, geometry, allow_pickle=args.engine == "peft")
     if args.engine == "bank":
         import importlib.util
         if importlib.util.find_spec("fastpeft.bank") is None:
@@ -719,7 +702,6 @@ def cmd_generate(args):
                            "pass --engine peft to generate with plain PEFT, one adapter at a time")
 
     import torch
-    _prepare_transformers()
     device = _resolve_device(args.device)
     model, tokenizer = _load_base(model_dir, device, _resolve_dtype(args.dtype, device), args.load_in_4bit,
                                   args.load_in_8bit)

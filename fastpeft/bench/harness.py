@@ -184,7 +184,8 @@ def relative_error(x, ref):
 # environment and results
 
 
-def _package_version(name):
+def package_version(name):
+    """The installed version of distribution ``name``, None when it is not installed."""
     from importlib import metadata
     try:
         return metadata.version(name)
@@ -223,7 +224,7 @@ def device_slug(info):
 def new_run(device, quick, suites):
     """The JSON document of one run, with an empty ``results`` list."""
     info = device_info(device)
-    versions = {name: _package_version(name) for name in
+    versions = {name: package_version(name) for name in
                 ("fastpeft", "torch", "triton", "transformers", "peft", "bitsandbytes")}
     return {
         "schema": SCHEMA,
