@@ -3,8 +3,8 @@
 ``load_prompt_adapter`` reads an adapter directory written by PEFT's ``save_pretrained`` (or takes an in-memory
 ``PeftModel``) and returns the adapter exactly as PEFT saves it: its configuration and the one tensor
 ``prompt_embeddings``. ``base_geometry`` describes a transformers model's attention layout, ``check_compatible``
-refuses an adapter trained for another layout, and ``prefix_key_values`` splits a prefix-tuning adapter into
-per-layer K/V in PEFT's layout. Nothing here imports PEFT or transformers at import time; loading a directory needs
+refuses an adapter trained for another layout, and ``prefix_key_values`` / ``split_prefix`` split a prefix-tuning
+prefix into per-layer K/V in PEFT's layout. Nothing here imports PEFT or transformers at import time; loading a directory needs
 neither.
 """
 
@@ -216,7 +216,24 @@ def prefix_key_values(adapter, geometry):
     if adapter.peft_type != PREFIX_TUNING:
         raise ValueError(f"prefix_key_values needs a PREFIX_TUNING adapter, got {adapter.peft_type}")
     check_compatible(adapter, geometry, task_type=None)
-    P = adapter.num_virtual_tokens
-    slots = adapter.embeddings.view(P, 2 * geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
-    slots = slots.permute(1, 2, 0, 3)  # [2 * NL, Hkv, P, D]
-    return list(slots[0::2]), list(slots[1::2])
+    keys, values = split_prefix(adapter.embeddings, geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
+    return list(keys), list(values)
+
+
+def split_prefix(flat, num_layers, num_kv_heads, head_dim):
+    """Per-layer keys and values of prefix-tuning prefixes in PEFT's layout.
+
+    flat: one prefix ``[P, num_layers * 2 * Hkv * head_dim]`` (what PEFT's prompt encoder outputs and saves) or a
+        table of them ``[T, P, num_layers * 2 * Hkv * head_dim]``. Each token's vector is viewed as
+        ``[2 * num_layers, Hkv, head_dim]``: slot ``2 i`` holds layer i's key, ``2 i + 1`` its value.
+
+    Returns ``(keys, values)``: tuples of ``num_layers`` tensors ``[Hkv, P, head_dim]`` (``[T, Hkv, P, head_dim]``
+    for a table), views of one contiguous ``[2 * num_layers, (T,) Hkv, P, head_dim]`` copy, so that every layer's
+    tensor is contiguous. Differentiable.
+    """
+    lead = flat.dim() - 2  # 0 for one prefix, 1 for a table
+    P = flat.shape[-2]
+    slots = flat.reshape(*flat.shape[:lead], P, 2 * num_layers, num_kv_heads, head_dim)
+    # [(T,) P, 2NL, Hkv, D] -> [2NL, (T,) Hkv, P, D]
+    slots = slots.permute(lead + 1, *range(lead), lead + 2, lead, lead + 3).contiguous()
+    return slots[0::2].unbind(0), slots[1::2].unbind(0)

@@ -113,17 +113,25 @@ def encode(examples, tokenizer, max_length):
     return rows, dropped
 
 
+def right_pad(sequences, pad_token_id):
+    """Right-pad ``(input_ids, labels)`` pairs (equal-length integer sequences: lists or 1-D tensors) into
+    ``input_ids`` (``pad_token_id`` on padding), ``attention_mask`` (1 = real token) and ``labels``
+    (``IGNORE_INDEX`` on padding), each a ``[B, max_len]`` long tensor, returned in that order."""
+    width = max(len(ids) for ids, _ in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, (row_ids, row_labels) in enumerate(sequences):
+        n = len(row_ids)
+        input_ids[i, :n] = torch.as_tensor(row_ids, dtype=torch.long)
+        labels[i, :n] = torch.as_tensor(row_labels, dtype=torch.long)
+        attention_mask[i, :n] = 1
+    return input_ids, attention_mask, labels
+
+
 def collate(rows, pad_token_id):
     """Right-pad rows into ``input_ids``, ``attention_mask`` and ``labels`` tensors, each ``[B, max_len]``."""
-    width = max(len(row.input_ids) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        n = len(row.input_ids)
-        input_ids[i, :n] = torch.tensor(row.input_ids)
-        labels[i, :n] = torch.tensor(row.labels)
-        attention_mask[i, :n] = 1
+    input_ids, attention_mask, labels = right_pad([(row.input_ids, row.labels) for row in rows], pad_token_id)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 

@@ -52,10 +52,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100  # label value without loss (transformers' convention)
-PREFIX_TUNING = "PREFIX_TUNING"
-SAFETENSORS_FILE = "adapter_model.safetensors"
-EMBEDDINGS_KEY = "prompt_embeddings"  # the one tensor of a PEFT prompt-learning checkpoint
+from .adapters import EMBEDDINGS_KEY, PREFIX_TUNING, SAFETENSORS_FILE, BaseGeometry, split_prefix
+from .data import IGNORE_INDEX, right_pad
+
 MIXED_PRECISION = {None: None, "no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -124,14 +123,9 @@ class _PrefixTables(torch.nn.Module):
         ``lengths[t]``. PEFT's layout: the encoder output viewed as ``[P, 2 * num_layers, Hkv, D]``, slot 2i is layer
         i's keys and 2i+1 its values."""
         p_max = max(lengths)
-        per_adapter = []
-        for slot, length in zip(slots, lengths):
-            flat = _encoder_output(self.encoders[slot], length).to(dtype)
-            kv = flat.view(length, 2 * self.num_layers, self.num_kv_heads, self.head_dim)
-            per_adapter.append(F.pad(kv, (0, 0, 0, 0, 0, 0, 0, p_max - length)))
-        # [T, Pmax, 2NL, Hkv, D] -> [2NL, T, Hkv, Pmax, D], contiguous so that every layer's table is too.
-        table = torch.stack(per_adapter).permute(2, 0, 3, 1, 4).contiguous()
-        return table[0::2].unbind(0), table[1::2].unbind(0)
+        flats = [F.pad(_encoder_output(self.encoders[slot], length).to(dtype), (0, 0, 0, p_max - length))
+                 for slot, length in zip(slots, lengths)]
+        return split_prefix(torch.stack(flats), self.num_layers, self.num_kv_heads, self.head_dim)
 
 
 def _field(record, name):
@@ -178,8 +172,7 @@ class MultiPrefixTrainer:
                  optimizer_factory: Optional[Callable] = None, scheduler_factory: Optional[Callable] = None,
                  max_grad_norm: Optional[float] = None, gradient_checkpointing: bool = False,
                  mixed_precision: Optional[str] = None):
-        from peft import PeftModel, PrefixTuningConfig
-        from peft.utils import _prepare_prompt_learning_config
+        from peft import PeftModel
 
         from .integration.attention import check_supported_model, use_fastpeft_attention
 
@@ -197,14 +190,11 @@ class MultiPrefixTrainer:
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm}")
 
-        # The geometry PEFT would give a prefix on this model (GQA: per KV head), so that adapters are checked
-        # against exactly what PEFT computes.
-        geometry = _prepare_prompt_learning_config(
-            PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=1), model.config)
-        self.num_layers = int(geometry.num_layers)
-        self.num_kv_heads = int(geometry.num_attention_heads)
-        self.head_dim = int(geometry.token_dim) // self.num_kv_heads
-        self.token_dim = int(geometry.token_dim)
+        # The layout the kernels read a prefix in (PEFT sizes a prefix per KV head): adapters must match it.
+        geometry = BaseGeometry.of(model.config)
+        self.num_layers, self.num_kv_heads, self.head_dim = (geometry.num_layers, geometry.num_kv_heads,
+                                                             geometry.head_dim)
+        self.token_dim = self.num_kv_heads * self.head_dim
 
         self.model = model
         self.device = next(model.parameters()).device
@@ -332,7 +322,7 @@ class MultiPrefixTrainer:
         from peft import PeftConfig
         from peft.tuners.prefix_tuning.model import PrefixEncoder
 
-        from .adapters import BaseGeometry, check_compatible, load_prompt_adapter
+        from .adapters import check_compatible, load_prompt_adapter
 
         saved = load_prompt_adapter(path, allow_pickle=allow_pickle)
         if saved.peft_type != PREFIX_TUNING:
@@ -623,15 +613,7 @@ class MultiPrefixTrainer:
             if ids.numel() == 0:
                 raise ValueError("a record has no tokens")
             rows.append((ids, labels))
-        width = max(ids.numel() for ids, _ in rows)
-        input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for b, (ids, row_labels) in enumerate(rows):
-            input_ids[b, :ids.numel()] = ids
-            labels[b, :ids.numel()] = row_labels
-            attention_mask[b, :ids.numel()] = 1
-        return input_ids, attention_mask, labels
+        return right_pad(rows, pad_token_id)
 
     # ------------------------------------------------------------------ saving
 

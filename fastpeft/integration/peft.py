@@ -24,7 +24,7 @@ import functools
 
 import torch
 
-from ..adapters import BaseGeometry
+from ..adapters import BaseGeometry, split_prefix
 from . import attention
 
 STATE_ATTR = "_fastpeft_acceleration"
@@ -169,9 +169,8 @@ def prefix_spec(peft_model):
     dtype = peft_model.base_model_torch_dtype
     if dtype is not None:
         flat = flat.to(dtype)
-    kv = flat.view(P, config.num_layers * 2, kv_heads, config.token_dim // kv_heads).permute(1, 2, 0, 3)
-    kv = kv.contiguous()
-    return attention.PrefixSpec.build(kv[0::2].unbind(0), kv[1::2].unbind(0))
+    keys, values = split_prefix(flat, config.num_layers, kv_heads, config.token_dim // kv_heads)
+    return attention.PrefixSpec.build(keys, values)
 
 
 def _prefix_position_ids(position_ids, num_virtual_tokens, past_length, length, device):
