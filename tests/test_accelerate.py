@@ -426,3 +426,21 @@ def test_mask_function_accepts_both_transformers_call_styles():
         assert result.dtype == torch.bool and torch.equal(result, mask[:, -4:].bool())
     assert attention.fastpeft_mask(batch_size=2, cache_position=torch.arange(4), kv_length=4,
                                    mask_function=causal_mask_function, attention_mask=None) is None
+
+
+def test_prefix_spec_value_checks_and_their_opt_out():
+    """PrefixSpec.build checks index/length values (device syncs) unless the caller's values are valid by
+    construction (check_values=False, as AdapterBank and MultiPrefixTrainer build it); the structure is always
+    checked."""
+    g = torch.Generator().manual_seed(0)
+    keys = [torch.randn(2, 1, 3, 8, generator=g)]
+    lengths = torch.tensor([3, 1], dtype=torch.int32)
+    with pytest.raises(IndexError, match="prefix_index"):
+        attention.PrefixSpec.build(keys, keys, torch.tensor([2], dtype=torch.int32), lengths)
+    with pytest.raises(ValueError, match="prefix_lengths"):
+        attention.PrefixSpec.build(keys, keys, torch.tensor([1], dtype=torch.int32), lengths + 1)
+    unchecked = attention.PrefixSpec.build(keys, keys, torch.tensor([2], dtype=torch.int32), lengths,
+                                           check_values=False)
+    assert unchecked.prefix_index.tolist() == [2]
+    with pytest.raises(ValueError, match="prefix_index is required"):
+        attention.PrefixSpec.build(keys, keys, None, lengths, check_values=False)
