@@ -6,11 +6,13 @@ import torch
 # Triton fixes interpreter mode when it is first imported: a kernel module imported (or even triton itself) before
 # TRITON_INTERPRET=1 is set cannot be interpreted later ("Cannot call @triton.jit'd outside of the scope of a
 # kernel"). On a CPU-only torch build the interpreter is the only way to run the kernels, so turn it on for the
-# whole session before anything imports triton. Which backend a test uses is still FASTPEFT_BACKEND's choice:
-# `_default_reference_backend` below keeps tests that do not ask for Triton on the fast reference path.
+# whole session before anything imports triton. Which backend a test uses is still FASTPEFT_BACKEND's choice.
 CPU_ONLY_TORCH = torch.version.cuda is None and getattr(torch.version, "hip", None) is None
 if CPU_ONLY_TORCH:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Session-wide, not per test: module-scoped fixtures and subprocesses see it too. Tests that want the Triton
+    # kernels set FASTPEFT_BACKEND=triton themselves (monkeypatch restores "reference" afterwards).
+    os.environ.setdefault("FASTPEFT_BACKEND", "reference")
 
 
 def _cuda_available():
@@ -21,13 +23,6 @@ def _cuda_available():
 def pytest_runtest_setup(item):
     if item.get_closest_marker("gpu") is not None and not _cuda_available():
         pytest.skip("needs a CUDA device")
-
-
-@pytest.fixture(autouse=True)
-def _default_reference_backend(monkeypatch):
-    """Tests run the reference path unless they set FASTPEFT_BACKEND themselves (monkeypatch overrides this)."""
-    if CPU_ONLY_TORCH and "FASTPEFT_BACKEND" not in os.environ:
-        monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
 
 
 @pytest.fixture
