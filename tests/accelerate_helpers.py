@@ -102,6 +102,19 @@ def assert_same_step(actual, expected, rtol=1e-5, what=""):
         assert_close(grads[name], ref_grads[name], rtol, f"{what} grad {name}")
 
 
+def assert_within_own_error(ours, peft_lowp, exact):
+    """Low-precision check: each of our (loss, logits, grads) errors against the float32 step ``exact`` is at most
+    twice what PEFT's own step in that precision (``peft_lowp``) gets, plus 1e-3."""
+    from tests.reference import relative_error
+
+    for index, what in ((0, "loss"), (1, "logits")):
+        bound = 2 * relative_error(peft_lowp[index].float(), exact[index]) + 1e-3
+        assert relative_error(ours[index].float(), exact[index]) < bound, what
+    for name, grad in exact[2].items():
+        bound = 2 * relative_error(peft_lowp[2][name], grad) + 1e-3
+        assert relative_error(ours[2][name], grad) < bound, name
+
+
 def greedy(model, ids, mask, max_new_tokens=6, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
