@@ -25,7 +25,7 @@ import functools
 import torch
 
 from ..adapters import BaseGeometry, split_prefix
-from . import attention
+from . import attention, compat
 
 STATE_ATTR = "_fastpeft_acceleration"
 # Instance attributes accelerate() sets on the PeftModel; restore() deletes exactly these.
@@ -108,6 +108,7 @@ def accelerate(peft_model):
         raise ValueError(f"fastpeft.accelerate takes a peft.PeftModel, got {type(peft_model).__name__}")
     if hasattr(peft_model, STATE_ATTR):
         return peft_model
+    compat.warn_if_untested("fastpeft.accelerate")
     if not isinstance(peft_model, _supported_peft_classes()):
         raise ValueError(f"fastpeft.accelerate supports PeftModelForCausalLM and "
                          f"PeftModelForSequenceClassification, got {type(peft_model).__name__}")
@@ -218,8 +219,7 @@ def _accelerated_forward(self, input_ids=None, attention_mask=None, inputs_embed
         _check_no_reentrant_checkpointing(self.get_base_model())
     config = self.active_peft_config
     reference = input_ids if input_ids is not None else inputs_embeds
-    cache = kwargs.get("past_key_values")
-    past_length = cache.get_seq_length() if cache is not None else 0
+    past_length = compat.cache_length(compat.cache_in(kwargs))
     kwargs["position_ids"] = _prefix_position_ids(kwargs.get("position_ids"), config.num_virtual_tokens,
                                                   past_length, reference.shape[1], reference.device)
     kwargs[attention.PREFIX_KWARG] = prefix_spec(self)
@@ -233,15 +233,14 @@ def _check_no_reentrant_checkpointing(base):
     prompt encoder's graph (shared by all layers) once per layer: refuse it with the fix, rather than fail deep in
     autograd. ``use_reentrant=False`` works."""
     for module in base.modules():
-        checkpoint_function = getattr(module, "_gradient_checkpointing_func", None)
-        if not getattr(module, "gradient_checkpointing", False) or checkpoint_function is None:
-            continue
-        # transformers stores functools.partial(checkpoint, **gradient_checkpointing_kwargs); torch's checkpoint
-        # defaults to reentrant when use_reentrant is not given. Other checkpoint functions are taken as they are.
+        checkpoint_function = compat.checkpoint_function(module)
+        # transformers stores functools.partial(checkpoint, **kwargs); torch's checkpoint defaults to reentrant
+        # when use_reentrant is not given. Other checkpoint functions are taken as they are.
         keywords = getattr(checkpoint_function, "keywords", None)
         if keywords is not None and keywords.get("use_reentrant", True):
-            raise ValueError("prefix tuning under fastpeft does not support reentrant gradient checkpointing; "
-                             "enable it with gradient_checkpointing_kwargs={'use_reentrant': False}")
+            method, keyword = compat.checkpointing_names(base)
+            raise ValueError("prefix tuning under fastpeft does not support reentrant activation checkpointing; "
+                             f"enable it non-reentrant: model.{method}({keyword}={{'use_reentrant': False}})")
 
 
 def _virtual_token_prefix_spec(peft_model):
@@ -262,12 +261,12 @@ def _virtual_token_prefix_spec(peft_model):
         tokens = peft_model.prompt_tokens[adapter].unsqueeze(0).to(encoder.embedding.weight.device)
         prompts = encoder(tokens)
     prompts = prompts.to(peft_model.word_embeddings.weight.dtype)
-    cache = peft_model.get_base_model()(inputs_embeds=prompts, use_cache=True).past_key_values
+    cache = compat.cache_of(peft_model.get_base_model()(inputs_embeds=prompts, use_cache=True))
     if cache is None:  # transformers drops the cache when gradient checkpointing is on in training mode
         raise ValueError("generate with prompt tuning / p-tuning needs the backbone's KV cache for the virtual "
                          "tokens; with gradient checkpointing enabled, call model.eval() before generate")
-    return attention.PrefixSpec.build([layer.keys[0] for layer in cache.layers],
-                                      [layer.values[0] for layer in cache.layers])
+    layers = [compat.cache_layer_key_values(cache, i) for i in range(len(cache))]
+    return attention.PrefixSpec.build([keys[0] for keys, _ in layers], [values[0] for _, values in layers])
 
 
 def _accelerated_generate(self, *args, **kwargs):
@@ -275,57 +274,46 @@ def _accelerated_generate(self, *args, **kwargs):
 
     Prefix tuning: the prefix is the prompt encoder's output. Prompt tuning / p-tuning: the virtual tokens' K/V,
     computed once (``_virtual_token_prefix_spec``), so prefill and cache cover the real tokens only. The backbone's
-    ``generate`` runs with a ``prepare_inputs_for_generation`` (an instance attribute for the call, as PEFT's own
-    generate does) that adds ``fastpeft_prefix`` to every step's forward inputs; the cache holds only real
-    tokens, so beam search reorders nothing of the prefix. Positions are PEFT's: prefix tuning takes each step's
-    pad-aware position_ids (``cumsum(mask) - 1`` from transformers) ``+ P``; prompt tuning and p-tuning number
-    the concatenation, not pad-aware: ``P + cached tokens + arange(new tokens)``.
+    ``generate`` runs with every step's model inputs extended (``compat.generation_step_hook``, an instance
+    attribute for the call, as PEFT's own generate does) by ``fastpeft_prefix``; the cache holds only real tokens,
+    so beam search reorders nothing of the prefix. Positions are PEFT's: prefix tuning takes each step's pad-aware
+    position_ids (``cumsum(mask) - 1`` from transformers) ``+ P``; prompt tuning and p-tuning number the
+    concatenation, not pad-aware: ``P + cached tokens + arange(new tokens)``. Inside ``disable_adapter()`` it is the
+    backbone's own generate (through fastpeft attention, without a prefix), as PEFT's.
     """
     if attention.PREFIX_KWARG in kwargs:
         raise ValueError(f"{attention.PREFIX_KWARG} is set by the accelerated model itself; do not pass it")
-    prefix_tuning = _active_is_prefix_tuning(self)
     base = self.get_base_model()
-    num_virtual_tokens = self.active_peft_config.num_virtual_tokens
-    with torch.no_grad():
-        spec = prefix_spec(self) if prefix_tuning else _virtual_token_prefix_spec(self)
     # As PEFT's generate: the PeftModel's generation config drives the backbone's generate.
     if hasattr(base, "model"):
         base.model.generation_config = self.generation_config
     else:
         base.generation_config = self.generation_config
+    if compat.adapters_disabled(self):
+        return base.generate(*args, **kwargs)
 
-    had_instance_prepare = "prepare_inputs_for_generation" in base.__dict__
-    prepare_inputs = base.prepare_inputs_for_generation
+    prefix_tuning = _active_is_prefix_tuning(self)
+    num_virtual_tokens = self.active_peft_config.num_virtual_tokens
+    with torch.no_grad():
+        spec = prefix_spec(self) if prefix_tuning else _virtual_token_prefix_spec(self)
 
-    # functools.wraps keeps the signature transformers inspects to validate generate's model kwargs.
-    @functools.wraps(prepare_inputs)
-    def prepare_inputs_with_prefix(*prepare_args, **prepare_kwargs):
-        model_inputs = prepare_inputs(*prepare_args, **prepare_kwargs)
+    def add_prefix(model_inputs):
         if prefix_tuning:
             position_ids = model_inputs.get("position_ids")
             if position_ids is None:
                 raise ValueError(f"{type(base).__name__} generate passed no position_ids; fastpeft needs them to "
                                  "place the real tokens after the prefix")
         else:
-            new_tokens = model_inputs.get("input_ids")
-            if new_tokens is None:
-                new_tokens = model_inputs["inputs_embeds"]
-            cache = model_inputs.get("past_key_values")
-            past_length = cache.get_seq_length() if cache is not None else 0
+            past_length = compat.cache_length(compat.cache_in(model_inputs))
+            new_tokens = compat.step_new_tokens(model_inputs)
             position_ids = torch.arange(past_length, past_length + new_tokens.shape[1],
                                         device=new_tokens.device).unsqueeze(0)
         model_inputs["position_ids"] = position_ids + num_virtual_tokens
         model_inputs[attention.PREFIX_KWARG] = spec
         return model_inputs
 
-    base.prepare_inputs_for_generation = prepare_inputs_with_prefix
-    try:
+    with compat.generation_step_hook(base, add_prefix):
         return base.generate(*args, **kwargs)
-    finally:
-        if had_instance_prepare:
-            base.prepare_inputs_for_generation = prepare_inputs
-        else:
-            del base.prepare_inputs_for_generation
 
 
 def _setup_prompt_encoder_allowing_checkpointing(self, adapter_name):

@@ -1,0 +1,205 @@
+"""Every lookup of transformers / PEFT internals whose name or behaviour changes between releases, in one place.
+
+fastpeft reaches into transformers and PEFT at a few seams: the keyword a model takes its KV cache under, where a
+model output and a generation step's inputs keep that cache, the position ids a generation step carries, the
+hook that adds keyword arguments to every generation step, the activation-checkpointing switch, and PEFT's flag
+for a disabled adapter. Releases rename these (transformers 5.24 passes the cache as ``cache``; ``past_key_values``
+is deprecated, removal announced for 5.40; 5.2x renamed ``gradient_checkpointing_*`` to
+``activation_checkpointing_*``), and a lookup under the old name does not fail, it quietly finds nothing. So each
+seam is looked up here, by feature rather than by version number, and the rest of fastpeft asks this module.
+
+The versions the test suite passes on are ``TESTED_VERSIONS``; ``warn_if_untested`` warns once when an installed
+transformers or PEFT is newer than the newest tested (older than the oldest is refused by the package metadata).
+"""
+
+import contextlib
+import functools
+import inspect
+from importlib import metadata
+
+from .. import _backend
+
+# (oldest, newest) release the whole test suite passes on; pyproject's ranges start at the oldest. Update both
+# with `.ci/run-latest` when a new release passes.
+TESTED_VERSIONS = {"transformers": ("5.17.0", "5.24.0"), "peft": ("0.21.0", "0.21.2")}
+
+# The KV cache's keyword, newest name first: transformers >= 5.24 "cache", earlier releases "past_key_values".
+_CACHE_NAMES = ("cache", "past_key_values")
+
+
+# ----- the KV cache ----------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_parameters(forward_function):
+    try:
+        return frozenset(inspect.signature(forward_function).parameters)
+    except (TypeError, ValueError):  # builtins or C callables without a signature
+        return frozenset()
+
+
+def cache_keyword(model):
+    """The keyword ``model.forward`` takes its KV cache under: ``"cache"`` (transformers >= 5.24) or
+    ``"past_key_values"`` (earlier releases, and models that were not migrated), or None when it takes neither
+    (BERT's sequence classifier on 5.24)."""
+    parameters = _forward_parameters(getattr(type(model), "forward", model.forward))
+    for name in _CACHE_NAMES:
+        if name in parameters:
+            return name
+    return None
+
+
+def cache_kwargs(model, cache):
+    """``{keyword: cache}`` for calling ``model`` with ``cache`` under the keyword it takes (``{}`` for None).
+    Passing the deprecated name would log transformers' deprecation warning on every call."""
+    if cache is None:
+        return {}
+    name = cache_keyword(model)
+    if name is None:
+        raise ValueError(f"{type(model).__name__}.forward takes no KV cache (neither 'cache' nor 'past_key_values')")
+    return {name: cache}
+
+
+def cache_in(mapping):
+    """The KV cache in a forward's keyword arguments or a generation step's model inputs (a dict), under either
+    name; None when there is none."""
+    for name in _CACHE_NAMES:
+        cache = mapping.get(name)
+        if cache is not None:
+            return cache
+    return None
+
+
+def cache_of(output):
+    """The KV cache a model output returns, read without transformers' deprecation warning (5.24 keeps it in the
+    ``cache`` field and warns on ``past_key_values``); None when the output holds none."""
+    fields = getattr(type(output), "__dataclass_fields__", {})
+    for name in _CACHE_NAMES:
+        if name in fields:
+            return getattr(output, name)
+    return None
+
+
+def cache_length(cache):
+    """Tokens held by a transformers ``Cache`` (0 for None)."""
+    return cache.get_seq_length() if cache is not None else 0
+
+
+def cache_layer_key_values(cache, layer):
+    """``(keys, values)`` ``[B, Hkv, S, D]`` of one layer of a transformers ``DynamicCache``: ``cache.layers[i]``
+    in transformers 5 (4.x kept ``key_cache`` / ``value_cache`` lists)."""
+    if hasattr(cache, "layers"):
+        return cache.layers[layer].keys, cache.layers[layer].values
+    return cache.key_cache[layer], cache.value_cache[layer]
+
+
+# ----- generation ------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def generation_step_hook(model, transform):
+    """For the duration of the block, every generation step's model inputs pass through ``transform(inputs)``
+    (a dict, changed in place or returned anew) after ``model.prepare_inputs_for_generation`` built them.
+
+    Installed as an instance attribute of ``model`` (the way PEFT's own ``generate`` hooks the backbone) and removed
+    afterwards, restoring an instance attribute that was there before."""
+    had_instance_attribute = "prepare_inputs_for_generation" in vars(model)
+    prepare_inputs = model.prepare_inputs_for_generation
+
+    # functools.wraps keeps the signature: transformers inspects it to validate generate's model kwargs.
+    @functools.wraps(prepare_inputs)
+    def prepare_inputs_then_transform(*args, **kwargs):
+        return transform(prepare_inputs(*args, **kwargs))
+
+    model.prepare_inputs_for_generation = prepare_inputs_then_transform
+    try:
+        yield
+    finally:
+        if had_instance_attribute:
+            model.prepare_inputs_for_generation = prepare_inputs
+        else:
+            del model.prepare_inputs_for_generation
+
+
+def step_new_tokens(model_inputs):
+    """The tokens a generation step feeds the model: its ``input_ids`` ``[B, n]`` or, at a prefill from
+    embeddings, its ``inputs_embeds`` ``[B, n, hidden]``."""
+    new_tokens = model_inputs.get("input_ids")
+    return new_tokens if new_tokens is not None else model_inputs["inputs_embeds"]
+
+
+# ----- activation checkpointing ----------------------------------------------------------------------------------
+
+
+def checkpointing_names(model):
+    """``(enable method, its kwargs keyword)`` of the installed transformers: ``activation_checkpointing_*`` since
+    5.2x, ``gradient_checkpointing_*`` before (now a deprecated alias)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        return "activation_checkpointing_enable", "activation_checkpointing_kwargs"
+    return "gradient_checkpointing_enable", "gradient_checkpointing_kwargs"
+
+
+def checkpoint_function(module):
+    """The function a checkpointed transformers module recomputes its forward with, or None when the module is not
+    checkpointed. transformers stores ``functools.partial(checkpoint, **kwargs)`` as ``_gradient_checkpointing_func``
+    under both method names."""
+    if not getattr(module, "gradient_checkpointing", False):
+        return None
+    return getattr(module, "_gradient_checkpointing_func", None)
+
+
+# ----- PEFT ------------------------------------------------------------------------------------------------------
+
+
+def adapters_disabled(peft_model):
+    """True inside ``with peft_model.disable_adapter():`` (PEFT's ``_adapters_disabled`` flag)."""
+    return bool(getattr(peft_model, "_adapters_disabled", False))
+
+
+# ----- versions ----------------------------------------------------------------------------------------------------
+
+
+def _release(version):
+    """``"5.24.0.dev0"`` -> ``(5, 24, 0)``: the numeric release, pre/post/dev tags dropped."""
+    numbers = []
+    for part in version.split("+")[0].split("."):
+        digits = "".join(ch for ch in part if ch.isdigit()) if part[:1].isdigit() else ""
+        if not digits:
+            break
+        numbers.append(int(digits))
+        if not part.isdigit():
+            break
+    return tuple(numbers)
+
+
+def installed_version(package):
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def version_status(package):
+    """``(installed version or None, "tested" | "newer than tested" | "older than tested" | "not installed")``."""
+    installed = installed_version(package)
+    if installed is None:
+        return None, "not installed"
+    oldest, newest = TESTED_VERSIONS[package]
+    if _release(installed) > _release(newest):
+        return installed, "newer than tested"
+    if _release(installed) < _release(oldest):
+        return installed, "older than tested"
+    return installed, "tested"
+
+
+def warn_if_untested(user):
+    """Warn once per process when the installed transformers or PEFT is newer than the newest tested release:
+    fastpeft reads internals that releases rename (this module), and a rename found by no test can give wrong
+    numbers. ``user`` names the entry point in the message."""
+    for package, (oldest, newest) in TESTED_VERSIONS.items():
+        installed, status = version_status(package)
+        if status == "newer than tested":
+            _backend.warn_once(f"{package} {installed} is newer than the newest release fastpeft was tested with "
+                               f"({newest}; tested {oldest} to {newest}). {user} should work, but check its outputs "
+                               "against plain PEFT (`bash .ci/run-latest` runs the suite on the newest releases), "
+                               "or install the tested set: `pip install -c constraints.txt ...` (see the README)")
