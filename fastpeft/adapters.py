@@ -139,6 +139,11 @@ def _read_peft_model(peft_model, adapter_name):
     config = {key: _plain(value) for key, value in peft_config.to_dict().items()}
     _check_prompt_learning(config, f"PeftModel adapter {name!r}")
     encoder = peft_model.prompt_encoder[name]
+    if peft_config.inference_mode:
+        # Loaded for inference (PeftModel.from_pretrained): the embedding holds what was saved, i.e. the encoder's
+        # output, and a projection prefix has no MLP left (PEFT's get_prompt reads the embedding directly, while its
+        # get_prompt_embedding_to_save would call the missing MLP).
+        return config, encoder.embedding.weight.detach()
     was_training = encoder.training
     encoder.eval()  # an LSTM p-tuning encoder has dropout; what is served must be deterministic, as when saved
     try:

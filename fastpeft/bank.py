@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapters import PREFIX_TUNING, BaseGeometry, check_compatible, load_prompt_adapter, prefix_key_values
+from .integration import compat
 from .integration.attention import (ATTN_IMPLEMENTATION, PREFIX_KWARG, PrefixSpec, check_supported_model,
                                     use_fastpeft_attention)
 
@@ -75,6 +76,7 @@ class AdapterBank:
         if getattr(base_model.config, "is_encoder_decoder", False) or not base_model.can_generate():
             raise ValueError(f"AdapterBank serves decoder-only causal LMs; got {type(base_model).__name__}")
         check_supported_model(base_model, "AdapterBank")
+        compat.warn_if_untested("AdapterBank")
         if not isinstance(initial_capacity, int) or initial_capacity < 1:
             raise ValueError(f"initial_capacity must be a positive integer, got {initial_capacity!r}")
         devices = set((getattr(base_model, "hf_device_map", None) or {}).values())
@@ -250,11 +252,10 @@ class AdapterBank:
         extra = {"logits_to_keep": 1} if self._accepts_logits_to_keep else {}
         no_prefix = self._prefix_spec(torch.full((1,), NO_ADAPTER_SLOT, dtype=torch.int32, device=self.device))
         self.model(inputs_embeds=inputs_embeds, attention_mask=torch.ones(1, P, dtype=torch.long, device=self.device),
-                   position_ids=torch.arange(P, device=self.device).unsqueeze(0), past_key_values=cache,
-                   use_cache=True, **{PREFIX_KWARG: no_prefix}, **extra)
-        keys = torch.stack([cache.layers[i].keys[0] for i in range(self.geometry.num_layers)])
-        values = torch.stack([cache.layers[i].values[0] for i in range(self.geometry.num_layers)])
-        return keys, values
+                   position_ids=torch.arange(P, device=self.device).unsqueeze(0), use_cache=True,
+                   **compat.cache_kwargs(self.model, cache), **{PREFIX_KWARG: no_prefix}, **extra)
+        layers = [compat.cache_layer_key_values(cache, i) for i in range(self.geometry.num_layers)]
+        return torch.stack([keys[0] for keys, _ in layers]), torch.stack([values[0] for _, values in layers])
 
     # ----- serving ---------------------------------------------------------------------------------------------
 
@@ -297,8 +298,8 @@ class AdapterBank:
             generator: a ``torch.Generator`` for sampling; None = torch's global generator (as transformers).
 
         Returns ``[B, L + n]`` token ids (the input followed by the new tokens), ``n <= max_new_tokens``: it stops
-        early once every row has produced an eos token. Greedy tokens of each row equal PEFT's ``generate`` on that
-        row alone.
+        early once every row has produced an eos token. Greedy tokens of each row equal those of PEFT's forward looped
+        over that row alone, unpadded (``fastpeft.integration.reference_generate``).
         """
         self._check_open()
         input_ids, attention_mask = self._check_inputs(input_ids, attention_mask)
@@ -395,7 +396,8 @@ class AdapterBank:
     def _forward(self, input_ids, attention_mask, position_ids, spec, cache=None, logits_to_keep=0):
         extra = {"logits_to_keep": logits_to_keep} if logits_to_keep and self._accepts_logits_to_keep else {}
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=cache is not None, **{PREFIX_KWARG: spec}, **extra)
+                         use_cache=cache is not None, **compat.cache_kwargs(self.model, cache),
+                         **{PREFIX_KWARG: spec}, **extra)
         return out.logits
 
     def _sampling_settings(self, temperature, top_k, top_p):

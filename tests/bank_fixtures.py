@@ -49,11 +49,14 @@ def pad_rows(rows, side, pad_id=0):
 @torch.no_grad()
 def peft_reference(model, row, max_new_tokens):
     """PEFT (or the plain base model) on one unpadded row: logits at its tokens ``[L, vocab]`` (the virtual-token
-    positions of prompt tuning dropped) and the greedily generated tokens ``[max_new_tokens]`` or fewer."""
+    positions of prompt tuning dropped) and the greedily generated tokens ``[max_new_tokens]`` or fewer, from PEFT's
+    forward looped without a cache (never a ``generate``: PEFT's broke with transformers 5.24)."""
+    from fastpeft.integration.reference_generate import generate_without_cache
+
     ids = row.unsqueeze(0)
     logits = model(input_ids=ids).logits[0, -len(row):]
-    generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                               do_sample=False)
+    eos = model.generation_config.eos_token_id
+    generated, _ = generate_without_cache(model, ids, max_new_tokens=max_new_tokens, eos_token_id=eos)
     return logits, generated[0, len(row):]
 
 

@@ -14,6 +14,7 @@ import torch
 
 from fastpeft.adapters import BaseGeometry, load_prompt_adapter, prefix_key_values
 from fastpeft.bank import AdapterBank
+from fastpeft.integration.reference_generate import generate_without_cache
 from tests.bank_fixtures import (ADAPTER_KINDS, assert_rows_match_reference, make_peft_model, make_rows, pad_rows,
                                  peft_reference, relative_error)
 from tests.models import tiny_model
@@ -194,14 +195,16 @@ def test_sampling_is_seeded_and_degenerates_to_greedy(setups):
 @pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.7, top_p=0.8)])
 def test_sampling_draws_what_peft_draws_for_the_same_seed(setups, sampling):
     """One row at a time (so both consume the global RNG alike): the bank samples from the same distribution as
-    PEFT's generate, with transformers' defaults (top_k=50) where arguments are left out, so the draws coincide."""
+    sampling PEFT's forward with transformers' own warpers and defaults (top_k=50) where arguments are left out, so
+    the draws coincide."""
     s = setups("llama")
+    settings = dict(dict(temperature=1.0, top_k=50, top_p=1.0), **sampling)
     for b in (0, 3, 4):  # prefix, prompt tuning, p-tuning
         name, row = ROW_ADAPTERS[b], s.rows[b].unsqueeze(0)
         torch.manual_seed(1234 + b)
-        with torch.no_grad():
-            expected = s.peft_models[name].generate(input_ids=row, attention_mask=torch.ones_like(row),
-                                                    max_new_tokens=4, do_sample=True, **sampling)
+        expected, _ = generate_without_cache(s.peft_models[name], row, max_new_tokens=4, do_sample=True,
+                                             eos_token_id=s.peft_models[name].generation_config.eos_token_id,
+                                             **settings)
         torch.manual_seed(1234 + b)
         sampled = s.bank.generate(row, adapters=[name], max_new_tokens=4, do_sample=True, **sampling)
         assert torch.equal(sampled, expected), (name, sampled.tolist(), expected.tolist())
@@ -224,6 +227,28 @@ def test_loader_splits_a_prefix_like_peft(setups):
         torch.testing.assert_close(k, cache.layers[layer].keys[0], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(v, cache.layers[layer].values[0], rtol=1e-6, atol=1e-6)
 
+
+@pytest.mark.parametrize("kind", ["prefix-proj", "p-tuning"])
+def test_peft_models_loaded_for_inference_are_served(setups, kind):
+    """``PeftModel.from_pretrained`` keeps only the saved encoder output (a projection prefix has no MLP left, and
+    PEFT's own get_prompt_embedding_to_save then fails): the bank serves it exactly like the adapter directory."""
+    from peft import PeftModel
+
+    s = setups("llama")
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), s.dirs[kind]).eval()
+    ids, mask = pad_rows(s.rows[:3], "left")
+    s.bank.add("loaded", loaded)
+    s.bank.add("from-dir", s.dirs[kind])
+    try:
+        from_model = s.bank(ids, attention_mask=mask, adapters=["loaded"] * 3).logits
+        from_dir = s.bank(ids, attention_mask=mask, adapters=["from-dir"] * 3).logits
+    finally:
+        s.bank.remove("loaded")
+        s.bank.remove("from-dir")
+    torch.testing.assert_close(from_model, from_dir, rtol=0, atol=0)
+    row = s.rows[0]
+    reference_logits, _ = peft_reference(loaded, row, 1)
+    assert relative_error(from_model[0][mask[0].bool()], reference_logits) < 1e-5
 
 
 def test_unknown_and_removed_names_raise_key_error(setups):
