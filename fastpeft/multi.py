@@ -175,6 +175,7 @@ class MultiPrefixTrainer:
         from peft import PeftModel
 
         from .integration.attention import check_supported_model, use_fastpeft_attention
+        from .integration.compat import warn_if_untested
 
         if isinstance(model, PeftModel):
             raise ValueError("model must be the base transformers model, not a PeftModel: add PEFT adapters with "
@@ -185,6 +186,7 @@ class MultiPrefixTrainer:
             raise ValueError("MultiPrefixTrainer trains prefixes of decoder-only causal LMs; "
                              f"{type(model).__name__} is an encoder-decoder model")
         check_supported_model(model, "MultiPrefixTrainer")
+        warn_if_untested("MultiPrefixTrainer")
         if mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of None, 'bf16', 'fp16', got {mixed_precision!r}")
         if max_grad_norm is not None and not max_grad_norm > 0:

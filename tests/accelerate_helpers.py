@@ -1,6 +1,7 @@
 """Shared pieces of the fastpeft.accelerate tests: PEFT models of every method on the tiny families, and one
 training step (loss, logits at the real tokens, gradients of every trainable parameter) to compare."""
 
+import inspect
 import warnings
 
 import pytest
@@ -73,14 +74,66 @@ def real_token_logits(logits, mask, num_virtual_tokens):
     return logits[mask.bool()]
 
 
+def peft_refuses_prefix_classification(peft_model):
+    """PEFT 0.21's prefix-tuning forward for sequence classification looks for a parameter literally named
+    ``past_key_values`` in the classifier's forward, then in its backbone's, and refuses when neither has one:
+    transformers >= 5.24 names the cache ``cache``."""
+    from peft import PeftModelForSequenceClassification
+
+    if fastpeft_is_accelerated(peft_model) or not isinstance(peft_model, PeftModelForSequenceClassification):
+        return False
+    if peft_model.active_peft_config.peft_type.value != "PREFIX_TUNING":
+        return False
+    backbone = peft_model.base_model.get_submodule(peft_model.transformer_backbone_name)
+    return all("past_key_values" not in inspect.signature(m.forward).parameters
+               for m in (peft_model.base_model, backbone))
+
+
+def fastpeft_is_accelerated(peft_model):
+    from fastpeft.integration.peft import is_accelerated
+
+    return is_accelerated(peft_model)
+
+
+def peft_prefix_classification_forward(peft_model, input_ids, attention_mask, labels):
+    """PEFT 0.21's ``_prefix_tuning_forward`` for sequence classification, step by step, with the prefix cache
+    handed over under the keyword the model takes (what PEFT computes on transformers 5.17, where that keyword is
+    ``past_key_values``): the classifier with the cache if it takes one, else its backbone, pooler output, dropout
+    and classification head. Single-label classification loss, as PEFT's."""
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    from fastpeft.integration.compat import cache_keyword
+
+    P = peft_model.active_peft_config.num_virtual_tokens
+    batch = input_ids.shape[0]
+    attention_mask = torch.cat([torch.ones(batch, P), attention_mask], dim=1)
+    cache = peft_model.get_prompt(batch)
+    classifier = peft_model.base_model
+    if cache_keyword(classifier) is not None:
+        return classifier(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                          **{cache_keyword(classifier): cache})
+    backbone = classifier.get_submodule(peft_model.transformer_backbone_name)
+    pooled = backbone(input_ids=input_ids, attention_mask=attention_mask, **{cache_keyword(backbone): cache})[1]
+    if "dropout" in dict(classifier.named_children()):
+        pooled = classifier.dropout(pooled)
+    logits = classifier.get_submodule(peft_model.cls_layer_name)(pooled)
+    loss = torch.nn.functional.cross_entropy(logits.view(-1, classifier.num_labels), labels.view(-1))
+    return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
 def training_step(peft_model, ids, mask, labels, **forward_kwargs):
     """One forward/backward in train mode. Returns (loss, real-token logits, {name: grad}) of every trainable
-    parameter (the prompt encoder, and the classifier head PEFT trains for sequence classification)."""
+    parameter (the prompt encoder, and the classifier head PEFT trains for sequence classification). Where PEFT
+    refuses prefix tuning for sequence classification (transformers >= 5.24), PEFT's own algorithm runs instead
+    (``peft_prefix_classification_forward``)."""
     peft_model.train()
     peft_model.zero_grad(set_to_none=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = peft_model(input_ids=ids, attention_mask=mask, labels=labels, **forward_kwargs)
+        if peft_refuses_prefix_classification(peft_model) and not forward_kwargs:
+            out = peft_prefix_classification_forward(peft_model, ids, mask, labels)
+        else:
+            out = peft_model(input_ids=ids, attention_mask=mask, labels=labels, **forward_kwargs)
     out.loss.backward()
     grads = {name: param.grad.detach().clone() for name, param in peft_model.named_parameters()
              if param.requires_grad}
@@ -120,6 +173,16 @@ def greedy(model, ids, mask, max_new_tokens=6, **kwargs):
         warnings.simplefilter("ignore")
         return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                               pad_token_id=0, **kwargs)
+
+
+def reference_greedy(model, ids, mask, max_new_tokens=6):
+    """What ``greedy`` must give: ``(sequences, per-step logits)`` of PEFT's forward (or a plain model's) looped
+    without a cache, stopping at the generation config's eos like ``generate``. Never a ``generate`` as the
+    reference: PEFT 0.21.2's stopped equalling its own forward with transformers 5.24."""
+    from fastpeft.integration.reference_generate import generate_without_cache
+
+    return generate_without_cache(model, ids, mask, max_new_tokens=max_new_tokens, pad_token_id=0,
+                                  eos_token_id=model.generation_config.eos_token_id)
 
 
 def forbid_framework_attention(monkeypatch, peft_model):

@@ -10,9 +10,11 @@ import torch
 CPU_ONLY_TORCH = torch.version.cuda is None and getattr(torch.version, "hip", None) is None
 if CPU_ONLY_TORCH:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    # Session-wide, not per test: module-scoped fixtures and subprocesses see it too. Tests that want the Triton
-    # kernels set FASTPEFT_BACKEND=triton themselves (monkeypatch restores "reference" afterwards).
-    os.environ.setdefault("FASTPEFT_BACKEND", "reference")
+    # With the interpreter on, an unforced CPU call would pick the (interpreted, slow) Triton kernels, so the session
+    # forces the backend a CPU user gets by default: sdpa (PyTorch's fused attention ops). Session-wide, not per
+    # test: module-scoped fixtures and subprocesses see it too. Tests that want the Triton kernels or the reference
+    # path set FASTPEFT_BACKEND themselves (monkeypatch restores "sdpa" afterwards).
+    os.environ.setdefault("FASTPEFT_BACKEND", "sdpa")
 
 
 def _cuda_available():

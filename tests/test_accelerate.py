@@ -424,3 +424,19 @@ def test_prefix_spec_value_checks_and_their_opt_out():
     assert unchecked.prefix_index.tolist() == [2]
     with pytest.raises(ValueError, match="prefix_index is required"):
         attention.PrefixSpec.build(keys, keys, None, lengths, check_values=False)
+
+
+def test_prefix_classification_reference_is_peft():
+    """The step-by-step PEFT algorithm the BERT prefix-tuning tests fall back to where PEFT refuses (transformers
+    >= 5.24 names the cache ``cache``) equals PEFT itself where PEFT runs it (transformers 5.17)."""
+    from tests.accelerate_helpers import peft_prefix_classification_forward, peft_refuses_prefix_classification
+
+    peft_model = make_peft_model("bert", "prefix")
+    if peft_refuses_prefix_classification(peft_model):
+        pytest.skip("PEFT refuses prefix tuning for BERT with this transformers; nothing to compare against")
+    ids, mask, labels = batch_and_labels("bert")
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids, attention_mask=mask, labels=labels)
+        ours = peft_prefix_classification_forward(peft_model, ids, mask, labels)
+    torch.testing.assert_close(ours.logits, expected.logits, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours.loss, expected.loss, rtol=1e-6, atol=1e-6)

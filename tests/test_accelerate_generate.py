@@ -8,19 +8,13 @@ import pytest
 import torch
 
 import fastpeft
-from tests.accelerate_helpers import (METHODS, NUM_VIRTUAL_TOKENS, batch_and_labels, forbid_framework_attention,
-                                      greedy, interpreted_triton, make_peft_model)
 from fastpeft.integration.compat import cache_of
 from fastpeft.integration.reference_generate import generate_without_cache, teacher_forced_logits
+from tests.accelerate_helpers import (METHODS, batch_and_labels, forbid_framework_attention, greedy,
+                                      interpreted_triton, make_peft_model, reference_greedy)
 from tests.models import CAUSAL_FAMILIES, tiny_model
 
-EOS_ID = 2  # the tiny configs' eos id (GPT-2's too): rows may end early and get padded
-
-
-def reference(peft_model, ids, mask, max_new_tokens=6):
-    """PEFT's forward looped without a cache (never a ``generate``: PEFT's broke with transformers 5.24)."""
-    return generate_without_cache(peft_model, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=EOS_ID,
-                                  pad_token_id=0)
+EOS_ID = 2  # the eos id of most tiny configs (Qwen's have none): rows may end early and get padded
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -31,9 +25,9 @@ def test_greedy_tokens_and_step_scores_match_peft_forward(family, method):
 
     peft_model = make_peft_model(family, method)
     ids, mask, _ = batch_and_labels(family)
-    expected, expected_logits = reference(peft_model, ids, mask)
+    expected, expected_logits = reference_greedy(peft_model, ids, mask)
     fastpeft.accelerate(peft_model)
-    out = greedy(peft_model, ids, mask, return_dict_in_generate=True, output_logits=True, eos_token_id=EOS_ID)
+    out = greedy(peft_model, ids, mask, return_dict_in_generate=True, output_logits=True)
     assert torch.equal(out.sequences, expected)
     assert_close(torch.stack(out.logits), expected_logits, 1e-5, "step logits")
 
@@ -91,7 +85,7 @@ def test_beam_search_scores_match_peft_forward(family, method):
     steps = out.beam_indices[:, :new_tokens.shape[1]] >= 0
     assert steps.any()
     assert_close(transition[steps], log_probs[steps], 1e-5, "beam token log-probabilities")
-    greedy_sequences, greedy_logits = reference(peft_model, ids, mask)
+    greedy_sequences, greedy_logits = reference_greedy(peft_model, ids, mask)
     greedy_tokens = greedy_sequences[:, ids.shape[1]:]
     greedy_score = greedy_logits.log_softmax(-1).gather(-1, greedy_tokens.T.unsqueeze(-1)).squeeze(-1).sum(0)
     best_beam_score = (log_probs * steps)[::2].sum(-1)
@@ -120,7 +114,7 @@ def test_generate_inside_disable_adapter_is_the_base_model(method):
 
     peft_model = make_peft_model("llama", method)
     ids, mask, _ = batch_and_labels("llama")
-    _, base_logits = reference(tiny_model("llama"), ids, mask, max_new_tokens=3)
+    _, base_logits = reference_greedy(tiny_model("llama"), ids, mask, max_new_tokens=3)
     fastpeft.accelerate(peft_model)
     with peft_model.disable_adapter():
         out = greedy(peft_model, ids, mask, max_new_tokens=3, return_dict_in_generate=True, output_logits=True,
@@ -136,7 +130,7 @@ def test_generate_without_cache_and_from_embeddings():
     refused by its prepare_inputs_for_generation) give the tokens of PEFT's forward."""
     peft_model = make_peft_model("llama", "prefix")
     ids, mask, _ = batch_and_labels("llama")
-    expected, _ = reference(peft_model, ids, mask, max_new_tokens=4)
+    expected, _ = reference_greedy(peft_model, ids, mask, max_new_tokens=4)
     fastpeft.accelerate(peft_model)
     assert torch.equal(greedy(peft_model, ids, mask, max_new_tokens=4, use_cache=False), expected)
     embeddings = peft_model.get_base_model().get_input_embeddings()(ids)
@@ -162,7 +156,7 @@ def test_interpreted_triton_generate_matches_peft(method, monkeypatch, interpret
     on CPU); neither SDPA nor eager attention may run."""
     peft_model = make_peft_model("llama", method)
     ids, mask, _ = batch_and_labels("llama")
-    expected, _ = reference(peft_model, ids, mask, max_new_tokens=3)
+    expected, _ = reference_greedy(peft_model, ids, mask, max_new_tokens=3)
     fastpeft.accelerate(peft_model)
     forbid_framework_attention(monkeypatch, peft_model)
     assert torch.equal(greedy(peft_model, ids, mask, max_new_tokens=3), expected)

@@ -9,6 +9,7 @@ import torch
 import fastpeft
 from fastpeft.integration import attention
 from tests.accelerate_helpers import assert_same_step, batch_and_labels, make_peft_model, training_step
+from tests.distributed import run_workers
 from tests.reference import assert_close
 
 
@@ -123,18 +124,8 @@ def _ddp_worker(rank, world_size, init_file, out_path):
 def test_ddp_gradients_match_single_process(tmp_path):
     """DDP averages the two ranks' gradients: they must equal plain PEFT's gradient of the mean of the two
     half-batch losses in one process."""
-    import time
-
-    import torch.multiprocessing as mp
-
     out_path = tmp_path / "grads.pt"
-    context = mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(out_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 300
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the DDP workers did not finish within 300 s")
+    run_workers(_ddp_worker, (2, str(tmp_path / "init"), str(out_path)))
     ddp_grads = torch.load(out_path)
 
     peft_model = make_peft_model("llama", "prefix_projection")

@@ -71,7 +71,7 @@ def test_info_reports_versions_device_and_backends(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["versions"]["torch"] == torch.__version__.split("+")[0] or \
         info["versions"]["torch"] == torch.__version__
-    assert set(info["backends"]) == {"cuda", "triton", "reference"}
+    assert set(info["backends"]) == {"cuda", "triton", "sdpa", "reference"}
     assert info["backends"]["reference"]["available"] is True
     assert info["device"]["type"] == ("cuda" if torch.cuda.is_available() else "cpu")
     for state in info["backends"].values():

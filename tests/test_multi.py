@@ -12,6 +12,7 @@ import types
 import pytest
 import torch
 
+from tests.distributed import run_workers
 from tests.models import VOCAB, tiny_model
 from tests.reference import assert_close
 
@@ -532,12 +533,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
 
 
 def test_ddp_two_processes_equal_one_process(tmp_path):
-    import torch.multiprocessing as mp
-
-    # fork: the children inherit the imported modules (spawning two fresh interpreters costs more than the test);
-    # each child runs single-threaded, as DataLoader's forked workers do.
-    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True,
-                       start_method="fork")
+    run_workers(_ddp_worker, (2, str(tmp_path / "rendezvous"), str(tmp_path)))
     single = _ddp_run(_ddp_trainer(seed=0), list(range(6)))
     initial = params(_ddp_trainer(seed=0).encoder("idle"))
     for rank in range(2):
