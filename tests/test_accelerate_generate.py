@@ -160,3 +160,37 @@ def test_interpreted_triton_generate_matches_peft(method, monkeypatch, interpret
     fastpeft.accelerate(peft_model)
     forbid_framework_attention(monkeypatch, peft_model)
     assert torch.equal(greedy(peft_model, ids, mask, max_new_tokens=3), expected)
+
+
+QUIET_SCRIPT = r"""
+import io, logging, sys, warnings
+warnings.simplefilter("always")
+import transformers
+stream = io.StringIO()
+transformers.logging.get_logger("transformers").addHandler(logging.StreamHandler(stream))
+import fastpeft
+from tests.accelerate_helpers import batch_and_labels, greedy, make_peft_model
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for method in ("prefix", "prompt"):
+        model = fastpeft.accelerate(make_peft_model("llama", method))
+        ids, mask, _ = batch_and_labels("llama")
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        model(input_ids=ids, attention_mask=mask)
+messages = [str(w.message) for w in caught] + stream.getvalue().splitlines()
+print("\n".join(m for m in messages if "past_key_values" in m or "cache_params" in m))
+"""
+
+
+def test_accelerated_generate_logs_no_deprecation():
+    """No transformers deprecation message (the cache under its old name) from fastpeft's forward and generate;
+    a fresh process, since transformers logs each message once per process."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", QUIET_SCRIPT], cwd=root, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "", result.stdout

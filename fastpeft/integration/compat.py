@@ -15,6 +15,7 @@ transformers or PEFT is newer than the newest tested (older than the oldest is r
 import contextlib
 import functools
 import inspect
+import re
 from importlib import metadata
 
 from .. import _backend
@@ -160,14 +161,14 @@ def adapters_disabled(peft_model):
 
 
 def _release(version):
-    """``"5.24.0.dev0"`` -> ``(5, 24, 0)``: the numeric release, pre/post/dev tags dropped."""
+    """``"5.24.0.dev0"`` -> ``(5, 24, 0)``: the numeric release, pre/post/dev tags and local labels dropped."""
     numbers = []
     for part in version.split("+")[0].split("."):
-        digits = "".join(ch for ch in part if ch.isdigit()) if part[:1].isdigit() else ""
+        digits = re.match(r"\d*", part).group()
         if not digits:
             break
         numbers.append(int(digits))
-        if not part.isdigit():
+        if digits != part:  # "0rc1": the tag ends the release
             break
     return tuple(numbers)
 

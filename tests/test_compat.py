@@ -1,0 +1,134 @@
+"""fastpeft.integration.compat: the version-dependent lookups, the tested-version bookkeeping, and that the
+package metadata, the constraints file and TESTED_VERSIONS agree."""
+
+import os
+import re
+import warnings
+from dataclasses import dataclass
+
+import pytest
+
+from fastpeft import _backend
+from fastpeft.integration import compat
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    monkeypatch.setattr(_backend, "_warned_messages", set())
+
+
+def _pretend_installed(monkeypatch, **versions):
+    real = compat.installed_version
+    monkeypatch.setattr(compat, "installed_version", lambda package: versions.get(package) or real(package))
+
+
+def test_release_numbers_ignore_tags():
+    assert compat._release("5.24.0") == (5, 24, 0)
+    assert compat._release("5.25.0.dev0") == (5, 25, 0)
+    assert compat._release("0.21.2+local") == (0, 21, 2)
+    assert compat._release("6.0.0rc1") == (6, 0, 0)
+
+
+@pytest.mark.parametrize("version,status", [("99.0.0", "newer than tested"), ("5.0.0", "older than tested"),
+                                            (None, "tested")])
+def test_version_status(monkeypatch, version, status):
+    oldest, newest = compat.TESTED_VERSIONS["transformers"]
+    _pretend_installed(monkeypatch, transformers=version or newest)
+    assert compat.version_status("transformers") == (version or newest, status)
+
+
+def test_newer_release_warns_once_per_process(monkeypatch, fresh_warnings):
+    _pretend_installed(monkeypatch, peft="9.0.0")
+    with pytest.warns(RuntimeWarning, match=r"peft 9\.0\.0 is newer than the newest release"):
+        compat.warn_if_untested("AdapterBank")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compat.warn_if_untested("AdapterBank")
+
+
+def test_accelerate_warns_on_a_newer_transformers(monkeypatch, fresh_warnings):
+    import fastpeft
+    from tests.accelerate_helpers import make_peft_model
+
+    _pretend_installed(monkeypatch, transformers="99.1.0")
+    with pytest.warns(RuntimeWarning, match=r"transformers 99\.1\.0 is newer"):
+        fastpeft.accelerate(make_peft_model("llama", "prefix"))
+
+
+def test_tested_versions_installed_pass_quietly(fresh_warnings):
+    for package in compat.TESTED_VERSIONS:
+        installed, status = compat.version_status(package)
+        if status != "tested":
+            pytest.skip(f"{package} {installed} is {status} (run by .ci/run-latest)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compat.warn_if_untested("fastpeft.accelerate")
+
+
+def test_metadata_and_constraints_agree_with_tested_versions():
+    """pyproject's floors are the oldest tested releases; constraints.txt pins the newest (what CI installs)."""
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        pyproject = f.read()
+    with open(os.path.join(ROOT, "constraints.txt")) as f:
+        constraints = dict(line.strip().split("==") for line in f if "==" in line and not line.startswith("#"))
+    for package, (oldest, newest) in compat.TESTED_VERSIONS.items():
+        floor = re.search(rf'"{package}>=([0-9.]+)', pyproject).group(1)
+        assert compat._release(oldest)[:len(compat._release(floor))] == compat._release(floor), package
+        assert constraints[package] == newest, package
+    assert "torch" not in constraints  # the machine picks its torch build
+
+
+def test_cache_lookups_under_either_name():
+    cache = object()
+    assert compat.cache_in({"cache": cache}) is cache
+    assert compat.cache_in({"past_key_values": cache}) is cache
+    assert compat.cache_in({"input_ids": 1}) is None
+
+    @dataclass
+    class NewOutput:
+        logits: object = None
+        cache: object = None
+
+    @dataclass
+    class OldOutput:
+        logits: object = None
+        past_key_values: object = None
+
+    assert compat.cache_of(NewOutput(cache=cache)) is cache
+    assert compat.cache_of(OldOutput(past_key_values=cache)) is cache
+    assert compat.cache_of(object()) is None
+
+
+def test_cache_keyword_follows_the_model_signature():
+    class New:
+        def forward(self, input_ids=None, cache=None):
+            pass
+
+    class Old:
+        def forward(self, input_ids=None, past_key_values=None):
+            pass
+
+    class Encoder:
+        def forward(self, input_ids=None, **kwargs):
+            pass
+
+    assert compat.cache_kwargs(New(), 1) == {"cache": 1}
+    assert compat.cache_kwargs(Old(), 1) == {"past_key_values": 1}
+    assert compat.cache_kwargs(Encoder(), None) == {}
+    with pytest.raises(ValueError, match="takes no KV cache"):
+        compat.cache_kwargs(Encoder(), 1)
+
+
+def test_info_reports_tested_versions(capsys):
+    import json
+
+    from fastpeft import cli
+
+    assert cli.main(["info", "--json"]) == 0
+    tested = json.loads(capsys.readouterr().out)["tested_versions"]
+    assert set(tested) == {"transformers", "peft"}
+    for package, entry in tested.items():
+        assert entry["status"] == compat.version_status(package)[1]
+        assert entry["tested"] == " to ".join(compat.TESTED_VERSIONS[package])
