@@ -1,9 +1,11 @@
-"""Which implementation runs an op: the CUDA extension, Triton, or the PyTorch reference.
+"""Which implementation runs an op: the CUDA extension, Triton, PyTorch's fused attention ops, or the reference.
 
-Order (SPEC): the CUDA extension where it implements the case, then Triton for CUDA tensors, then the
-PyTorch reference for CPU tensors or cases no kernel covers (with a one-time warning naming the case).
-``FASTPEFT_BACKEND=reference|triton|cuda`` forces one; with ``TRITON_INTERPRET=1`` the Triton path also
-runs on CPU tensors. Nothing here touches the GPU or imports Triton at import time.
+Order (SPEC): the CUDA extension where it implements the case, then Triton for CUDA tensors, then ``sdpa``
+(PyTorch's fused attention ops, one call per part of the key axis merged by log-sum-exp: any device whose
+torch has those ops, the default on CPU), then the PyTorch reference for cases no faster path covers (with a
+one-time warning naming the case). ``FASTPEFT_BACKEND=reference|sdpa|triton|cuda`` forces one; with
+``TRITON_INTERPRET=1`` the Triton path also runs on CPU tensors (and is then preferred over ``sdpa``, for
+testing the kernels). Nothing here touches the GPU or imports Triton at import time.
 """
 
 import functools
@@ -11,7 +13,7 @@ import importlib
 import os
 import warnings
 
-BACKENDS = ("cuda", "triton", "reference")
+BACKENDS = ("cuda", "triton", "sdpa", "reference")
 
 
 def forced_backend():

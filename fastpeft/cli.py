@@ -264,6 +264,7 @@ def _collect_info():
 
     from . import _backend
     from .bench.harness import package_version
+    from .ops.sdpa_prefix_attention import unavailable_reason as _sdpa_unavailable_reason
 
     versions = {"fastpeft": _version(), "python": sys.version.split()[0]}
     for package in ("torch", "triton", "transformers", "peft", "bitsandbytes"):
@@ -301,6 +302,9 @@ def _collect_info():
     else:
         backends["triton"] = {"available": False,
                               "why": "no CUDA device (set TRITON_INTERPRET=1 to interpret the kernels on CPU)"}
+    sdpa_missing = _sdpa_unavailable_reason(torch.device(device["type"]), torch.float32)
+    backends["sdpa"] = {"available": sdpa_missing is None,
+                        "why": sdpa_missing or "PyTorch's fused attention ops, parts merged by log-sum-exp"}
     backends["reference"] = {"available": True, "why": "PyTorch reference, always present"}
     forced = os.environ.get("FASTPEFT_BACKEND") or None
 

@@ -5,6 +5,9 @@ against the float64 reference path, on a small GQA case with a ragged prefix tab
 * decode: L = 1 after a cache of 15, no grad (the split-KV decode kernels: Triton, and the CUDA extension
   where it is built).
 
+Backends: reference, sdpa (PyTorch's fused attention ops; float32 and bfloat16), Triton (on CPU through the
+interpreter), the CUDA extension (decode, on a GPU).
+
 Exits non-zero if any backend disagrees."""
 
 import os
@@ -54,8 +57,13 @@ def main():
     from . import _backend
     from .ops.prefix_attention import prefix_attention
 
+    from .ops.sdpa_prefix_attention import unavailable_reason as sdpa_unavailable_reason
+
     modes = {"training": (16, True), "decode": (1, False)}
     runs = [("reference", device, torch.float32, mode) for mode in modes]
+    for dtype in (torch.float32, torch.bfloat16):
+        if sdpa_unavailable_reason(torch.device(device), dtype) is None:
+            runs += [("sdpa", device, dtype, mode) for mode in modes]
     if _backend.triton_usable_on(torch.device(device)):
         dtypes = (torch.float32, torch.bfloat16) if device == "cuda" else (torch.float32,)
         runs += [("triton", device, dtype, mode) for dtype in dtypes for mode in modes]

@@ -2,8 +2,8 @@
 
 Providers, all on the same inputs in the same process:
 
-- ``fastpeft[<backend>]``: the fused op (the backend the dispatcher picks here: triton/cuda on a GPU, the
-  PyTorch reference on CPU).
+- ``fastpeft[<backend>]``: the fused op (the backend the dispatcher picks here: triton/cuda on a GPU, ``sdpa``
+  on CPU: PyTorch's fused attention ops on the prefix and on the keys, merged by log-sum-exp).
 - ``peft-concat``: what PEFT + transformers do with SDPA: the shared prefix expanded to every row and
   concatenated with the keys/values, the kv heads repeated for GQA (transformers' ``repeat_kv``), and SDPA
   with a materialized boolean mask ``[B, 1, L, P+S]`` (built once per shape, outside the timing, as
@@ -16,11 +16,19 @@ Providers, all on the same inputs in the same process:
 
 Modes: ``fwd`` (forward with inputs requiring grad, as in training), ``bwd`` (the backward of a retained
 graph), ``fwd+bwd``. Metrics: time (ms, median and 20/80 percentiles), TFLOP/s (see
-``harness.attention_flops``), peak memory (CUDA), speedup over ``peft-concat``, and parity: the relative
+``harness.attention_flops``), peak memory (CUDA: allocator peak; CPU: ``peak_rss``, the resident-set
+high-water mark above the resident set before the call, measured in a subprocess where glibc maps every
+allocation over 64 KiB separately so that freed tensors leave the resident set: approximate, Linux only), speedup
+over ``peft-concat``, and parity: the relative
 error of the output (fwd) or the worst of the five input gradients (bwd) against the PyTorch reference one
 precision above the inputs (float64 for float32, float32 for bf16/fp16), measured on the first two rows of
 the batch (the reference materializes the scores).
 """
+
+import json
+import os
+import subprocess
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -44,9 +52,11 @@ GPU_SHAPES = [
     {**MAIN_SHAPE, "P": 512},
     {**MAIN_SHAPE, "dtype": "float16"},
 ]
-CPU_SHAPES = [
-    dict(B=2, Hq=8, Hkv=2, L=256, P=32, D=64, dtype="float32"),
-    dict(B=2, Hq=8, Hkv=2, L=128, P=128, D=64, dtype="float32"),
+CPU_SHAPES = [  # issue 11's CPU targets: >= 1.0x PEFT at L=512, >= 1.5x at L=2048
+    dict(B=2, Hq=8, Hkv=2, L=512, P=128, D=64, dtype="float32"),
+    dict(B=2, Hq=8, Hkv=2, L=2048, P=128, D=64, dtype="float32"),
+    dict(B=2, Hq=8, Hkv=2, L=512, P=128, D=64, dtype="bfloat16"),
+    dict(B=2, Hq=8, Hkv=2, L=2048, P=128, D=64, dtype="bfloat16"),
 ]
 CPU_QUICK_SHAPES = [dict(B=2, Hq=4, Hkv=2, L=64, P=16, D=32, dtype="float32")]
 
@@ -252,3 +262,70 @@ def run(recorder, device, quick=False):
                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+        if device.type == "cpu" and not quick:
+            _record_cpu_peak_rss(recorder, shape)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CPU peak memory: the resident-set high-water mark, in a subprocess whose allocator returns freed memory
+
+
+def _record_cpu_peak_rss(recorder, shape):
+    """Run ``python -m fastpeft.bench.kernel SHAPE`` and record its per-provider peaks (metric ``peak_rss``)."""
+    try:
+        result = subprocess.run([sys.executable, "-m", "fastpeft.bench.kernel", json.dumps(shape)],
+                                capture_output=True, text=True, timeout=600, env=dict(os.environ))
+        peaks = json.loads(result.stdout.strip().splitlines()[-1])
+    except Exception as exc:  # no /proc, a failed child: the other numbers stand without it
+        recorder.note(f"peak_rss on {shape_label(shape)}: not measured ({exc.__class__.__name__}: {exc})")
+        return
+    for label, by_mode in peaks.items():
+        for mode, peak in by_mode.items():
+            record_shape = {**shape, "S": shape["L"], "causal": True, "mode": mode}
+            recorder.add(SUITE, f"{shape_label(shape)} {mode}", record_shape, label, "peak_rss", peak / 2**20,
+                         "MiB", method="VmHWM - VmRSS before the call, glibc mmap threshold 64 KiB")
+
+
+def _status_bytes(field):
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def _peak_rss_bytes(fn):
+    """Resident-set high-water mark of ``fn()`` above the resident set before it (its result kept alive)."""
+    before = _status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # resets VmHWM to the current resident set
+    result = fn()
+    peak = _status_bytes("VmHWM")
+    del result
+    return max(peak - before, 0)
+
+
+def _peak_rss_main(shape):
+    """Child of ``_record_cpu_peak_rss``: prints ``{provider: {mode: bytes}}`` as one JSON line."""
+    import ctypes
+    import gc
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 64 * 1024)   # M_MMAP_THRESHOLD: fixed (no dynamic growth), so big tensors are unmapped on free
+    libc.mallopt(-1, 0)           # M_TRIM_THRESHOLD: give the heap's top back at once
+    device = torch.device("cpu")
+    inputs, dout = make_inputs(shape, device)
+    peaks = {}
+    for label, forward in (peft_concat_provider(shape, device), fastpeft_provider(device)):
+        modes = {"fwd": lambda: forward(*inputs),
+                 "fwd+bwd": lambda: torch.autograd.grad(forward(*inputs), inputs, dout)}
+        peaks[label] = {}
+        for mode, fn in modes.items():
+            fn()  # warm-up: thread pools, one-time buffers
+            gc.collect()
+            peaks[label][mode] = _peak_rss_bytes(fn)
+    print(json.dumps(peaks))
+
+
+if __name__ == "__main__":
+    _peak_rss_main(json.loads(sys.argv[1]))

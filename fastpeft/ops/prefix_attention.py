@@ -2,9 +2,11 @@
 
 Layers: Triton kernels and their launchers live in ``fastpeft.kernels.prefix_attention`` (training and
 prefill) and ``fastpeft.kernels.prefix_decode`` (L == 1 inference); the CUDA extension ``fastpeft._C``
-implements decode. This module validates the arguments once, brings them to one canonical form, picks the
-backend and registers the Triton kernels as the custom ops ``fastpeft::prefix_attention_fwd`` /
-``fastpeft::prefix_attention_bwd`` (with fake implementations and autograd, so ``torch.compile`` traces them).
+implements decode; the ``sdpa`` backend (PyTorch's fused attention ops, one call per part of the key axis,
+merged by log-sum-exp; the default on CPU) lives in ``fastpeft.ops.sdpa_prefix_attention``. This module
+validates the arguments once, brings them to one canonical form, picks the backend and registers the Triton
+kernels as the custom ops ``fastpeft::prefix_attention_fwd`` / ``fastpeft::prefix_attention_bwd`` (with fake
+implementations and autograd, so ``torch.compile`` traces them).
 """
 
 import math
@@ -13,6 +15,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _backend
+from . import sdpa_prefix_attention as _sdpa
 from .reference import reference_prefix_attention
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -145,8 +148,16 @@ def _kernel_case_unsupported(dtype):
 
 
 def _choose_backend(q, needs_grad):
-    """'cuda', 'triton' or 'reference' for these (already validated) inputs."""
-    return _select_backend(q.device, q.dtype, q.shape[2] == 1 and not needs_grad)
+    """'cuda', 'triton', 'sdpa' or 'reference' for these (already validated) inputs."""
+    length = q.shape[2]
+    if torch.compiler.is_compiling():
+        # With a dynamic query length, L is symbolic (and not 1: Dynamo specializes sizes 0 and 1); the choice
+        # below is folded to a constant, which needs a plain bool. (Dynamo has imported this module already.)
+        from torch.fx.experimental.symbolic_shapes import guard_or_false
+        one_query = guard_or_false(length == 1)
+    else:
+        one_query = length == 1
+    return _select_backend(q.device, q.dtype, one_query and not needs_grad)
 
 
 def _select_backend(device, dtype, decode):
@@ -154,6 +165,11 @@ def _select_backend(device, dtype, decode):
     is_cuda = device.type == "cuda"
     if forced == "reference":
         return "reference"
+    if forced == "sdpa":
+        reason = _sdpa.unavailable_reason(device, dtype)
+        if reason is not None:
+            raise ValueError(f"FASTPEFT_BACKEND=sdpa cannot run here: {reason}")
+        return "sdpa"
     unsupported = _kernel_case_unsupported(dtype)
     if forced is not None:
         if unsupported is not None:
@@ -173,13 +189,16 @@ def _select_backend(device, dtype, decode):
 
     if is_cuda and decode and _cuda_decode_available():
         return "cuda"
-    if _backend.triton_usable_on(device):
-        if unsupported is None:
-            return "triton"
-        _backend.warn_fallback_once(unsupported)
-        return "reference"
-    if is_cuda:
-        _backend.warn_fallback_once(_backend.triton_available()[1])
+    if _backend.triton_usable_on(device) and unsupported is None:
+        return "triton"
+    # Then PyTorch's fused attention ops (any device that has them; the CPU default), then the reference.
+    reason = _sdpa.unavailable_reason(device, dtype)
+    if reason is None:
+        if is_cuda:
+            _backend.warn_once(f"Triton kernels unavailable ({_backend.triton_available()[1]}); using the sdpa "
+                               "backend (PyTorch's fused attention ops)")
+        return "sdpa"
+    _backend.warn_fallback_once(reason)
     return "reference"
 
 
@@ -277,6 +296,9 @@ def _run(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_
     if backend == "reference":
         return reference_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
                                           key_padding_mask, causal, softmax_scale)
+    if backend == "sdpa":
+        return _sdpa.sdpa_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
+                                           key_padding_mask, causal, softmax_scale, deterministic)
     if q.shape[2] == 1 and not needs_grad:
         return _decode_forward(backend, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
                                key_padding_mask, causal, softmax_scale)
