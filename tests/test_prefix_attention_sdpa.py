@@ -230,11 +230,12 @@ def test_plan_splits_a_cache_into_a_folded_part_and_a_causal_square():
 
 
 def test_cpu_causal_queries_run_in_chunks():
-    q = torch.empty(1, 1, 600, 8)
-    assert sdpa._query_chunks(q, causal=True) == [(0, 200), (200, 400), (400, 600)]
-    assert sdpa._query_chunks(q, causal=False) == [(0, 600)]
+    q = torch.empty(1, 1, 1024, 8)
+    assert sdpa._query_chunks(q[:, :, :600], causal=True) == [(0, 200), (200, 400), (400, 600)]
+    assert sdpa._query_chunks(q[:, :, :600], causal=False) == [(0, 600)]
     assert sdpa._query_chunks(q[:, :, :256], causal=True) == [(0, 256)]
     assert sdpa._query_chunks(q[:, :, :257], causal=True) == [(0, 129), (129, 257)]
+    assert sdpa._query_chunks(q[:, :, :769], causal=True) == [(0, 769)]   # the kernel's own skipping
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
