@@ -324,21 +324,6 @@ def test_readme_opens_with_the_main_job_and_the_test_command():
     assert first_block[1].split("#")[0].strip() == "python -m pytest -q tests"  # what .ci/run runs
 
 
-@pytest.mark.skipif(not (MULTI_PRESENT and ACCELERATE_FLAGS == [] and importlib.util.find_spec("fastpeft.bank")),
-                    reason="the README's snippets use accelerate, AdapterBank and MultiPrefixTrainer")
-def test_readme_python_snippets_run(tmp_path):
-    import re
-
-    with open(README) as f:
-        snippets = re.findall(r"```python\n(.*?)```", f.read(), re.S)
-    runnable = [s for s in snippets if "fastpeft.prefix_attention(\n    q," not in s]  # the op's signature block
-    assert len(runnable) == 3
-    for snippet in runnable:  # in order: the bank serves the adapter the first snippet saved
-        exec(compile(snippet.replace("/tmp/", f"{tmp_path}/"), README, "exec"), {})
-    assert (tmp_path / "fp-readme-prefix" / "adapter_model.safetensors").is_file()
-    assert (tmp_path / "fp-readme-tenants" / "legal" / "adapter_config.json").is_file()
-
-
 @pytest.mark.gpu
 def test_train_and_generate_on_cuda(tmp_path):
     """On a GPU (bf16 backbone): train through fastpeft.accelerate, then serve through the bank."""
