@@ -106,7 +106,8 @@ def build_parser():
     generate.add_argument("--batch-size", type=int, default=64, help="rows per generate call (default: 64)")
     generate.add_argument("--engine", choices=("bank", "peft"), default="bank",
                           help="bank: every adapter in one batch through fastpeft.AdapterBank (default); "
-                               "peft: plain PEFT, one adapter at a time (a reference to compare with)")
+                               "peft: plain PEFT, one request at a time, by its forward without a KV cache (a slow "
+                               "reference to compare with)")
     generate.add_argument("--json", action="store_true", help="print a JSON list instead of text")
     gen_quant = generate.add_mutually_exclusive_group()
     gen_quant.add_argument("--load-in-4bit", action="store_true", help="load the base model in 4-bit (bitsandbytes)")
@@ -313,8 +314,12 @@ def _collect_info():
                             ("fastpeft.AdapterBank", "fastpeft.bank"),
                             ("fastpeft.MultiPrefixTrainer", "fastpeft.multi")):
         features[feature] = importlib.util.find_spec(module) is not None
-    return {"versions": versions, "device": device, "backends": backends, "forced_backend": forced,
-            "features": features}
+    from .integration.compat import TESTED_VERSIONS, version_status
+
+    tested = {package: {"tested": f"{oldest} to {newest}", "status": version_status(package)[1]}
+              for package, (oldest, newest) in TESTED_VERSIONS.items()}
+    return {"versions": versions, "tested_versions": tested, "device": device, "backends": backends,
+            "forced_backend": forced, "features": features}
 
 
 def cmd_info(args):
@@ -324,7 +329,9 @@ def cmd_info(args):
         return 0
     print("versions:")
     for package, version in info["versions"].items():
-        print(f"  {package:<13} {version or 'not installed'}")
+        tested = info["tested_versions"].get(package)
+        note = f"  ({tested['status']}: fastpeft is tested with {tested['tested']})" if tested else ""
+        print(f"  {package:<13} {version or 'not installed'}{note}")
     device = info["device"]
     if device["type"] == "cuda":
         print(f"device: {device['name']} (compute capability {device['capability']}, {device['memory_gib']} GiB, "
@@ -644,22 +651,29 @@ def _generate_with_bank(model, tokenizer, adapters, requests, args, device):
 
 
 def _generate_with_peft(model, tokenizer, adapters, requests, args, device):
-    """Plain PEFT, one adapter at a time: wrap the base model with the adapter, generate its requests, unwrap.
-    (One PeftModel cannot hold prompt-learning adapters of different types, so each gets its own wrapper;
-    prompt learning leaves the base model's modules untouched, so unwrapping is ``get_base_model``.)"""
+    """Plain PEFT, one adapter at a time and one request at a time, by PEFT's forward looped without a cache
+    (``fastpeft.integration.reference_generate``): the reference the bank must equal, which PEFT's own ``generate``
+    stopped being with transformers 5.24. One PeftModel cannot hold prompt-learning adapters of different types, so
+    each gets its own wrapper; prompt learning leaves the base model's modules untouched, so unwrapping is
+    ``get_base_model``."""
     from peft import PeftModel
 
+    from .integration.reference_generate import generate_without_cache
+
+    sampling = dict(temperature=args.temperature, top_p=args.top_p) if args.do_sample else {}
     completions = [None] * len(requests)
     for name, path in adapters.items():
         peft_model = PeftModel.from_pretrained(model, path).eval()
-        indices = [i for i, (_, adapter) in enumerate(requests) if adapter == name]
-        for start in range(0, len(indices), args.batch_size):
-            chunk = indices[start:start + args.batch_size]
-            encoded = tokenizer([requests[i][0] for i in chunk], return_tensors="pt", padding=True).to(device)
-            generated = peft_model.generate(**encoded, **_generation_kwargs(args))
-            texts = tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
-            for i, text in zip(chunk, texts):
-                completions[i] = text
+        config = peft_model.generation_config
+        pad_id = config.pad_token_id if config.pad_token_id is not None else tokenizer.pad_token_id
+        for i, (prompt, adapter) in enumerate(requests):
+            if adapter != name:
+                continue
+            encoded = tokenizer([prompt], return_tensors="pt").to(device)
+            generated, _ = generate_without_cache(peft_model, encoded["input_ids"], encoded["attention_mask"],
+                                                  max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                                                  eos_token_id=config.eos_token_id, pad_token_id=pad_id, **sampling)
+            completions[i] = tokenizer.decode(generated[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
         model = peft_model.get_base_model()
     return completions
 
