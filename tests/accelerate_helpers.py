@@ -113,7 +113,8 @@ def peft_prefix_classification_forward(peft_model, input_ids, attention_mask, la
         return classifier(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                           **{cache_keyword(classifier): cache})
     backbone = classifier.get_submodule(peft_model.transformer_backbone_name)
-    pooled = backbone(input_ids=input_ids, attention_mask=attention_mask, **{cache_keyword(backbone): cache})[1]
+    outputs = backbone(input_ids=input_ids, attention_mask=attention_mask, **{cache_keyword(backbone): cache})
+    pooled = outputs[1] if len(outputs) > 1 else outputs[0]  # RoBERTa's classifier has no pooler: its head pools
     if "dropout" in dict(classifier.named_children()):
         pooled = classifier.dropout(pooled)
     logits = classifier.get_submodule(peft_model.cls_layer_name)(pooled)

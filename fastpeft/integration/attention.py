@@ -79,24 +79,48 @@ class PrefixSpec:
 # key selections). fastpeft's kernels implement none of them: a non-None value is refused, never ignored.
 UNSUPPORTED_ATTENTION_KWARGS = ("softcap", "s_aux", "sinks", "position_bias", "indices", "block_indices",
                                 "cu_seq_lens_q", "cu_seq_lens_k")
-# Model families whose attention is exactly what the kernels compute (causal or bidirectional softmax attention
-# with padding, RoPE or learned positions applied before attention, an optional sliding window checked per call).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "bert")
+# Configuration attributes that switch on attention features the kernels do not compute, with the feature's name:
+# a model whose config sets one (to anything but None/False/0) is refused by name before anything runs.
+UNSUPPORTED_CONFIG_FEATURES = (
+    ("attn_logit_softcapping", "attention logit soft-capping"),
+    ("relative_attention_num_buckets", "a relative position bias added to the attention scores"),
+    ("relative_attention", "disentangled relative-position attention"),
+    ("alibi", "ALiBi position biases"),
+    ("attention_chunk_size", "chunked attention"),
+)
 
 
 def check_supported_model(model, user):
-    """Raise ValueError unless ``model`` (a transformers ``PreTrainedModel``) is of a supported family.
+    """Raise ValueError unless ``model`` (a transformers ``PreTrainedModel``) computes its attention through
+    transformers' attention interface with plain softmax attention, which fastpeft's kernels reproduce.
 
-    ``user`` names the caller in the message (``"fastpeft.accelerate"``, ``"AdapterBank"``, ...). Other families
-    may use attention features (soft-capping, sinks, custom masks, position schemes) that fastpeft does not
-    reproduce; refusing them up front beats wrong outputs."""
-    config = model.config
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{user} supports the model types {', '.join(SUPPORTED_MODEL_TYPES)}; got {model_type!r} "
-                         f"({type(model).__name__}), whose attention may use features (soft-capping, sinks, custom "
-                         "masks, position schemes) fastpeft does not reproduce")
+    The test is by mechanism, not by family: the model class (and every ``PreTrainedModel`` inside it) must declare
+    that its attention goes through ``ALL_ATTENTION_FUNCTIONS`` (``compat.uses_attention_interface``), and the config
+    must switch on none of ``UNSUPPORTED_CONFIG_FEATURES``; attention sinks are refused by their parameters. What only
+    shows per call (a sliding window shorter than prefix + sequence, soft-capping or sinks passed as keyword
+    arguments, custom mask patterns) is refused by ``fastpeft_attention_forward`` / ``fastpeft_mask``. ``user``
+    names the caller in the message (``"fastpeft.accelerate"``, ``"AdapterBank"``, ...)."""
+    from . import compat
+
+    for module in model.modules():
+        if compat.is_pretrained_model(module) and not compat.uses_attention_interface(module):
+            raise ValueError(
+                f"{user} cannot run {type(module).__name__}: its attention does not go through transformers' "
+                f"attention interface on this transformers release (the class does not declare "
+                f"_supports_attention_backend), so fastpeft cannot replace it")
+    configs = [model.config]
+    if hasattr(model.config, "get_text_config"):
+        configs.append(model.config.get_text_config())
+    for config in configs:
+        for attribute, feature in UNSUPPORTED_CONFIG_FEATURES:
+            if getattr(config, attribute, None):
+                raise ValueError(f"{user} cannot run {type(model).__name__}: its attention uses {feature} "
+                                 f"(config.{attribute}={getattr(config, attribute)!r}), which fastpeft's kernels do "
+                                 "not compute")
+    for name, _ in model.named_parameters():
+        if name.rsplit(".", 1)[-1] in ("sinks", "s_aux"):
+            raise ValueError(f"{user} cannot run {type(model).__name__}: its attention has attention sinks "
+                             f"({name}), which fastpeft's kernels do not compute")
 
 
 def _no_prefix(key):

@@ -41,6 +41,11 @@ def _forward_parameters(forward_function):
         return frozenset()
 
 
+def takes_argument(function, name):
+    """Whether ``function``'s signature names the parameter ``name`` (``**kwargs`` does not count)."""
+    return name in _forward_parameters(function)
+
+
 def cache_keyword(model):
     """The keyword ``model.forward`` takes its KV cache under: ``"cache"`` (transformers >= 5.24) or
     ``"past_key_values"`` (earlier releases, and models that were not migrated), or None when it takes neither
@@ -149,6 +154,39 @@ def checkpoint_function(module):
     if not getattr(module, "gradient_checkpointing", False):
         return None
     return getattr(module, "_gradient_checkpointing_func", None)
+
+
+# ----- attention interface and positions -------------------------------------------------------------------------
+
+
+def is_pretrained_model(module):
+    from transformers import PreTrainedModel
+
+    return isinstance(module, PreTrainedModel)
+
+
+def uses_attention_interface(model):
+    """Whether ``model``'s class (or ``model``, a class) computes attention through transformers' attention interface
+    (``ALL_ATTENTION_FUNCTIONS``), so that ``set_attn_implementation`` reaches every attention call: the class flag
+    ``_supports_attention_backend`` (transformers 5.x sets it on each migrated model class; a class whose attention
+    is hand-written, e.g. GPT-J on 5.17, Falcon, DeBERTa, T5, leaves it False)."""
+    cls = model if isinstance(model, type) else type(model)
+    return bool(getattr(cls, "_supports_attention_backend", False))
+
+
+def position_scheme(model):
+    """How ``model`` numbers its tokens when it gets no ``position_ids`` and a KV cache precedes them (which is how
+    PEFT's prefix tuning hands over its prefix): ``("mask", None)`` for learned positions counted over the attention
+    mask (OPT's ``embed_positions(attention_mask, ...)``: pad-aware), ``("input_ids", padding_idx)`` for positions
+    counted over the non-pad input ids from ``padding_idx + 1`` (RoBERTa-style embeddings), or ``("cache", None)``
+    for ``cached tokens + arange(L)`` (everything else: Llama, GPT-2, BERT, ...)."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] == "embed_positions" and "attention_mask" in _forward_parameters(
+                type(module).forward):
+            return "mask", None
+        if hasattr(module, "create_position_ids_from_input_ids") and getattr(module, "padding_idx", None) is not None:
+            return "input_ids", module.padding_idx
+    return "cache", None
 
 
 # ----- PEFT ------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ rotated; in ``forward`` the real tokens sit at positions ``P .. P+L-1`` whatever
 """
 
 import functools
+import warnings
 
 import torch
 
@@ -37,26 +38,29 @@ class _AccelerationState:
 
     def __init__(self, previous_attn_implementation):
         self.previous_attn_implementation = previous_attn_implementation
+        self.position_scheme = None  # compat.position_scheme of the backbone, found at the first forward
 
 
 def _peft_types():
+    """PREFIX_TUNING, then the types whose virtual tokens are input embeddings (PEFT's own forward runs them)."""
     from peft import PeftType
 
-    return PeftType.PREFIX_TUNING, PeftType.PROMPT_TUNING, PeftType.P_TUNING
+    return PeftType.PREFIX_TUNING, PeftType.PROMPT_TUNING, PeftType.P_TUNING, PeftType.CPT
 
 
 def _supported_peft_classes():
-    from peft import PeftModelForCausalLM, PeftModelForSequenceClassification
+    from peft import PeftModelForCausalLM, PeftModelForFeatureExtraction, PeftModelForSequenceClassification
 
-    return PeftModelForCausalLM, PeftModelForSequenceClassification
+    return PeftModelForCausalLM, PeftModelForSequenceClassification, PeftModelForFeatureExtraction
 
 
 def _check_peft_config(peft_model, adapter_name):
     """Raise ValueError for an adapter configuration fastpeft cannot run with PEFT's exact numbers."""
-    prefix_tuning, prompt_tuning, p_tuning = _peft_types()
+    types = _peft_types()
+    prefix_tuning = types[0]
     config = peft_model.peft_config[adapter_name]
-    if config.peft_type not in (prefix_tuning, prompt_tuning, p_tuning):
-        raise ValueError(f"fastpeft.accelerate supports PREFIX_TUNING, PROMPT_TUNING and P_TUNING adapters; "
+    if config.peft_type not in types:
+        raise ValueError(f"fastpeft.accelerate supports {', '.join(t.value for t in types)} adapters; "
                          f"adapter {adapter_name!r} is {config.peft_type.value}")
     if getattr(config, "num_transformer_submodules", 1) not in (None, 1):
         raise ValueError(f"adapter {adapter_name!r} has num_transformer_submodules="
@@ -89,18 +93,21 @@ def accelerate(peft_model):
     """Run a PEFT prompt-learning model's attention through fastpeft's fused prefix attention.
 
     Arguments:
-        peft_model: a ``peft.PeftModelForCausalLM`` (Llama, Mistral, Qwen2, Qwen3, GPT-2) or
-            ``peft.PeftModelForSequenceClassification`` (BERT, or one of the causal families), whose active
-            adapter is PREFIX_TUNING (with or without ``prefix_projection``), PROMPT_TUNING or P_TUNING. The
-            backbone may be loaded in 4-bit or 8-bit through bitsandbytes.
+        peft_model: a ``peft.PeftModelForCausalLM``, ``PeftModelForSequenceClassification`` or
+            ``PeftModelForFeatureExtraction`` whose backbone computes attention through transformers' attention
+            interface with plain softmax attention (Llama, Mistral, Qwen2/3, GPT-2, OPT, GPT-J, Gemma 3, Phi, BERT,
+            RoBERTa, ...; see ``attention.check_supported_model``), and whose adapters are PREFIX_TUNING (with or
+            without ``prefix_projection``), PROMPT_TUNING, P_TUNING or CPT. The backbone may be loaded in 4-bit or
+            8-bit through bitsandbytes.
 
     Returns:
         the same object, accelerated in place: forward outputs (logits, loss), prompt-parameter gradients,
         ``generate`` tokens and saved adapter files equal PEFT's. Calling it twice is a no-op.
 
     Raises:
-        ValueError: for another PEFT model class or adapter type, an encoder-decoder or unsupported backbone, or a
-            prefix-tuning configuration whose prefix does not split into the backbone's KV heads.
+        ValueError: for another PEFT model class or adapter type, an encoder-decoder backbone, a backbone whose
+            attention bypasses the attention interface or uses a feature the kernels lack (named in the message), or
+            a prefix-tuning configuration whose prefix does not split into the backbone's KV heads.
     """
     from peft import PeftModel
 
@@ -110,8 +117,9 @@ def accelerate(peft_model):
         return peft_model
     compat.warn_if_untested("fastpeft.accelerate")
     if not isinstance(peft_model, _supported_peft_classes()):
-        raise ValueError(f"fastpeft.accelerate supports PeftModelForCausalLM and "
-                         f"PeftModelForSequenceClassification, got {type(peft_model).__name__}")
+        raise ValueError(f"fastpeft.accelerate supports "
+                         f"{', '.join(cls.__name__ for cls in _supported_peft_classes())}, "
+                         f"got {type(peft_model).__name__}")
     _check_backbone(peft_model)
     for adapter_name in peft_model.peft_config:
         _check_peft_config(peft_model, adapter_name)
@@ -174,12 +182,41 @@ def prefix_spec(peft_model):
     return attention.PrefixSpec.build(keys, values)
 
 
-def _prefix_position_ids(position_ids, num_virtual_tokens, past_length, length, device):
-    """PEFT's forward positions: user ``position_ids + P``, else ``P + past .. P + past + L - 1`` for every row
-    (not pad-aware, as PEFT's: the prefix occupies cache positions 0..P-1 and the model counts from there)."""
+def _position_scheme(peft_model):
+    """The backbone's ``compat.position_scheme``, found once per accelerated model."""
+    state = getattr(peft_model, STATE_ATTR)
+    if state.position_scheme is None:
+        state.position_scheme = compat.position_scheme(peft_model.get_base_model())
+    return state.position_scheme
+
+
+def _prefix_position_ids(scheme, position_ids, num_virtual_tokens, past_length, input_ids, attention_mask, reference):
+    """PEFT's forward positions: user ``position_ids + P``; else the positions the backbone gives its tokens when a
+    cache of ``P + past`` tokens precedes them (PEFT hands the prefix over as that cache), by the backbone's
+    ``compat.position_scheme``:
+
+    * ``cache`` (most models): ``P + past .. P + past + L - 1`` for every row, not pad-aware;
+    * ``mask`` (OPT): counted over ``[ones(P) ; attention_mask]``, pad-aware, as the model counts PEFT's mask;
+    * ``input_ids`` (RoBERTa): ``padding_idx + P + past + (running count of non-pad ids)``, ``padding_idx`` at pads.
+
+    Returns None where the backbone's own numbering already equals PEFT's (RoBERTa from ``inputs_embeds``, which
+    ignores the cache)."""
     if position_ids is not None:
         return position_ids + num_virtual_tokens
+    kind, padding_idx = scheme
     start = num_virtual_tokens + past_length
+    (batch, length), device = reference.shape[:2], reference.device
+    if kind == "mask":
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past_length + length, device=device, dtype=torch.long)
+        full = torch.cat([attention_mask.new_ones(attention_mask.shape[0], num_virtual_tokens), attention_mask], 1)
+        full = full.long()
+        return (full.cumsum(1) * full - 1)[:, start:]
+    if kind == "input_ids":
+        if input_ids is None:
+            return None
+        real = input_ids.ne(padding_idx).long()
+        return (real.cumsum(1) + start) * real + padding_idx
     return torch.arange(start, start + length, device=device).unsqueeze(0)
 
 
@@ -201,14 +238,20 @@ def _accelerated_forward(self, input_ids=None, attention_mask=None, inputs_embed
     ``past_key_values`` holds only the real tokens (the prefix is never in a cache); passing such a cache back in
     continues the sequence (positions follow it)."""
     if not _active_is_prefix_tuning(self):
+        if labels is not None or compat.takes_argument(type(self).forward, "labels"):
+            kwargs["labels"] = labels  # PEFT's feature-extraction forward has no labels parameter
         return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
-                                  inputs_embeds=inputs_embeds, labels=labels, output_attentions=output_attentions,
+                                  inputs_embeds=inputs_embeds, output_attentions=output_attentions,
                                   output_hidden_states=output_hidden_states, return_dict=return_dict,
                                   task_ids=task_ids, **kwargs)
     from peft import PeftModelForSequenceClassification
 
     for name in self.special_peft_forward_args:  # PEFT ignores these for prompt learning
         kwargs.pop(name, None)
+    if kwargs.get("token_type_ids") is not None and not isinstance(self, PeftModelForSequenceClassification):
+        # As PEFT's causal-LM and feature-extraction forwards (_adjust_prompt_learning_kwargs).
+        warnings.warn("Token type ids are not supported for parameter efficient tuning. Ignoring token type ids")
+        kwargs["token_type_ids"] = None
     if attention.PREFIX_KWARG in kwargs:
         raise ValueError(f"{attention.PREFIX_KWARG} is set by the accelerated model itself; do not pass it")
     if isinstance(self, PeftModelForSequenceClassification) and return_dict is None:
@@ -220,12 +263,16 @@ def _accelerated_forward(self, input_ids=None, attention_mask=None, inputs_embed
     config = self.active_peft_config
     reference = input_ids if input_ids is not None else inputs_embeds
     past_length = compat.cache_length(compat.cache_in(kwargs))
-    kwargs["position_ids"] = _prefix_position_ids(kwargs.get("position_ids"), config.num_virtual_tokens,
-                                                  past_length, reference.shape[1], reference.device)
+    base = self.get_base_model()
+    kwargs["position_ids"] = _prefix_position_ids(_position_scheme(self), kwargs.get("position_ids"),
+                                                  config.num_virtual_tokens, past_length, input_ids, attention_mask,
+                                                  reference)
     kwargs[attention.PREFIX_KWARG] = prefix_spec(self)
-    return self.get_base_model()(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                                 labels=labels, output_attentions=output_attentions,
-                                 output_hidden_states=output_hidden_states, return_dict=return_dict, **kwargs)
+    if labels is not None or compat.takes_argument(type(self).forward, "labels"):
+        kwargs["labels"] = labels  # a feature-extraction backbone takes none (PEFT's forward passes none)
+    return base(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                return_dict=return_dict, **kwargs)
 
 
 def _check_no_reentrant_checkpointing(base):
@@ -255,7 +302,9 @@ def _virtual_token_prefix_spec(peft_model):
     adapter = peft_model.active_adapter
     config = peft_model.peft_config[adapter]
     encoder = peft_model.prompt_encoder[adapter]
-    if config.inference_mode:
+    if config.peft_type == _peft_types()[3]:  # CPT: embedding + projected delta, PEFT's own get_prompt
+        prompts = peft_model.get_prompt(batch_size=1)
+    elif config.inference_mode:
         prompts = encoder.embedding.weight.unsqueeze(0)
     else:
         tokens = peft_model.prompt_tokens[adapter].unsqueeze(0).to(encoder.embedding.weight.device)
@@ -294,6 +343,7 @@ def _accelerated_generate(self, *args, **kwargs):
 
     prefix_tuning = _active_is_prefix_tuning(self)
     num_virtual_tokens = self.active_peft_config.num_virtual_tokens
+    scheme = _position_scheme(self)
     with torch.no_grad():
         spec = prefix_spec(self) if prefix_tuning else _virtual_token_prefix_spec(self)
 
@@ -303,12 +353,19 @@ def _accelerated_generate(self, *args, **kwargs):
             if position_ids is None:
                 raise ValueError(f"{type(base).__name__} generate passed no position_ids; fastpeft needs them to "
                                  "place the real tokens after the prefix")
+            position_ids = position_ids + num_virtual_tokens
         else:
             past_length = compat.cache_length(compat.cache_in(model_inputs))
             new_tokens = compat.step_new_tokens(model_inputs)
-            position_ids = torch.arange(past_length, past_length + new_tokens.shape[1],
-                                        device=new_tokens.device).unsqueeze(0)
-        model_inputs["position_ids"] = position_ids + num_virtual_tokens
+            mask = model_inputs.get("attention_mask")
+            if scheme[0] == "mask" and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+                # OPT numbers PEFT's [virtual tokens ; input] over its attention mask: pad-aware.
+                full = torch.cat([mask.new_ones(mask.shape[0], num_virtual_tokens), mask], 1).long()
+                position_ids = (full.cumsum(1) * full - 1)[:, -new_tokens.shape[1]:]
+            else:
+                start = num_virtual_tokens + past_length
+                position_ids = torch.arange(start, start + new_tokens.shape[1], device=new_tokens.device)[None]
+        model_inputs["position_ids"] = position_ids
         model_inputs[attention.PREFIX_KWARG] = spec
         return model_inputs
 

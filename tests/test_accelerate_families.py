@@ -1,0 +1,261 @@
+"""fastpeft.accelerate on the families the generic attention-interface path added (OPT, GPT-J, Gemma 3, Phi causal
+LMs; RoBERTa sequence classification; BERT/RoBERTa feature extraction; CPT adapters), each against PEFT itself on the
+same model, adapter and inputs: loss, logits, prompt gradients (float32, relative error < 1e-5), greedy generation
+against PEFT's forward looped without a cache. And the refusals, each naming the missing feature."""
+
+import warnings
+
+import pytest
+import torch
+
+import fastpeft
+from fastpeft.integration import compat
+from tests.accelerate_helpers import (METHODS, assert_same_step, greedy, randomize_prompt_parameters,
+                                      reference_greedy, training_step)
+from tests.reference import assert_close
+
+VOCAB = 128
+P = 4
+
+
+
+def tiny_base(family, task="causal", seed=0, **config_overrides):
+    """A tiny random model of ``family`` (hidden size 128, 2 layers, 4 query heads, dropout off, float32, eval)."""
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, pad_token_id=0)
+    if family == "opt":
+        config = tf.OPTConfig(hidden_size=128, ffn_dim=256, num_hidden_layers=2, num_attention_heads=4,
+                              word_embed_proj_dim=128, max_position_embeddings=256, dropout=0.0,
+                              attention_dropout=0.0, bos_token_id=1, eos_token_id=2, **common)
+    elif family == "gptj":
+        config = tf.GPTJConfig(n_embd=128, n_layer=2, n_head=4, rotary_dim=16, n_positions=256, resid_pdrop=0.0,
+                               embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2, **common)
+    elif family == "gemma3":
+        config = tf.Gemma3TextConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                     max_position_embeddings=256, sliding_window=64, bos_token_id=1, eos_token_id=2,
+                                     **common)
+    elif family == "phi":
+        config = tf.PhiConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                              max_position_embeddings=256, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0,
+                              bos_token_id=1, eos_token_id=2, **common)
+    elif family in ("roberta", "bert"):
+        cls = tf.RobertaConfig if family == "roberta" else tf.BertConfig
+        config = cls(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                     max_position_embeddings=256, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                     num_labels=3, vocab_size=VOCAB, pad_token_id=1 if family == "roberta" else 0)
+    else:
+        raise ValueError(family)
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    if task == "causal":
+        model = tf.AutoModelForCausalLM.from_config(config)
+    elif task == "seq_cls":
+        model = tf.AutoModelForSequenceClassification.from_config(config)
+    else:
+        model = tf.AutoModel.from_config(config)
+    return model.eval()
+
+
+def _peft_config(method, task):
+    from peft import CPTConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType
+
+    task_type = {"causal": TaskType.CAUSAL_LM, "seq_cls": TaskType.SEQ_CLS,
+                 "features": TaskType.FEATURE_EXTRACTION}[task]
+    if method == "prefix":
+        return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=P)
+    if method == "prefix_projection":
+        return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=P, prefix_projection=True,
+                                  encoder_hidden_size=64)
+    if method == "prompt":
+        return PromptTuningConfig(task_type=task_type, num_virtual_tokens=P)
+    if method == "p_tuning":
+        return PromptEncoderConfig(task_type=task_type, num_virtual_tokens=P, encoder_hidden_size=64)
+    if method == "cpt":
+        return CPTConfig(task_type=task_type, cpt_token_ids=[3, 4, 5, 6], cpt_mask=[1, 1, 1, 1],
+                         cpt_tokens_type_mask=[1, 2, 3, 4])
+    raise ValueError(method)
+
+
+def make(family, method, task="causal", seed=0, **config_overrides):
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(tiny_base(family, task, seed, **config_overrides), _peft_config(method, task))
+    randomize_prompt_parameters(peft_model, seed + 100)
+    return peft_model
+
+
+def batch(family, task="causal", batch_size=3, length=7, left_pad=(0, 3, 1)):
+    """Left-padded ids (the family's pad id at the pads), mask, and labels (next-token with -100 at the pads, or
+    class ids)."""
+    pad = 1 if family == "roberta" else 0
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB, (batch_size, length), generator=g)
+    mask = torch.ones_like(ids)
+    for row, count in enumerate(left_pad[:batch_size]):
+        mask[row, :count] = 0
+    ids = ids.masked_fill(mask == 0, pad)
+    labels = torch.arange(batch_size) % 3 if task == "seq_cls" else ids.masked_fill(mask == 0, -100)
+    return ids, mask, labels
+
+
+def _interface_families():
+    """The causal families whose attention goes through the interface on the installed transformers (GPT-J only
+    from 5.2x on)."""
+    import transformers as tf
+
+    families = ["opt", "gemma3", "phi"]
+    if compat.uses_attention_interface(tf.GPTJForCausalLM):
+        families.append("gptj")
+    return families
+
+
+CAUSAL = ("opt", "gptj", "gemma3", "phi")
+
+
+def _skip_unless_interface(family):
+    if family not in _interface_families():
+        pytest.skip(f"{family} bypasses the attention interface on this transformers release (refusal tested below)")
+
+
+@pytest.mark.parametrize("method", METHODS + ("cpt",))
+@pytest.mark.parametrize("family", CAUSAL)
+def test_causal_forward_backward_match_peft(family, method):
+    _skip_unless_interface(family)
+    peft_model = make(family, method)
+    ids, mask, labels = batch(family)
+    expected = training_step(peft_model, ids, mask, labels)
+    fastpeft.accelerate(peft_model)
+    assert peft_model.get_base_model().config._attn_implementation == "fastpeft"
+    assert_same_step(training_step(peft_model, ids, mask, labels), expected, what=f"{family}/{method}")
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt", "cpt"])
+@pytest.mark.parametrize("family", CAUSAL)
+def test_causal_greedy_matches_peft_forward(family, method):
+    _skip_unless_interface(family)
+    peft_model = make(family, method)
+    ids, mask, _ = batch(family)
+    expected, expected_logits = reference_greedy(peft_model, ids, mask)
+    fastpeft.accelerate(peft_model)
+    out = greedy(peft_model, ids, mask, return_dict_in_generate=True, output_logits=True)
+    assert torch.equal(out.sequences, expected)
+    assert_close(torch.stack(out.logits), expected_logits, 1e-5, f"{family}/{method} step logits")
+
+
+def test_opt_prefix_positions_are_pad_aware_like_peft():
+    """OPT counts positions over the attention mask, so PEFT's prefix-tuning forward numbers a left-padded row's
+    tokens from P (not from P + pads); the padded row's logits equal the row run alone."""
+    peft_model = fastpeft.accelerate(make("opt", "prefix"))
+    ids, mask, _ = batch("opt")
+    with torch.no_grad():
+        padded = peft_model(input_ids=ids, attention_mask=mask).logits
+        alone = peft_model(input_ids=ids[1:2, 3:], attention_mask=mask[1:2, 3:]).logits
+    assert_close(padded[1, 3:], alone[0], 1e-5, "padded row vs alone")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_roberta_sequence_classification_matches_peft(method):
+    """RoBERTa numbers positions from padding_idx over the non-pad ids; with a prefix PEFT's cache shifts them by P.
+    (On transformers >= 5.24 PEFT refuses prefix tuning here; training_step then runs PEFT's algorithm.)"""
+    peft_model = make("roberta", method, task="seq_cls")
+    ids, mask, labels = batch("roberta", task="seq_cls")
+    expected = training_step(peft_model, ids, mask, labels)
+    fastpeft.accelerate(peft_model)
+    assert_same_step(training_step(peft_model, ids, mask, labels), expected, what=f"roberta/{method}")
+
+
+def _feature_step(peft_model, ids, mask):
+    """Train-mode forward of a feature-extraction model; returns (hidden states at the real tokens, {name: grad})
+    for a fixed random projection of the hidden states as the loss."""
+    peft_model.train()
+    peft_model.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hidden = peft_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    if hidden.shape[1] != ids.shape[1]:  # prompt tuning / p-tuning: the virtual tokens are positions too
+        hidden = hidden[:, -ids.shape[1]:]
+    weights = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(1))
+    (hidden * weights * mask.unsqueeze(-1)).sum().backward()
+    grads = {name: param.grad.detach().clone() for name, param in peft_model.named_parameters()
+             if param.requires_grad}
+    peft_model.eval()
+    return hidden.detach()[mask.bool()], grads
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_feature_extraction_matches_peft(family, method):
+    peft_model = make(family, method, task="features")
+    ids, mask, _ = batch(family, task="features")
+    expected_hidden, expected_grads = _feature_step(peft_model, ids, mask)
+    fastpeft.accelerate(peft_model)
+    hidden, grads = _feature_step(peft_model, ids, mask)
+    assert_close(hidden, expected_hidden, 1e-5, f"{family}/{method} hidden states")
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in expected_grads.items():
+        assert grad.abs().sum() > 0, f"{name}: PEFT's gradient is zero, the check is void"
+        assert_close(grads[name], grad, 1e-5, f"{family}/{method} grad {name}")
+
+
+# ----- refusals ------------------------------------------------------------------------------------------------
+
+
+def test_gemma3_sliding_window_shorter_than_prefix_and_sequence_is_refused_by_name():
+    peft_model = fastpeft.accelerate(make("gemma3", "prefix", sliding_window=8))
+    ids, mask, _ = batch("gemma3")  # P + L = 11 > 8
+    with pytest.raises(ValueError, match="sliding-window attention"):
+        peft_model(input_ids=ids, attention_mask=mask)
+    short_ids, short_mask = ids[:, -3:], mask[:, -3:]  # P + L = 7 <= 8: the window changes nothing
+    with torch.no_grad():
+        peft_model(input_ids=short_ids, attention_mask=short_mask)
+
+
+def test_model_bypassing_the_attention_interface_is_refused():
+    """Falcon computes attention by hand (no _supports_attention_backend): refused, naming why."""
+    import transformers as tf
+    from peft import PromptTuningConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = tf.FalconConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB)
+    peft_model = get_peft_model(tf.FalconForCausalLM(config).eval(),
+                                PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
+    with pytest.raises(ValueError, match="attention interface"):
+        fastpeft.accelerate(peft_model)
+
+
+def test_gptj_is_refused_where_it_bypasses_the_interface():
+    import transformers as tf
+
+    if compat.uses_attention_interface(tf.GPTJForCausalLM):
+        pytest.skip("GPT-J goes through the attention interface on this transformers release (tested above)")
+    with pytest.raises(ValueError, match="attention interface"):
+        fastpeft.accelerate(make("gptj", "prompt"))
+
+
+def test_softcapping_config_is_refused_by_name():
+    from peft import PromptTuningConfig, get_peft_model
+
+    from tests.accelerate_helpers import tiny_softcapped_gemma2
+
+    peft_model = get_peft_model(tiny_softcapped_gemma2(), PromptTuningConfig(task_type="CAUSAL_LM",
+                                                                            num_virtual_tokens=P))
+    with pytest.raises(ValueError, match="soft-capping"):
+        fastpeft.accelerate(peft_model)
+
+
+def test_encoder_decoder_is_refused():
+    import transformers as tf
+    from peft import PrefixTuningConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = tf.BartConfig(d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                           decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=VOCAB)
+    peft_model = get_peft_model(tf.BartForConditionalGeneration(config).eval(),
+                                PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=P))
+    with pytest.raises(ValueError, match="PeftModelForSeq2SeqLM"):
+        fastpeft.accelerate(peft_model)
