@@ -1,0 +1,109 @@
+"""``fastpeft info``: library versions (and whether they are the tested ones), the device, and which
+prefix-attention backends can run here and why the others cannot."""
+
+import json
+import os
+import sys
+
+from . import common
+
+
+def add_parser(sub):
+    info = sub.add_parser("info", help="versions, device and available backends",
+                          description="Print library versions, the device, and which prefix-attention "
+                                      "backends (CUDA extension, Triton, PyTorch reference) can run here, and "
+                                      "why the others cannot.")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=run)
+
+
+def collect_info():
+    import importlib.util
+    import warnings
+
+    import torch
+
+    from .. import _backend
+    from ..bench.harness import package_version
+    from ..ops.sdpa_prefix_attention import unavailable_reason as _sdpa_unavailable_reason
+
+    versions = {"fastpeft": common.package_version_string(), "python": sys.version.split()[0]}
+    for package in ("torch", "triton", "transformers", "peft", "bitsandbytes"):
+        versions[package] = package_version(package)
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        device = {"type": "cuda", "name": props.name, "capability": f"{props.major}.{props.minor}",
+                  "memory_gib": round(props.total_memory / 2**30, 1), "count": torch.cuda.device_count(),
+                  "cuda": torch.version.cuda}
+    else:
+        device = {"type": "cpu", "name": "CPU", "threads": torch.get_num_threads(),
+                  "why_no_cuda": ("torch was built without CUDA" if torch.version.cuda is None
+                                  else "no CUDA device visible")}
+
+    with warnings.catch_warnings():  # the lookup warns once when the extension is missing; we report it here
+        warnings.simplefilter("ignore")
+        extension, extension_reason = _backend.cuda_extension()
+    triton_ok, triton_reason = _backend.triton_available()
+    kernels_present = importlib.util.find_spec("fastpeft.kernels.prefix_attention") is not None
+    backends = {}
+    if extension is None:
+        backends["cuda"] = {"available": False, "why": extension_reason}
+    elif device["type"] != "cuda":
+        backends["cuda"] = {"available": False, "why": "extension built, but no CUDA device here"}
+    else:
+        backends["cuda"] = {"available": True, "why": "fastpeft._C loaded (decode kernels)"}
+    if not triton_ok:
+        backends["triton"] = {"available": False, "why": triton_reason}
+    elif not kernels_present:
+        backends["triton"] = {"available": False, "why": "fastpeft.kernels.prefix_attention is not installed"}
+    elif device["type"] == "cuda":
+        backends["triton"] = {"available": True, "why": "CUDA tensors run the Triton kernels"}
+    elif _backend.triton_interpreting():
+        backends["triton"] = {"available": True, "why": "TRITON_INTERPRET=1: interpreted on CPU (slow)"}
+    else:
+        backends["triton"] = {"available": False,
+                              "why": "no CUDA device (set TRITON_INTERPRET=1 to interpret the kernels on CPU)"}
+    sdpa_missing = _sdpa_unavailable_reason(torch.device(device["type"]), torch.float32)
+    backends["sdpa"] = {"available": sdpa_missing is None,
+                        "why": sdpa_missing or "PyTorch's fused attention ops, parts merged by log-sum-exp"}
+    backends["reference"] = {"available": True, "why": "PyTorch reference, always present"}
+    forced = os.environ.get("FASTPEFT_BACKEND") or None
+
+    features = {}
+    for feature, module in (("fastpeft.accelerate", "fastpeft.integration.peft"),
+                            ("fastpeft.AdapterBank", "fastpeft.bank"),
+                            ("fastpeft.MultiPrefixTrainer", "fastpeft.multi")):
+        features[feature] = importlib.util.find_spec(module) is not None
+    from ..integration.compat import TESTED_VERSIONS, version_status
+
+    tested = {package: {"tested": f"{oldest} to {newest}", "status": version_status(package)[1]}
+              for package, (oldest, newest) in TESTED_VERSIONS.items()}
+    return {"versions": versions, "tested_versions": tested, "device": device, "backends": backends,
+            "forced_backend": forced, "features": features}
+
+
+def run(args):
+    info = collect_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print("versions:")
+    for package, version in info["versions"].items():
+        tested = info["tested_versions"].get(package)
+        note = f"  ({tested['status']}: fastpeft is tested with {tested['tested']})" if tested else ""
+        print(f"  {package:<13} {version or 'not installed'}{note}")
+    device = info["device"]
+    if device["type"] == "cuda":
+        print(f"device: {device['name']} (compute capability {device['capability']}, {device['memory_gib']} GiB, "
+              f"CUDA {device['cuda']}, {device['count']} visible)")
+    else:
+        print(f"device: CPU, {device['threads']} threads ({device['why_no_cuda']})")
+    print("prefix_attention backends (dispatch order):")
+    for backend, state in info["backends"].items():
+        print(f"  {backend:<10} {'yes' if state['available'] else 'no ':<4} {state['why']}")
+    if info["forced_backend"]:
+        print(f"  FASTPEFT_BACKEND={info['forced_backend']} forces that backend")
+    print("integrations:")
+    for feature, present in info["features"].items():
+        print(f"  {feature:<28} {'installed' if present else 'not in this install'}")
+    return 0

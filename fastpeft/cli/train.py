@@ -1,0 +1,284 @@
+"""``fastpeft train``: prefix / prompt / p-tuning of a causal LM on a text or JSONL file -> a PEFT adapter
+directory (one per task when the data names several tasks)."""
+
+import json
+import os
+import time
+
+from . import common
+
+METHODS = ("prefix", "prefix-projection", "prompt", "ptuning")
+BASE_MODEL_SUBDIR = "base-model"
+
+
+def add_parser(sub):
+    train = sub.add_parser(
+        "train", help="train a prefix / prompt / p-tuning adapter (PEFT format)",
+        description="Train a soft prompt on a causal LM with PEFT, accelerated by fastpeft.accelerate, and save "
+                    "a PEFT adapter (loadable with PeftModel.from_pretrained) plus train_log.json. Data: a text "
+                    "file (one example per line) or JSONL with {\"text\": ...} or {\"prompt\": ..., "
+                    "\"completion\": ...} (loss on the completion only). Without --model, the built-in small "
+                    "model (fastpeft.tiny) is used and saved to OUT/base-model.")
+    train.add_argument("--method", choices=METHODS, default="prefix",
+                       help="prefix: prefix tuning; prefix-projection: prefix tuning with the MLP "
+                            "reparametrization; prompt: prompt tuning; ptuning: p-tuning (default: prefix)")
+    train.add_argument("--model", metavar="DIR", help="base model directory (transformers format); "
+                       "default: the built-in small model")
+    train.add_argument("--data", metavar="FILE", help="training data (.txt, or .jsonl); default: a few "
+                       "built-in lines, enough for a smoke run")
+    train.add_argument("--virtual-tokens", type=int, default=16, metavar="N",
+                       help="number of virtual tokens P (default: 16)")
+    train.add_argument("--out", metavar="DIR", required=True, help="output directory for the adapter")
+    train.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (default: 1e-2)")
+    train.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default: 1)")
+    train.add_argument("--max-steps", type=int, metavar="N",
+                       help="stop after N optimizer steps (overrides --epochs)")
+    train.add_argument("--batch-size", type=int, default=8, help="rows per step (default: 8)")
+    train.add_argument("--max-length", type=int, default=512, help="truncate examples to this many tokens "
+                       "(default: 512)")
+    quant = train.add_mutually_exclusive_group()
+    quant.add_argument("--load-in-4bit", action="store_true", help="load the base model in 4-bit (bitsandbytes)")
+    quant.add_argument("--load-in-8bit", action="store_true", help="load the base model in 8-bit (bitsandbytes)")
+    train.add_argument("--gradient-checkpointing", action="store_true",
+                       help="recompute the backbone's activations in the backward (PEFT refuses this for "
+                            "prefix tuning; with fastpeft.accelerate it works)")
+    train.add_argument("--no-accelerate", action="store_true",
+                       help="train with plain PEFT (no fastpeft.accelerate), e.g. to compare")
+    common.add_device_arguments(train)
+    train.add_argument("--seed", type=int, default=0, help="seed of the prompt initialization and data order")
+    train.set_defaults(func=run)
+
+
+
+DEMO_TEXTS = [
+    "fastpeft trains soft prompts with fused prefix attention.",
+    "The prefix is read in place and never concatenated with the keys.",
+    "Many tenants share one backbone and one batch.",
+    "Prompt tuning adds virtual tokens in front of the input.",
+    "Prefix tuning adds learned keys and values to every layer.",
+    "A query that sees no key returns zeros, never NaN.",
+    "Grouped-query attention shares each key head among several query heads.",
+    "Gradient checkpointing works with prefix tuning here.",
+]
+"""The data of ``fastpeft train`` without ``--data``: a smoke run needs no file."""
+
+
+def _peft_config(method, virtual_tokens, hidden_size):
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType
+
+    if method == "prefix":
+        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=virtual_tokens)
+    if method == "prefix-projection":
+        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=virtual_tokens,
+                                  prefix_projection=True, encoder_hidden_size=hidden_size)
+    if method == "prompt":
+        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=virtual_tokens)
+    return PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=virtual_tokens,
+                               encoder_hidden_size=hidden_size)
+
+
+def _validate_train_args(args):
+    if args.data is not None and not os.path.isfile(args.data):
+        raise common.CLIError(f"--data {args.data}: no such file")
+    if args.model is not None:
+        common.require_model_dir(args.model)
+    for flag, value, low in (("--virtual-tokens", args.virtual_tokens, 1), ("--batch-size", args.batch_size, 1),
+                             ("--max-length", args.max_length, 2)):
+        if value < low:
+            raise common.CLIError(f"{flag} must be at least {low}, got {value}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise common.CLIError(f"--max-steps must be at least 1, got {args.max_steps}")
+    if args.epochs <= 0:
+        raise common.CLIError(f"--epochs must be positive, got {args.epochs}")
+    if not args.lr > 0:
+        raise common.CLIError(f"--lr must be positive, got {args.lr}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise common.CLIError(f"--out {args.out} exists and is not a directory")
+    from ..bench.harness import package_version
+
+    if (args.load_in_4bit or args.load_in_8bit) and package_version("bitsandbytes") is None:
+        raise common.CLIError("--load-in-4bit/--load-in-8bit need bitsandbytes (pip install bitsandbytes)")
+    if args.gradient_checkpointing and args.no_accelerate and args.method.startswith("prefix"):
+        raise common.CLIError("PEFT refuses gradient checkpointing with prefix tuning; drop --no-accelerate "
+                       "(fastpeft.accelerate supports it) or --gradient-checkpointing")
+    if not args.no_accelerate:
+        import importlib.util
+        if importlib.util.find_spec("fastpeft.integration.peft") is None:
+            raise common.CLIError("fastpeft.accelerate is not in this install (fastpeft/integration/peft.py is "
+                           "missing); pass --no-accelerate to train with plain PEFT")
+
+
+def _load_training_examples(args):
+    """The examples of ``--data`` (or the built-in lines) and the task names they use (empty: one adapter).
+
+    A file whose examples name two or more tasks trains one prefix per task (``fastpeft.MultiPrefixTrainer``);
+    then every example needs a task, and task names become directory names under ``--out``."""
+    from .. import data as data_module
+
+    if args.data is None:
+        return [data_module.Example("", text) for text in DEMO_TEXTS], []
+    try:
+        examples = data_module.load_examples(args.data)
+    except (ValueError, OSError) as exc:
+        raise common.CLIError(str(exc)) from None
+    tasks = list(dict.fromkeys(example.task for example in examples if example.task is not None))
+    if len(tasks) < 2:
+        return examples, []
+    untagged = sum(example.task is None for example in examples)
+    if untagged:
+        raise common.CLIError(f"--data {args.data}: {untagged} examples have no \"task\" while others name {len(tasks)} "
+                       f"tasks; give every example a task (one adapter is trained per task)")
+    for task in tasks:
+        if not task.strip() or task in (".", "..") or "/" in task or os.sep in task:
+            raise common.CLIError(f"--data {args.data}: task name {task!r} cannot be a directory name under --out")
+    if not args.method.startswith("prefix"):
+        raise common.CLIError(f"--data {args.data} names {len(tasks)} tasks: training one adapter per task in shared "
+                       f"batches supports --method prefix and prefix-projection, not {args.method}")
+    if args.no_accelerate:
+        raise common.CLIError("--no-accelerate: training several tasks in shared batches runs on fastpeft's fused "
+                       "attention (fastpeft.MultiPrefixTrainer); PEFT has no such mode")
+    import importlib.util
+    if importlib.util.find_spec("fastpeft.multi") is None:
+        raise common.CLIError("this data names several tasks, which needs fastpeft.MultiPrefixTrainer "
+                       "(fastpeft/multi.py), missing from this install")
+    return examples, tasks
+
+
+def _run_steps(total_steps, stream, step_fn, description, device):
+    """Drive ``total_steps`` training steps with a progress bar showing the loss and tokens/s.
+
+    ``step_fn(batch, tasks) -> (loss, extra)`` runs one optimizer step on a batch already on ``device``; returns
+    the per-step log records and the totals ``(tokens, seconds)``. Tokens are real (non-padding) tokens."""
+    import torch
+    from tqdm.auto import tqdm
+
+    records, total_tokens, total_seconds = [], 0, 0.0
+    bar = tqdm(total=total_steps, desc=description, unit="step", dynamic_ncols=True)
+    for step in range(1, total_steps + 1):
+        epoch, batch, tasks = next(stream)
+        batch = {key: value.to(device) for key, value in batch.items()}
+        start = time.perf_counter()
+        loss, extra = step_fn(batch, tasks)  # loss is a float: the device has finished the step
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        if loss != loss:  # NaN
+            raise common.CLIError(f"the loss became NaN at step {step}; lower --lr")
+        tokens = int(batch["attention_mask"].sum())
+        total_tokens += tokens
+        total_seconds += seconds
+        records.append({"step": step, "epoch": epoch, "loss": loss, **extra, "tokens": tokens,
+                        "seconds": seconds, "tokens_per_s": tokens / seconds})
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{total_tokens / total_seconds:,.0f}")
+        bar.update(1)
+    bar.close()
+    return records, total_tokens, total_seconds
+
+
+def run(args):
+    _validate_train_args(args)
+    examples, tasks = _load_training_examples(args)
+
+    import torch
+
+    from .. import data as data_module
+
+    common.prepare_transformers()
+    from peft import get_peft_model
+
+    device = common.resolve_device(args.device)
+    dtype = common.resolve_dtype(args.dtype, device)
+    os.makedirs(args.out, exist_ok=True)
+    if args.model is None:
+        from ..tiny import save_tiny
+        model_dir = os.path.join(args.out, BASE_MODEL_SUBDIR)
+        save_tiny(model_dir)
+    else:
+        model_dir = args.model
+    model_dir = os.path.abspath(model_dir)  # recorded in adapter_config.json as the base model
+
+    model, tokenizer = common.load_base(model_dir, device, dtype, args.load_in_4bit, args.load_in_8bit)
+    rows, dropped = data_module.encode(examples, tokenizer, args.max_length)
+    if not rows:
+        raise common.CLIError(f"no example keeps a completion token within --max-length {args.max_length}")
+    steps_per_epoch = -(-len(rows) // args.batch_size)
+    total_steps = args.max_steps or max(1, round(args.epochs * steps_per_epoch))
+    stream = data_module.batches(rows, args.batch_size, tokenizer.pad_token_id, args.seed)
+    from ..adapters import BaseGeometry
+
+    hidden_size = BaseGeometry.of(model.config).hidden_size
+    torch.manual_seed(args.seed)
+    log = {"config": {key: value for key, value in vars(args).items() if key != "func"},
+           "model_dir": model_dir, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+           "accelerated": not args.no_accelerate, "examples": len(rows), "dropped_examples": dropped}
+
+    if tasks:
+        return _train_tasks(args, model, model_dir, tasks, hidden_size, stream, total_steps, device, log)
+
+    model = get_peft_model(model, _peft_config(args.method, args.virtual_tokens, hidden_size))
+    if not args.no_accelerate:
+        import fastpeft
+        model = fastpeft.accelerate(model)
+    if args.gradient_checkpointing:
+        from ..integration.checkpointing import set_checkpointing
+        set_checkpointing(model.get_base_model(), True)
+        model.get_base_model().config.use_cache = False
+    model.train()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.0)
+
+    def step(batch, tasks):
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item(), {}
+
+    log["trainable_parameters"] = sum(p.numel() for p in parameters)
+    log["steps"], total_tokens, total_seconds = _run_steps(total_steps, stream, step, f"train {args.method}",
+                                                           device)
+    log.update(final_loss=log["steps"][-1]["loss"], total_tokens=total_tokens, train_seconds=total_seconds,
+               tokens_per_s=total_tokens / total_seconds)
+    model.save_pretrained(args.out)
+    with open(os.path.join(args.out, "train_log.json"), "w") as f:
+        json.dump(log, f, indent=2)
+    first = log["steps"][0]["loss"]
+    print(f"saved {args.method} adapter ({args.virtual_tokens} virtual tokens) to {args.out}: {total_steps} steps, "
+          f"loss {first:.4f} -> {log['final_loss']:.4f}, {log['tokens_per_s']:,.0f} tokens/s on {device}")
+    print(f"base model: {model_dir}")
+    return 0
+
+
+def _train_tasks(args, model, model_dir, tasks, hidden_size, stream, total_steps, device, log):
+    """One prefix per task, trained together in shared batches (``fastpeft.MultiPrefixTrainer``); each task's
+    adapter goes to ``OUT/<task>/``. Each adapter's loss and gradient are those of its own rows."""
+    import fastpeft
+
+    trainer = fastpeft.MultiPrefixTrainer(model, lr=args.lr, max_grad_norm=1.0,
+                                          gradient_checkpointing=args.gradient_checkpointing)
+    for task in tasks:
+        config = _peft_config(args.method, args.virtual_tokens, hidden_size)
+        config.base_model_name_or_path = model_dir  # as get_peft_model records it, so generate finds the base
+        trainer.add_adapter(task, config)
+
+    def step(batch, row_tasks):
+        result = trainer.training_step(batch["input_ids"], row_tasks, attention_mask=batch["attention_mask"],
+                                       labels=batch["labels"])
+        losses = result["adapter_losses"]
+        return sum(losses.values()) / len(losses), {"adapter_losses": losses, "updated": result["updated"]}
+
+    log["tasks"] = tasks
+    log["steps"], total_tokens, total_seconds = _run_steps(total_steps, stream, step,
+                                                           f"train {args.method} x{len(tasks)} tasks", device)
+    log.update(final_loss=log["steps"][-1]["loss"], total_tokens=total_tokens, train_seconds=total_seconds,
+               tokens_per_s=total_tokens / total_seconds)
+    trainer.save_pretrained(args.out)
+    with open(os.path.join(args.out, "train_log.json"), "w") as f:
+        json.dump(log, f, indent=2)
+    print(f"saved {len(tasks)} {args.method} adapters ({args.virtual_tokens} virtual tokens each) to "
+          f"{args.out}/<task>: {total_steps} steps, mean task loss {log['steps'][0]['loss']:.4f} -> "
+          f"{log['final_loss']:.4f}, {log['tokens_per_s']:,.0f} tokens/s on {device}")
+    print(f"tasks: {', '.join(tasks)}")
+    print(f"base model: {model_dir}")
+    return 0
