@@ -17,12 +17,19 @@ _LAZY = {
 __all__ = ["prefix_attention", "__version__", *_LAZY]
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
+# Subpackages reachable as attributes (``fastpeft.kernels``) without being imported by ``import fastpeft``.
+_LAZY_SUBPACKAGES = ("kernels",)
 
+
+def __getattr__(name):
+    import importlib
+
+    if name in _LAZY:
         module_name, attr = _LAZY[name]
         value = getattr(importlib.import_module(module_name), attr)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'fastpeft' has no attribute {name!r}")
+    elif name in _LAZY_SUBPACKAGES:
+        value = importlib.import_module(f"fastpeft.{name}")
+    else:
+        raise AttributeError(f"module 'fastpeft' has no attribute {name!r}")
+    globals()[name] = value
+    return value

@@ -80,6 +80,16 @@ def test_info_reports_versions_device_and_backends(capsys):
 
 
 
+def test_info_into_a_closed_pipe_is_quiet():
+    """``fastpeft info | head -1``: the reader leaves before the output is written; no BrokenPipeError message."""
+    process = subprocess.Popen([sys.executable, "-m", "fastpeft", "info"], env=user_environment(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # before info has printed anything (it collects first, then prints)
+    stderr = process.stderr.read().decode()
+    process.wait(timeout=TIMEOUT_S)
+    assert stderr == ""
+
+
 # ----------------------------------------------------------------------------------------------------------
 # data loading
 

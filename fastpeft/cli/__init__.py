@@ -42,6 +42,11 @@ def main(argv=None):
     except common.CLIError as exc:
         print(f"{exc.prog or command}: error: {exc}", file=sys.stderr)
         return common.EXIT_USAGE
+    except BrokenPipeError:
+        # The reader went away (`fastpeft info | head`): stop quietly, as Unix tools do. stdout now points at
+        # /dev/null so that the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return common.EXIT_FAILURE
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)
         return 130
