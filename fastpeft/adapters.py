@@ -106,8 +106,13 @@ def _read_directory(path, allow_pickle):
     config_path = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(config_path):
         raise ValueError(f"{path!r} has no {CONFIG_FILE}; is it a PEFT adapter directory?")
-    with open(config_path) as f:
-        config = json.load(f)
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{config_path!r} is not valid JSON ({exc}); the adapter directory is damaged") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path!r} does not hold a JSON object; the adapter directory is damaged")
     _check_prompt_learning(config, repr(path))
 
     safetensors_path = os.path.join(path, SAFETENSORS_FILE)
@@ -115,13 +120,21 @@ def _read_directory(path, allow_pickle):
     if os.path.isfile(safetensors_path):
         from safetensors.torch import load_file
 
-        state = load_file(safetensors_path, device="cpu")
+        try:
+            state = load_file(safetensors_path, device="cpu")
+        except Exception as exc:  # safetensors raises its own SafetensorError (not an OSError) for a damaged file
+            raise ValueError(f"{safetensors_path!r} cannot be read as safetensors ({exc.__class__.__name__}: "
+                             f"{exc}); the adapter file is damaged or truncated") from None
     elif os.path.isfile(pickle_path):
         if not allow_pickle:
             raise ValueError(f"{path!r} holds only the pickle checkpoint {PICKLE_FILE} and no {SAFETENSORS_FILE}; "
                              "pickle files can execute code, so they are refused unless you pass allow_pickle=True "
                              "(or re-save the adapter with safe_serialization=True)")
-        state = torch.load(pickle_path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(pickle_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # UnpicklingError, RuntimeError, EOFError for a damaged or truncated file
+            raise ValueError(f"{pickle_path!r} cannot be loaded ({exc.__class__.__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}); the adapter file is damaged") from None
     else:
         raise ValueError(f"{path!r} has no adapter weights ({SAFETENSORS_FILE})")
 

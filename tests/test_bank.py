@@ -4,6 +4,7 @@ adapter, with different numbers of virtual tokens and padding, gives every row w
 import gc
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -347,6 +348,33 @@ def test_pickle_checkpoint_needs_allow_pickle(setups, tmp_path):
     from_safetensors = bank(ids, attention_mask=mask, adapters=["safe", "safe"]).logits
     assert torch.equal(from_pickle, from_safetensors)
     bank.close()
+
+
+@pytest.mark.parametrize("damage", ["truncated-safetensors", "garbage-safetensors", "bad-config", "truncated-pickle"])
+def test_damaged_adapter_files_are_named(setups, tmp_path, damage):
+    """A damaged adapter file gives a ValueError that names the file, and the bank stays unchanged."""
+    s = setups("llama")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(s.dirs["prompt"], damaged)
+    weights, config = damaged / "adapter_model.safetensors", damaged / "adapter_config.json"
+    if damage == "truncated-safetensors":
+        weights.write_bytes(weights.read_bytes()[:100])
+        broken = weights
+    elif damage == "garbage-safetensors":
+        weights.write_bytes(b"\x00" * 64)
+        broken = weights
+    elif damage == "bad-config":
+        config.write_text(config.read_text()[:-20])
+        broken = config
+    else:
+        s.peft_models["prompt"].save_pretrained(str(damaged), safe_serialization=False)
+        weights.unlink()
+        broken = damaged / "adapter_model.bin"
+        broken.write_bytes(broken.read_bytes()[:200])
+    size = len(s.bank)
+    with pytest.raises(ValueError, match=re.escape(str(broken))):
+        s.bank.add("damaged", str(damaged), allow_pickle=True)
+    assert len(s.bank) == size and "damaged" not in s.bank
 
 
 def test_remove_and_re_add_reuse_slots_and_growth_keeps_adapters(setups):

@@ -276,6 +276,18 @@ def _write(path, text):
     return path
 
 
+def _unnamed_base_adapter(source, directory):
+    """A copy of the adapter at ``source`` whose adapter_config.json names no base model (as one saved from a model
+    built in memory)."""
+    import shutil
+
+    shutil.copytree(source, directory)
+    config = json.loads((directory / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = None
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    return directory
+
+
 def _bad_arguments(case, trained, tmp_path):
     """(argv, text the one-line error must contain) for each kind of mistake."""
     return {
@@ -288,6 +300,8 @@ def _bad_arguments(case, trained, tmp_path):
                         f"a={trained['prefix']}", "--prompt", "x"], "trained for another base model"),
         "bad-steps": (["train", "--max-steps", "0", "--out", str(tmp_path / "o")], "--max-steps"),
         "no-prompt": (["generate", "--adapter", f"a={trained['prefix']}"], "--prompt"),
+        "unnamed-base": (["generate", "--adapter", f"a={_unnamed_base_adapter(trained['prefix'], tmp_path / 'u')}",
+                          "--prompt", "x"], "--model DIR is needed: adapter 'a' does not name its base model"),
         "both-quantizations": (["train", "--load-in-4bit", "--load-in-8bit", "--out", str(tmp_path / "o")],
                                "not allowed with"),
         "peft-checkpointing": (["train", "--no-accelerate", "--gradient-checkpointing", "--out",
@@ -299,7 +313,7 @@ def _bad_arguments(case, trained, tmp_path):
 
 @pytest.mark.parametrize("case", ["missing-data", "unknown-method", "missing-adapter", "other-base",
                                   "bad-steps", "no-prompt", "both-quantizations", "peft-checkpointing",
-                                  "malformed-data"])
+                                  "malformed-data", "unnamed-base"])
 def test_bad_arguments_fail_with_one_line(case, trained, tmp_path, capsys):
     args, expected = _bad_arguments(case, trained, tmp_path)
     status = cli.main(args)  # an uncaught exception (a traceback) would fail this test

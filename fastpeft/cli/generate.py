@@ -146,9 +146,14 @@ def run(args):
     if model_dir is None:
         first = next(iter(adapters))
         model_dir = adapter_configs[first].get("base_model_name_or_path")
-        if not model_dir or not os.path.isfile(os.path.join(model_dir, "config.json")):
-            raise common.CLIError(f"--model is needed: adapter {first!r} names base model {model_dir!r}, which is not "
-                           f"a local model directory")
+        if not model_dir:
+            raise common.CLIError(
+                f"--model DIR is needed: adapter {first!r} does not name its base model (base_model_name_or_path is "
+                "empty in its adapter_config.json, as when it was trained on a model built in memory, e.g. by "
+                "fastpeft.MultiPrefixTrainer or get_peft_model on a model made from a config)")
+        if not os.path.isfile(os.path.join(model_dir, "config.json")):
+            raise common.CLIError(f"--model DIR is needed: adapter {first!r} names base model {model_dir!r}, which is "
+                                  "not a local model directory (no network access is used to fetch it)")
         flag = f"base model of adapter {first!r}"
     else:
         flag = "--model"
