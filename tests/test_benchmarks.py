@@ -95,7 +95,7 @@ def test_results_never_overwrite_and_render(tmp_path):
     assert "| c | p | 1.000 |" in table and harness.CPU_NOTE in table
 
 
-def test_bench_quick_kernel_writes_json_and_png(tmp_path):
+def test_bench_quick_kernel_writes_json_markdown_and_png(tmp_path):
     env = user_environment()
     result = subprocess.run([sys.executable, "-m", "fastpeft", "bench", "--quick", "--suite", "kernel",
                              "--device", "cpu", "--out", str(tmp_path / "results")], cwd=tmp_path, env=env,
@@ -103,9 +103,12 @@ def test_bench_quick_kernel_writes_json_and_png(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert harness.CPU_NOTE in result.stdout
     files = sorted(os.listdir(tmp_path / "results"))
-    assert len(files) == 2 and files[0].endswith("-cpu.json") and files[1].endswith("-cpu.png")
-    with open(tmp_path / "results" / files[1], "rb") as f:
+    assert len(files) == 3 and [os.path.splitext(f)[1] for f in files] == [".json", ".md", ".png"]
+    assert files[0].endswith("-cpu.json") and len({os.path.splitext(f)[0] for f in files}) == 1
+    with open(tmp_path / "results" / files[2], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    markdown = (tmp_path / "results" / files[1]).read_text()
+    assert "| peft-concat |" in markdown and markdown in result.stdout
     run = json.loads((tmp_path / "results" / files[0]).read_text())
     harness.validate_run(run)
     assert run["device"]["type"] == "cpu" and run["note"] == harness.CPU_NOTE

@@ -26,7 +26,8 @@ def _suite_module(name):
 
 
 def run_suites(suites, device, quick=False, out_dir=os.path.join("benchmarks", "results"), log=print):
-    """Run ``suites`` (names from ``SUITES``) on ``device``; returns ``(run, json_path, png_path or None)``."""
+    """Run ``suites`` (names from ``SUITES``) on ``device``; writes ``OUT/<date>-<device>.json``, the markdown tables
+    beside it (``.md``) and a plot (``.png``, with matplotlib). Returns ``(run, json_path, png_path or None)``."""
     modules = [(name, _suite_module(name)) for name in suites]
     run = harness.new_run(device, quick, ["ceilings", *suites])
     recorder = harness.Recorder(run, log=log)
@@ -38,12 +39,17 @@ def run_suites(suites, device, quick=False, out_dir=os.path.join("benchmarks", "
             module.run(recorder, device, quick, copy_gbps=machine["copy_gbps"])
         else:
             module.run(recorder, device, quick)
+    markdown = harness.render_markdown(run)
     log("")
-    log(harness.render_markdown(run))
+    log(markdown)
     json_path = harness.write_run(run, out_dir)
-    png_path = harness.plot_run(run, os.path.splitext(json_path)[0] + ".png")
+    stem = os.path.splitext(json_path)[0]
+    with open(stem + ".md", "w") as f:  # the tables a README can show, beside the JSON they were rendered from
+        f.write(markdown.rstrip("\n") + "\n")
+    png_path = harness.plot_run(run, stem + ".png")
     log("")
     log(f"results: {json_path}")
+    log(f"tables:  {stem}.md")
     log(f"plot:    {png_path}" if png_path else "plot:    skipped (matplotlib is not installed)")
     return run, json_path, png_path
 
@@ -57,7 +63,7 @@ def script_main(suites, description, argv=None):
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="small shapes and few repetitions (a smoke run)")
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"), metavar="DIR",
-                        help="where to write the JSON and PNG (default: benchmarks/results)")
+                        help="where to write the JSON, markdown and PNG (default: benchmarks/results)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                         help="auto: CUDA when available (default)")
     args = parser.parse_args(argv)

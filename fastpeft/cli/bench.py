@@ -9,8 +9,8 @@ from . import common
 def add_parser(sub):
     bench = sub.add_parser(
         "bench", help="benchmark speed, memory and parity against the references",
-        description="Run the benchmark suites on this machine: prints a table, writes "
-                    "OUT/<date>-<device>.json and a PNG plot. On CPU the shapes are small and the figures are "
+        description="Run the benchmark suites on this machine: prints a table, writes OUT/<date>-<device>.json, "
+                    "its tables as markdown (.md) and a PNG plot. On CPU the shapes are small and the figures are "
                     "labelled as smoke figures, not kernel claims.")
     bench.add_argument("--suite", choices=("kernel", "training", "serving", "all"), default="kernel",
                        help="kernel: the fused op vs PEFT's concatenation, FlexAttention and plain SDPA; "
@@ -18,7 +18,7 @@ def add_parser(sub):
                             "AdapterBank vs PEFT; all: everything (default: kernel)")
     bench.add_argument("--quick", action="store_true", help="small shapes and few repetitions (a smoke run)")
     bench.add_argument("--out", metavar="DIR", default=os.path.join("benchmarks", "results"),
-                       help="where to write the JSON and PNG (default: benchmarks/results)")
+                       help="where to write the JSON, markdown and PNG (default: benchmarks/results)")
     bench.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                        help="auto: CUDA when available (default)")
     bench.set_defaults(func=run)
