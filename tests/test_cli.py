@@ -183,12 +183,60 @@ def trained(tmp_path_factory):
     # test budget the interpreter start-up and imports.
     result = run_cli(runs.pop("prefix") + ACCELERATE_FLAGS, cwd=root)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "saved prefix adapter" in result.stdout
+    assert "trained a prefix adapter" in result.stdout and f"saved to {root / 'prefix'}" in result.stdout
     with pytest.MonkeyPatch.context() as patch:  # a module fixture runs before conftest's per-test backend pin
         patch.setenv("FASTPEFT_BACKEND", "reference")
         for args in runs.values():
             assert cli.main(args + ACCELERATE_FLAGS) == 0
     return {name: root / name for name in ("prefix", "prompt", "tasks")}
+
+
+def _leftovers(parent):
+    """Staging folders ``train`` left beside its --out."""
+    return [name for name in os.listdir(parent) if ".partial-" in name or ".replaced-" in name]
+
+
+def _small_train(out, *extra):
+    return ["train", "--virtual-tokens", "4", "--max-steps", "1", "--batch-size", "2", "--out", str(out), *extra,
+            *ACCELERATE_FLAGS]
+
+
+def test_train_refuses_a_non_empty_out_and_overwrite_replaces_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert cli.main(_small_train(out)) == cli.common.EXIT_USAGE
+    assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert cli.main(_small_train(out, "--overwrite")) == 0
+    assert sorted(os.listdir(out)) == sorted(["adapter_config.json", "adapter_model.safetensors", "base-model",
+                                              "README.md", "train_log.json"])
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(out / "base-model")  # the final folder, not the staging one
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_interrupted_train_leaves_out_as_it_was(tmp_path, monkeypatch, existing):
+    """Ctrl-C in the middle of training: no half-written --out (no base model without its adapter), an existing
+    --out untouched even with --overwrite, no staging folder left behind."""
+    from fastpeft.cli import train
+
+    out = tmp_path / "run"
+    if existing:
+        assert cli.main(_small_train(out)) == 0
+        before = {name: (out / name).stat().st_mtime_ns for name in os.listdir(out)}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_run_steps", interrupted)
+    assert cli.main(_small_train(out, "--overwrite")) == 130
+    if existing:
+        assert {name: (out / name).stat().st_mtime_ns for name in os.listdir(out)} == before
+    else:
+        assert not out.exists()
+    assert _leftovers(tmp_path) == []
 
 
 def test_train_writes_adapter_log_and_base_model(trained):

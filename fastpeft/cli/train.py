@@ -1,8 +1,11 @@
 """``fastpeft train``: prefix / prompt / p-tuning of a causal LM on a text or JSONL file -> a PEFT adapter
 directory (one per task when the data names several tasks)."""
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 import time
 
 from . import common
@@ -28,7 +31,10 @@ def add_parser(sub):
                        "built-in lines, enough for a smoke run")
     train.add_argument("--virtual-tokens", type=int, default=16, metavar="N",
                        help="number of virtual tokens P (default: 16)")
-    train.add_argument("--out", metavar="DIR", required=True, help="output directory for the adapter")
+    train.add_argument("--out", metavar="DIR", required=True,
+                       help="output directory for the adapter; written only when training succeeds (an existing "
+                            "non-empty DIR is refused unless --overwrite)")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     train.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (default: 1e-2)")
     train.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default: 1)")
     train.add_argument("--max-steps", type=int, metavar="N",
@@ -94,6 +100,8 @@ def _validate_train_args(args):
         raise common.CLIError(f"--lr must be positive, got {args.lr}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise common.CLIError(f"--out {args.out} exists and is not a directory")
+    if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
+        raise common.CLIError(f"--out {args.out} exists and is not empty; pass --overwrite to replace it")
     from ..bench.harness import package_version
 
     if (args.load_in_4bit or args.load_in_8bit) and package_version("bitsandbytes") is None:
@@ -175,9 +183,40 @@ def _run_steps(total_steps, stream, step_fn, description, device):
     return records, total_tokens, total_seconds
 
 
+@contextlib.contextmanager
+def _staged_output(out):
+    """A fresh folder beside ``out`` to write everything into, renamed to ``out`` when the block succeeds (an
+    existing ``out``, which ``--overwrite`` allowed, is replaced only then). On any error or interrupt the folder
+    is deleted and ``out`` is left as it was: never a base model without its adapter, never half an adapter."""
+    out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if os.path.isdir(out):
+        replaced = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.replaced-", dir=parent)
+        os.rename(out, os.path.join(replaced, "old"))
+        os.rename(staging, out)
+        shutil.rmtree(replaced, ignore_errors=True)
+    else:
+        os.rename(staging, out)
+
+
 def run(args):
     _validate_train_args(args)
     examples, tasks = _load_training_examples(args)
+    with _staged_output(args.out) as staging:
+        status = _train(args, examples, tasks, staging)
+    print(f"saved to {args.out}")
+    return status
+
+
+def _train(args, examples, tasks, staging):
+    """Train and write everything into ``staging`` (renamed to ``--out`` afterwards), recording the final paths."""
 
     import torch
 
@@ -188,16 +227,15 @@ def run(args):
 
     device = common.resolve_device(args.device)
     dtype = common.resolve_dtype(args.dtype, device)
-    os.makedirs(args.out, exist_ok=True)
     if args.model is None:
         from ..tiny import save_tiny
-        model_dir = os.path.join(args.out, BASE_MODEL_SUBDIR)
-        save_tiny(model_dir)
+        load_dir = save_tiny(os.path.join(staging, BASE_MODEL_SUBDIR))
+        model_dir = os.path.join(os.path.abspath(args.out), BASE_MODEL_SUBDIR)  # where it will be
     else:
-        model_dir = args.model
-    model_dir = os.path.abspath(model_dir)  # recorded in adapter_config.json as the base model
+        load_dir = model_dir = os.path.abspath(args.model)
+    # model_dir is recorded in adapter_config.json as the base model (what `fastpeft generate` loads)
 
-    model, tokenizer = common.load_base(model_dir, device, dtype, args.load_in_4bit, args.load_in_8bit)
+    model, tokenizer = common.load_base(load_dir, device, dtype, args.load_in_4bit, args.load_in_8bit)
     rows, dropped = data_module.encode(examples, tokenizer, args.max_length)
     if not rows:
         raise common.CLIError(f"no example keeps a completion token within --max-length {args.max_length}")
@@ -213,9 +251,10 @@ def run(args):
            "accelerated": not args.no_accelerate, "examples": len(rows), "dropped_examples": dropped}
 
     if tasks:
-        return _train_tasks(args, model, model_dir, tasks, hidden_size, stream, total_steps, device, log)
+        return _train_tasks(args, model, model_dir, tasks, hidden_size, stream, total_steps, device, log, staging)
 
     model = get_peft_model(model, _peft_config(args.method, args.virtual_tokens, hidden_size))
+    model.peft_config["default"].base_model_name_or_path = model_dir  # not the staging folder it was loaded from
     if not args.no_accelerate:
         import fastpeft
         model = fastpeft.accelerate(model)
@@ -240,17 +279,17 @@ def run(args):
                                                            device)
     log.update(final_loss=log["steps"][-1]["loss"], total_tokens=total_tokens, train_seconds=total_seconds,
                tokens_per_s=total_tokens / total_seconds)
-    model.save_pretrained(args.out)
-    with open(os.path.join(args.out, "train_log.json"), "w") as f:
+    model.save_pretrained(staging)
+    with open(os.path.join(staging, "train_log.json"), "w") as f:
         json.dump(log, f, indent=2)
     first = log["steps"][0]["loss"]
-    print(f"saved {args.method} adapter ({args.virtual_tokens} virtual tokens) to {args.out}: {total_steps} steps, "
+    print(f"trained a {args.method} adapter ({args.virtual_tokens} virtual tokens): {total_steps} steps, "
           f"loss {first:.4f} -> {log['final_loss']:.4f}, {log['tokens_per_s']:,.0f} tokens/s on {device}")
     print(f"base model: {model_dir}")
     return 0
 
 
-def _train_tasks(args, model, model_dir, tasks, hidden_size, stream, total_steps, device, log):
+def _train_tasks(args, model, model_dir, tasks, hidden_size, stream, total_steps, device, log, staging):
     """One prefix per task, trained together in shared batches (``fastpeft.MultiPrefixTrainer``); each task's
     adapter goes to ``OUT/<task>/``. Each adapter's loss and gradient are those of its own rows."""
     import fastpeft
@@ -273,10 +312,10 @@ def _train_tasks(args, model, model_dir, tasks, hidden_size, stream, total_steps
                                                            f"train {args.method} x{len(tasks)} tasks", device)
     log.update(final_loss=log["steps"][-1]["loss"], total_tokens=total_tokens, train_seconds=total_seconds,
                tokens_per_s=total_tokens / total_seconds)
-    trainer.save_pretrained(args.out)
-    with open(os.path.join(args.out, "train_log.json"), "w") as f:
+    trainer.save_pretrained(staging)
+    with open(os.path.join(staging, "train_log.json"), "w") as f:
         json.dump(log, f, indent=2)
-    print(f"saved {len(tasks)} {args.method} adapters ({args.virtual_tokens} virtual tokens each) to "
+    print(f"trained {len(tasks)} {args.method} adapters ({args.virtual_tokens} virtual tokens each) into "
           f"{args.out}/<task>: {total_steps} steps, mean task loss {log['steps'][0]['loss']:.4f} -> "
           f"{log['final_loss']:.4f}, {log['tokens_per_s']:,.0f} tokens/s on {device}")
     print(f"tasks: {', '.join(tasks)}")
