@@ -1,6 +1,6 @@
 """Build script for fastpeft.
 
-The pure-Python package (``fastpeft`` plus the Triton kernels in ``kernels/``, installed as
+The pure-Python package (``fastpeft`` plus the Triton kernels in ``fastpeft_kernels/``, installed as
 ``fastpeft.kernels``) always installs. The CUDA extension ``fastpeft._C`` (``csrc/*.cu`` + ``csrc/*.cpp``)
 is built when
 
@@ -133,9 +133,10 @@ def _cuda_extensions():
 if __name__ == "__main__":  # setuptools' build backend runs this file as __main__; tests import the helpers
     ext_modules, cmdclass = _cuda_extensions()
     setup(
-        # Every subpackage of fastpeft/, plus kernels/ installed as fastpeft.kernels.
+        # Every subpackage of fastpeft/, plus fastpeft_kernels/ installed as fastpeft.kernels (a top-level folder named
+        # kernels/ would shadow Hugging Face's `kernels` package whenever the repository root is on sys.path).
         packages=find_packages(include=["fastpeft", "fastpeft.*"]) + ["fastpeft.kernels"],
-        package_dir={"fastpeft": "fastpeft", "fastpeft.kernels": "kernels"},
+        package_dir={"fastpeft": "fastpeft", "fastpeft.kernels": "fastpeft_kernels"},
         ext_modules=ext_modules,
         cmdclass=cmdclass,
     )

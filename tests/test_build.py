@@ -57,7 +57,7 @@ def test_wheel_without_cuda_holds_every_module_and_no_extension(tmp_path):
     source.mkdir()
     for name in ("setup.py", "pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    for name in ("fastpeft", "kernels", "csrc"):
+    for name in ("fastpeft", "fastpeft_kernels", "csrc"):
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     env = dict(os.environ, FASTPEFT_BUILD_CUDA="0")
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
@@ -67,7 +67,7 @@ def test_wheel_without_cuda_holds_every_module_and_no_extension(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("fastpeft-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {f"fastpeft/{p.relative_to(ROOT / 'fastpeft').as_posix()}" for p in (ROOT / "fastpeft").rglob("*.py")}
-    expected |= {f"fastpeft/kernels/{p.name}" for p in (ROOT / "kernels").glob("*.py")}
+    expected |= {f"fastpeft/kernels/{p.name}" for p in (ROOT / "fastpeft_kernels").glob("*.py")}
     assert "fastpeft/kernels/prefix_decode.py" in expected
     assert expected <= names, f"missing from the wheel: {sorted(expected - names)}"
     assert not [n for n in names if n.startswith("fastpeft/_C")], "the CUDA extension was built with FASTPEFT_BUILD_CUDA=0"

@@ -1,4 +1,0 @@
-"""Triton device code and launch helpers (installed as ``fastpeft.kernels``).
-
-Importing this package does not import Triton; each kernel module does, when first used.
-"""
