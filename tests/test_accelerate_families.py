@@ -1,7 +1,8 @@
 """fastpeft.accelerate on the families the generic attention-interface path added (OPT, GPT-J, Gemma 3, Phi causal
-LMs; RoBERTa sequence classification; BERT/RoBERTa feature extraction; CPT adapters), each against PEFT itself on the
-same model, adapter and inputs: loss, logits, prompt gradients (float32, relative error < 1e-5), greedy generation
-against PEFT's forward looped without a cache. And the refusals, each naming the missing feature."""
+LMs, GPT-NeoX; RoBERTa sequence classification; BERT/RoBERTa feature extraction; BART prompt tuning and p-tuning; CPT adapters),
+each against PEFT itself on the same model, adapter and inputs: loss, logits, prompt gradients (float32, relative
+error < 1e-5), greedy generation against PEFT's forward looped without a cache. And the refusals, each naming the
+missing feature."""
 
 import warnings
 
@@ -40,6 +41,10 @@ def tiny_base(family, task="causal", seed=0, **config_overrides):
         config = tf.PhiConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                               max_position_embeddings=256, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0,
                               bos_token_id=1, eos_token_id=2, **common)
+    elif family == "gpt_neox":
+        config = tf.GPTNeoXConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                  max_position_embeddings=256, rotary_pct=0.5, hidden_dropout=0.0,
+                                  attention_dropout=0.0, bos_token_id=1, eos_token_id=2, **common)
     elif family in ("roberta", "bert"):
         cls = tf.RobertaConfig if family == "roberta" else tf.BertConfig
         config = cls(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -62,8 +67,8 @@ def tiny_base(family, task="causal", seed=0, **config_overrides):
 def _peft_config(method, task):
     from peft import CPTConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType
 
-    task_type = {"causal": TaskType.CAUSAL_LM, "seq_cls": TaskType.SEQ_CLS,
-                 "features": TaskType.FEATURE_EXTRACTION}[task]
+    task_type = {"causal": TaskType.CAUSAL_LM, "seq_cls": TaskType.SEQ_CLS, "features": TaskType.FEATURE_EXTRACTION,
+                 "seq2seq": TaskType.SEQ_2_SEQ_LM}[task]
     if method == "prefix":
         return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=P)
     if method == "prefix_projection":
@@ -108,13 +113,13 @@ def _interface_families():
     from 5.2x on)."""
     import transformers as tf
 
-    families = ["opt", "gemma3", "phi"]
+    families = ["opt", "gemma3", "phi", "gpt_neox"]
     if compat.uses_attention_interface(tf.GPTJForCausalLM):
         families.append("gptj")
     return families
 
 
-CAUSAL = ("opt", "gptj", "gemma3", "phi")
+CAUSAL = ("opt", "gptj", "gemma3", "phi", "gpt_neox")
 
 
 def _skip_unless_interface(family):
@@ -248,14 +253,86 @@ def test_softcapping_config_is_refused_by_name():
         fastpeft.accelerate(peft_model)
 
 
-def test_encoder_decoder_is_refused():
+def tiny_bart(seed=0):
     import transformers as tf
-    from peft import PrefixTuningConfig, get_peft_model
 
-    torch.manual_seed(0)
-    config = tf.BartConfig(d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-                           decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=VOCAB)
-    peft_model = get_peft_model(tf.BartForConditionalGeneration(config).eval(),
-                                PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=P))
-    with pytest.raises(ValueError, match="PeftModelForSeq2SeqLM"):
-        fastpeft.accelerate(peft_model)
+    torch.manual_seed(seed)
+    config = tf.BartConfig(d_model=128, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                           decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256, vocab_size=VOCAB,
+                           dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, max_position_embeddings=256,
+                           forced_eos_token_id=None)
+    return tf.BartForConditionalGeneration(config).eval()
+
+
+def _bart_peft(method):
+    from peft import get_peft_model
+
+    config = _peft_config(method, "seq2seq")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(tiny_bart(), config)
+    randomize_prompt_parameters(peft_model, 100)
+    return peft_model
+
+
+def _seq2seq_inputs():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB, (3, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # BART pads on the right
+    decoder_ids = torch.randint(3, VOCAB, (3, 5), generator=g)
+    labels = torch.randint(3, VOCAB, (3, 5), generator=g)
+    return ids, mask, decoder_ids, labels
+
+
+def _seq2seq_step(peft_model, ids, mask, decoder_ids, labels):
+    peft_model.train()
+    peft_model.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = peft_model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids, labels=labels)
+    out.loss.backward()
+    grads = {name: param.grad.detach().clone() for name, param in peft_model.named_parameters()
+             if param.requires_grad}
+    peft_model.eval()
+    return out.loss.detach(), out.logits.detach().flatten(0, 1), grads
+
+
+@pytest.mark.parametrize("method", ["prompt", "p_tuning"])
+def test_bart_prompt_learning_matches_peft_through_fastpeft_attention(method, monkeypatch):
+    """Encoder self-attention, decoder self-attention and cross-attention all run through fastpeft's kernels."""
+    from tests.accelerate_helpers import forbid_framework_attention
+
+    peft_model = _bart_peft(method)
+    inputs = _seq2seq_inputs()
+    expected = _seq2seq_step(peft_model, *inputs)
+    fastpeft.accelerate(peft_model)
+    forbid_framework_attention(monkeypatch, peft_model)
+    assert_same_step(_seq2seq_step(peft_model, *inputs), expected, what=f"bart/{method}")
+
+
+def test_bart_prompt_tuning_greedy_matches_peft_forward():
+    """Greedy decoding against PEFT's forward looped over the growing decoder input, without a cache."""
+    peft_model = _bart_peft("prompt")
+    ids, mask, _, _ = _seq2seq_inputs()
+    start = peft_model.get_base_model().config.decoder_start_token_id
+    decoder_ids = torch.full((ids.shape[0], 1), start)
+    steps = []
+    with torch.no_grad():
+        for _ in range(5):
+            logits = peft_model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits[:, -1]
+            steps.append(logits)
+            decoder_ids = torch.cat([decoder_ids, logits.argmax(-1, keepdim=True)], 1)
+    fastpeft.accelerate(peft_model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5,
+                                  do_sample=False, num_beams=1, eos_token_id=None, forced_bos_token_id=None,
+                                  return_dict_in_generate=True, output_logits=True)
+    assert torch.equal(out.sequences, decoder_ids)
+    assert_close(torch.stack(out.logits), torch.stack(steps), 1e-5, "bart step logits")
+
+
+def test_encoder_decoder_prefix_tuning_is_refused_by_name():
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        fastpeft.accelerate(_bart_peft("prefix"))

@@ -90,31 +90,40 @@ UNSUPPORTED_CONFIG_FEATURES = (
 )
 
 
-def check_supported_model(model, user):
+def check_supported_model(model, user, prefix_kwargs=True):
     """Raise ValueError unless ``model`` (a transformers ``PreTrainedModel``) computes its attention through
     transformers' attention interface with plain softmax attention, which fastpeft's kernels reproduce.
 
-    The test is by mechanism, not by family: the model class (and every ``PreTrainedModel`` inside it) must declare
-    that its attention goes through ``ALL_ATTENTION_FUNCTIONS`` (``compat.uses_attention_interface``), and the config
-    must switch on none of ``UNSUPPORTED_CONFIG_FEATURES``; attention sinks are refused by their parameters. What only
-    shows per call (a sliding window shorter than prefix + sequence, soft-capping or sinks passed as keyword
-    arguments, custom mask patterns) is refused by ``fastpeft_attention_forward`` / ``fastpeft_mask``. ``user``
-    names the caller in the message (``"fastpeft.accelerate"``, ``"AdapterBank"``, ...)."""
+    The test is by mechanism, not by family: every ``PreTrainedModel`` in ``model`` must route attention through
+    ``ALL_ATTENTION_FUNCTIONS`` (``compat.uses_attention_interface``) and, with ``prefix_kwargs`` (prefix tuning,
+    ``AdapterBank``, ``MultiPrefixTrainer``: the prefix travels as a keyword argument), hand keyword arguments down
+    to it (``compat.passes_kwargs_to_attention``); the config must switch on none of ``UNSUPPORTED_CONFIG_FEATURES``;
+    attention sinks are refused by their parameters. What only shows per call (a sliding window shorter than prefix +
+    sequence, soft-capping or sinks passed as keyword arguments, 4-D or custom masks such as T5's position bias) is
+    refused by ``fastpeft_attention_forward`` / ``fastpeft_mask``. ``user`` names the caller in the message."""
     from . import compat
 
     for module in model.modules():
-        if compat.is_pretrained_model(module) and not compat.uses_attention_interface(module):
+        if not compat.is_pretrained_model(module):
+            continue
+        if not compat.uses_attention_interface(module):
             raise ValueError(
                 f"{user} cannot run {type(module).__name__}: its attention does not go through transformers' "
-                f"attention interface on this transformers release (the class does not declare "
-                f"_supports_attention_backend), so fastpeft cannot replace it")
+                "attention interface on this transformers release (hand-written attention), so fastpeft cannot "
+                "replace it")
+        if prefix_kwargs and not compat.passes_kwargs_to_attention(module):
+            raise ValueError(
+                f"{user} cannot run prefix tuning on {type(module).__name__}: the class does not declare "
+                "_supports_attention_backend on this transformers release, i.e. that keyword arguments reach its "
+                "attention functions, which is how fastpeft hands each layer its prefix")
     configs = [model.config]
     if hasattr(model.config, "get_text_config"):
         configs.append(model.config.get_text_config())
     for config in configs:
         for attribute, feature in UNSUPPORTED_CONFIG_FEATURES:
             if getattr(config, attribute, None):
-                raise ValueError(f"{user} cannot run {type(model).__name__}: its attention uses {feature} "
+                raise ValueError(f"{user} cannot run {type(model).__name__} (model type "
+                                 f"{getattr(config, 'model_type', None)!r}): its attention uses {feature} "
                                  f"(config.{attribute}={getattr(config, attribute)!r}), which fastpeft's kernels do "
                                  "not compute")
     for name, _ in model.named_parameters():

@@ -165,13 +165,26 @@ def is_pretrained_model(module):
     return isinstance(module, PreTrainedModel)
 
 
-def uses_attention_interface(model):
-    """Whether ``model``'s class (or ``model``, a class) computes attention through transformers' attention interface
-    (``ALL_ATTENTION_FUNCTIONS``), so that ``set_attn_implementation`` reaches every attention call: the class flag
-    ``_supports_attention_backend`` (transformers 5.x sets it on each migrated model class; a class whose attention
-    is hand-written, e.g. GPT-J on 5.17, Falcon, DeBERTa, T5, leaves it False)."""
+def passes_kwargs_to_attention(model):
+    """Whether ``model``'s class (or ``model``, a class) declares ``_supports_attention_backend``: transformers 5.x
+    sets it on model classes whose attention goes through the attention interface (``ALL_ATTENTION_FUNCTIONS``)
+    *and* which hand the forward's keyword arguments down to every attention call. fastpeft's prefix tuning needs
+    both (the prefix travels as the ``fastpeft_prefix`` keyword). Classes with hand-written attention leave it False
+    (GPT-J on 5.17, Falcon, DeBERTa), and so do some that use the interface without declaring it (BART, T5)."""
     cls = model if isinstance(model, type) else type(model)
     return bool(getattr(cls, "_supports_attention_backend", False))
+
+
+def uses_attention_interface(model):
+    """Whether ``model``'s class computes its attention through the attention interface, so that
+    ``set_attn_implementation("fastpeft")`` reaches every attention call: ``passes_kwargs_to_attention``, or
+    transformers' own test for dynamic switching, ``_can_set_attn_implementation`` (its module's attention classes
+    call ``ALL_ATTENTION_FUNCTIONS.get_interface``: BART, T5; False for hand-written attention)."""
+    cls = model if isinstance(model, type) else type(model)
+    if passes_kwargs_to_attention(cls):
+        return True
+    can_set = getattr(cls, "_can_set_attn_implementation", None)
+    return bool(can_set()) if callable(can_set) else False
 
 
 def position_scheme(model):

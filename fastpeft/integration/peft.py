@@ -49,9 +49,11 @@ def _peft_types():
 
 
 def _supported_peft_classes():
-    from peft import PeftModelForCausalLM, PeftModelForFeatureExtraction, PeftModelForSequenceClassification
+    from peft import (PeftModelForCausalLM, PeftModelForFeatureExtraction, PeftModelForSeq2SeqLM,
+                      PeftModelForSequenceClassification)
 
-    return PeftModelForCausalLM, PeftModelForSequenceClassification, PeftModelForFeatureExtraction
+    return (PeftModelForCausalLM, PeftModelForSequenceClassification, PeftModelForFeatureExtraction,
+            PeftModelForSeq2SeqLM)
 
 
 def _check_peft_config(peft_model, adapter_name):
@@ -62,12 +64,19 @@ def _check_peft_config(peft_model, adapter_name):
     if config.peft_type not in types:
         raise ValueError(f"fastpeft.accelerate supports {', '.join(t.value for t in types)} adapters; "
                          f"adapter {adapter_name!r} is {config.peft_type.value}")
-    if getattr(config, "num_transformer_submodules", 1) not in (None, 1):
-        raise ValueError(f"adapter {adapter_name!r} has num_transformer_submodules="
-                         f"{config.num_transformer_submodules} (encoder-decoder); fastpeft supports decoder-only "
-                         "and encoder-only backbones")
+    encoder_decoder = getattr(peft_model.get_base_model().config, "is_encoder_decoder", False)
     if config.peft_type != prefix_tuning:
+        if not encoder_decoder and getattr(config, "num_transformer_submodules", 1) not in (None, 1):
+            raise ValueError(f"adapter {adapter_name!r} has num_transformer_submodules="
+                             f"{config.num_transformer_submodules}, for an encoder-decoder; the backbone has one")
         return
+    if encoder_decoder:
+        # PEFT hands an encoder-decoder its prefix as a decoder self-attention cache, so the decoder numbers its
+        # positions after it; the decoders (BART's, T5's) take no position ids to say that without a cache.
+        raise ValueError(f"fastpeft.accelerate does not run prefix tuning on encoder-decoder models "
+                         f"({type(peft_model.get_base_model()).__name__}; adapter {adapter_name!r}): PEFT shifts "
+                         "the decoder's positions by the prefix through its KV cache, which the decoder takes no "
+                         "position ids to reproduce without one. Prompt tuning and p-tuning are supported there")
     geometry = BaseGeometry.of(peft_model.get_base_model().config)
     num_layers, kv_heads, head_dim = geometry.num_layers, geometry.num_kv_heads, geometry.head_dim
     if config.num_layers != num_layers:
@@ -82,11 +91,11 @@ def _check_peft_config(peft_model, adapter_name):
 
 
 def _check_backbone(peft_model):
+    """The backbone checks of ``attention.check_supported_model``; the keyword-passing requirement only where an
+    adapter is prefix tuning (prompt tuning, p-tuning and CPT hand attention nothing but the sequence)."""
     base = peft_model.get_base_model()
-    if getattr(base.config, "is_encoder_decoder", False):
-        raise ValueError(f"fastpeft.accelerate does not support encoder-decoder models "
-                         f"({type(base).__name__}); decoder-only and encoder-only backbones are supported")
-    attention.check_supported_model(base, "fastpeft.accelerate")
+    prefix = any(config.peft_type == _peft_types()[0] for config in peft_model.peft_config.values())
+    attention.check_supported_model(base, "fastpeft.accelerate", prefix_kwargs=prefix)
 
 
 def accelerate(peft_model):
@@ -120,9 +129,9 @@ def accelerate(peft_model):
         raise ValueError(f"fastpeft.accelerate supports "
                          f"{', '.join(cls.__name__ for cls in _supported_peft_classes())}, "
                          f"got {type(peft_model).__name__}")
-    _check_backbone(peft_model)
     for adapter_name in peft_model.peft_config:
         _check_peft_config(peft_model, adapter_name)
+    _check_backbone(peft_model)
 
     previous = attention.use_fastpeft_attention(peft_model.get_base_model())
     setattr(peft_model, STATE_ATTR, _AccelerationState(previous))
@@ -387,3 +396,4 @@ def _setup_prompt_encoder_allowing_checkpointing(self, adapter_name):
         for module in checkpointing:
             module.gradient_checkpointing = True
     _check_peft_config(self, adapter_name)
+    _check_backbone(self)  # a prefix-tuning adapter added to a prompt-tuning model needs more of the backbone
