@@ -10,6 +10,7 @@ model for a few steps.
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 from fastpeft import cli, data, tiny
+from fastpeft.cli import demo
 
 TIMEOUT_S = 240
 SUBCOMMANDS = ("train", "generate", "bench", "info")
@@ -191,6 +193,34 @@ def trained(tmp_path_factory):
     return {name: root / name for name in ("prefix", "prompt", "tasks")}
 
 
+def _warnings(stderr):
+    """stderr lines other than the progress bar's redraws."""
+    lines = stderr.replace("\r", "\n").splitlines()
+    return [line for line in lines if line.strip() and not re.match(r"^train \w+.*\d+/\d+ \[", line)]
+
+
+def test_main_job_learns_the_built_in_task_quietly(tmp_path):
+    """The README's main job on a fresh folder: the trained prefix answers held-out prompts the base model cannot,
+    then `generate` serves it; neither command writes anything but the progress bar to stderr (no warnings)."""
+    env = dict(user_environment())
+    env.pop("PYTHONWARNINGS")  # as a user runs it: every warning shows
+    out = tmp_path / "fp-demo"
+    result = subprocess.run([sys.executable, "-m", "fastpeft", "train", "--out", str(out), *ACCELERATE_FLAGS],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _warnings(result.stderr) == []
+    task = json.loads((out / "train_log.json").read_text())["built_in_task"]
+    assert task["base_correct"] == 0 and task["trained_correct"] >= demo.HELD_OUT - 2, task
+    assert "exact answers: base model 0/8" in result.stdout
+    prompt = demo.examples()[1][0].prompt
+    result = subprocess.run([sys.executable, "-m", "fastpeft", "generate", "--adapter", f"demo={out}", "--prompt",
+                             prompt, "--max-new-tokens", "24", "--json"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr == ""
+    assert json.loads(result.stdout)[0]["completion"].strip() == task["trained"][0].strip()
+
+
 def _leftovers(parent):
     """Staging folders ``train`` left beside its --out."""
     return [name for name in os.listdir(parent) if ".partial-" in name or ".replaced-" in name]
@@ -243,9 +273,12 @@ def test_train_writes_adapter_log_and_base_model(trained):
     log = json.loads((trained["prefix"] / "train_log.json").read_text())
     assert [s["step"] for s in log["steps"]] == [1, 2, 3]
     assert all(s["loss"] > 0 and s["tokens_per_s"] > 0 for s in log["steps"])
-    # every step sees the same 8 built-in lines: three Adam steps at lr 1e-2 lower the loss
+    # the built-in task's batches share two answers: three Adam steps at its lr lower the loss
     assert log["steps"][-1]["loss"] < log["steps"][0]["loss"]
     assert log["config"]["method"] == "prefix" and log["config"]["virtual_tokens"] == 8
+    assert log["config"]["lr"] == demo.LEARNING_RATE and log["examples"] == demo.TRAIN_EXAMPLES
+    task = log["built_in_task"]  # three steps are too few to learn it: scored, not yet right
+    assert len(task["prompts"]) == len(task["trained"]) == demo.HELD_OUT and task["base_correct"] == 0
     assert log["accelerated"] is (ACCELERATE_FLAGS == [])
     config = json.loads((trained["prefix"] / "adapter_config.json").read_text())
     assert config["peft_type"] == "PREFIX_TUNING" and config["num_virtual_tokens"] == 8

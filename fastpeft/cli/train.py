@@ -8,8 +8,9 @@ import shutil
 import tempfile
 import time
 
-from . import common
+from . import common, demo
 
+DEFAULT_LR = 1e-2
 METHODS = ("prefix", "prefix-projection", "prompt", "ptuning")
 BASE_MODEL_SUBDIR = "base-model"
 
@@ -27,18 +28,20 @@ def add_parser(sub):
                             "reparametrization; prompt: prompt tuning; ptuning: p-tuning (default: prefix)")
     train.add_argument("--model", metavar="DIR", help="base model directory (transformers format); "
                        "default: the built-in small model")
-    train.add_argument("--data", metavar="FILE", help="training data (.txt, or .jsonl); default: a few "
-                       "built-in lines, enough for a smoke run")
+    train.add_argument("--data", metavar="FILE", help="training data (.txt, or .jsonl); default: the built-in "
+                       "task (two kinds of prompts, one answer each), scored on held-out prompts after training")
     train.add_argument("--virtual-tokens", type=int, default=16, metavar="N",
                        help="number of virtual tokens P (default: 16)")
     train.add_argument("--out", metavar="DIR", required=True,
                        help="output directory for the adapter; written only when training succeeds (an existing "
                             "non-empty DIR is refused unless --overwrite)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
-    train.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (default: 1e-2)")
-    train.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default: 1)")
+    train.add_argument("--lr", type=float, help=f"AdamW learning rate (default: {DEFAULT_LR}; "
+                       f"{demo.LEARNING_RATE} on the built-in task)")
+    train.add_argument("--epochs", type=float, help="passes over the data (default: 1)")
     train.add_argument("--max-steps", type=int, metavar="N",
-                       help="stop after N optimizer steps (overrides --epochs)")
+                       help=f"stop after N optimizer steps (overrides --epochs; default on the built-in task: "
+                            f"{demo.STEPS})")
     train.add_argument("--batch-size", type=int, default=8, help="rows per step (default: 8)")
     train.add_argument("--max-length", type=int, default=512, help="truncate examples to this many tokens "
                        "(default: 512)")
@@ -54,19 +57,6 @@ def add_parser(sub):
     train.add_argument("--seed", type=int, default=0, help="seed of the prompt initialization and data order")
     train.set_defaults(func=run)
 
-
-
-DEMO_TEXTS = [
-    "fastpeft trains soft prompts with fused prefix attention.",
-    "The prefix is read in place and never concatenated with the keys.",
-    "Many tenants share one backbone and one batch.",
-    "Prompt tuning adds virtual tokens in front of the input.",
-    "Prefix tuning adds learned keys and values to every layer.",
-    "A query that sees no key returns zeros, never NaN.",
-    "Grouped-query attention shares each key head among several query heads.",
-    "Gradient checkpointing works with prefix tuning here.",
-]
-"""The data of ``fastpeft train`` without ``--data``: a smoke run needs no file."""
 
 
 def _peft_config(method, virtual_tokens, hidden_size):
@@ -94,10 +84,17 @@ def _validate_train_args(args):
             raise common.CLIError(f"{flag} must be at least {low}, got {value}")
     if args.max_steps is not None and args.max_steps < 1:
         raise common.CLIError(f"--max-steps must be at least 1, got {args.max_steps}")
-    if args.epochs <= 0:
+    if args.epochs is not None and args.epochs <= 0:
         raise common.CLIError(f"--epochs must be positive, got {args.epochs}")
-    if not args.lr > 0:
+    if args.lr is not None and not args.lr > 0:
         raise common.CLIError(f"--lr must be positive, got {args.lr}")
+    built_in = args.data is None
+    if args.lr is None:
+        args.lr = demo.LEARNING_RATE if built_in else DEFAULT_LR
+    if args.epochs is None:
+        args.epochs = 1.0
+        if built_in and args.max_steps is None:
+            args.max_steps = demo.STEPS
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise common.CLIError(f"--out {args.out} exists and is not a directory")
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
@@ -124,7 +121,7 @@ def _load_training_examples(args):
     from .. import data as data_module
 
     if args.data is None:
-        return [data_module.Example("", text) for text in DEMO_TEXTS], []
+        return demo.examples()[0], []
     try:
         examples = data_module.load_examples(args.data)
     except (ValueError, OSError) as exc:
@@ -254,7 +251,6 @@ def _train(args, examples, tasks, staging):
         return _train_tasks(args, model, model_dir, tasks, hidden_size, stream, total_steps, device, log, staging)
 
     model = get_peft_model(model, _peft_config(args.method, args.virtual_tokens, hidden_size))
-    model.peft_config["default"].base_model_name_or_path = model_dir  # not the staging folder it was loaded from
     if not args.no_accelerate:
         import fastpeft
         model = fastpeft.accelerate(model)
@@ -279,7 +275,11 @@ def _train(args, examples, tasks, staging):
                                                            device)
     log.update(final_loss=log["steps"][-1]["loss"], total_tokens=total_tokens, train_seconds=total_seconds,
                tokens_per_s=total_tokens / total_seconds)
+    if args.data is None:
+        log["built_in_task"] = demo.evaluate(model, tokenizer, demo.examples()[1])
+        print(demo.report(log["built_in_task"]))
     model.save_pretrained(staging)
+    _record_base_model(staging, model_dir)
     with open(os.path.join(staging, "train_log.json"), "w") as f:
         json.dump(log, f, indent=2)
     first = log["steps"][0]["loss"]
@@ -287,6 +287,17 @@ def _train(args, examples, tasks, staging):
           f"loss {first:.4f} -> {log['final_loss']:.4f}, {log['tokens_per_s']:,.0f} tokens/s on {device}")
     print(f"base model: {model_dir}")
     return 0
+
+
+def _record_base_model(adapter_dir, model_dir):
+    """Name the base model by the path it will have once the staging folder is renamed (PEFT recorded the staging
+    path it was loaded from; recording the final path before saving would make PEFT look for a config there)."""
+    path = os.path.join(adapter_dir, "adapter_config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["base_model_name_or_path"] = model_dir
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
 
 
 def _train_tasks(args, model, model_dir, tasks, hidden_size, stream, total_steps, device, log, staging):
@@ -297,9 +308,7 @@ def _train_tasks(args, model, model_dir, tasks, hidden_size, stream, total_steps
     trainer = fastpeft.MultiPrefixTrainer(model, lr=args.lr, max_grad_norm=1.0,
                                           gradient_checkpointing=args.gradient_checkpointing)
     for task in tasks:
-        config = _peft_config(args.method, args.virtual_tokens, hidden_size)
-        config.base_model_name_or_path = model_dir  # as get_peft_model records it, so generate finds the base
-        trainer.add_adapter(task, config)
+        trainer.add_adapter(task, _peft_config(args.method, args.virtual_tokens, hidden_size))
 
     def step(batch, row_tasks):
         result = trainer.training_step(batch["input_ids"], row_tasks, attention_mask=batch["attention_mask"],
@@ -313,6 +322,8 @@ def _train_tasks(args, model, model_dir, tasks, hidden_size, stream, total_steps
     log.update(final_loss=log["steps"][-1]["loss"], total_tokens=total_tokens, train_seconds=total_seconds,
                tokens_per_s=total_tokens / total_seconds)
     trainer.save_pretrained(staging)
+    for task in tasks:  # so that `fastpeft generate` finds the base model
+        _record_base_model(os.path.join(staging, task), model_dir)
     with open(os.path.join(staging, "train_log.json"), "w") as f:
         json.dump(log, f, indent=2)
     print(f"trained {len(tasks)} {args.method} adapters ({args.virtual_tokens} virtual tokens each) into "
