@@ -78,7 +78,7 @@ def _prefix_part(q, prefix_k, prefix_v, prefix_index, prefix_lengths, on_host):
     T, Hkv, P = prefix_k.shape[:3]
     row_lengths = prefix_lengths.index_select(0, prefix_index)  # [B]
     if on_host:  # free on CPU: cut the prefix to the longest row, mask only when rows differ
-        n = int(row_lengths.max())
+        n = min(int(row_lengths.max()), P)  # (unchecked lengths, under torch.compile, may exceed P)
         ragged = bool((row_lengths < n).any())
     else:        # on an accelerator these reads would synchronize: always mask
         n, ragged = P, True
@@ -143,18 +143,19 @@ def _as_part(x, part, Hkv):
 # PyTorch's CPU kernel skips causal work only in whole key blocks of 512 (none at all for L <= 512), so on CPU
 # the queries of a causal call of moderate length are processed in chunks of at most CPU_CAUSAL_CHUNK: each chunk
 # is a smaller instance of the same problem (bottom-right aligned over the keys up to its last query), so only a
-# chunk-wide band above the diagonal is computed and masked. Measured on a 2-core CPU at L = 512 (B=2, Hq=8,
-# Hkv=2, D=64): the causal square 7.8 ms whole, 5.8 ms in two chunks; from L = 1024 on the kernel's own block
-# skipping does as well as more, smaller calls (20.2 ms whole vs 21.2 ms in four chunks), so longer sequences
-# run whole.
-CPU_CAUSAL_CHUNK = 256
-CPU_CHUNKED_UP_TO = 768
+# chunk-wide band above the diagonal is computed and masked. Measured on a 2-core CPU (B=2, Hq=8, Hkv=2, D=64,
+# P=128, fp32, one thread, forward / forward+backward): L = 512 whole 28.4 / 86.0 ms with 256-query chunks,
+# 25.3 / 79.6 ms with 128-query chunks; L = 256 gains nothing; from L = 1024 on the kernel's own block skipping
+# does as well as more, smaller calls (20.2 ms whole vs 21.2 ms in 256-query chunks), so those run whole.
+CPU_CAUSAL_CHUNK = 128
+CPU_CHUNKED_LENGTHS = (256, 768)   # chunk when lo < L <= hi
 
 
 def _query_chunks(q, causal):
     """``[(start, stop), ...]`` ranges of the query axis that are run as separate sub-problems."""
     L = q.shape[2]
-    if not causal or q.device.type != "cpu" or not CPU_CAUSAL_CHUNK < L <= CPU_CHUNKED_UP_TO:
+    lo, hi = CPU_CHUNKED_LENGTHS
+    if not causal or q.device.type != "cpu" or not lo < L <= hi:
         return [(0, L)]
     count = -(-L // CPU_CAUSAL_CHUNK)
     size = -(-L // count)
