@@ -113,7 +113,7 @@ def check_supported_model(model, user, prefix_kwargs=True):
                 "replace it")
         if prefix_kwargs and not compat.passes_kwargs_to_attention(module):
             raise ValueError(
-                f"{user} cannot run prefix tuning on {type(module).__name__}: the class does not declare "
+                f"{user} cannot hand a prefix to {type(module).__name__}: the class does not declare "
                 "_supports_attention_backend on this transformers release, i.e. that keyword arguments reach its "
                 "attention functions, which is how fastpeft hands each layer its prefix")
     configs = [model.config]

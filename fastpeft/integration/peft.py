@@ -16,8 +16,10 @@
   lifted for this instance: with the prefix outside the cache, checkpoint recomputation is correct.
 
 PEFT's semantics are reproduced exactly (``/work/shared/PEFT_NOTES.md``): prefix keys per KV head and never
-rotated; in ``forward`` the real tokens sit at positions ``P .. P+L-1`` whatever the padding (user
-``position_ids`` get ``+P``); in ``generate`` positions are pad-aware, ``cumsum(mask) - 1 + P``.
+rotated; in ``forward`` the real tokens get the positions the backbone gives them after a cache of P tokens
+(``P .. P+L-1`` whatever the padding for most models; OPT and RoBERTa count pad-aware, see
+``_prefix_position_ids``; user ``position_ids`` get ``+P``); in ``generate`` positions are pad-aware,
+``cumsum(mask) - 1 + P``.
 """
 
 import functools
@@ -104,19 +106,20 @@ def accelerate(peft_model):
     Arguments:
         peft_model: a ``peft.PeftModelForCausalLM``, ``PeftModelForSequenceClassification`` or
             ``PeftModelForFeatureExtraction`` whose backbone computes attention through transformers' attention
-            interface with plain softmax attention (Llama, Mistral, Qwen2/3, GPT-2, OPT, GPT-J, Gemma 3, Phi, BERT,
-            RoBERTa, ...; see ``attention.check_supported_model``), and whose adapters are PREFIX_TUNING (with or
-            without ``prefix_projection``), PROMPT_TUNING, P_TUNING or CPT. The backbone may be loaded in 4-bit or
-            8-bit through bitsandbytes.
+            interface with plain softmax attention (Llama, Mistral, Qwen2/3, GPT-2, OPT, GPT-J, Gemma 3, Phi,
+            GPT-NeoX, BERT, RoBERTa, ...; see ``attention.check_supported_model``), and whose adapters are
+            PREFIX_TUNING (with or without ``prefix_projection``), PROMPT_TUNING, P_TUNING or CPT; or a
+            ``PeftModelForSeq2SeqLM`` (BART) with PROMPT_TUNING / P_TUNING adapters. The backbone may be loaded in
+            4-bit or 8-bit through bitsandbytes.
 
     Returns:
         the same object, accelerated in place: forward outputs (logits, loss), prompt-parameter gradients,
         ``generate`` tokens and saved adapter files equal PEFT's. Calling it twice is a no-op.
 
     Raises:
-        ValueError: for another PEFT model class or adapter type, an encoder-decoder backbone, a backbone whose
-            attention bypasses the attention interface or uses a feature the kernels lack (named in the message), or
-            a prefix-tuning configuration whose prefix does not split into the backbone's KV heads.
+        ValueError: for another PEFT model class or adapter type, prefix tuning on an encoder-decoder, a backbone
+            whose attention bypasses the attention interface or uses a feature the kernels lack (named in the
+            message), or a prefix-tuning configuration whose prefix does not split into the backbone's KV heads.
     """
     from peft import PeftModel
 
