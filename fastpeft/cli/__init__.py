@@ -3,6 +3,7 @@
 Subcommands:
     train     prefix / prompt / p-tuning of a causal LM on a text or JSONL file -> a PEFT adapter directory
     generate  batched generation from one base model and several adapters (one output per prompt x adapter)
+    serve     an OpenAI-compatible HTTP server for many adapters, with continuous batching
     bench     speed, memory and parity against the references on this machine -> table, JSON and a plot
     info      versions, device, and which kernel backends are available (and why not)
 
@@ -15,7 +16,7 @@ costs a fraction of a second; user errors print one line on stderr and exit non-
 import os
 import sys
 
-from . import bench, common, generate, info, train
+from . import bench, common, generate, info, serve, train
 
 
 def build_parser():
@@ -23,7 +24,7 @@ def build_parser():
                            "tuning: train soft prompts, serve many of them in one batch, benchmark the kernels.")
     parser.add_argument("--version", action="version", version=f"fastpeft {common.package_version_string()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=common.Parser)
-    for command in (train, generate, bench, info):
+    for command in (train, generate, serve, bench, info):
         command.add_parser(sub)
     return parser
 

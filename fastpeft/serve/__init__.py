@@ -1,0 +1,45 @@
+"""``fastpeft serve``: many soft-prompt tenants behind an OpenAI-compatible HTTP API, continuously batched.
+
+``build_server`` puts the pieces together for a loaded base model: an ``AdapterBank`` holding every adapter of a
+folder, the continuous-batching ``Engine`` (``engine.py``) and the HTTP ``Server`` (``server.py``, standard library
+only). The model is touched by the engine's thread alone.
+"""
+
+import os
+
+from .engine import Engine, GenerationRequest, QueueFull, SlotCache
+from .server import Server, ServeConfig
+
+__all__ = ["Engine", "GenerationRequest", "QueueFull", "SlotCache", "Server", "ServeConfig", "build_server",
+           "adapter_dirs"]
+
+
+def adapter_dirs(folder):
+    """``{name: path}`` for every subfolder of ``folder`` that holds an ``adapter_config.json`` (sorted by name)."""
+    found = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isfile(os.path.join(path, "adapter_config.json")):
+            found[name] = path
+    return found
+
+
+def build_server(model, tokenizer, adapters=None, base_name="base", host="127.0.0.1", port=0, admin_token=None,
+                 max_batch=16, max_len=512, max_queue=64, max_tokens_limit=256, default_max_tokens=16,
+                 default_temperature=1.0, log_requests=False):
+    """A started engine and an HTTP ``Server`` bound to ``host:port`` (0: an ephemeral port), not yet serving:
+    call ``server.start()`` (background thread) or ``server.serve_forever()``; ``server.close()`` stops both.
+
+    ``adapters``: ``{name: PEFT adapter directory or PeftModel}`` loaded into a new ``AdapterBank`` on ``model``.
+    """
+    from ..bank import AdapterBank
+
+    bank = AdapterBank(model)
+    for name, source in (adapters or {}).items():
+        if name == base_name:
+            raise ValueError(f"adapter name {name!r} is the base model's served name")
+        bank.add(name, source)
+    engine = Engine(bank, max_batch=max_batch, max_len=max_len, max_queue=max_queue).start()
+    config = ServeConfig(engine, tokenizer, base_name, admin_token=admin_token, max_tokens_limit=max_tokens_limit,
+                         default_max_tokens=default_max_tokens, default_temperature=default_temperature)
+    return Server((host, port), config, log_requests=log_requests)

@@ -1,0 +1,335 @@
+"""``fastpeft serve`` on loopback: OpenAI-compatible endpoints over the continuous-batching engine.
+
+One server (127.0.0.1, ephemeral port) on a tiny Llama with the built-in byte tokenizer serves a prefix-tuning and
+a prompt-tuning tenant. Greedy responses are compared with PEFT's forward looped without a cache for that tenant
+alone (``generate_without_cache``; never a ``generate``), also when requests of both tenants with the same prompt
+run in one batch and join it at different steps. Every HTTP call has a timeout.
+"""
+
+import http.client
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+from fastpeft import tiny
+
+TIMEOUT_S = 60
+BASE = "tiny-llama"
+TOKEN = "s3cret"
+
+
+def _model(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=tiny.VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         pad_token_id=tiny.PAD_ID, bos_token_id=tiny.BOS_ID, eos_token_id=tiny.EOS_ID)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config).eval()
+
+
+def _peft_model(kind, seed):
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+
+    config = (PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3) if kind == "prefix" else
+              PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(_model(), config).eval()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from fastpeft.serve import adapter_dirs, build_server
+
+    folder = tmp_path_factory.mktemp("adapters")
+    tenants = {"tenant-a": _peft_model("prefix", 1), "tenant-b": _peft_model("prompt", 2),
+               "tenant-c": _peft_model("prefix", 3)}
+    for name, peft_model in tenants.items():
+        peft_model.save_pretrained(str(folder / name))
+    extra = folder.parent / "later"
+    extra.mkdir()
+    (folder / "tenant-c").rename(extra / "tenant-c")  # loaded later, through the admin endpoint
+    server = build_server(_model(), tiny.build_tokenizer(), adapter_dirs(str(folder)), base_name=BASE,
+                          admin_token=TOKEN, max_batch=4, max_len=256, max_queue=2, max_tokens_limit=200,
+                          default_temperature=0.0).start()
+    yield {"server": server, "tenants": tenants, "later": str(extra / "tenant-c")}
+    server.close()
+
+
+def _reference(peft_model, prompt, max_tokens):
+    """PEFT (or the bare model for None) for this prompt alone: greedy ids, ended at eos like the server."""
+    from fastpeft.integration.reference_generate import generate_without_cache
+
+    ids = tiny.build_tokenizer()(prompt, return_tensors="pt")["input_ids"]
+    generated, _ = generate_without_cache(peft_model if peft_model is not None else _model(), ids,
+                                          max_new_tokens=max_tokens, eos_token_id=tiny.EOS_ID)
+    new = generated[0, ids.shape[1]:].tolist()
+    return new[:new.index(tiny.EOS_ID)] if tiny.EOS_ID in new else new
+
+
+def _call(server, method, path, body=None, headers=None, raw=None):
+    """(status, parsed JSON body) of one request."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    request = urllib.request.Request(server.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def _stream(server, path, body):
+    """The parsed SSE chunks of a streamed request, up to ``[DONE]``."""
+    request = urllib.request.Request(server.url + path, data=json.dumps({**body, "stream": True}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    chunks = []
+    with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+        assert response.headers["Content-Type"] == "text/event-stream"
+        for line in response:
+            line = line.decode().strip()
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                return chunks
+            chunks.append(json.loads(line[len("data: "):]))
+    raise AssertionError("the stream ended without [DONE]")
+
+
+def _wait_idle(server, timeout=TIMEOUT_S):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        engine = server.serve_config.engine
+        if engine.running == 0 and engine.waiting == 0:
+            return
+        time.sleep(0.02)
+    raise AssertionError("the engine did not become idle")
+
+
+def test_models_lists_base_and_adapters(setup):
+    status, body = _call(setup["server"], "GET", "/v1/models")
+    assert status == 200 and body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == [BASE, "tenant-a", "tenant-b"]
+
+
+def test_concurrent_tenants_same_prompt_each_equal_peft_alone(setup):
+    """Same prompt, two tenants and the base model, plus requests that join while others decode: each response
+    equals that tenant served alone by PEFT (isolation of prefixes and cached K/V)."""
+    server, tenants = setup["server"], setup["tenants"]
+    jobs = [("tenant-a", "hello world", 24), ("tenant-b", "hello world", 24), (BASE, "hello world", 24),
+            ("tenant-a", "a longer prompt, joining later", 8), ("tenant-b", "hi", 12), ("tenant-a", "hello world", 5)]
+    results = [None] * len(jobs)
+    before = dict(server.serve_config.engine.stats)
+
+    def client(i, model, prompt, max_tokens):
+        time.sleep(0.01 * i)
+        results[i] = _call(server, "POST", "/v1/completions", {"model": model, "prompt": prompt,
+                                                              "max_tokens": max_tokens, "return_token_ids": True})
+
+    threads = [threading.Thread(target=client, args=(i, *job)) for i, job in enumerate(jobs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT_S)
+    stats = server.serve_config.engine.stats
+    assert stats["max_rows"] >= 2 and stats["prefills"] - before["prefills"] >= 2, stats
+    for (model, prompt, max_tokens), (status, body) in zip(jobs, results):
+        assert status == 200, body
+        choice = body["choices"][0]
+        expected = _reference(tenants.get(model), prompt, max_tokens)
+        assert choice["token_ids"] == expected, (model, prompt)
+        assert choice["text"] == tiny.build_tokenizer().decode(expected, skip_special_tokens=True)
+        assert choice["finish_reason"] == ("length" if len(expected) == max_tokens else "stop")
+        assert body["usage"]["completion_tokens"] == len(expected)
+    a, b = results[0][1]["choices"][0]["token_ids"], results[1][1]["choices"][0]["token_ids"]
+    assert a != b  # the two tenants really differ on this prompt
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_stream_equals_whole_response(setup, chat):
+    server = setup["server"]
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    body = {"model": "tenant-b", "max_tokens": 16, "return_token_ids": True}
+    body.update({"messages": [{"role": "user", "content": "say hi"}]} if chat else {"prompt": "say hi"})
+    status, whole = _call(server, "POST", path, body)
+    assert status == 200
+    chunks = _stream(server, path, body)
+    choices = [chunk["choices"][0] for chunk in chunks]
+    if chat:
+        assert whole["object"] == "chat.completion" and chunks[0]["object"] == "chat.completion.chunk"
+        assert choices[0]["delta"]["role"] == "assistant"
+        text = "".join(c["delta"].get("content", "") for c in choices)
+        assert text == whole["choices"][0]["message"]["content"]
+    else:
+        text = "".join(c["text"] for c in choices)
+        assert text == whole["choices"][0]["text"]
+    assert [t for c in choices for t in c.get("token_ids", [])] == whole["choices"][0]["token_ids"]
+    assert choices[-1]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    if chat:  # the built-in tokenizer has no chat template: role lines, then "assistant:"
+        expected = _reference(setup["tenants"]["tenant-b"], "user: say hi\nassistant:", 16)
+        assert whole["choices"][0]["token_ids"] == expected
+
+
+def test_bad_requests(setup):
+    server = setup["server"]
+    status, body = _call(server, "POST", "/v1/completions", {"model": "nobody", "prompt": "x"})
+    assert status == 404 and "tenant-a" in body["error"]["message"] and BASE in body["error"]["message"]
+    status, body = _call(server, "POST", "/v1/completions", raw=b"{not json")
+    assert status == 400 and "JSON" in body["error"]["message"]
+    status, body = _call(server, "POST", "/v1/completions", {"model": BASE, "prompt": "x", "max_tokens": 201})
+    assert status == 400 and body["error"]["param"] == "max_tokens"
+    status, body = _call(server, "POST", "/v1/completions", {"model": BASE, "prompt": "x" * 250, "max_tokens": 10})
+    assert status == 400 and "context" in body["error"]["message"]
+    status, body = _call(server, "POST", "/v1/chat/completions", {"model": BASE, "messages": "hi"})
+    assert status == 400 and body["error"]["param"] == "messages"
+    status, body = _call(server, "POST", "/v1/completions", {"model": BASE, "prompt": "x", "temperature": -1})
+    assert status == 400
+    status, _ = _call(server, "GET", "/v1/nothing")
+    assert status == 404
+
+
+def test_full_queue_answers_429(setup):
+    server = setup["server"]
+    engine = server.serve_config.engine
+    _wait_idle(server)
+    engine.pause()
+    results = []
+
+    def client():
+        results.append(_call(server, "POST", "/v1/completions", {"model": BASE, "prompt": "q", "max_tokens": 2}))
+
+    threads = []
+    try:
+        # max_batch 4 free slots + max_queue 2 waiting requests are accepted while paused; the next is refused.
+        for _ in range(6):
+            threads.append(threading.Thread(target=client))
+            threads[-1].start()
+        deadline = time.monotonic() + TIMEOUT_S
+        while engine.waiting < 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        status, body = _call(server, "POST", "/v1/completions", {"model": BASE, "prompt": "q", "max_tokens": 2})
+        assert status == 429 and body["error"]["type"] == "rate_limit_error"
+    finally:
+        engine.resume()
+    for thread in threads:
+        thread.join(TIMEOUT_S)
+    assert [status for status, _ in results] == [200] * 6
+
+
+def test_client_disconnect_mid_stream_frees_its_slot(setup):
+    server = setup["server"]
+    engine = server.serve_config.engine
+    _wait_idle(server)
+    cancelled = engine.stats["cancelled"]
+    host, port = server.server_address[:2]
+    body = json.dumps({"model": "tenant-a", "prompt": "go", "max_tokens": 200, "stream": True,
+                       "ignore_eos": True}).encode()
+    with socket.create_connection((host, port), timeout=TIMEOUT_S) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        received = b""
+        while received.count(b"data: ") < 2:
+            received += sock.recv(4096)
+    _wait_idle(server)
+    assert engine.stats["cancelled"] == cancelled + 1
+    status, _ = _call(server, "POST", "/v1/completions", {"model": "tenant-a", "prompt": "go", "max_tokens": 3})
+    assert status == 200
+
+
+def test_admin_adds_and_removes_adapters(setup):
+    server, later = setup["server"], setup["later"]
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    status, _ = _call(server, "POST", "/admin/adapters", {"name": "tenant-c", "path": later})
+    assert status == 401
+    status, _ = _call(server, "POST", "/admin/adapters", {"name": "tenant-c", "path": later},
+                      headers={"Authorization": "Bearer wrong"})
+    assert status == 401
+    status, body = _call(server, "POST", "/admin/adapters", {"name": "tenant-c", "path": later}, headers=auth)
+    assert status == 201, body
+    assert "tenant-c" in [m["id"] for m in _call(server, "GET", "/v1/models")[1]["data"]]
+    status, body = _call(server, "POST", "/v1/completions", {"model": "tenant-c", "prompt": "hello world",
+                                                             "max_tokens": 8, "return_token_ids": True})
+    assert status == 200
+    assert body["choices"][0]["token_ids"] == _reference(setup["tenants"]["tenant-c"], "hello world", 8)
+    status, body = _call(server, "POST", "/admin/adapters", {"name": "bad", "path": str(later) + "-missing"},
+                         headers=auth)
+    assert status == 400
+    status, _ = _call(server, "DELETE", "/admin/adapters/tenant-c", headers=auth)
+    assert status == 200
+    status, body = _call(server, "POST", "/v1/completions", {"model": "tenant-c", "prompt": "x"})
+    assert status == 404
+    status, _ = _call(server, "DELETE", "/admin/adapters/tenant-c", headers=auth)
+    assert status == 404
+
+
+def test_removing_an_adapter_ends_its_running_requests(setup):
+    """A removed adapter's table entry is freed: its running request must end, never read a reused entry."""
+    from fastpeft.serve import GenerationRequest
+
+    server = setup["server"]
+    engine = server.serve_config.engine
+    engine.add_adapter("temp", setup["tenants"]["tenant-a"])
+    request = engine.submit(GenerationRequest(prompt_ids=[tiny.BOS_ID, 65, 66], adapter="temp", max_tokens=200,
+                                                    ignore_eos=True))
+    assert request.events.get(timeout=TIMEOUT_S)[0] == "token"
+    engine.remove_adapter("temp")
+    events = []
+    while not events or events[-1][0] == "token":
+        events.append(request.events.get(timeout=TIMEOUT_S))
+    assert events[-1][0] == "error" and "removed" in events[-1][1]
+    _wait_idle(server)
+
+
+def test_joining_rows_prefill_together_and_decode_with_running_ones(setup):
+    """Engine level: requests of different lengths and adapters admitted in one prefill (right-padded), joining rows
+    that already decode, each equal to its tenant alone; a seeded sampled request repeats itself."""
+    from fastpeft.serve import GenerationRequest
+
+    server, tenants = setup["server"], setup["tenants"]
+    engine = server.serve_config.engine
+    tokenizer = tiny.build_tokenizer()
+    _wait_idle(server)
+    prefills = engine.stats["prefills"]
+    first = engine.submit(GenerationRequest(prompt_ids=tokenizer("hello world")["input_ids"], adapter="tenant-b",
+                                            max_tokens=20))
+    assert first.events.get(timeout=TIMEOUT_S)[0] == "token"
+    engine.pause()
+    jobs = [("tenant-a", "x"), (None, "a much longer prompt than the others"), ("tenant-b", "hello world")]
+    requests = [engine.submit(GenerationRequest(prompt_ids=tokenizer(prompt)["input_ids"], adapter=name,
+                                                max_tokens=10)) for name, prompt in jobs]
+    engine.resume()
+    _wait_idle(server)
+    assert engine.stats["prefills"] - prefills == 2  # the first request alone, then the three together
+    for (name, prompt), request in zip([("tenant-b", "hello world")] + jobs, [first] + requests):
+        assert request.generated == _reference(tenants.get(name), prompt, request.max_tokens), (name, prompt)
+    sampled = [engine.submit(GenerationRequest(prompt_ids=tokenizer("hi")["input_ids"], adapter="tenant-a",
+                                               max_tokens=12, temperature=0.9, top_p=0.95, seed=7,
+                                               ignore_eos=True)) for _ in range(2)]
+    _wait_idle(server)
+    assert sampled[0].generated == sampled[1].generated and len(sampled[0].generated) == 12
+
+
+def test_serve_command_help(capsys):
+    from fastpeft import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: fastpeft serve") and "--adapters" in out and "--admin-token" in out
+
+
+def test_serve_command_refuses_bad_arguments(tmp_path, capsys):
+    from fastpeft import cli
+
+    assert cli.main(["serve", "--adapters", str(tmp_path / "missing")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    assert cli.main(["serve", "--max-batch", "0"]) == 2
