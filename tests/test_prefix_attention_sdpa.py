@@ -34,7 +34,7 @@ EXTRA_CASES = [
     Case("multiblock-gqa4", B=2, Hq=8, Hkv=2, L=300, S=300, P=40, D=72, T=2, ragged=True, padding="left"),
     Case("multiblock-cache", B=1, Hq=4, Hkv=2, L=130, S=700, P=33, D=64),
     Case("d-256", B=1, Hq=2, Hkv=1, L=9, S=11, P=4, D=256),
-    # query chunks on CPU (sdpa.CPU_CAUSAL_CHUNK = 128): five chunks after a cache, with padding and a table
+    # query chunks on CPU (sdpa.CPU_CAUSAL_CHUNK = 256): three chunks after a cache, with padding and a table
     Case("chunked-cache-table", B=2, Hq=4, Hkv=1, L=600, S=650, P=20, D=32, T=2, ragged=True, padding="left"),
 ]
 FP32_CASES = CASES + EXTRA_CASES
@@ -231,10 +231,10 @@ def test_plan_splits_a_cache_into_a_folded_part_and_a_causal_square():
 
 def test_cpu_causal_queries_run_in_chunks():
     q = torch.empty(1, 1, 1024, 8)
-    assert sdpa._query_chunks(q[:, :, :600], causal=True) == [(i * 120, i * 120 + 120) for i in range(5)]
+    assert sdpa._query_chunks(q[:, :, :600], causal=True) == [(0, 200), (200, 400), (400, 600)]
     assert sdpa._query_chunks(q[:, :, :600], causal=False) == [(0, 600)]
     assert sdpa._query_chunks(q[:, :, :256], causal=True) == [(0, 256)]
-    assert sdpa._query_chunks(q[:, :, :257], causal=True) == [(0, 86), (86, 172), (172, 257)]
+    assert sdpa._query_chunks(q[:, :, :257], causal=True) == [(0, 129), (129, 257)]
     assert sdpa._query_chunks(q[:, :, :769], causal=True) == [(0, 769)]   # the kernel's own skipping
 
 

@@ -144,10 +144,12 @@ def _as_part(x, part, Hkv):
 # the queries of a causal call of moderate length are processed in chunks of at most CPU_CAUSAL_CHUNK: each chunk
 # is a smaller instance of the same problem (bottom-right aligned over the keys up to its last query), so only a
 # chunk-wide band above the diagonal is computed and masked. Measured on a 2-core CPU (B=2, Hq=8, Hkv=2, D=64,
-# P=128, fp32, one thread, forward / forward+backward): L = 512 whole 28.4 / 86.0 ms with 256-query chunks,
-# 25.3 / 79.6 ms with 128-query chunks; L = 256 gains nothing; from L = 1024 on the kernel's own block skipping
+# P=128, L=512, one thread, PEFT / sdpa interleaved under a load average of 9 from other sessions, so the times are
+# inflated but comparable, forward+backward): fp32 339.9 ms whole, 288.2 ms in chunks of
+# 256 queries, 281.7 ms in chunks of 128; bf16 299.8 ms whole, 282.4 ms (256), 371.0 ms (128: the bf16 backward
+# op's fixed cost per call dominates). L = 256 gains nothing; from L = 1024 on the kernel's own block skipping
 # does as well as more, smaller calls (20.2 ms whole vs 21.2 ms in 256-query chunks), so those run whole.
-CPU_CAUSAL_CHUNK = 128
+CPU_CAUSAL_CHUNK = 256
 CPU_CHUNKED_LENGTHS = (256, 768)   # chunk when lo < L <= hi
 
 
