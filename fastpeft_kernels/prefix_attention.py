@@ -8,27 +8,33 @@ per row nor concatenated with k/v.
 Kernels (all accumulate in float32):
 
 * ``_prefix_attn_fwd_kernel``: grid ``(cdiv(L, BLOCK_M), B * Hq)``. Walks the row's prefix blocks (only up to
-  ``prefix_lengths[entry]``), then the sequence blocks: blocks entirely below the causal diagonal are
+  ``prefix_lengths[entry]``; whole blocks unmasked, a last partial block masked), then the sequence blocks: blocks entirely below the causal diagonal are
   processed without any causal or bounds mask, blocks entirely above it are skipped, and the mask is built
   only for the blocks the diagonal crosses. Writes ``out`` and the natural-log ``lse [B, Hq, L]``
   (``+inf`` for a query that sees nothing, so that every recomputed probability of that query is 0).
 * ``_prefix_attn_bwd_preprocess_kernel``: ``delta = rowsum(dout * out)``.
 * ``_prefix_attn_bwd_dkdv_kernel``: grid ``(cdiv(S, BLOCK_N), B * Hkv)``; each program owns one key block
   and loops over the query heads of its GQA group and the query blocks that can see the block, so dk/dv
-  are written once, without atomics.
-* ``_prefix_attn_bwd_prefix_dkdv_kernel``: grid ``(cdiv(P, BLOCK_N), B * Hkv)``; one prefix key block of
-  one batch row, every query of the group. The per-row gradient is added (fp32 ``atomic_add``) into a
-  ``[T, Hkv, P, D]`` float32 buffer at the row's table entry, or, in deterministic mode, written to a
+  are written once, without atomics. In the ``fused`` backward (the default, FlashAttention-2's scheme) it
+  also adds each block pair's ``dS @ K`` into a float32 dq accumulator with atomics: 5 matmuls per (query
+  block, key block) pair.
+* ``_prefix_attn_bwd_prefix_dkdv_kernel``: grid ``(cdiv(P, BLOCK_N), chunks, B * Hkv)``; one prefix key block
+  of one batch row, the queries of one run of query blocks (the query axis is split so that a short prefix
+  still fills the machine), every query head of the group. The gradient is added (fp32 ``atomic_add``) into a
+  ``[T, Hkv, P, D]`` float32 buffer at the row's table entry, or, in deterministic mode (one run), written to a
   per-row float32 partial that ``_prefix_grad_reduce_kernel`` sums over the rows of each entry in row order.
-* ``_prefix_attn_bwd_dq_kernel``: grid ``(cdiv(L, BLOCK_M), B * Hq)``; prefix blocks, then the sequence blocks
-  with the same diagonal split as the forward.
+  In the ``fused`` backward it also adds the prefix keys' share of dq.
+* ``_prefix_attn_bwd_dq_kernel`` (``split`` backward only, also what ``deterministic=True`` runs): grid
+  ``(cdiv(L, BLOCK_M), B * Hq)``; prefix blocks, then the sequence blocks with the same diagonal split as the
+  forward; it recomputes ``Q K^T`` and ``dO V^T`` (7 matmuls per block pair in all) but needs no atomics.
 
 The forward and dq kernels launch the last (longest, under the causal mask) query blocks first. Table
 indices and prefix lengths are clamped into ``[0, T)`` and ``[0, P]`` inside the kernels, so even unchecked
 values never read out of bounds.
 
 Scores are kept in the log2 domain: ``softmax_scale * log2(e)`` is folded into one multiplier and ``exp2``
-is used throughout. Head sizes up to 256 that are not powers of two run with ``BLOCK_D =
+is used throughout; the dots' raw scores are masked as they are and scaled inside exp2's argument
+(``s * qk_scale - m``: one FFMA per score). Head sizes up to 256 that are not powers of two run with ``BLOCK_D =
 next_power_of_2(D)`` and masked loads. Any strides are accepted; only a tensor whose last dimension is not
 unit-stride is made contiguous, once, in the launcher.
 
@@ -41,6 +47,8 @@ The interpreter mode is fixed when this module is imported (as ``triton.jit`` de
 triton's: the reductions and ``tile_dot`` come from ``_common`` (shared with the decode kernels), which avoids
 triton's own ``@jit`` library functions for that case.
 """
+
+import os
 
 import torch
 import triton
@@ -56,6 +64,15 @@ _LOG2E_HOST = 1.4426950408889634
 # Block sizes of the small kernels that are not autotuned.
 _PREPROCESS_BLOCK_M = 64
 _REDUCE_BLOCK_P = 32
+
+# Backward variants (see ``bwd_mode``), the default first.
+BWD_MODES = ("fused", "split")
+
+# The prefix-gradient grid splits the query axis until it has about this many programs (about 4 waves of 2
+# CTAs on 132 SMs), with runs of at least this many queries (16 under the interpreter, so that its small test
+# shapes run several runs).
+_PREFIX_TARGET_PROGRAMS = 1024
+_PREFIX_CHUNK_MIN_ROWS = 16 if _INTERPRETING else 128
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -136,7 +153,7 @@ def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, mask_base,
     ``n_limit`` is the number of valid keys in the range. ``ON_DIAGONAL`` blocks may hold keys ``>= n_limit``
     or (with ``CAUSAL``) keys after a query's position ``q_pos``, so they are masked; the other blocks are
     known to be fully visible and skip that work. ``HAS_MASK`` applies the key padding mask.
-    Scores are in the log2 domain (``qk_scale`` includes log2(e)).
+    ``m_i`` is in the log2 domain (``qk_scale`` includes log2(e)); the raw scores are scaled inside exp2's FFMA.
     """
     for n0 in range(n_lo, n_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -146,14 +163,16 @@ def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, mask_base,
         else:
             v_mask = d_valid[None, :]
         v = tl.load(v_base + offs_n[:, None] * stride_v_n + offs_d[None, :] * stride_v_d, mask=v_mask, other=0.0)
-        s = _masked_scores(tile_dot(q, k_t, DOT_FP32) * qk_scale, offs_n, q_pos, n_limit, mask_base, stride_mask_n,
+        # Raw scores (invisible keys -inf); qk_scale > 0 commutes with the row max, so the scale is applied once
+        # per row to the max and folded into exp2's argument, one FFMA per score instead of FMUL + FADD.
+        s = _masked_scores(tile_dot(q, k_t, DOT_FP32), offs_n, q_pos, n_limit, mask_base, stride_mask_n,
                            ON_DIAGONAL, CAUSAL, HAS_MASK)
         # A row that has seen no visible key yet keeps m = -inf; shifting by 0 instead keeps exp2 finite
         # (its weights are exp2(-inf) = 0) and its correction factor exp2(-inf - 0) = 0.
-        m_new = tl.maximum(m_i, tile_max(s, 1))
+        m_new = tl.maximum(m_i, tile_max(s, 1) * qk_scale)
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_shift)
-        p = tl.math.exp2(s - m_shift[:, None])
+        p = tl.math.exp2(s * qk_scale - m_shift[:, None])
         l_i = l_i * alpha + tile_sum(p, 1)
         acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, DOT_FP32)
         m_i = m_new
@@ -174,9 +193,9 @@ def _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, mask_base,
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k_t = _load_keys_transposed(k_base, offs_n, offs_d, d_valid, stride_k_n, stride_k_d, n_limit, ON_DIAGONAL)
         v_t = _load_keys_transposed(v_base, offs_n, offs_d, d_valid, stride_v_n, stride_v_d, n_limit, ON_DIAGONAL)
-        s = _masked_scores(tile_dot(q, k_t, DOT_FP32) * qk_scale, offs_n, q_pos, n_limit, mask_base, stride_mask_n,
+        s = _masked_scores(tile_dot(q, k_t, DOT_FP32), offs_n, q_pos, n_limit, mask_base, stride_mask_n,
                            ON_DIAGONAL, CAUSAL, HAS_MASK)
-        p = tl.math.exp2(s - lse2[:, None])
+        p = tl.math.exp2(s * qk_scale - lse2[:, None])
         dp = tile_dot(do, v_t, DOT_FP32)
         ds = p * (dp - delta[:, None])
         dq += tile_dot(ds.to(k_t.dtype), tl.trans(k_t), DOT_FP32)
@@ -184,17 +203,26 @@ def _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, mask_base,
 
 
 @triton.jit
-def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                       stride_q_l, stride_q_d, stride_do_l, stride_do_d,
+def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
+                       stride_q_l, stride_q_d, stride_do_l, stride_do_d, stride_dq_l, stride_dq_d,
                        offs_n, offs_d, d_valid, m_lo, m_hi, L, query_offset, qk_scale,
-                       CAUSAL_MASK: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr):
+                       CAUSAL_MASK: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+                       DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr):
     """Accumulate ``P^T @ dO`` into dv and ``dS^T @ Q`` (unscaled) into dk for one key block ``k, v
     [BLOCK_N, BLOCK_D]`` over the query blocks ``[m_lo, m_hi)`` of one query head.
 
     Query ``i`` sits at key position ``i + query_offset``; ``CAUSAL_MASK`` hides keys after it (only the
     blocks the diagonal crosses need it). Query rows ``>= L`` load ``lse = +inf`` so their probabilities are 0.
-    Keys that are invalid for every query (padding, past a prefix length, ``>= S``) are not masked here:
-    they only feed their own rows of dk/dv, which the caller zeroes or does not store.
+    Keys that are invalid for every query (padding, past a prefix length, ``>= S``) only feed their own rows of
+    dk/dv (a key's probabilities and dS are per key row), which the caller zeroes or does not store, so they need
+    no mask here. With ``DQ_ATOMIC`` their dS would reach dq through ``dS @ K``: the callers load the rows of
+    invalid keys of ``k`` as zeros (padding, past a prefix length, ``>= S``), so no per-score mask is needed.
+
+    ``DQ_ATOMIC`` (the 5-matmul backward, as FlashAttention-2): also add ``dS @ K`` (unscaled) for each query
+    block into the float32 ``dq`` accumulator at ``dq_base`` with atomics, so that no second pass recomputes
+    ``Q K^T`` and ``dO V^T`` for dq. (Computed as ``trans(dS^T) @ K [BLOCK_M, BLOCK_D]``: with the 16-row query
+    tiles that fit the registers it is an mma.sync; the transposed form, ``K^T @ dS^T`` on wgmma, needs a
+    [BLOCK_D, BLOCK_M] layout conversion for the atomics and spills.)
     """
     for m0 in range(m_lo, m_hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -205,14 +233,18 @@ def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                      mask=m_valid[:, None] & d_valid[None, :], other=0.0)
         lse2 = tl.load(lse_base + offs_m, mask=m_valid, other=float("inf")) * _LOG2E
         delta = tl.load(delta_base + offs_m, mask=m_valid, other=0.0)
-        s_t = tile_dot(k, q_t, DOT_FP32) * qk_scale                                  # [BLOCK_N, BLOCK_M]
+        s_t = tile_dot(k, q_t, DOT_FP32)                                             # [BLOCK_N, BLOCK_M], raw
         if CAUSAL_MASK:
             s_t = tl.where(offs_n[:, None] <= (offs_m + query_offset)[None, :], s_t, float("-inf"))
-        p_t = tl.math.exp2(s_t - lse2[None, :])
+        p_t = tl.math.exp2(s_t * qk_scale - lse2[None, :])                           # one FFMA per score
         dv += tile_dot(p_t.to(do.dtype), do, DOT_FP32)
         dp_t = tile_dot(v, tl.trans(do), DOT_FP32)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tile_dot(ds_t.to(q_t.dtype), tl.trans(q_t), DOT_FP32)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q_t.dtype)
+        dk += tile_dot(ds_t, tl.trans(q_t), DOT_FP32)
+        if DQ_ATOMIC:
+            dq = tile_dot(tl.trans(ds_t), k, DOT_FP32)                               # [BLOCK_M, BLOCK_D]
+            tl.atomic_add(dq_base + offs_m[:, None] * stride_dq_l + offs_d[None, :] * stride_dq_d, dq,
+                          mask=m_valid[:, None] & d_valid[None, :], sem="relaxed")
     return dk, dv
 
 
@@ -220,20 +252,43 @@ def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
 # Autotuning
 # ----------------------------------------------------------------------------------------------------------
 
+def _any_case(block_d, dq_atomic, has_mask):
+    return True
+
+
+def _up_to_d64(block_d, dq_atomic, has_mask):
+    return block_d <= 64
+
+
+def _not_fused_d128(block_d, dq_atomic, has_mask):
+    return block_d <= 64 or not dq_atomic
+
+
 def _configs(shapes):
-    """triton.Config list from ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``; one small config when interpreting
-    (autotuning there would only multiply the interpreter's run time)."""
+    """triton.Config list from ``(BLOCK_M, BLOCK_N, num_warps, num_stages[, where])``; one small config when
+    interpreting (autotuning there would only multiply the interpreter's run time).
+
+    ``where(block_d, dq_atomic, has_mask)`` says for which cases the pruner keeps the config: the ones where it
+    compiles for sm_90a without register spills (``benchmarks/results/static-*``, checked by
+    ``tests/test_static_report.py``)."""
     if _INTERPRETING:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+    configs = []
+    for m, n, w, s, *where in shapes:
+        config = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        config.fastpeft_where = where[0] if where else _any_case
+        configs.append(config)
+    return configs
 
 
 def _prune_configs(configs, named_args, **kwargs):
     """Drop configs whose tiles do not fit a wide head (by bytes per row: fp32 rows are twice as wide as
-    bf16 ones) in registers and shared memory, and query tiles much taller than L."""
+    bf16 ones) in registers and shared memory, configs that spill registers in this case (their ``where``),
+    and query tiles much taller than L."""
     row_bytes = kwargs["BLOCK_D"] * named_args["q_ptr"].element_size()
     max_tile = 32 if row_bytes > 512 else 64 if row_bytes > 256 else None
     bucket_l = named_args["bucket_l"]
+    case = (kwargs["BLOCK_D"], bool(kwargs.get("DQ_ATOMIC", False)), bool(kwargs.get("HAS_MASK", False)))
     kept = []
     for config in configs:
         block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
@@ -241,19 +296,27 @@ def _prune_configs(configs, named_args, **kwargs):
             continue
         if block_m > max(16, bucket_l) and bucket_l < 64:
             continue
+        if not getattr(config, "fastpeft_where", _any_case)(*case):
+            continue
         kept.append(config)
     return kept or configs[-1:]
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). The last entry of each list, 32 x 32, is the pruner's fallback:
-# it fits every head size and dtype.
-_FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (16, 64, 4, 2), (64, 32, 4, 2),
-                         (32, 32, 4, 1)])
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, where]). The last entry of each list, 32 x 32, is the pruner's
+# fallback: it fits every head size and dtype.
+_FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2, _up_to_d64), (128, 128, 8, 3, _up_to_d64),
+                         (64, 128, 4, 2, _up_to_d64), (128, 32, 4, 3, _up_to_d64), (64, 64, 4, 3),
+                         (16, 64, 4, 2, _up_to_d64), (64, 32, 4, 2), (32, 32, 4, 1)])
 _DQ_CONFIGS = _configs([(128, 32, 8, 2), (64, 64, 4, 2), (16, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1)])
 # For the dk/dv kernels BLOCK_N is the key tile each program owns and BLOCK_M the query tile it loops over.
-_DKDV_CONFIGS = _configs([(32, 128, 8, 2), (64, 64, 4, 2), (16, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1)])
+# At D=128 their two float32 [BLOCK_N, 128] accumulators take 128 registers a thread; only 16-row query tiles
+# (32 without the fused dq) leave room for the rest.
+_DKDV_CONFIGS = _configs([(16, 128, 8, 2), (16, 128, 8, 3), (32, 128, 8, 2, _up_to_d64),
+                          (32, 64, 8, 2, _not_fused_d128), (16, 64, 4, 2, _up_to_d64), (32, 64, 4, 2, _up_to_d64),
+                          (32, 32, 4, 1)])
 
 _AUTOTUNE_KEY = ["BLOCK_D", "bucket_l", "bucket_s", "CAUSAL", "HAS_MASK"]
+_DKDV_AUTOTUNE_KEY = _AUTOTUNE_KEY + ["DQ_ATOMIC"]
 _PRUNE = {"early_config_prune": _prune_configs}
 
 
@@ -295,9 +358,16 @@ def _prefix_attn_fwd_kernel(
     entry, prefix_len = row_prefix(prefix_index_ptr, prefix_lengths_ptr, b, T, P)
     pk_base, pv_base = _head_bases(prefix_k_ptr, prefix_v_ptr, entry, h_kv,
                                    stride_pk_t, stride_pk_h, stride_pv_t, stride_pv_h)
+    # Whole blocks of the prefix need no mask at all; only a last partial block (a length that is not a
+    # multiple of BLOCK_N) is masked.
+    prefix_full = (prefix_len // BLOCK_N) * BLOCK_N
     acc, m_i, l_i = _fwd_key_blocks(
         acc, m_i, l_i, q, pk_base, pv_base, mask_ptr, stride_pk_p, stride_pk_d, stride_pv_p, stride_pv_d, 0,
-        q_pos, offs_d, d_valid, 0, prefix_len, prefix_len, qk_scale,
+        q_pos, offs_d, d_valid, 0, prefix_full, prefix_len, qk_scale,
+        ON_DIAGONAL=False, CAUSAL=False, HAS_MASK=False, DOT_FP32=DOT_FP32, BLOCK_N=BLOCK_N)
+    acc, m_i, l_i = _fwd_key_blocks(
+        acc, m_i, l_i, q, pk_base, pv_base, mask_ptr, stride_pk_p, stride_pk_d, stride_pv_p, stride_pv_d, 0,
+        q_pos, offs_d, d_valid, prefix_full, prefix_len, prefix_len, qk_scale,
         ON_DIAGONAL=True, CAUSAL=False, HAS_MASK=False, DOT_FP32=DOT_FP32, BLOCK_N=BLOCK_N)
 
     # The sequence: unmasked blocks up to n_full, then the blocks the diagonal or the end of S crosses.
@@ -346,10 +416,14 @@ def _prefix_attn_bwd_preprocess_kernel(
     tl.store(delta_ptr + pid_bh * L + offs_m, tile_sum(o * do, 1), mask=offs_m < L)
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
+# Autotuning benchmarks each config by launching it: the accumulators that kernels add into are zeroed before
+# each try (reset_to_zero) or restored to their value before the launch (restore_value: dq_acc already holds
+# what other kernels added).
+@triton.autotune(configs=_DKDV_CONFIGS, key=_DKDV_AUTOTUNE_KEY, prune_configs_by=_PRUNE,
+                 restore_value=["dq_acc_ptr"])
 @triton.jit
 def _prefix_attn_bwd_dkdv_kernel(
-        q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, mask_ptr, dk_ptr, dv_ptr,
+        q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, mask_ptr, dk_ptr, dv_ptr, dq_acc_ptr,
         stride_q_b, stride_q_h, stride_q_l, stride_q_d,
         stride_k_b, stride_k_h, stride_k_s, stride_k_d,
         stride_v_b, stride_v_h, stride_v_s, stride_v_d,
@@ -357,11 +431,13 @@ def _prefix_attn_bwd_dkdv_kernel(
         stride_mask_b, stride_mask_s,
         stride_dk_b, stride_dk_h, stride_dk_s, stride_dk_d,
         stride_dv_b, stride_dv_h, stride_dv_s, stride_dv_d,
+        stride_dqa_b, stride_dqa_h, stride_dqa_l, stride_dqa_d,
         Hq, Hkv, L, S, D, group, softmax_scale, qk_scale,
         bucket_l, bucket_s,
-        CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DQ_ATOMIC: tl.constexpr, DOT_FP32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dk/dv of one block of sequence keys of one (row, kv head), summed over the query heads of its group."""
+    """dk/dv of one block of sequence keys of one (row, kv head), summed over the query heads of its group.
+    ``DQ_ATOMIC``: also adds this block's share of dq (unscaled) into the float32 ``dq_acc`` with atomics."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hkv).to(tl.int64)
@@ -373,11 +449,18 @@ def _prefix_attn_bwd_dkdv_kernel(
     n_valid = offs_n < S
     d_valid = offs_d < D
     tile_mask = n_valid[:, None] & d_valid[None, :]
-    k = tl.load(k_ptr + b * stride_k_b + h_kv * stride_k_h + offs_n[:, None] * stride_k_s
-                + offs_d[None, :] * stride_k_d, mask=tile_mask, other=0.0)
+    if HAS_MASK:
+        # Padding keys load as zero rows of k. Each key's probabilities and dS only feed its own rows of dk/dv
+        # (zeroed by the launcher) and, through dS @ K, dq: zero rows keep them out of dq without any per-score
+        # mask.
+        key_real = tl.load(mask_ptr + b * stride_mask_b + offs_n * stride_mask_s, mask=n_valid, other=0) != 0
+        k = tl.load(k_ptr + b * stride_k_b + h_kv * stride_k_h + offs_n[:, None] * stride_k_s
+                    + offs_d[None, :] * stride_k_d, mask=tile_mask & key_real[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptr + b * stride_k_b + h_kv * stride_k_h + offs_n[:, None] * stride_k_s
+                    + offs_d[None, :] * stride_k_d, mask=tile_mask, other=0.0)
     v = tl.load(v_ptr + b * stride_v_b + h_kv * stride_v_h + offs_n[:, None] * stride_v_s
                 + offs_d[None, :] * stride_v_d, mask=tile_mask, other=0.0)
-
     # Query i sees key j iff j <= i + (S - L). Query blocks before m_lo see none of this block; blocks in
     # [m_lo, m_full) are crossed by the diagonal; blocks from m_full on see all of it.
     if CAUSAL:
@@ -393,50 +476,55 @@ def _prefix_attn_bwd_dkdv_kernel(
         q_base = q_ptr + b * stride_q_b + h * stride_q_h
         do_base = dout_ptr + b * stride_do_b + h * stride_do_h
         row = (b * Hq + h) * L
+        dq_base = dq_acc_ptr + b * stride_dqa_b + h * stride_dqa_h
         dk, dv = _dkdv_query_blocks(
-            dk, dv, k, v, q_base, do_base, lse_ptr + row, delta_ptr + row,
-            stride_q_l, stride_q_d, stride_do_l, stride_do_d, offs_n, offs_d, d_valid,
-            m_lo, m_full, L, S - L, qk_scale, CAUSAL_MASK=True, DOT_FP32=DOT_FP32, BLOCK_M=BLOCK_M)
+            dk, dv, k, v, q_base, do_base, lse_ptr + row, delta_ptr + row, dq_base,
+            stride_q_l, stride_q_d, stride_do_l, stride_do_d, stride_dqa_l, stride_dqa_d, offs_n, offs_d, d_valid,
+            m_lo, m_full, L, S - L, qk_scale, CAUSAL_MASK=True, DQ_ATOMIC=DQ_ATOMIC, DOT_FP32=DOT_FP32,
+            BLOCK_M=BLOCK_M)
         dk, dv = _dkdv_query_blocks(
-            dk, dv, k, v, q_base, do_base, lse_ptr + row, delta_ptr + row,
-            stride_q_l, stride_q_d, stride_do_l, stride_do_d, offs_n, offs_d, d_valid,
-            m_full, L, L, S - L, qk_scale, CAUSAL_MASK=False, DOT_FP32=DOT_FP32, BLOCK_M=BLOCK_M)
+            dk, dv, k, v, q_base, do_base, lse_ptr + row, delta_ptr + row, dq_base,
+            stride_q_l, stride_q_d, stride_do_l, stride_do_d, stride_dqa_l, stride_dqa_d, offs_n, offs_d, d_valid,
+            m_full, L, L, S - L, qk_scale, CAUSAL_MASK=False, DQ_ATOMIC=DQ_ATOMIC, DOT_FP32=DOT_FP32,
+            BLOCK_M=BLOCK_M)
+    # Padding keys got probabilities in the loop above (unmasked there): the launcher zeroes their rows of dk/dv
+    # (a masked_fill; here the mask would be one more value held through the loop, where registers are short).
     dk = dk * softmax_scale
-    if HAS_MASK:
-        # Padding keys got probabilities in the loop above (unmasked there); their true gradient is 0.
-        key_real = tl.load(mask_ptr + b * stride_mask_b + offs_n * stride_mask_s, mask=n_valid, other=0) != 0
-        dk = tl.where(key_real[:, None], dk, 0.0)
-        dv = tl.where(key_real[:, None], dv, 0.0)
     tl.store(dk_ptr + b * stride_dk_b + h_kv * stride_dk_h + offs_n[:, None] * stride_dk_s
              + offs_d[None, :] * stride_dk_d, dk.to(dk_ptr.dtype.element_ty), mask=tile_mask)
     tl.store(dv_ptr + b * stride_dv_b + h_kv * stride_dv_h + offs_n[:, None] * stride_dv_s
              + offs_d[None, :] * stride_dv_d, dv.to(dv_ptr.dtype.element_ty), mask=tile_mask)
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE,
-                 reset_to_zero=["dprefix_k_acc_ptr", "dprefix_v_acc_ptr"])
+@triton.autotune(configs=_DKDV_CONFIGS, key=_DKDV_AUTOTUNE_KEY + ["ATOMIC"], prune_configs_by=_PRUNE,
+                 reset_to_zero=["dprefix_k_acc_ptr", "dprefix_v_acc_ptr"], restore_value=["dq_acc_ptr"])
 @triton.jit
 def _prefix_attn_bwd_prefix_dkdv_kernel(
         q_ptr, prefix_k_ptr, prefix_v_ptr, prefix_index_ptr, prefix_lengths_ptr, dout_ptr, lse_ptr, delta_ptr,
-        dprefix_k_acc_ptr, dprefix_v_acc_ptr,
+        dprefix_k_acc_ptr, dprefix_v_acc_ptr, dq_acc_ptr,
         stride_q_b, stride_q_h, stride_q_l, stride_q_d,
         stride_pk_t, stride_pk_h, stride_pk_p, stride_pk_d,
         stride_pv_t, stride_pv_h, stride_pv_p, stride_pv_d,
         stride_do_b, stride_do_h, stride_do_l, stride_do_d,
         stride_acc_r, stride_acc_h, stride_acc_p, stride_acc_d,
+        stride_dqa_b, stride_dqa_h, stride_dqa_l, stride_dqa_d,
         Hq, Hkv, L, D, T, P, group, softmax_scale, qk_scale,
         bucket_l, bucket_s,
-        ATOMIC: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One batch row's gradient of one block of its prefix entry (one kv head, all queries of its group).
+        ATOMIC: tl.constexpr, DQ_ATOMIC: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+        DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One batch row's gradient of one block of its prefix entry (one kv head, the queries of one chunk of L
+    for every query head of its group). Grid ``(cdiv(P, BLOCK_N), chunks, B * Hkv)``: the query axis is split
+    into ``chunks`` equal runs of query blocks, so the grid fills the machine even when ``P`` is short.
 
     ``ATOMIC``: float32 ``atomic_add`` into ``dprefix_*_acc [T, Hkv, P, D]`` at the row's entry (the sum over
-    rows happens in memory, order unspecified). Otherwise the row's gradient is stored to the per-row
-    partial ``dprefix_*_acc [B, Hkv, P, D]`` for ``_prefix_grad_reduce_kernel``. Prefix entries are visible
-    to every query, so there is no causal split; ``CAUSAL``/``HAS_MASK`` only key the autotuner.
+    rows and chunks happens in memory, order unspecified). Otherwise (one chunk) the row's gradient is stored
+    to the per-row partial ``dprefix_*_acc [B, Hkv, P, D]`` for ``_prefix_grad_reduce_kernel``. Prefix entries
+    are visible to every query, so there is no causal split; ``CAUSAL``/``HAS_MASK`` only key the autotuner.
+    ``DQ_ATOMIC``: also adds the prefix keys' share of dq into ``dq_acc`` (see ``_dkdv_query_blocks``).
     """
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_chunk = tl.program_id(1)
+    pid_bh = tl.program_id(2)
     b = (pid_bh // Hkv).to(tl.int64)
     h_kv = pid_bh % Hkv
     entry, prefix_len = row_prefix(prefix_index_ptr, prefix_lengths_ptr, b, T, P)
@@ -450,18 +538,22 @@ def _prefix_attn_bwd_prefix_dkdv_kernel(
     v = tl.load(prefix_v_ptr + entry * stride_pv_t + h_kv * stride_pv_h + offs_n[:, None] * stride_pv_p
                 + offs_d[None, :] * stride_pv_d, mask=tile_mask, other=0.0)
 
-    # A block past the entry's length has no gradient: run no query block for it.
-    m_hi = tl.where(n0 < prefix_len, L, 0)
+    # This program's run of query blocks; a block past the entry's length has no gradient: run none for it.
+    blocks_per_chunk = ((L + BLOCK_M - 1) // BLOCK_M + tl.num_programs(1) - 1) // tl.num_programs(1)
+    m_lo = pid_chunk * blocks_per_chunk * BLOCK_M
+    m_hi = tl.where(n0 < prefix_len, tl.minimum(m_lo + blocks_per_chunk * BLOCK_M, L), m_lo)
     dk = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
     dv = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
     for g in range(group):
         h = h_kv * group + g
         row = (b * Hq + h) * L
         dk, dv = _dkdv_query_blocks(
-            dk, dv, k, v, q_ptr + b * stride_q_b + h * stride_q_h, dout_ptr + b * stride_do_b + h * stride_do_h,
-            lse_ptr + row, delta_ptr + row, stride_q_l, stride_q_d, stride_do_l, stride_do_d,
-            offs_n, offs_d, offs_d < D, 0, m_hi, L, 0, qk_scale,
-            CAUSAL_MASK=False, DOT_FP32=DOT_FP32, BLOCK_M=BLOCK_M)
+            dk, dv, k, v, q_ptr + b * stride_q_b + h * stride_q_h,
+            dout_ptr + b * stride_do_b + h * stride_do_h, lse_ptr + row, delta_ptr + row,
+            dq_acc_ptr + b * stride_dqa_b + h * stride_dqa_h,
+            stride_q_l, stride_q_d, stride_do_l, stride_do_d, stride_dqa_l, stride_dqa_d,
+            offs_n, offs_d, offs_d < D, m_lo, m_hi, L, 0, qk_scale,
+            CAUSAL_MASK=False, DQ_ATOMIC=DQ_ATOMIC, DOT_FP32=DOT_FP32, BLOCK_M=BLOCK_M)
     dk = dk * softmax_scale
     # Entries past the length got probabilities in the loop (unmasked there) but are not stored.
     if ATOMIC:
@@ -549,9 +641,14 @@ def _prefix_attn_bwd_dq_kernel(
     entry, prefix_len = row_prefix(prefix_index_ptr, prefix_lengths_ptr, b, T, P)
     pk_base, pv_base = _head_bases(prefix_k_ptr, prefix_v_ptr, entry, h_kv,
                                    stride_pk_t, stride_pk_h, stride_pv_t, stride_pv_h)
+    prefix_full = (prefix_len // BLOCK_N) * BLOCK_N      # whole prefix blocks: unmasked
     dq = _dq_key_blocks(
         dq, q, do, lse2, delta, pk_base, pv_base, mask_ptr, stride_pk_p, stride_pk_d, stride_pv_p, stride_pv_d, 0,
-        q_pos, offs_d, d_valid, 0, prefix_len, prefix_len, qk_scale,
+        q_pos, offs_d, d_valid, 0, prefix_full, prefix_len, qk_scale,
+        ON_DIAGONAL=False, CAUSAL=False, HAS_MASK=False, DOT_FP32=DOT_FP32, BLOCK_N=BLOCK_N)
+    dq = _dq_key_blocks(
+        dq, q, do, lse2, delta, pk_base, pv_base, mask_ptr, stride_pk_p, stride_pk_d, stride_pv_p, stride_pv_d, 0,
+        q_pos, offs_d, d_valid, prefix_full, prefix_len, prefix_len, qk_scale,
         ON_DIAGONAL=True, CAUSAL=False, HAS_MASK=False, DOT_FP32=DOT_FP32, BLOCK_N=BLOCK_N)
 
     # The sequence: unmasked blocks up to n_full, then the blocks the diagonal or the end of S crosses.
@@ -656,8 +753,21 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengt
     return out, lse
 
 
+def bwd_mode(mode=None, deterministic=False):
+    """The backward variant a call runs: ``mode`` if given, else ``FASTPEFT_TRITON_BWD``, else ``"fused"``;
+    ``deterministic=True`` always runs ``"split"`` (the fused variant adds dq with atomics, in no fixed order).
+
+    ``"fused"`` (FlashAttention-2's scheme): 5 matmuls per (query block, key block): the dk/dv pass also adds
+    ``dS @ K`` into a float32 dq accumulator with atomics. ``"split"``: 7 matmuls: a separate dq pass recomputes
+    ``Q K^T`` and ``dO V^T``, and writes dq without atomics. Kept selectable so that a GPU run can compare."""
+    mode = mode or os.environ.get("FASTPEFT_TRITON_BWD") or BWD_MODES[0]
+    if mode not in BWD_MODES:
+        raise ValueError(f"FASTPEFT_TRITON_BWD / mode must be one of {BWD_MODES}, got {mode!r}")
+    return "split" if deterministic else mode
+
+
 def prefix_attention_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, out,
-                         lse, causal, softmax_scale, deterministic):
+                         lse, causal, softmax_scale, deterministic, mode=None):
     """Backward of prefix attention on canonical arguments (see ``prefix_attention_fwd``).
 
     ``dout`` and ``out`` are ``[B, Hq, L, D]``, ``lse`` the forward's ``[B, Hq, L]`` float32.
@@ -665,8 +775,10 @@ def prefix_attention_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_index, prefix
     over the rows that use each table entry (0 for entries no row uses and for positions past an entry's
     length). The prefix sum is accumulated in float32 with atomics (order unspecified), or, with
     ``deterministic=True``, through per-row float32 partials summed in row order (bitwise reproducible).
+    ``mode``: ``"fused"`` or ``"split"`` (see ``bwd_mode``).
     """
     _check_device(q)
+    mode = bwd_mode(mode, deterministic)
     # Gradients take the inputs' layout (before any copy below); the prefix gradients are contiguous.
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dout, q, k, v, prefix_k, prefix_v, out = (
@@ -683,6 +795,11 @@ def prefix_attention_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_index, prefix
     dot_fp32 = _dot_fp32(q.dtype)
     qk_scale = softmax_scale * _LOG2E_HOST
     buckets = (_bucket(L), _bucket(S))
+    fused = mode == "fused"
+    # fused: float32 dq accumulator [B, Hq, L, D] the dk/dv passes add into; split: an unused placeholder.
+    dq_acc = (torch.zeros((B, Hq, L, D), dtype=torch.float32, device=q.device) if fused
+              else torch.empty(0, dtype=torch.float32, device=q.device))
+    dq_acc_strides = dq_acc.stride() if fused else (0, 0, 0, 0)
 
     delta = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
     _prefix_attn_bwd_preprocess_kernel[(triton.cdiv(L, _PREPROCESS_BLOCK_M), B * Hq)](
@@ -692,31 +809,52 @@ def prefix_attention_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_index, prefix
     def key_grid(meta):
         return (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)
 
+    # The dk/dv kernel reads the key mask as int32: an 8-bit load anywhere in it makes Triton pick 8-bit operand
+    # packing (kWidth 4) for its mma.sync dot too, which costs the registers it does not have (spills).
+    key_mask = mask.to(torch.int32) if has_mask else mask
     _prefix_attn_bwd_dkdv_kernel[key_grid](
-        q, k, v, dout, lse, delta, mask, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), stride_mask_b, stride_mask_s,
-        *dk.stride(), *dv.stride(),
+        q, k, v, dout, lse, delta, key_mask, dk, dv, dq_acc,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *((key_mask.stride()) if has_mask else (0, 0)),
+        *dk.stride(), *dv.stride(), *dq_acc_strides,
         Hq, Hkv, L, S, D, group, softmax_scale, qk_scale, *buckets,
-        CAUSAL=bool(causal), HAS_MASK=has_mask, DOT_FP32=dot_fp32, BLOCK_D=block_d)
+        CAUSAL=bool(causal), HAS_MASK=has_mask, DQ_ATOMIC=fused, DOT_FP32=dot_fp32, BLOCK_D=block_d)
+    if has_mask:
+        padding = (mask == 0)[:, None, :, None]     # [B, 1, S, 1]: the true gradient of a padding key is 0
+        dk.masked_fill_(padding, 0.0)
+        dv.masked_fill_(padding, 0.0)
 
-    def query_grid(meta):
-        return (triton.cdiv(L, meta["BLOCK_M"]), B * Hq)
+    if not fused:
+        def query_grid(meta):
+            return (triton.cdiv(L, meta["BLOCK_M"]), B * Hq)
 
-    _prefix_attn_bwd_dq_kernel[query_grid](
-        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, mask, dout, lse, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
-        stride_mask_b, stride_mask_s, *dout.stride(), *dq.stride(),
-        Hq, L, S, D, prefix_k.shape[0], prefix_k.shape[2], group, softmax_scale, qk_scale, *buckets,
-        CAUSAL=bool(causal), HAS_MASK=has_mask, DOT_FP32=dot_fp32, BLOCK_D=block_d)
+        _prefix_attn_bwd_dq_kernel[query_grid](
+            q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, mask, dout, lse, delta, dq,
+            *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
+            stride_mask_b, stride_mask_s, *dout.stride(), *dq.stride(),
+            Hq, L, S, D, prefix_k.shape[0], prefix_k.shape[2], group, softmax_scale, qk_scale, *buckets,
+            CAUSAL=bool(causal), HAS_MASK=has_mask, DOT_FP32=dot_fp32, BLOCK_D=block_d)
 
     dprefix_k, dprefix_v = _prefix_grads(q, prefix_k, prefix_v, prefix_index, prefix_lengths, dout, lse, delta,
-                                         causal, has_mask, softmax_scale, deterministic, block_d, dot_fp32, buckets)
+                                         causal, has_mask, softmax_scale, deterministic, block_d, dot_fp32, buckets,
+                                         dq_acc, dq_acc_strides, fused)
+    if fused:
+        dq.copy_(dq_acc.mul_(softmax_scale))
     return dq, dk, dv, dprefix_k, dprefix_v
 
 
+def _prefix_chunks(L, key_programs, deterministic):
+    """How many runs of query blocks the prefix-gradient grid splits L into: enough programs to fill the machine
+    (about ``_PREFIX_TARGET_PROGRAMS``), each run at least ``_PREFIX_CHUNK_MIN_ROWS`` queries; one run in
+    deterministic mode (its per-row partials are stored, not added)."""
+    if deterministic:
+        return 1
+    return max(1, min(triton.cdiv(L, _PREFIX_CHUNK_MIN_ROWS), triton.cdiv(_PREFIX_TARGET_PROGRAMS, key_programs)))
+
+
 def _prefix_grads(q, prefix_k, prefix_v, prefix_index, prefix_lengths, dout, lse, delta, causal, has_mask,
-                  softmax_scale, deterministic, block_d, dot_fp32, buckets):
-    """dprefix_k, dprefix_v ``[T, Hkv, P, D]`` in the prefix dtype, summed over the rows using each entry."""
+                  softmax_scale, deterministic, block_d, dot_fp32, buckets, dq_acc, dq_acc_strides, fused):
+    """dprefix_k, dprefix_v ``[T, Hkv, P, D]`` in the prefix dtype, summed over the rows using each entry
+    (``fused``: the prefix keys' share of dq is added into ``dq_acc`` on the way)."""
     B, Hq, L, D = q.shape
     T, Hkv, P = prefix_k.shape[0], prefix_k.shape[1], prefix_k.shape[2]
     if P == 0:
@@ -727,13 +865,15 @@ def _prefix_grads(q, prefix_k, prefix_v, prefix_index, prefix_lengths, dout, lse
     acc_v = torch.zeros_like(acc_k)
 
     def grid(meta):
-        return (triton.cdiv(P, meta["BLOCK_N"]), B * Hkv)
+        key_programs = triton.cdiv(P, meta["BLOCK_N"]) * B * Hkv
+        return (triton.cdiv(P, meta["BLOCK_N"]), _prefix_chunks(L, key_programs, deterministic), B * Hkv)
 
     _prefix_attn_bwd_prefix_dkdv_kernel[grid](
-        q, prefix_k, prefix_v, prefix_index, prefix_lengths, dout, lse, delta, acc_k, acc_v,
-        *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *dout.stride(), *acc_k.stride(),
+        q, prefix_k, prefix_v, prefix_index, prefix_lengths, dout, lse, delta, acc_k, acc_v, dq_acc,
+        *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *dout.stride(), *acc_k.stride(), *dq_acc_strides,
         Hq, Hkv, L, D, T, P, Hq // Hkv, softmax_scale, softmax_scale * _LOG2E_HOST, *buckets,
-        ATOMIC=not deterministic, CAUSAL=bool(causal), HAS_MASK=has_mask, DOT_FP32=dot_fp32, BLOCK_D=block_d)
+        ATOMIC=not deterministic, DQ_ATOMIC=fused, CAUSAL=bool(causal), HAS_MASK=has_mask, DOT_FP32=dot_fp32,
+        BLOCK_D=block_d)
     if not deterministic:
         return acc_k.to(prefix_k.dtype), acc_v.to(prefix_v.dtype)
 

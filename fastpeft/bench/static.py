@@ -56,6 +56,9 @@ SHAPES = {
     "main": MAIN_SHAPE,                                  # the benchmark shape of issue #7
     "d64": {**MAIN_SHAPE, "D": 64},
     "mask": {**MAIN_SHAPE, "mask": True},                # a key padding mask (what accelerate passes in training)
+    # Not a benchmark shape: float32, a head size that is not a power of two, and L, T and the GQA group equal to
+    # 1 (launched as constants): the cases whose compile errors the interpreter cannot see.
+    "edge": dict(B=2, Hq=2, Hkv=2, L=1, P=5, D=40, dtype="float32", causal=False, mask=False),
 }
 DEFAULT_SHAPES = ("main", "d64", "mask")
 
@@ -485,20 +488,23 @@ def _launch_key(launch, config):
             json.dumps(_config_dict(config), sort_keys=True), repr(launch.grid_for(config)))
 
 
-def planned_compiles(shape, quick=False, only=None):
+def planned_compiles(shape, quick=False, only=None, calls=None):
     """``[(launch, config, calls, kept)]``: each distinct (kernel, constexprs, config, grid) once, with every call
-    (fwd, a backward mode) that launches it. ``only``: keep kernels whose short name contains one of these."""
+    (fwd, a backward mode) that launches it. ``only``: keep kernels whose short name contains one of these;
+    ``calls``: keep launches of these calls (``fwd``, ``bwd[fused]``, ``bwd[split]``, ``bwd[deterministic]``)."""
     plan, index = [], {}
     for launch in capture_launches(shape):
         if only and not any(part in _short_name(launch.name) for part in only):
+            continue
+        if calls and launch.call not in calls:
             continue
         configs = launch.kept_configs()
         for config in configs[:1] if quick else configs:
             key = _launch_key(launch, config)
             if key in index:
-                calls = plan[index[key]][2]
-                if launch.call not in calls:
-                    calls.append(launch.call)
+                seen_calls = plan[index[key]][2]
+                if launch.call not in seen_calls:
+                    seen_calls.append(launch.call)
                 continue
             index[key] = len(plan)
             plan.append((launch, config, [launch.call], len(configs)))
@@ -506,7 +512,7 @@ def planned_compiles(shape, quick=False, only=None):
 
 
 def build_report(target_name="sm_90a", shape_names=DEFAULT_SHAPES, quick=False, shard=(0, 1), only=None,
-                 log=print):
+                 calls=None, log=print):
     """The report as a dict (schema ``fastpeft-static/1``); ``quick`` compiles only the first kept config of each
     launch; ``shard=(i, n)`` only every n-th compile from the i-th (``merge_reports`` joins the shards)."""
     target, backend = _backend(target_name)
@@ -517,13 +523,13 @@ def build_report(target_name="sm_90a", shape_names=DEFAULT_SHAPES, quick=False, 
         for shape_name in shape_names:
             shape = SHAPES[shape_name]
             entries = []
-            for launch, config, calls, kept in planned_compiles(shape, quick, only):
+            for launch, config, launch_calls, kept in planned_compiles(shape, quick, only, calls):
                 mine = position % shard[1] == shard[0]
                 position += 1
                 if not mine:
                     continue
                 entry = analyze(launch, config, target_name, target, backend, workdir)
-                entry.update(calls=calls, kept_configs=kept, order=position - 1)
+                entry.update(calls=launch_calls, kept_configs=kept, order=position - 1)
                 entries.append(entry)
                 log(_log_line(entry))
             report["shapes"].append({"name": shape_name, "label": shape_label(shape), "shape": shape,
@@ -649,7 +655,7 @@ def render_markdown(report):
 def check(report, max_head_dim=128):
     """Problems the test and ``--check`` flag: spills in a kept config at D <= ``max_head_dim``, and a tile of 64
     or more MMA rows (``mma_rows``: BLOCK_M of query-tiled kernels, BLOCK_N of key-tiled ones) whose matrix
-    instructions are mma.sync instead of wgmma on sm_90a."""
+    instructions are mma.sync instead of wgmma on sm_90a (16-bit inputs)."""
     problems = []
     for shape in report["shapes"]:
         if shape["shape"]["D"] > max_head_dim:
@@ -658,7 +664,8 @@ def check(report, max_head_dim=128):
             where = f"{shape['name']}: {_short_name(e['kernel'])} {_tile(e)}"
             if e["spill_store_bytes"] or e["spill_load_bytes"]:
                 problems.append(f"{where} spills {e['spill_store_bytes']}/{e['spill_load_bytes']} B")
-            if report["meta"]["target"] == "sm_90a" and mma_rows(e) >= 64 and e["wgmma"] == 0 and e["mma_sync"]:
+            half = shape["shape"]["dtype"] in ("bfloat16", "float16")   # float32 (IEEE) dots never use wgmma
+            if report["meta"]["target"] == "sm_90a" and half and mma_rows(e) >= 64 and not e["wgmma"] and e["mma_sync"]:
                 problems.append(f"{where} lost wgmma ({e['mma']})")
     return problems
 
@@ -681,12 +688,14 @@ def main(argv=None):
                                                  "shared memory, occupancy, wgmma, memory paths, main-loop mix.")
     parser.add_argument("--target", choices=sorted(TARGETS), default="sm_90a")
     parser.add_argument("--shapes", default=",".join(DEFAULT_SHAPES),
-                        help=f"comma-separated, from {', '.join(SHAPES)} (default: all)")
+                        help=f"comma-separated, from {', '.join(SHAPES)} (default: {','.join(DEFAULT_SHAPES)})")
     parser.add_argument("--quick", action="store_true", help="only the first kept config of each launch")
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"), metavar="DIR")
     parser.add_argument("--json-only", action="store_true", help="print the JSON to stdout, write nothing")
     parser.add_argument("--only", default="", metavar="NAMES",
                         help="comma-separated parts of kernel names to compile (e.g. dkdv,fwd); default: all")
+    parser.add_argument("--calls", default="", metavar="CALLS",
+                        help="comma-separated calls to compile: fwd, bwd[fused], bwd[split], bwd[deterministic]")
     parser.add_argument("--shard", default="0/1", metavar="I/N",
                         help="compile only every N-th kernel from the I-th (with --json-only; merge_reports joins)")
     parser.add_argument("--check", action="store_true",
@@ -708,7 +717,8 @@ def main(argv=None):
     if shard != (0, 1) and not args.json_only:
         parser.error("--shard needs --json-only (a partial report is not written)")
     only = [part for part in args.only.split(",") if part] or None
-    report = build_report(args.target, shape_names, args.quick, shard=shard, only=only, log=log)
+    calls = [part for part in args.calls.split(",") if part] or None
+    report = build_report(args.target, shape_names, args.quick, shard=shard, only=only, calls=calls, log=log)
     problems = check(report)
     if args.json_only:
         json.dump(report, sys.stdout)
