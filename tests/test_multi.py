@@ -309,7 +309,9 @@ def test_optimizer_factory_scheduler_and_clipping_are_per_adapter():
             after = params(trainer.encoder(name))
             update = torch.cat([(after[k] - before[name][k]).flatten() for k in after])
             expected = lrs[name] * max_norm if name in result["updated"] else 0.0
-            assert float(update.norm()) == pytest.approx(expected, rel=1e-4), (step, name)
+            # The update is a difference of float32 parameters of size ~1 moved by ~1e-4: rounding alone makes
+            # ~1e-4 of its norm, and the kernels' summation order moves that; an unclipped update is orders larger.
+            assert float(update.norm()) == pytest.approx(expected, rel=1e-3), (step, name)
     # "tiny" sat out step 1: two updates, so its learning rate was halved twice; the others three times.
     assert trainer.optimizer("tiny").param_groups[0]["lr"] == pytest.approx(0.25)
     assert trainer.optimizer("short").param_groups[0]["lr"] == pytest.approx(0.125)
