@@ -424,7 +424,7 @@ README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 def test_readme_opens_with_the_main_job_and_the_test_command():
     with open(README) as f:
         first_block = f.read().split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
-    assert first_block[0].startswith('pip install -e ".[test]" && fastpeft train ')
+    assert first_block[0].startswith('pip install -c constraints.txt -e ".[test]" && fastpeft train ')
     assert "fastpeft generate --adapter" in first_block[0]
     assert first_block[1].split("#")[0].strip() == "python -m pytest -q tests"  # what .ci/run runs
 
