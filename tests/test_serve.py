@@ -6,9 +6,11 @@ alone (``generate_without_cache``; never a ``generate``), also when requests of 
 run in one batch and join it at different steps. Every HTTP call has a timeout.
 """
 
-import http.client
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -178,6 +180,54 @@ def test_stream_equals_whole_response(setup, chat):
         assert whole["choices"][0]["token_ids"] == expected
 
 
+def _stop_case(setup):
+    """A prompt/tenant whose greedy text holds a 2-character stop string (no U+FFFD) after its 3rd character."""
+    tokens = _reference(setup["tenants"]["tenant-a"], "hello world", 24)
+    text = tiny.build_tokenizer().decode(tokens, skip_special_tokens=True)
+    for start in range(3, len(text) - 1):
+        stop = text[start:start + 2]
+        if "\ufffd" not in stop:
+            return stop, text[:text.find(stop)]
+    pytest.skip("no usable stop string in this model's output")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_stop_strings_cut_the_text_and_end_the_request(setup, stream):
+    server = setup["server"]
+    stop, expected = _stop_case(setup)
+    body = {"model": "tenant-a", "prompt": "hello world", "max_tokens": 24, "stop": [stop, "never-seen"]}
+    if stream:
+        choices = [chunk["choices"][0] for chunk in _stream(server, "/v1/completions", body)]
+        text, reason = "".join(c["text"] for c in choices), choices[-1]["finish_reason"]
+    else:
+        status, whole = _call(server, "POST", "/v1/completions", body)
+        assert status == 200
+        text, reason = whole["choices"][0]["text"], whole["choices"][0]["finish_reason"]
+    assert (text, reason) == (expected, "stop")
+    _wait_idle(server)
+
+
+def test_repetition_penalty_is_transformers_processor(setup):
+    """repetition_penalty goes through transformers' RepetitionPenaltyLogitsProcessor, per row, greedy: equal to
+    PEFT's forward (no cache) with the same processor."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    server, peft_model = setup["server"], setup["tenants"]["tenant-b"]
+    ids = tiny.build_tokenizer()("hello world", return_tensors="pt")["input_ids"]
+    processor = RepetitionPenaltyLogitsProcessor(1.5)
+    with torch.no_grad():
+        for _ in range(12):
+            scores = processor(ids, peft_model(input_ids=ids).logits[:, -1].float())
+            ids = torch.cat([ids, scores.argmax(-1, keepdim=True)], dim=1)
+    expected = ids[0, -12:].tolist()
+    expected = expected[:expected.index(tiny.EOS_ID)] if tiny.EOS_ID in expected else expected
+    status, body = _call(server, "POST", "/v1/completions", {"model": "tenant-b", "prompt": "hello world",
+                                                             "max_tokens": 12, "repetition_penalty": 1.5,
+                                                             "return_token_ids": True})
+    assert status == 200 and body["choices"][0]["token_ids"] == expected
+    assert expected != _reference(peft_model, "hello world", 12)
+
+
 def test_bad_requests(setup):
     server = setup["server"]
     status, body = _call(server, "POST", "/v1/completions", {"model": "nobody", "prompt": "x"})
@@ -192,6 +242,8 @@ def test_bad_requests(setup):
     assert status == 400 and body["error"]["param"] == "messages"
     status, body = _call(server, "POST", "/v1/completions", {"model": BASE, "prompt": "x", "temperature": -1})
     assert status == 400
+    status, body = _call(server, "POST", "/v1/completions", {"model": BASE, "prompt": "x", "stop": ["a"] * 5})
+    assert status == 400 and body["error"]["param"] == "stop"
     status, _ = _call(server, "GET", "/v1/nothing")
     assert status == 404
 
@@ -315,6 +367,14 @@ def test_joining_rows_prefill_together_and_decode_with_running_ones(setup):
                                                ignore_eos=True)) for _ in range(2)]
     _wait_idle(server)
     assert sampled[0].generated == sampled[1].generated and len(sampled[0].generated) == 12
+    # the same draws as PEFT's forward sampled by transformers' warpers from a generator with the same seed
+    from fastpeft.integration.reference_generate import generate_without_cache
+
+    ids = tokenizer("hi", return_tensors="pt")["input_ids"]
+    expected, _ = generate_without_cache(tenants["tenant-a"], ids, max_new_tokens=12, do_sample=True,
+                                         temperature=0.9, top_k=0, top_p=0.95,
+                                         generator=torch.Generator().manual_seed(7))
+    assert sampled[0].generated == expected[0, ids.shape[1]:].tolist()
 
 
 def test_serve_command_help(capsys):
@@ -333,3 +393,35 @@ def test_serve_command_refuses_bad_arguments(tmp_path, capsys):
     assert cli.main(["serve", "--adapters", str(tmp_path / "missing")]) == 2
     assert "no such directory" in capsys.readouterr().err
     assert cli.main(["serve", "--max-batch", "0"]) == 2
+
+
+def test_serve_command_end_to_end(tmp_path):
+    """``python -m fastpeft serve`` on the built-in model with an adapter folder, as a user starts it."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        get_peft_model(tiny.build_model(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)) \
+            .save_pretrained(str(tmp_path / "adapters" / "support"))
+    env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false", FASTPEFT_ADMIN_TOKEN="t")
+    for name in ("FASTPEFT_DEBUG", "FASTPEFT_BACKEND", "TRITON_INTERPRET"):
+        env.pop(name, None)
+    process = subprocess.Popen([sys.executable, "-m", "fastpeft", "serve", "--adapters", str(tmp_path / "adapters"),
+                                "--port", "0", "--default-temperature", "0"], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        assert "on http://127.0.0.1:" in line and "admin endpoints on" in line, (line, process.stderr.read()
+                                                                                 if process.poll() is not None else "")
+        url = line.split(" on ", 1)[1].split("/v1", 1)[0]
+        with urllib.request.urlopen(url + "/v1/models", timeout=TIMEOUT_S) as response:
+            assert [m["id"] for m in json.load(response)["data"]] == ["fastpeft-tiny", "support"]
+        request = urllib.request.Request(url + "/v1/completions", headers={"Content-Type": "application/json"},
+                                         data=json.dumps({"model": "support", "prompt": "Hi", "max_tokens": 4,
+                                                          "ignore_eos": True}).encode())
+        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+            body = json.load(response)
+        assert body["usage"]["completion_tokens"] == 4 and body["choices"][0]["finish_reason"] == "length"
+    finally:
+        process.terminate()
+        process.communicate(timeout=TIMEOUT_S)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..bank import NO_ADAPTER_SLOT, _check_sampling, _pick_tokens, _positions
+from ..bank import NO_ADAPTER_SLOT, _check_sampling, _positions
 
 
 class QueueFull(Exception):
@@ -53,6 +53,8 @@ class GenerationRequest:
     max_tokens: int = 16
     temperature: float = 0.0          # 0 = greedy
     top_p: float = 1.0
+    top_k: int = 0                    # 0 = all tokens
+    repetition_penalty: float = 1.0   # 1 = off
     seed: int = None
     ignore_eos: bool = False
     events: queue.Queue = field(default_factory=queue.Queue)
@@ -73,11 +75,12 @@ class GenerationRequest:
 class _Row:
     """A running request: its slot, cache length, table entry, position offset and the token not yet fed."""
 
-    __slots__ = ("request", "slot", "length", "prefix_slot", "offset", "last_token", "generator")
+    __slots__ = ("request", "slot", "length", "prefix_slot", "offset", "last_token", "generator", "processors")
 
     def __init__(self, request, slot, prefix_slot, offset, generator):
         self.request, self.slot, self.prefix_slot, self.offset = request, slot, prefix_slot, offset
         self.length, self.last_token, self.generator = 0, None, generator
+        self.processors = _logits_processors(request)
 
 
 class SlotCache:
@@ -169,7 +172,9 @@ class Engine:
             raise ValueError(f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) exceeds "
                              f"the server's context of {self.max_len} tokens")
         if request.temperature:
-            _check_sampling(request.temperature, 0, request.top_p)
+            _check_sampling(request.temperature, request.top_k, request.top_p)
+        if not request.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be positive, got {request.repetition_penalty!r}")
         with self._lock:
             # Up to max_queue requests wait beyond those the free slots take at the next step.
             if len(self._waiting) >= self.max_queue + len(self._free_slots):
@@ -356,9 +361,13 @@ class Engine:
         greedy = logits.float().argmax(-1).tolist()
         for b, row in enumerate(rows):
             request = row.request
-            if request.temperature:
-                token = int(_pick_tokens(logits[b:b + 1], True, request.temperature, 0, request.top_p,
-                                         row.generator)[0])
+            if request.temperature or row.processors:
+                ids = torch.tensor([request.prompt_ids + request.generated], device=logits.device)
+                scores = row.processors(ids, logits[b:b + 1].float())
+                if request.temperature:
+                    token = int(torch.multinomial(scores.softmax(-1), 1, generator=row.generator)[0, 0])
+                else:
+                    token = int(scores.argmax(-1)[0])
             else:
                 token = greedy[b]
             self.stats["tokens"] += 1
@@ -390,3 +399,22 @@ class Engine:
         if reason == "cancelled":
             self.stats["cancelled"] += 1
         request.events.put(("done", reason))
+
+
+def _logits_processors(request):
+    """transformers' logits processors and warpers for ``request``, in the order its ``generate`` applies them
+    (repetition penalty, then temperature, top-k, top-p); empty for plain greedy decoding (the argmax fast path)."""
+    from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                              TopKLogitsWarper, TopPLogitsWarper)
+
+    processors = LogitsProcessorList()
+    if request.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(request.repetition_penalty))
+    if request.temperature:
+        if request.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(request.temperature))
+        if request.top_k:
+            processors.append(TopKLogitsWarper(request.top_k))
+        if request.top_p < 1.0:
+            processors.append(TopPLogitsWarper(request.top_p))
+    return processors

@@ -4,31 +4,56 @@ Standard library only (``http.server``, one thread per connection; the model run
 
 Endpoints:
     GET  /v1/models                  the base model and every adapter (``id`` = the name a request's ``model`` uses)
-    POST /v1/completions             ``{"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stream"}``
+    POST /v1/completions             ``{"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop",
+                                     "stream"}`` (and vLLM's ``top_k``, ``repetition_penalty``)
     POST /v1/chat/completions        ``{"model", "messages", ...}`` (the tokenizer's chat template, else plain lines)
     GET  /health                     ``{"status": "ok", "running", "waiting", ...}``
     POST /admin/adapters             ``{"name", "path"}``: load a PEFT adapter directory (bearer token)
     DELETE /admin/adapters/NAME      remove it (bearer token); its running requests end with an error
 
 A request's ``model`` names its adapter; the base model's name means no adapter. ``temperature`` 0 (or absent with
-``--default-temperature 0``) is greedy. ``"return_token_ids": true`` adds the generated ids to each choice and ``"ignore_eos": true`` generates past
-end-of-sequence tokens (both as vLLM).
-Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 bad request, 401 bad token,
-404 unknown model or path, 413 body too large, 429 queue full.
+``--default-temperature 0``) is greedy; sampling, ``top_k`` and ``repetition_penalty`` go through transformers' logits
+processors and warpers, per row. ``stop`` strings cut the text and end the request. ``"return_token_ids": true``
+adds the generated ids to each choice and ``"ignore_eos": true`` generates past end-of-sequence tokens (both as
+vLLM). Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 bad request, 401 bad
+token, 403 admin off, 404 unknown model or route, 409 adapter removed mid-request, 413 body too large, 429 queue
+full, 500 internal error.
 """
 
 import hmac
 import json
 import threading
 import time
+import urllib.parse
 import uuid
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from .engine import GenerationRequest, QueueFull
 
 MAX_BODY_BYTES = 1 << 20
 EVENT_TIMEOUT_S = 300
+
+
+def _stop_strings(body):
+    """The request's ``stop`` as a list of at most 4 non-empty strings (400 otherwise)."""
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(x, str) and x for x in stops):
+        raise HTTPError(400, "stop must be a non-empty string or a list of at most 4 of them", param="stop")
+    return stops
+
+
+def _cut_at_stop(text, stops):
+    """(text before the first stop string, True) when one occurs, else (text, False)."""
+    positions = [i for i in (text.find(stop) for stop in stops) if i >= 0]
+    return (text[:min(positions)], True) if positions else (text, False)
+
+
+def _held_back(text, stops):
+    """How many trailing characters of ``text`` could begin a stop string (not sent while streaming)."""
+    return max([k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k])], default=0)
 
 
 class HTTPError(Exception):
@@ -110,12 +135,17 @@ class Handler(BaseHTTPRequestHandler):
                 return self._admin_add(self._read_json())
             if path.startswith("/admin/adapters/") and method == "DELETE":
                 self._check_admin()
-                return self._admin_remove(path[len("/admin/adapters/"):])
+                return self._admin_remove(urllib.parse.unquote(path[len("/admin/adapters/"):]))
             raise HTTPError(404, f"no route {method} {path}")
         except HTTPError as error:
             self._send_error(error)
         except (BrokenPipeError, ConnectionResetError):
             pass
+        except Exception as exc:  # a bug or an engine failure: answer 500 rather than drop the connection
+            try:
+                self._send_error(HTTPError(500, f"{type(exc).__name__}: {exc}"))
+            except OSError:
+                pass
 
     def do_GET(self):
         self._dispatch("GET")
@@ -199,10 +229,21 @@ class Handler(BaseHTTPRequestHandler):
         seed = body.get("seed")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise HTTPError(400, f"seed must be an integer, got {seed!r}", param="seed")
+        top_k = body.get("top_k", 0)
+        top_k = 0 if top_k in (None, -1) else top_k
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+            raise HTTPError(400, f"top_k must be a non-negative integer (or -1: off), got {top_k!r}", param="top_k")
+        penalty = body.get("repetition_penalty", 1.0)
+        penalty = 1.0 if penalty is None else penalty
+        if not isinstance(penalty, (int, float)) or isinstance(penalty, bool) or not 0 < penalty <= 10:
+            raise HTTPError(400, f"repetition_penalty must lie in (0, 10], got {penalty!r}",
+                            param="repetition_penalty")
+        _stop_strings(body)
         prompt_ids = self._chat_ids(body.get("messages")) if chat else self._prompt_ids(body.get("prompt"))
         return GenerationRequest(prompt_ids=prompt_ids, adapter=None if model == config.base_name else model,
                                  max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
-                                 seed=seed, ignore_eos=bool(body.get("ignore_eos", False)))
+                                 seed=seed, ignore_eos=bool(body.get("ignore_eos", False)), top_k=top_k,
+                                 repetition_penalty=float(penalty))
 
     def _prompt_ids(self, prompt):
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -271,26 +312,40 @@ class Handler(BaseHTTPRequestHandler):
     def _decode(self, ids):
         return self.config.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _usage(self, request):
-        return {"prompt_tokens": len(request.prompt_ids), "completion_tokens": len(request.generated),
-                "total_tokens": len(request.prompt_ids) + len(request.generated)}
-
-    def _whole(self, request, body, chat, completion_id):
-        reason = None
+    def _tokens(self, request, stops):
+        """Yield ``(ids so far, text so far, finish_reason or None)`` per event; a stop string ends the request
+        (cancelled in the engine) with the text cut before it and finish_reason ``"stop"``."""
+        ids = []
         for kind, value in self._events(request):
             if kind == "done":
-                reason = value
-        text = self._decode(request.generated)
+                yield ids, self._decode(ids), value
+                return
+            ids.append(value)
+            text = self._decode(ids)
+            if stops:
+                text, stopped = _cut_at_stop(text, stops)
+                if stopped:
+                    request.cancel()
+                    yield ids, text, "stop"
+                    return
+            yield ids, text, None
+
+    def _whole(self, request, body, chat, completion_id):
+        ids, text, reason = [], "", None
+        for ids, text, reason in self._tokens(request, _stop_strings(body)):
+            pass
         choice = {"index": 0, "finish_reason": reason}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice.update(text=text, logprobs=None)
         if body.get("return_token_ids"):
-            choice["token_ids"] = list(request.generated)
+            choice["token_ids"] = list(ids)
+        usage = {"prompt_tokens": len(request.prompt_ids), "completion_tokens": len(ids),
+                 "total_tokens": len(request.prompt_ids) + len(ids)}
         self._send_json(200, {"id": completion_id, "object": "chat.completion" if chat else "text_completion",
                               "created": int(time.time()), "model": body["model"], "choices": [choice],
-                              "usage": self._usage(request)})
+                              "usage": usage})
 
     def _stream(self, request, body, chat, completion_id):
         self.send_response(200)
@@ -299,6 +354,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         created, model = int(time.time()), body["model"]
         kind_name = "chat.completion.chunk" if chat else "text_completion"
+        want_ids, stops = bool(body.get("return_token_ids")), _stop_strings(body)
 
         def send(delta_text, reason=None, token_ids=None, first=False):
             if chat:
@@ -307,30 +363,29 @@ class Handler(BaseHTTPRequestHandler):
                 choice = {"index": 0, "delta": delta, "finish_reason": reason}
             else:
                 choice = {"index": 0, "text": delta_text, "logprobs": None, "finish_reason": reason}
-            if token_ids is not None:
+            if want_ids and token_ids is not None:
                 choice["token_ids"] = token_ids
             chunk = {"id": completion_id, "object": kind_name, "created": created, "model": model,
                      "choices": [choice]}
             self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
             self.wfile.flush()
 
-        want_ids = bool(body.get("return_token_ids"))
         if chat:
             send("", first=True)
-        sent_text, sent_ids, ids = "", 0, []
+        sent_text, sent_ids = "", 0
         try:
-            for kind, value in self._events(request):
-                if kind == "token":
-                    ids.append(value)
-                    # Hold back an incomplete UTF-8 sequence (decoded as U+FFFD) until its next bytes arrive.
-                    stable = self._decode(ids).rstrip("\ufffd")
-                    if stable.startswith(sent_text) and len(stable) > len(sent_text):
-                        send(stable[len(sent_text):], token_ids=ids[sent_ids:] if want_ids else None)
-                        sent_text, sent_ids = stable, len(ids)
-                else:
-                    text = self._decode(ids)
-                    rest = text[len(sent_text):] if text.startswith(sent_text) else ""
-                    send(rest, reason=value, token_ids=ids[sent_ids:] if want_ids else None)
+            for ids, text, reason in self._tokens(request, stops):
+                if reason is not None:
+                    send(text[len(sent_text):] if text.startswith(sent_text) else "", reason=reason,
+                         token_ids=ids[sent_ids:])
+                    break
+                # Hold back an incomplete UTF-8 sequence (decoded as U+FFFD) until its next bytes arrive, and text
+                # that may begin a stop string.
+                stable = text.rstrip("\ufffd")
+                stable = stable[:len(stable) - _held_back(stable, stops)]
+                if stable.startswith(sent_text) and len(stable) > len(sent_text):
+                    send(stable[len(sent_text):], token_ids=ids[sent_ids:])
+                    sent_text, sent_ids = stable, len(ids)
         except HTTPError as error:
             payload = {"error": {"message": error.message, "type": error.error_type, "param": None,
                                  "code": int(error.status)}}
