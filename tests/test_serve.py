@@ -296,6 +296,28 @@ def test_client_disconnect_mid_stream_frees_its_slot(setup):
     assert status == 200
 
 
+def test_client_disconnect_while_queued_for_a_whole_response_drops_the_request(setup):
+    server = setup["server"]
+    engine = server.serve_config.engine
+    _wait_idle(server)
+    cancelled, tokens = engine.stats["cancelled"], engine.stats["tokens"]
+    host, port = server.server_address[:2]
+    body = json.dumps({"model": "tenant-b", "prompt": "go", "max_tokens": 200, "ignore_eos": True}).encode()
+    engine.pause()
+    try:
+        with socket.create_connection((host, port), timeout=TIMEOUT_S) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            deadline = time.monotonic() + TIMEOUT_S
+            while engine.waiting == 0 and time.monotonic() < deadline:
+                time.sleep(0.005)
+        time.sleep(1.0)  # the handler notices within DISCONNECT_POLL_S
+    finally:
+        engine.resume()
+    _wait_idle(server)
+    assert engine.stats["cancelled"] == cancelled + 1 and engine.stats["tokens"] == tokens
+
+
 def test_admin_adds_and_removes_adapters(setup):
     server, later = setup["server"], setup["later"]
     auth = {"Authorization": f"Bearer {TOKEN}"}

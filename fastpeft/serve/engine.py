@@ -264,6 +264,7 @@ class Engine:
                 request = self._waiting.popleft()
                 if request.cancelled:
                     request.finish_reason = "cancelled"
+                    self.stats["cancelled"] += 1
                     request.events.put(("done", "cancelled"))
                     continue
                 joining.append(request)

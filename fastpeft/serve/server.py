@@ -22,6 +22,9 @@ full, 500 internal error.
 
 import hmac
 import json
+import queue
+import select
+import socket
 import threading
 import time
 import urllib.parse
@@ -31,7 +34,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from .engine import GenerationRequest, QueueFull
 
 MAX_BODY_BYTES = 1 << 20
-EVENT_TIMEOUT_S = 300
+EVENT_TIMEOUT_S = 300    # longest wait for the next token
+DISCONNECT_POLL_S = 0.25  # how often a waiting handler checks that its client is still connected
 
 
 def _stop_strings(body):
@@ -295,14 +299,38 @@ class Handler(BaseHTTPRequestHandler):
             if request.finish_reason is None:
                 request.cancel()
 
+    def _client_gone(self):
+        """Whether the client closed its connection. It sends nothing after its request (one request per
+        connection), so a readable socket that yields no byte means it went away."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
     def _events(self, request):
-        """Yield the request's events until it ends; raises HTTPError for an engine-side error."""
+        """Yield the request's events until it ends; raises HTTPError for an engine-side error. While waiting
+        (queued, or between tokens), a client that disconnected cancels the request: its slot, or its place in the
+        queue, is freed at the next token boundary, streamed or not."""
+        deadline = time.monotonic() + EVENT_TIMEOUT_S
+        next_check = time.monotonic() + DISCONNECT_POLL_S
         while True:
             try:
-                kind, value = request.events.get(timeout=EVENT_TIMEOUT_S)
-            except Exception:
-                request.cancel()
-                raise HTTPError(504, "generation timed out") from None
+                kind, value = request.events.get(timeout=DISCONNECT_POLL_S)
+            except queue.Empty:
+                kind = None
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + DISCONNECT_POLL_S
+                if self._client_gone():
+                    request.cancel()
+                    raise ConnectionResetError("the client disconnected")
+            if kind is None:
+                if now > deadline:
+                    request.cancel()
+                    raise HTTPError(504, "generation timed out")
+                continue
+            deadline = now + EVENT_TIMEOUT_S
             if kind == "error":
                 raise HTTPError(409 if "removed" in value else 500, value)
             yield kind, value
