@@ -260,6 +260,12 @@ def _up_to_d64(block_d, dq_atomic, has_mask):
     return block_d <= 64
 
 
+def _wide_head(block_d, dq_atomic, has_mask):
+    # Up to D=64 the larger configs cover every case (and this one spills the fused prefix kernel at D=64 under
+    # Triton 3.9); it stays the fallback when nothing else is kept.
+    return block_d > 64
+
+
 def _not_fused_d128(block_d, dq_atomic, has_mask):
     return block_d <= 64 or not dq_atomic
 
@@ -303,17 +309,18 @@ def _prune_configs(configs, named_args, **kwargs):
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages[, where]). The last entry of each list, 32 x 32, is the pruner's
-# fallback: it fits every head size and dtype.
+# fallback: it fits every head size and dtype. (The small configs' warps and stages are the ones that do not spill
+# under Triton 3.6's ptxas either, which caps some 4-warp kernels at 128 registers.)
 _FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2, _up_to_d64), (128, 128, 8, 3, _up_to_d64),
                          (64, 128, 4, 2, _up_to_d64), (128, 32, 4, 3, _up_to_d64), (64, 64, 4, 3),
-                         (16, 64, 4, 2, _up_to_d64), (64, 32, 4, 2), (32, 32, 4, 1)])
+                         (16, 64, 4, 1, _up_to_d64), (64, 32, 4, 2), (32, 32, 4, 2)])
 _DQ_CONFIGS = _configs([(128, 32, 8, 2), (64, 64, 4, 2), (16, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1)])
 # For the dk/dv kernels BLOCK_N is the key tile each program owns and BLOCK_M the query tile it loops over.
 # At D=128 their two float32 [BLOCK_N, 128] accumulators take 128 registers a thread; only 16-row query tiles
 # (32 without the fused dq) leave room for the rest.
 _DKDV_CONFIGS = _configs([(16, 128, 8, 2), (16, 128, 8, 3), (32, 128, 8, 2, _up_to_d64),
                           (32, 64, 8, 2, _not_fused_d128), (16, 64, 4, 2, _up_to_d64), (32, 64, 4, 2, _up_to_d64),
-                          (32, 32, 4, 1)])
+                          (32, 32, 8, 1, _wide_head)])
 
 _AUTOTUNE_KEY = ["BLOCK_D", "bucket_l", "bucket_s", "CAUSAL", "HAS_MASK"]
 _DKDV_AUTOTUNE_KEY = _AUTOTUNE_KEY + ["DQ_ATOMIC"]
