@@ -16,6 +16,7 @@ import torch
 
 from .. import _backend
 from . import sdpa_prefix_attention as _sdpa
+from ._autograd import register_prefix_attention_autograd
 from .reference import reference_prefix_attention
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -267,25 +268,7 @@ def _(dout, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_paddi
             prefix_v.new_empty(prefix_v.shape))
 
 
-def _setup_context(ctx, inputs, output):
-    # Only called when grad is enabled and an input requires it: inference saves nothing.
-    (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal, softmax_scale,
-     deterministic) = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, out, lse)
-    ctx.causal, ctx.softmax_scale, ctx.deterministic = causal, softmax_scale, deterministic
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, dout, _dlse):
-    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, out, lse = ctx.saved_tensors
-    dq, dk, dv, dprefix_k, dprefix_v = _prefix_attention_bwd_op(
-        dout, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, out, lse,
-        ctx.causal, ctx.softmax_scale, ctx.deterministic)
-    return dq, dk, dv, dprefix_k, dprefix_v, None, None, None, None, None, None
-
-
-_prefix_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+register_prefix_attention_autograd(_prefix_attention_fwd_op, _prefix_attention_bwd_op)
 
 
 def _run(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal, softmax_scale,

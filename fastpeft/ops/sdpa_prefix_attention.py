@@ -46,6 +46,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from . import _sdpa_ops
+from ._autograd import register_prefix_attention_autograd
 
 _NEG_INF = float("-inf")
 
@@ -344,24 +345,7 @@ def _(dout, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_paddi
             torch.empty_like(prefix_v))
 
 
-def _setup_context(ctx, inputs, output):
-    # Only called when grad is enabled and an input requires it: inference saves nothing.
-    (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal, softmax_scale,
-     deterministic) = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, out, lse)
-    ctx.causal, ctx.softmax_scale, ctx.deterministic = causal, softmax_scale, deterministic
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, dout, _dlse):
-    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, out, lse = ctx.saved_tensors
-    grads = _sdpa_bwd_op(dout, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, out,
-                         lse, ctx.causal, ctx.softmax_scale, ctx.deterministic)
-    return grads + (None,) * 6
-
-
-_sdpa_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+register_prefix_attention_autograd(_sdpa_fwd_op, _sdpa_bwd_op)
 
 
 class _SdpaPrefixAttention(torch.autograd.Function):
