@@ -1,20 +1,31 @@
 """Run DDP test workers in spawned processes, never waiting without a bound."""
 
+import os
 import time
 
 import pytest
 
 
-def run_workers(worker, args, nprocs=2, timeout_s=300):
+def run_workers(worker, args, init_file, nprocs=2, timeout_s=90, attempts=2):
     """``worker(rank, *args)`` in ``nprocs`` spawned processes (fresh interpreters: forking after torch's thread
-    pools exist can leave a child in a futex wait forever). Fails the test, killing the workers, after
-    ``timeout_s`` seconds; a worker's exception is re-raised by ``join``."""
+    pools exist can leave a child in a futex wait forever). Gloo talks over the loopback interface (it otherwise
+    picks one from the host name, which can stall its rendezvous). A run that does not finish within ``timeout_s``
+    seconds is killed and tried once more (a rare stalled rendezvous was seen here even on an idle machine); a
+    second stall fails the test; ``init_file`` (the workers' ``file://`` rendezvous) is removed before a retry, since
+    a killed run leaves it stale. A worker's exception is re-raised by ``join``."""
     import torch.multiprocessing as mp
 
-    context = mp.spawn(worker, args=args, nprocs=nprocs, join=False)
-    deadline = time.monotonic() + timeout_s
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the DDP workers did not finish within {timeout_s} s")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # inherited by the spawned workers
+    for _ in range(attempts):
+        if os.path.exists(init_file):
+            os.remove(init_file)
+        context = mp.spawn(worker, args=args, nprocs=nprocs, join=False)
+        deadline = time.monotonic() + timeout_s
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                break
+        else:
+            return
+    pytest.fail(f"the DDP workers did not finish within {timeout_s} s, {attempts} times")

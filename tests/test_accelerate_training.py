@@ -128,7 +128,7 @@ def test_ddp_gradients_match_single_process(tmp_path):
     """DDP averages the two ranks' gradients: they must equal plain PEFT's gradient of the mean of the two
     half-batch losses in one process."""
     out_path = tmp_path / "grads.pt"
-    run_workers(_ddp_worker, (2, str(tmp_path / "init"), str(out_path)))
+    run_workers(_ddp_worker, (2, str(tmp_path / "init"), str(out_path)), init_file=str(tmp_path / "init"))
     ddp_grads = torch.load(out_path)
 
     peft_model = make_peft_model("llama", "prefix_projection")

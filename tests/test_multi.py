@@ -535,7 +535,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
 
 
 def test_ddp_two_processes_equal_one_process(tmp_path):
-    run_workers(_ddp_worker, (2, str(tmp_path / "rendezvous"), str(tmp_path)))
+    run_workers(_ddp_worker, (2, str(tmp_path / "rendezvous"), str(tmp_path)), init_file=str(tmp_path / "rendezvous"))
     single = _ddp_run(_ddp_trainer(seed=0), list(range(6)))
     initial = params(_ddp_trainer(seed=0).encoder("idle"))
     for rank in range(2):
