@@ -10,6 +10,7 @@ from .version import __version__
 _LAZY = {
     "accelerate": ("fastpeft.integration.peft", "accelerate"),
     "restore": ("fastpeft.integration.peft", "restore"),
+    "FallbackWarning": ("fastpeft.integration.peft", "FallbackWarning"),
     "AdapterBank": ("fastpeft.bank", "AdapterBank"),
     "MultiPrefixTrainer": ("fastpeft.multi", "MultiPrefixTrainer"),
 }

@@ -183,8 +183,9 @@ def test_refuses_non_peft_and_non_prompt_learning():
         fastpeft.accelerate(lora)
 
 
-def test_refuses_unsupported_family():
-    """Falcon's attention is hand-written (it bypasses transformers' attention interface): refused, untouched."""
+def test_strict_refuses_unsupported_family():
+    """Falcon's attention is hand-written (it bypasses transformers' attention interface): with strict=True
+    refused, untouched (the default fallback is tested in test_accelerate_families.py)."""
     import transformers as tf
     from peft import get_peft_model
 
@@ -193,7 +194,7 @@ def test_refuses_unsupported_family():
         warnings.simplefilter("ignore")
         peft_model = get_peft_model(tf.FalconForCausalLM(config), peft_config("prompt", "falcon"))
     with pytest.raises(ValueError, match="attention interface"):
-        fastpeft.accelerate(peft_model)
+        fastpeft.accelerate(peft_model, strict=True)
     assert peft_model.config._attn_implementation != attention.ATTN_IMPLEMENTATION
 
 
@@ -380,7 +381,7 @@ def test_softcapped_model_on_fastpeft_attention_raises():
         model(input_ids=ids)
 
 
-def test_refuses_softcapped_family():
+def test_strict_refuses_softcapped_family():
     from peft import get_peft_model
 
     from tests.accelerate_helpers import tiny_softcapped_gemma2
@@ -389,6 +390,8 @@ def test_refuses_softcapped_family():
         warnings.simplefilter("ignore")
         peft_model = get_peft_model(tiny_softcapped_gemma2(), peft_config("prefix", "gemma2"))
     with pytest.raises(ValueError, match="gemma2"):
+        fastpeft.accelerate(peft_model, strict=True)
+    with pytest.warns(fastpeft.FallbackWarning, match="gemma2"):
         fastpeft.accelerate(peft_model)
 
 

@@ -45,6 +45,11 @@ def tiny_base(family, task="causal", seed=0, **config_overrides):
         config = tf.GPTNeoXConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                                   max_position_embeddings=256, rotary_pct=0.5, hidden_dropout=0.0,
                                   attention_dropout=0.0, bos_token_id=1, eos_token_id=2, **common)
+    elif family in ("deberta", "deberta_v2"):
+        cls = tf.DebertaConfig if family == "deberta" else tf.DebertaV2Config
+        config = cls(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                     max_position_embeddings=256, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                     relative_attention=True, pos_att_type=["c2p", "p2c"], num_labels=3, **common)
     elif family in ("roberta", "bert"):
         cls = tf.RobertaConfig if family == "roberta" else tf.BertConfig
         config = cls(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -220,8 +225,30 @@ def test_gemma3_sliding_window_shorter_than_prefix_and_sequence_is_refused_by_na
         peft_model(input_ids=short_ids, attention_mask=short_mask)
 
 
-def test_model_bypassing_the_attention_interface_is_refused():
-    """Falcon computes attention by hand (no _supports_attention_backend): refused, naming why."""
+def _assert_fallback(peft_model, match, task="causal", family="falcon"):
+    """accelerate() on a backbone fastpeft cannot compute: a FallbackWarning naming why, the model untouched and
+    giving PEFT's own loss and prompt gradients; strict=True raises with the same reason; restore() undoes it."""
+    ids, mask, labels = batch(family, task)
+    expected = training_step(peft_model, ids, mask, labels)
+    attn_implementation = peft_model.get_base_model().config._attn_implementation
+    with pytest.warns(fastpeft.FallbackWarning, match=match):
+        assert fastpeft.accelerate(peft_model) is peft_model
+    assert fastpeft.integration.peft.fallback_reason(peft_model) is not None
+    assert not fastpeft.integration.peft.is_accelerated(peft_model)
+    assert peft_model.get_base_model().config._attn_implementation == attn_implementation
+    assert not {"forward", "generate"} & set(vars(peft_model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fastpeft.FallbackWarning)
+        fastpeft.accelerate(peft_model)  # a second call is a no-op: no second warning
+    assert_same_step(training_step(peft_model, ids, mask, labels), expected, rtol=1e-12)  # the very same path
+    with pytest.raises(ValueError, match=match):
+        fastpeft.accelerate(peft_model, strict=True)
+    assert fastpeft.restore(peft_model) is peft_model
+    assert fastpeft.integration.peft.fallback_reason(peft_model) is None
+
+
+def test_model_bypassing_the_attention_interface_falls_back():
+    """Falcon computes attention by hand (no _supports_attention_backend): PEFT's path, with the reason."""
     import transformers as tf
     from peft import PromptTuningConfig, get_peft_model
 
@@ -229,28 +256,33 @@ def test_model_bypassing_the_attention_interface_is_refused():
     config = tf.FalconConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB)
     peft_model = get_peft_model(tf.FalconForCausalLM(config).eval(),
                                 PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
-    with pytest.raises(ValueError, match="attention interface"):
-        fastpeft.accelerate(peft_model)
+    _assert_fallback(peft_model, "attention interface")
 
 
-def test_gptj_is_refused_where_it_bypasses_the_interface():
+@pytest.mark.parametrize("family", ["deberta", "deberta_v2"])
+@pytest.mark.parametrize("method", ["prompt", "p_tuning"])
+def test_deberta_falls_back_to_peft(family, method):
+    """DeBERTa's disentangled attention adds content-to-position terms computed from the queries and keys inside its
+    own hand-written attention: fastpeft leaves it on PEFT's path (PEFT's suite covers DeBERTa feature extraction)."""
+    _assert_fallback(make(family, method, task="seq_cls"), "attention interface", task="seq_cls", family=family)
+
+
+def test_gptj_falls_back_where_it_bypasses_the_interface():
     import transformers as tf
 
     if compat.uses_attention_interface(tf.GPTJForCausalLM):
         pytest.skip("GPT-J goes through the attention interface on this transformers release (tested above)")
-    with pytest.raises(ValueError, match="attention interface"):
-        fastpeft.accelerate(make("gptj", "prompt"))
+    _assert_fallback(make("gptj", "prompt"), "attention interface", family="gptj")
 
 
-def test_softcapping_config_is_refused_by_name():
+def test_softcapping_config_falls_back_naming_the_feature():
     from peft import PromptTuningConfig, get_peft_model
 
     from tests.accelerate_helpers import tiny_softcapped_gemma2
 
     peft_model = get_peft_model(tiny_softcapped_gemma2(), PromptTuningConfig(task_type="CAUSAL_LM",
                                                                             num_virtual_tokens=P))
-    with pytest.raises(ValueError, match="soft-capping"):
-        fastpeft.accelerate(peft_model)
+    _assert_fallback(peft_model, "soft-capping", family="gemma2")
 
 
 def tiny_bart(seed=0):

@@ -74,6 +74,11 @@ class PrefixSpec:
         return self.keys[layer_idx], self.values[layer_idx]
 
 
+class UnsupportedModelError(ValueError):
+    """A backbone whose attention fastpeft cannot compute (hand-written attention, or a feature the kernels lack);
+    the message names why. ``fastpeft.accelerate`` turns it into a fallback warning unless ``strict=True``."""
+
+
 # Keyword arguments transformers passes to attention functions that change the attention math (logit
 # soft-capping: Gemma 2; attention sinks: gpt-oss and others; additive position biases: T5-style; sparse or packed
 # key selections). fastpeft's kernels implement none of them: a non-None value is refused, never ignored.
@@ -91,8 +96,9 @@ UNSUPPORTED_CONFIG_FEATURES = (
 
 
 def check_supported_model(model, user, prefix_kwargs=True):
-    """Raise ValueError unless ``model`` (a transformers ``PreTrainedModel``) computes its attention through
-    transformers' attention interface with plain softmax attention, which fastpeft's kernels reproduce.
+    """Raise ``UnsupportedModelError`` (a ValueError) unless ``model`` (a transformers ``PreTrainedModel``) computes
+    its attention through transformers' attention interface with plain softmax attention, which fastpeft's kernels
+    reproduce.
 
     The test is by mechanism, not by family: every ``PreTrainedModel`` in ``model`` must route attention through
     ``ALL_ATTENTION_FUNCTIONS`` (``compat.uses_attention_interface``) and, with ``prefix_kwargs`` (prefix tuning,
@@ -107,12 +113,12 @@ def check_supported_model(model, user, prefix_kwargs=True):
         if not compat.is_pretrained_model(module):
             continue
         if not compat.uses_attention_interface(module):
-            raise ValueError(
+            raise UnsupportedModelError(
                 f"{user} cannot run {type(module).__name__}: its attention does not go through transformers' "
                 "attention interface on this transformers release (hand-written attention), so fastpeft cannot "
                 "replace it")
         if prefix_kwargs and not compat.passes_kwargs_to_attention(module):
-            raise ValueError(
+            raise UnsupportedModelError(
                 f"{user} cannot hand a prefix to {type(module).__name__}: the class does not declare "
                 "_supports_attention_backend on this transformers release, i.e. that keyword arguments reach its "
                 "attention functions, which is how fastpeft hands each layer its prefix")
@@ -122,14 +128,14 @@ def check_supported_model(model, user, prefix_kwargs=True):
     for config in configs:
         for attribute, feature in UNSUPPORTED_CONFIG_FEATURES:
             if getattr(config, attribute, None):
-                raise ValueError(f"{user} cannot run {type(model).__name__} (model type "
-                                 f"{getattr(config, 'model_type', None)!r}): its attention uses {feature} "
-                                 f"(config.{attribute}={getattr(config, attribute)!r}), which fastpeft's kernels do "
-                                 "not compute")
+                raise UnsupportedModelError(
+                    f"{user} cannot run {type(model).__name__} (model type {getattr(config, 'model_type', None)!r}): "
+                    f"its attention uses {feature} (config.{attribute}={getattr(config, attribute)!r}), which "
+                    "fastpeft's kernels do not compute")
     for name, _ in model.named_parameters():
         if name.rsplit(".", 1)[-1] in ("sinks", "s_aux"):
-            raise ValueError(f"{user} cannot run {type(model).__name__}: its attention has attention sinks "
-                             f"({name}), which fastpeft's kernels do not compute")
+            raise UnsupportedModelError(f"{user} cannot run {type(model).__name__}: its attention has attention "
+                                        f"sinks ({name}), which fastpeft's kernels do not compute")
 
 
 def _no_prefix(key):

@@ -12,6 +12,8 @@
 * prompt tuning and p-tuning keep PEFT's own forward (the virtual tokens are input embeddings there, so PEFT's
   semantics come for free; only attention changes); their ``generate`` runs the virtual tokens through the
   backbone once and serves their K/V as a shared prefix, like prefix tuning's;
+* a backbone whose attention fastpeft cannot compute (hand-written attention such as DeBERTa's, or a feature the
+  kernels lack) is left untouched on PEFT's own path with a ``FallbackWarning`` naming why (``strict=True`` raises);
 * PEFT's refusal of prefix tuning under gradient checkpointing (``_setup_prompt_encoder``, peft#869/#2191) is
   lifted for this instance: with the prefix outside the cache, checkpoint recomputation is correct.
 
@@ -31,6 +33,8 @@ from ..adapters import BaseGeometry, split_prefix
 from . import attention, compat
 
 STATE_ATTR = "_fastpeft_acceleration"
+# Set instead of STATE_ATTR when accelerate() left the model on PEFT's path: the reason, as the warning gave it.
+FALLBACK_ATTR = "_fastpeft_fallback"
 # Instance attributes accelerate() sets on the PeftModel; restore() deletes exactly these.
 _OVERRIDDEN_METHODS = ("forward", "generate", "_setup_prompt_encoder")
 
@@ -100,7 +104,12 @@ def _check_backbone(peft_model):
     attention.check_supported_model(base, "fastpeft.accelerate", prefix_kwargs=prefix)
 
 
-def accelerate(peft_model):
+class FallbackWarning(UserWarning):
+    """``fastpeft.accelerate`` left a model on PEFT's own path (its backbone's attention is one fastpeft cannot
+    compute); the message names why. ``accelerate(model, strict=True)`` raises instead."""
+
+
+def accelerate(peft_model, *, strict=False):
     """Run a PEFT prompt-learning model's attention through fastpeft's fused prefix attention.
 
     Arguments:
@@ -111,21 +120,26 @@ def accelerate(peft_model):
             PREFIX_TUNING (with or without ``prefix_projection``), PROMPT_TUNING, P_TUNING or CPT; or a
             ``PeftModelForSeq2SeqLM`` (BART) with PROMPT_TUNING / P_TUNING adapters. The backbone may be loaded in
             4-bit or 8-bit through bitsandbytes.
+        strict: what to do with a backbone whose attention fastpeft cannot compute (hand-written attention that
+            bypasses the attention interface, such as DeBERTa's disentangled attention, or a feature the kernels
+            lack, named in the message). False (default): warn once with a ``FallbackWarning`` naming why and leave
+            the model on PEFT's own path, untouched (same numbers, PEFT's speed; ``is_accelerated`` is False,
+            ``restore`` is a no-op). True: raise ``ValueError`` instead.
 
     Returns:
         the same object, accelerated in place: forward outputs (logits, loss), prompt-parameter gradients,
         ``generate`` tokens and saved adapter files equal PEFT's. Calling it twice is a no-op.
 
     Raises:
-        ValueError: for another PEFT model class or adapter type, prefix tuning on an encoder-decoder, a backbone
-            whose attention bypasses the attention interface or uses a feature the kernels lack (named in the
-            message), or a prefix-tuning configuration whose prefix does not split into the backbone's KV heads.
+        ValueError: for another PEFT model class or adapter type, prefix tuning on an encoder-decoder, a
+            prefix-tuning configuration whose prefix does not split into the backbone's KV heads, and, with
+            ``strict=True``, a backbone fastpeft cannot compute (``attention.UnsupportedModelError``).
     """
     from peft import PeftModel
 
     if not isinstance(peft_model, PeftModel):
         raise ValueError(f"fastpeft.accelerate takes a peft.PeftModel, got {type(peft_model).__name__}")
-    if hasattr(peft_model, STATE_ATTR):
+    if hasattr(peft_model, STATE_ATTR) or (hasattr(peft_model, FALLBACK_ATTR) and not strict):
         return peft_model
     compat.warn_if_untested("fastpeft.accelerate")
     if not isinstance(peft_model, _supported_peft_classes()):
@@ -134,7 +148,16 @@ def accelerate(peft_model):
                          f"got {type(peft_model).__name__}")
     for adapter_name in peft_model.peft_config:
         _check_peft_config(peft_model, adapter_name)
-    _check_backbone(peft_model)
+    try:
+        _check_backbone(peft_model)
+    except attention.UnsupportedModelError as error:
+        if strict:
+            raise
+        # A drop-in should not break a script over a model it cannot speed up: PEFT's own path gives PEFT's numbers.
+        warnings.warn(f"{error}. The model stays on PEFT's own path (fastpeft.accelerate(model, strict=True) "
+                      "raises instead)", FallbackWarning, stacklevel=2)
+        setattr(peft_model, FALLBACK_ATTR, str(error))
+        return peft_model
 
     previous = attention.use_fastpeft_attention(peft_model.get_base_model())
     setattr(peft_model, STATE_ATTR, _AccelerationState(previous))
@@ -151,7 +174,11 @@ def accelerate(peft_model):
 
 def restore(peft_model):
     """Undo ``accelerate``: PEFT's own forward/generate and the backbone's previous attention implementation
-    come back. Returns the same object. Raises ValueError for a model ``accelerate`` was not applied to."""
+    come back. Returns the same object (a model ``accelerate`` left on PEFT's path comes back as it was). Raises
+    ValueError for a model ``accelerate`` was not applied to."""
+    if hasattr(peft_model, FALLBACK_ATTR):
+        delattr(peft_model, FALLBACK_ATTR)
+        return peft_model
     state = getattr(peft_model, STATE_ATTR, None)
     if state is None:
         raise ValueError("fastpeft.restore: this model was not accelerated by fastpeft.accelerate")
@@ -160,6 +187,11 @@ def restore(peft_model):
     peft_model.get_base_model().set_attn_implementation(state.previous_attn_implementation)
     delattr(peft_model, STATE_ATTR)
     return peft_model
+
+
+def fallback_reason(peft_model):
+    """Why ``accelerate`` left this model on PEFT's own path, or None (accelerated, or never given to it)."""
+    return getattr(peft_model, FALLBACK_ATTR, None)
 
 
 def is_accelerated(peft_model):

@@ -11,7 +11,11 @@ What it does:
   raises ``OSError`` (HF_HUB_OFFLINE is set): no download ever happens.
 * ``FASTPEFT_PEFT_SUITE=accelerated`` (the default) wraps ``peft.get_peft_model`` and ``PeftModel.from_pretrained`` so
   that every prompt-learning model (prefix tuning, prompt tuning, p-tuning, CPT) comes back through
-  ``fastpeft.accelerate``; a refusal raises and the test fails (refusals count as failures).
+  ``fastpeft.accelerate``; a refusal raises and the test fails (refusals count as failures). Where ``accelerate``
+  leaves a model on PEFT's own path (``FallbackWarning``: a backbone whose attention fastpeft cannot compute), the
+  test's JUnit record gets a ``fastpeft_fallback`` property with the reason, so the summary can count the tests that
+  ran fastpeft's attention apart from those that passed on PEFT's path.
+* ``FASTPEFT_PEFT_SUITE=strict``: the same with ``accelerate(model, strict=True)``: every fallback is a refusal.
   ``FASTPEFT_PEFT_SUITE=baseline`` leaves PEFT alone: the same tests on plain PEFT, for the comparison.
 * Test-only dependencies PEFT's test modules import at module level but prompt-learning tests never use
   (``diffusers``, ``datasets``) are stubbed when not installed.
@@ -33,8 +37,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 MODE = os.environ.get("FASTPEFT_PEFT_SUITE", "accelerated")
-if MODE not in ("accelerated", "baseline"):
-    raise ValueError(f"FASTPEFT_PEFT_SUITE must be 'accelerated' or 'baseline', got {MODE!r}")
+if MODE not in ("accelerated", "strict", "baseline"):
+    raise ValueError(f"FASTPEFT_PEFT_SUITE must be 'accelerated', 'strict' or 'baseline', got {MODE!r}")
 
 VOCAB = 512  # >= the byte-level tokenizer's 259 ids
 
@@ -229,13 +233,27 @@ def _install_tiny_models():
 # ----- fastpeft.accelerate on every prompt-learning model ---------------------------------------------------------
 
 
+_fallbacks_in_current_test = []  # reasons, filled by _maybe_accelerate, recorded and emptied per test
+
+
 def _maybe_accelerate(model):
     import fastpeft
+    from fastpeft.integration.peft import fallback_reason
     from peft import PeftModel
 
     if isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning:
-        fastpeft.accelerate(model)
+        fastpeft.accelerate(model, strict=MODE == "strict")
+        if fallback_reason(model) is not None:
+            _fallbacks_in_current_test.append(fallback_reason(model))
     return model
+
+
+@pytest.fixture(autouse=True)
+def _record_fastpeft_fallbacks(record_property):
+    _fallbacks_in_current_test.clear()
+    yield
+    if _fallbacks_in_current_test:
+        record_property("fastpeft_fallback", _fallbacks_in_current_test[0][:200])
 
 
 def _install_accelerate_hooks():
@@ -265,7 +283,7 @@ def _install_accelerate_hooks():
 
 
 _install_tiny_models()
-if MODE == "accelerated":
+if MODE != "baseline":
     _install_accelerate_hooks()
 
 
