@@ -5,7 +5,9 @@ Order (SPEC): the CUDA extension where it implements the case, then Triton for C
 torch has those ops, the default on CPU), then the PyTorch reference for cases no faster path covers (with a
 one-time warning naming the case). ``FASTPEFT_BACKEND=reference|sdpa|triton|cuda`` forces one; with
 ``TRITON_INTERPRET=1`` the Triton path also runs on CPU tensors (and is then preferred over ``sdpa``, for
-testing the kernels). Nothing here touches the GPU or imports Triton at import time.
+testing the kernels). Calls with an additive score bias (``attn_bias``) skip the CUDA extension and Triton, which
+take none: they run on ``sdpa`` (also when one of those is forced, with a one-time warning), else the reference.
+Nothing here touches the GPU or imports Triton at import time.
 """
 
 import functools

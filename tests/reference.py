@@ -6,7 +6,8 @@ import torch
 
 
 def concat_reference(q, k, v, prefix_k, prefix_v, prefix_index=None, prefix_lengths=None,
-                     key_padding_mask=None, causal=True, softmax_scale=None):
+                     key_padding_mask=None, causal=True, softmax_scale=None, attn_bias=None):
+    """``attn_bias``: None or broadcastable to ``[B, Hq, L, P + S]``, added to the scores over ``[prefix ; k]``."""
     q, k, v = q.double(), k.double(), v.double()
     prefix_k, prefix_v = prefix_k.double(), prefix_v.double()
     B, Hq, L, D = q.shape
@@ -18,6 +19,8 @@ def concat_reference(q, k, v, prefix_k, prefix_v, prefix_index=None, prefix_leng
     if prefix_lengths is None:
         prefix_lengths = torch.full((T,), P)
     scale = softmax_scale if softmax_scale is not None else D ** -0.5
+    if attn_bias is not None:
+        attn_bias = attn_bias.double().expand(B, Hq, L, P + S)
     outs = []
     for b in range(B):
         t = int(prefix_index[b])
@@ -34,6 +37,10 @@ def concat_reference(q, k, v, prefix_k, prefix_v, prefix_index=None, prefix_leng
                 visible[i, P + S - L + i + 1:] = False
         visible = visible.to(q.device)
         scores = torch.einsum("hld,hsd->hls", q[b], keys) * scale
+        if attn_bias is not None:   # -inf entries of the bias mask their keys
+            hidden = torch.isneginf(attn_bias[b])
+            scores = scores + attn_bias[b].masked_fill(hidden, 0.0)
+            visible = visible & ~hidden
         scores = scores.masked_fill(~visible, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         probs = torch.nan_to_num(probs, nan=0.0)             # a query that sees nothing -> zeros

@@ -11,11 +11,12 @@ whose names and signatures may change between releases, so they are reached only
 
 Semantics of both: ``q [B, Hq, Lq, D]``, ``k, v [B, Hkv, Sk, D]`` with ``Hq`` a multiple of ``Hkv`` (query head
 ``h`` reads kv head ``h // (Hq // Hkv)``); ``bias`` None or an additive float mask broadcastable to
-``[B, 1, 1, Sk]`` in q's dtype (0 = visible, -inf = invisible); ``causal`` is the op's own causal flag, which is
-TOP-LEFT aligned (query ``i`` sees keys ``j <= i``): callers use it only with ``Lq == Sk``. ``lse`` is in the
-natural-log units of ``scale * q @ k^T``. A query that sees no key gets some finite ``lse`` from these ops
-(0 on CPU): the caller knows which queries are blind and overrides it. ``attend_backward`` is given the
-``out``/``lse`` of a larger softmax that this call is one part of; it then returns that part's exact gradients.
+``[B, Hq, Lq, Sk]`` in q's dtype (0, or a score bias, = visible; -inf = invisible); ``causal`` is the op's own
+causal flag, which is TOP-LEFT aligned (query ``i`` sees keys ``j <= i``): callers use it only with ``Lq == Sk``.
+``lse`` is in the natural-log units of ``scale * q @ k^T`` (plus the bias). A query that sees no key gets some
+finite ``lse`` from these ops (0 on CPU): the caller knows which queries are blind and overrides it.
+``attend_backward`` is given the ``out``/``lse`` of a larger softmax that this call is one part of; it then returns
+that part's exact gradients (of q, k, v: none for the bias).
 
 Ops:
 * CPU: ``aten::_scaled_dot_product_flash_attention_for_cpu`` and its ``_backward`` (float16, bfloat16, float32,
@@ -98,8 +99,8 @@ def _cuda_operands(q, k, v, bias):
     if Dp != D:
         q, k, v = (torch.nn.functional.pad(t, (0, Dp - D)) for t in (q, k, v))
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    if bias is not None:
-        storage = bias.new_zeros(bias.shape[0], 1, 1, _round_up(Sk, _CUDA_BIAS_ALIGN))
+    if bias is not None:  # aligned rows in the bias's own (broadcast) shape, then viewed as [B, Hq, Lq, Sk]
+        storage = bias.new_zeros(*bias.shape[:-1], _round_up(Sk, _CUDA_BIAS_ALIGN))
         storage[..., :Sk] = bias
         bias = storage[..., :Sk].expand(B, Hq, Lq, Sk)
     return q, k, v, bias, D, Dp

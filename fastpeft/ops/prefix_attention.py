@@ -6,7 +6,9 @@ implements decode; the ``sdpa`` backend (PyTorch's fused attention ops, one call
 merged by log-sum-exp; the default on CPU) lives in ``fastpeft.ops.sdpa_prefix_attention``. This module
 validates the arguments once, brings them to one canonical form, picks the backend and registers the Triton
 kernels as the custom ops ``fastpeft::prefix_attention_fwd`` / ``fastpeft::prefix_attention_bwd`` (with fake
-implementations and autograd, so ``torch.compile`` traces them).
+implementations and autograd, so ``torch.compile`` traces them). Calls with an additive score bias (``attn_bias``)
+go to the ``sdpa`` backend's biased variant (``fastpeft.ops.sdpa_bias_attention``) or the reference: the Triton
+kernels and the CUDA extension take no bias.
 """
 
 import math
@@ -15,6 +17,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _backend
+from . import sdpa_bias_attention as _sdpa_bias
 from . import sdpa_prefix_attention as _sdpa
 from ._autograd import register_prefix_attention_autograd
 from .reference import reference_prefix_attention
@@ -141,6 +144,36 @@ def _canonicalize(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key
     return (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, softmax_scale)
 
 
+def _canonical_bias(attn_bias, q, k, prefix_k):
+    """Validate ``attn_bias`` against the canonical q, k and prefix_k and return it 4-D,
+    ``[1 or B, 1 or Hq, 1 or L, P + S]`` (a view; copied only when its last axis is strided), or None."""
+    if attn_bias is None:
+        return None
+    if not isinstance(attn_bias, torch.Tensor):
+        raise ValueError(f"attn_bias must be a torch.Tensor or None, got {type(attn_bias).__name__}")
+    B, Hq, L, _ = q.shape
+    S, P = k.shape[2], prefix_k.shape[2]
+    if not attn_bias.dtype.is_floating_point:
+        raise ValueError(f"attn_bias must be a floating-point additive bias (use key_padding_mask or -inf entries "
+                         f"to mask), got {attn_bias.dtype}")
+    if attn_bias.dtype != q.dtype:
+        raise ValueError(f"all inputs must share one dtype: q is {q.dtype} but attn_bias is {attn_bias.dtype}")
+    if attn_bias.device != q.device:
+        raise ValueError(f"attn_bias is on {attn_bias.device} but q is on {q.device}")
+    full = (B, Hq, L, P + S)
+    if attn_bias.dim() > 4:
+        raise ValueError(f"attn_bias must be broadcastable to [B, Hq, L, P + S] = {list(full)}, "
+                         f"got shape {tuple(attn_bias.shape)}")
+    bias = attn_bias[(None,) * (4 - attn_bias.dim())]
+    if bias.shape[3] != P + S or any(n not in (1, want) for n, want in zip(bias.shape[:3], full[:3])):
+        raise ValueError(f"attn_bias must be broadcastable to [B, Hq, L, P + S] = {list(full)} with exactly "
+                         f"P + S = {P} + {S} columns (the prefix entries, then the keys), got shape "
+                         f"{tuple(attn_bias.shape)}")
+    if bias.shape[3] > 1 and bias.stride(3) != 1:  # the fused ops read mask rows as contiguous runs
+        bias = bias.contiguous()
+    return bias
+
+
 def _kernel_case_unsupported(dtype):
     """Why the Triton kernels cannot run this case, or None."""
     if dtype == torch.float64:
@@ -210,6 +243,26 @@ def _select_backend(device, dtype, decode):
 _select_backend._dynamo_marked_constant = True
 
 
+def _select_bias_backend(device, dtype):
+    """'sdpa' or 'reference' for a call with an attn_bias (the Triton kernels and the CUDA extension take none)."""
+    forced = _backend.forced_backend()
+    if forced == "reference":
+        return "reference"
+    reason = _sdpa.unavailable_reason(device, dtype)
+    if forced == "sdpa" and reason is not None:
+        raise ValueError(f"FASTPEFT_BACKEND=sdpa cannot run here: {reason}")
+    if forced in ("triton", "cuda"):
+        _backend.warn_once(f"FASTPEFT_BACKEND={forced}: the {forced} kernels take no attn_bias; calls with one use "
+                           "the sdpa backend (or the reference where sdpa cannot run)")
+    if reason is None:
+        return "sdpa"
+    _backend.warn_fallback_once(f"attn_bias with {reason}")
+    return "reference"
+
+
+_select_bias_backend._dynamo_marked_constant = True  # as _select_backend
+
+
 def _cuda_decode_available():
     module, _ = _backend.cuda_extension()
     return module is not None and hasattr(torch.ops.fastpeft, "prefix_decode")
@@ -271,8 +324,20 @@ def _(dout, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_paddi
 register_prefix_attention_autograd(_prefix_attention_fwd_op, _prefix_attention_bwd_op)
 
 
+def _run_biased(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias, causal,
+                softmax_scale, deterministic):
+    if _select_bias_backend(q.device, q.dtype) == "reference":
+        return reference_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
+                                          key_padding_mask, causal, softmax_scale, attn_bias=attn_bias)
+    return _sdpa_bias.sdpa_bias_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
+                                                 key_padding_mask, attn_bias, causal, softmax_scale, deterministic)
+
+
 def _run(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal, softmax_scale,
-         deterministic):
+         deterministic, attn_bias=None):
+    if attn_bias is not None:
+        return _run_biased(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias,
+                           causal, softmax_scale, deterministic)
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k, v, prefix_k, prefix_v))
     backend = _choose_backend(q, needs_grad)
@@ -291,7 +356,7 @@ def _run(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_
 
 
 def prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=None, prefix_lengths=None,
-                     key_padding_mask=None, causal=True, softmax_scale=None, deterministic=False):
+                     key_padding_mask=None, causal=True, softmax_scale=None, deterministic=False, attn_bias=None):
     """Attention of ``q`` over ``[prefix ; k]`` per row, without building the concatenation.
 
     Arguments:
@@ -311,6 +376,13 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=None, prefix_leng
             With False it sees every valid prefix entry and every real key.
         softmax_scale: scale of ``q @ k^T``; default ``1 / sqrt(D)``.
         deterministic: make the backward's prefix-gradient reduction deterministic (no atomics).
+        attn_bias: None, or an additive score bias broadcastable to ``[B, Hq, L, P + S]`` (any of the first three
+            axes may be 1; the last is exactly ``P + S``) in q's dtype, over ``[prefix ; k]``: columns ``0 .. P-1``
+            are the row's prefix entries (of its table entry; those beyond its ``prefix_lengths`` are ignored),
+            columns ``P .. P+S-1`` its keys. It is added to ``softmax_scale * q @ k^T`` before the masks, like
+            xformers' ``attn_bias``, a float ``attn_mask`` of PyTorch's SDPA or T5's relative position bias
+            (``-inf`` entries mask). Differentiable; a broadcast axis gets the sum. Such calls run on the ``sdpa`` backend (the
+            reference where sdpa cannot run): the Triton and CUDA kernels take no bias.
 
     Returns:
         ``[B, Hq, L, D]`` in q's dtype. A query that sees no key at all (every prefix entry and key masked)
@@ -322,7 +394,7 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=None, prefix_leng
         query 0:    1  1 |  1  1  1  1  0      (sits at position S - L + 0 = 3)
         query 1:    1  1 |  1  1  1  1  1      (sits at position 4)
 
-    Differentiable in q, k, v, prefix_k and prefix_v; the gradient of a table entry is the sum over the rows
+    Differentiable in q, k, v, prefix_k, prefix_v (and attn_bias); the gradient of a table entry is the sum over the rows
     that used it (a shared prefix gets the sum over the batch). dtypes: float16, bfloat16, float32 (one dtype
     for all inputs), any ``D <= 256``; accumulation is float32 inside. Bad input raises ``ValueError`` (or
     ``IndexError`` for ``prefix_index`` outside ``[0, T)``) before any kernel runs.
@@ -330,17 +402,20 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=None, prefix_leng
     canonical = _canonicalize(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
                               softmax_scale)
     q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, softmax_scale = canonical
+    attn_bias = _canonical_bias(attn_bias, q, k, prefix_k)
     return _run(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, bool(causal),
-                softmax_scale, bool(deterministic))
+                softmax_scale, bool(deterministic), attn_bias)
 
 
 def prefix_attention_prevalidated(q, k, v, prefix_k, prefix_v, prefix_index=None, prefix_lengths=None,
-                                  key_padding_mask=None, causal=True, softmax_scale=None, deterministic=False):
+                                  key_padding_mask=None, causal=True, softmax_scale=None, deterministic=False,
+                                  attn_bias=None):
     """``prefix_attention`` without the value checks of ``prefix_index``/``prefix_lengths`` (which sync the
     device). For the model integrations, which check those values once per forward instead of once per layer.
     Shapes, dtypes and devices are still checked."""
     canonical = _canonicalize(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
                               softmax_scale, check_values=False)
     q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, softmax_scale = canonical
+    attn_bias = _canonical_bias(attn_bias, q, k, prefix_k)
     return _run(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, bool(causal),
-                softmax_scale, bool(deterministic))
+                softmax_scale, bool(deterministic), attn_bias)

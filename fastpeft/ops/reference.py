@@ -4,7 +4,8 @@ This is the CPU path and the fallback for cases the kernels do not cover. It is 
 ordinary autograd and computes in float32 (float64 for float64 inputs). It never concatenates the prefix
 with the sequence: the prefix scores and the sequence scores are two blocks that share one softmax
 normalizer, as in the kernels. A shared prefix (T == 1) is read through broadcasting; a table is gathered
-per row, which autograd turns into the per-entry sum of the rows' gradients.
+per row, which autograd turns into the per-entry sum of the rows' gradients. An additive score bias (``attn_bias``)
+is added to both blocks before the masks, as FlashAttention's / xformers' ``attn_bias``; it is differentiable.
 """
 
 import torch
@@ -29,13 +30,14 @@ def visible_masks(B, L, S, P, device, prefix_index, prefix_lengths, key_padding_
 
 
 def reference_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
-                               key_padding_mask, causal, softmax_scale, dropout_p=0.0):
-    """Canonical arguments (see ``fastpeft.ops.prefix_attention._canonicalize``):
+                               key_padding_mask, causal, softmax_scale, dropout_p=0.0, attn_bias=None):
+    """Canonical arguments (see ``fastpeft.ops.prefix_attention._canonicalize`` and ``_canonical_bias``):
 
     q ``[B, Hq, L, D]``; k, v ``[B, Hkv, S, D]``; prefix_k, prefix_v ``[T, Hkv, P, D]``; prefix_index ``[B]``
     integer; prefix_lengths ``[T]`` integer; key_padding_mask ``[B, S]`` bool or None.
     ``dropout_p`` drops attention probabilities (after normalization, as eager attention does) for training
-    models with attention dropout. Returns ``[B, Hq, L, D]`` in q's dtype.
+    models with attention dropout. ``attn_bias`` None or ``[1 or B, 1 or Hq, 1 or L, P + S]`` in q's dtype, added
+    to the scaled scores over ``[prefix ; k]`` before masking. Returns ``[B, Hq, L, D]`` in q's dtype.
     """
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -56,6 +58,12 @@ def reference_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, prefix
         pv = pv.index_select(0, prefix_index.long())
         scores_prefix = torch.einsum("bhgld,bhpd->bhglp", qg, pk_rows)
     scores_seq = torch.einsum("bhgld,bhsd->bhgls", qg, kc)
+    if attn_bias is not None:
+        # [Bb, Hb, Lb, P + S] -> [Bb, Hkv or 1, group or 1, Lb, P + S], broadcast against [B, Hkv, group, L, .]
+        bias = attn_bias.to(compute)
+        bias = bias.view(bias.shape[0], Hkv, group, *bias.shape[2:]) if bias.shape[1] == Hq else bias[:, :, None]
+        scores_prefix = scores_prefix + bias[..., :P]
+        scores_seq = scores_seq + bias[..., P:]
 
     prefix_visible, seq_visible = visible_masks(B, L, S, P, q.device, prefix_index, prefix_lengths,
                                                 key_padding_mask, causal)
