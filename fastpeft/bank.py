@@ -18,11 +18,14 @@ an adapter at ``cumsum(mask) - 1``. That is what PEFT does for one unpadded row 
 ``P .. P+L-1``; prompt tuning: the same over the concatenation), so each padded row of a mixed batch gets what PEFT
 gives it alone.
 
-Generation. The per-request cache (a transformers ``DynamicCache``) holds only the request's own tokens; every step
-reads the prefixes from the bank through ``prefix_index`` (for L == 1 the dispatcher picks the split-KV decode
-kernels). Finished rows are padded with the pad id, as transformers' ``generate`` does.
+Generation is transformers' own ``generate`` (greedy, sampling, beam search, logits processors, stopping criteria,
+streamers), with every step's inputs extended by the rows' prefixes and positions. The cache (transformers'
+``DynamicCache``) holds only the rows' own tokens; every step reads the prefixes from the bank through
+``prefix_index`` (for L == 1 the dispatcher picks the split-KV decode kernels).
 """
 
+import contextlib
+import copy
 import inspect
 from dataclasses import dataclass
 
@@ -279,73 +282,91 @@ class AdapterBank:
             logits = self._forward(input_ids, attention_mask, _positions(attention_mask, offsets), spec)
         return BankOutput(logits=logits)
 
-    def generate(self, input_ids, attention_mask=None, adapters=None, max_new_tokens=20, do_sample=False,
-                 temperature=None, top_k=None, top_p=None, eos_token_id=None, pad_token_id=None, generator=None):
-        """Generate for a batch whose rows use different adapters, like transformers' ``generate``.
+    def generate(self, input_ids, attention_mask=None, adapters=None, generator=None, **generate_kwargs):
+        """Generate for a batch whose rows use different adapters, through transformers' own ``generate``.
 
         Arguments:
             input_ids, attention_mask, adapters: as in ``__call__``. Every row needs at least one real token.
-            max_new_tokens: the most tokens to add per row.
-            do_sample: False = greedy; True = sample from the softmax of the logits after ``temperature``,
-                ``top_k`` (keep the k most likely tokens; 0 = all) and ``top_p`` (keep the smallest set of most
-                likely tokens whose probability reaches top_p), applied in that order as transformers does. Each
-                left at None takes the model's generation config value, else transformers' default (temperature
-                1.0, top_k 50, top_p 1.0), so sampling draws from the distribution ``model.generate`` draws from.
-            eos_token_id: an id or a list of ids that end a row; default the model's generation config; an empty
-                list: rows never end early.
-            pad_token_id: what fills a row after it ended; default the generation config's pad id, else its
-                first eos id.
-            generator: a ``torch.Generator`` for sampling; None = torch's global generator (as transformers).
+            generator: a ``torch.Generator`` to sample from; None = torch's global generator (as transformers). The
+                draws are those transformers' sampling makes from the global generator in the generator's state,
+                which the generator then takes over.
+            generate_kwargs: anything the model's ``generate`` takes, with its meaning and defaults (the model's
+                generation config first): ``max_new_tokens``, greedy / ``do_sample`` with ``temperature``,
+                ``top_k``, ``top_p``, beam search (``num_beams``, ``num_return_sequences``, ``length_penalty``),
+                ``repetition_penalty``, ``logits_processor``, ``stopping_criteria``, ``stop_strings`` (with
+                ``tokenizer=``), ``streamer``, ``return_dict_in_generate`` with ``output_scores``/``output_logits``,
+                ``eos_token_id`` (an id or a list; an empty list: rows never end early), ``pad_token_id``.
+                ``position_ids``, ``past_key_values``/``cache``, ``inputs_embeds`` and fastpeft's prefix keyword are
+                set by the bank and refused.
 
-        Returns ``[B, L + n]`` token ids (the input followed by the new tokens), ``n <= max_new_tokens``: it stops
-        early once every row has produced an eos token. Greedy tokens of each row equal those of PEFT's forward looped
-        over that row alone, unpadded (``fastpeft.integration.reference_generate``).
+        Returns what ``model.generate`` returns: ``[B * num_return_sequences, L + n]`` token ids (or its output
+        dataclass), rows ended early padded with the pad id. Each row decodes with its own adapter's prefix, read
+        from the bank at every step (the cache holds only the rows' own tokens; beams of a row share its prefix).
+        Greedy tokens of each row equal those of PEFT's forward looped over that row alone, unpadded
+        (``fastpeft.integration.reference_generate``).
         """
         self._check_open()
         input_ids, attention_mask = self._check_inputs(input_ids, attention_mask)
+        reserved = sorted({"position_ids", "past_key_values", "cache", "inputs_embeds", PREFIX_KWARG}
+                          & set(generate_kwargs))
+        if reserved:
+            raise ValueError(f"AdapterBank.generate sets {', '.join(reserved)} itself; do not pass it")
+        max_new_tokens = generate_kwargs.setdefault("max_new_tokens", 20)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-        if do_sample:
-            temperature, top_k, top_p = self._sampling_settings(temperature, top_k, top_p)
+        if generate_kwargs.get("do_sample"):
+            self._sampling_settings(generate_kwargs.get("temperature"), generate_kwargs.get("top_k"),
+                                    generate_kwargs.get("top_p"))
         empty_rows = (attention_mask.sum(-1) == 0).nonzero().flatten().tolist()
         if empty_rows:
             raise ValueError(f"attention_mask: rows {empty_rows} have no real token to continue from")
         prefix_index, offsets = self._route(adapters, input_ids.shape[0])
-        eos_ids, pad_id = self._stop_ids(eos_token_id, pad_token_id)
         if max_new_tokens == 0:
             return input_ids.clone()
-
-        from transformers import DynamicCache
+        if generate_kwargs.get("eos_token_id") == []:
+            # transformers reads None as "the generation config's eos": a config without one says "never stop".
+            config = copy.deepcopy(generate_kwargs.pop("generation_config", None) or self.model.generation_config)
+            config.eos_token_id = None
+            del generate_kwargs["eos_token_id"]
+            generate_kwargs["generation_config"] = config
 
         B = input_ids.shape[0]
-        with torch.inference_mode():
-            spec = self._prefix_spec(prefix_index)
-            cache = DynamicCache(config=self.model.config)
-            # With left padding (or none) every row's last input token is real: only its logits are needed.
-            ends_real = bool(attention_mask[:, -1].all())
-            logits = self._forward(input_ids, attention_mask, _positions(attention_mask, offsets), spec, cache,
-                                   logits_to_keep=1 if ends_real else 0)
-            if ends_real:
-                next_logits = logits[:, -1]
-            else:
-                last_real = (attention_mask * torch.arange(input_ids.shape[1], device=self.device)).argmax(-1)
-                next_logits = logits[torch.arange(B, device=self.device), last_real]
-            next_position = offsets + attention_mask.sum(-1)
-            unfinished = torch.ones(B, dtype=torch.bool, device=self.device)
-            new_tokens = []
-            for step in range(max_new_tokens):
-                token = _pick_tokens(next_logits, do_sample, temperature, top_k, top_p, generator)
-                if eos_ids is not None:
-                    token = torch.where(unfinished, token, pad_id)
-                    unfinished &= ~torch.isin(token, eos_ids)
-                new_tokens.append(token)
-                if step == max_new_tokens - 1 or (eos_ids is not None and not bool(unfinished.any())):
-                    break
-                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
-                next_logits = self._forward(token.unsqueeze(1), attention_mask, next_position.unsqueeze(1), spec,
-                                            cache, logits_to_keep=1)[:, -1]
-                next_position = next_position + 1
-            return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+        specs = {}  # by the number of rows per input row (beams, return sequences): the prefix index repeated
+
+        def add_prefixes(model_inputs):
+            # transformers numbers positions pad-aware, cumsum(mask) - 1, as the bank does; a row's adapter adds P.
+            position_ids = model_inputs.get("position_ids")
+            if position_ids is None:
+                raise ValueError(f"{type(self.model).__name__}.generate passed no position_ids; the bank needs them "
+                                 "to place each row's tokens after its adapter's virtual tokens")
+            copies = position_ids.shape[0] // B
+            if copies not in specs:
+                specs[copies] = (self._prefix_spec(prefix_index.repeat_interleave(copies)),
+                                 offsets.repeat_interleave(copies).unsqueeze(1))
+            spec, row_offsets = specs[copies]
+            model_inputs["position_ids"] = position_ids + row_offsets
+            model_inputs[PREFIX_KWARG] = spec
+            return model_inputs
+
+        # transformers continues every row from its last column: move right padding (or any pad not at the left) to
+        # the left, keeping the real tokens' order, and put the caller's layout back in front of the new tokens.
+        left_aligned = bool(attention_mask[:, -1].all())
+        if left_aligned:
+            ids, mask = input_ids, attention_mask
+        else:
+            order = torch.argsort(attention_mask, dim=1, stable=True)
+            ids, mask = input_ids.gather(1, order), attention_mask.gather(1, order)
+        with torch.inference_mode(), _drawing_from(generator), compat.generation_step_hook(self.model, add_prefixes):
+            out = self.model.generate(input_ids=ids, attention_mask=mask, **generate_kwargs)
+        if left_aligned:
+            return out
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        copies = sequences.shape[0] // B
+        sequences = torch.cat([input_ids.repeat_interleave(copies, 0), sequences[:, input_ids.shape[1]:]], 1)
+        if isinstance(out, torch.Tensor):
+            return sequences
+        out.sequences = sequences
+        return out
 
     # ----- helpers ---------------------------------------------------------------------------------------------
 
@@ -411,26 +432,6 @@ class AdapterBank:
         _check_sampling(*resolved)
         return resolved
 
-    def _stop_ids(self, eos_token_id, pad_token_id):
-        """(eos ids as a tensor or None, pad id) from the arguments or the model's generation config."""
-        generation_config = getattr(self.model, "generation_config", None)
-        if eos_token_id is None and generation_config is not None:
-            eos_token_id = generation_config.eos_token_id
-        if eos_token_id is None:
-            return None, None
-        eos_list = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        if not all(isinstance(t, int) for t in eos_list):
-            raise ValueError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
-        if not eos_list:
-            return None, None
-        if pad_token_id is None and generation_config is not None:
-            pad_token_id = generation_config.pad_token_id
-        if pad_token_id is None:
-            pad_token_id = getattr(self.model.config, "pad_token_id", None)
-        if pad_token_id is None:
-            pad_token_id = eos_list[0]
-        return torch.tensor(eos_list, device=self.device), torch.tensor(int(pad_token_id), device=self.device)
-
 
 def _positions(attention_mask, offsets):
     """Position ids ``[B, L]``: real tokens at ``offset + cumsum(mask) - 1``; padding at 0 (its keys are masked and
@@ -448,19 +449,22 @@ def _check_sampling(temperature, top_k, top_p):
         raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
 
 
-def _pick_tokens(logits, do_sample, temperature, top_k, top_p, generator):
-    """Next token per row from ``logits [B, vocab]``: argmax, or a sample after temperature, top-k and top-p."""
-    logits = logits.float()
-    if not do_sample:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k:
-        kth_best = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth_best, float("-inf"))
-    if top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1)
-        # Drop the least likely tokens whose cumulative probability stays within 1 - top_p; keep the best always.
-        drop_sorted = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
-        drop_sorted[:, -1] = False
-        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+@contextlib.contextmanager
+def _drawing_from(generator):
+    """For the block, torch's global generator of ``generator``'s device draws what ``generator`` would (its state
+    is loaded), and ``generator`` then holds the state the draws left; transformers' sampling knows only the global
+    generator. A no-op for None."""
+    if generator is None:
+        yield
+        return
+    device = generator.device
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else [], device_type="cuda" if cuda else "cpu"):
+        if cuda:
+            torch.cuda.set_rng_state(generator.get_state(), device)
+        else:
+            torch.set_rng_state(generator.get_state())
+        try:
+            yield
+        finally:
+            generator.set_state(torch.cuda.get_rng_state(device) if cuda else torch.get_rng_state())

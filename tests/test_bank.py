@@ -211,6 +211,85 @@ def test_sampling_draws_what_peft_draws_for_the_same_seed(setups, sampling):
         assert torch.equal(sampled, expected), (name, sampled.tolist(), expected.tolist())
 
 
+def _row_alone(s, b, generated_row, prompt_width):
+    """Row b of a padded batch as PEFT sees it alone: its real prompt tokens followed by the tokens generated for it
+    (``generated_row [prompt_width + n]``), and its model (PEFT model, or the base model for no adapter)."""
+    name = ROW_ADAPTERS[b]
+    model = s.base if name is None else s.peft_models[name.replace("-dir", "")]
+    return model, torch.cat([s.rows[b], generated_row[prompt_width:]]).unsqueeze(0)
+
+
+def test_beam_search_per_row_adapters_scores_match_peft_forward(setups):
+    """transformers' beam search through the bank: each returned beam's per-token log-probabilities equal PEFT's
+    forward on that beam's tokens for that row alone with its adapter, and each row's best beam scores at least as
+    high as its greedy continuation (PEFT's forward loop)."""
+    from fastpeft.integration.reference_generate import teacher_forced_logits
+
+    s = setups("llama")
+    rows = [0, 2, 3, 4, 1]  # prefix, projection prefix, prompt tuning, p-tuning, no adapter
+    ids, mask = pad_rows([s.rows[b] for b in rows], "left")
+    returned = 2
+    out = s.bank.generate(ids, attention_mask=mask, adapters=[ROW_ADAPTERS[b] for b in rows], max_new_tokens=3,
+                          num_beams=3, num_return_sequences=returned, length_penalty=0.0, eos_token_id=[],
+                          return_dict_in_generate=True, output_scores=True)
+    transition = s.bank.model.compute_transition_scores(out.sequences, out.scores, out.beam_indices,
+                                                        normalize_logits=False)
+    assert out.sequences.shape == (len(rows) * returned, ids.shape[1] + 3)
+    for i, sequence in enumerate(out.sequences):
+        b = rows[i // returned]
+        model, alone = _row_alone(s, b, sequence, ids.shape[1])
+        prompt_length = len(s.rows[b])
+        forced = teacher_forced_logits(model, alone, torch.ones(1, prompt_length, dtype=torch.long), prompt_length)
+        log_probs = forced[:, 0].log_softmax(-1).gather(-1, alone[0, prompt_length:, None]).squeeze(-1)
+        assert relative_error(transition[i], log_probs) < 1e-5, f"beam {i} of row {b} ({ROW_ADAPTERS[b]!r})"
+        if i % returned == 0:
+            greedy_tokens = s.references[b][1][:3]
+            greedy_forced = teacher_forced_logits(
+                model, torch.cat([s.rows[b], greedy_tokens]).unsqueeze(0),
+                torch.ones(1, prompt_length, dtype=torch.long), prompt_length)
+            greedy_score = greedy_forced[:, 0].log_softmax(-1).gather(-1, greedy_tokens[:, None]).sum()
+            assert log_probs.sum() >= greedy_score - 1e-4, f"row {b}: best beam below greedy"
+
+
+def test_logits_processors_and_streamer_per_row_adapters(setups):
+    """Repetition penalty and n-gram blocking from transformers' own processors, per row with its adapter, equal a
+    loop over PEFT's forward for that row alone with the same processors; a streamer receives the prompt, then each
+    new token as it is picked."""
+    from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+    from transformers.generation.streamers import BaseStreamer
+
+    s = setups("llama")
+    new_tokens = 5
+    ids, mask = pad_rows(s.rows[:5], "left")
+    generated = s.bank.generate(ids, attention_mask=mask, adapters=ROW_ADAPTERS[:5], max_new_tokens=new_tokens,
+                                repetition_penalty=1.5, no_repeat_ngram_size=2, eos_token_id=[])
+    processors = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.5), NoRepeatNGramLogitsProcessor(2)])
+    for b in range(5):
+        model, sequence = _row_alone(s, b, ids[b, :0], 0)
+        with torch.no_grad():
+            for _ in range(new_tokens):
+                logits = model(input_ids=sequence).logits[:, -1].float()
+                token = processors(sequence, logits).argmax(-1, keepdim=True)
+                sequence = torch.cat([sequence, token], 1)
+        assert torch.equal(generated[b, ids.shape[1]:], sequence[0, len(s.rows[b]):]), f"row {b}"
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.pieces = []
+
+        def put(self, value):
+            self.pieces.append(value.flatten().tolist())
+
+        def end(self):
+            self.pieces.append("end")
+
+    streamer = Collect()
+    row = s.rows[3].unsqueeze(0)  # prompt tuning (transformers' streamers take one row)
+    tokens = s.bank.generate(row, adapters=["prompt"], max_new_tokens=3, eos_token_id=[], streamer=streamer)
+    assert streamer.pieces == [row[0].tolist(), *[[t] for t in tokens[0, -3:].tolist()], "end"]
+    assert torch.equal(tokens[0, -3:], s.references[3][1][:3])
+
+
 # ----- adapter management and errors ------------------------------------------------------------------------------
 
 
