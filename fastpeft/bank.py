@@ -119,7 +119,7 @@ class AdapterBank:
         Idempotent; the bank cannot serve afterwards."""
         if self._closed:
             return
-        self.model.set_attn_implementation(self._previous_attn_implementation)
+        compat.set_attn_implementation(self.model, self._previous_attn_implementation)
         self.model.train(self._was_training)
         self._kv = self._lengths = None
         self._layer_keys = self._layer_values = ()

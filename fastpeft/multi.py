@@ -651,4 +651,6 @@ class MultiPrefixTrainer:
 
     def restore_model(self):
         """Switch the backbone back to the attention implementation it had before (its parameters stay frozen)."""
-        self.model.set_attn_implementation(self._previous_attn_implementation)
+        from .integration import compat
+
+        compat.set_attn_implementation(self.model, self._previous_attn_implementation)

@@ -368,3 +368,189 @@ def test_bart_prompt_tuning_greedy_matches_peft_forward():
 def test_encoder_decoder_prefix_tuning_is_refused_by_name():
     with pytest.raises(ValueError, match="encoder-decoder"):
         fastpeft.accelerate(_bart_peft("prefix"))
+
+
+# ----- T5: the relative position bias through the kernels' attn_bias --------------------------------------------
+
+
+def tiny_t5(family="t5", seed=0):
+    """Few relative-position buckets and a short max distance, so that the test lengths reach T5's logarithmic
+    buckets (the decoder's unidirectional ones from distance 4 on); dropout off."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config_class, model_class = {"t5": (tf.T5Config, tf.T5ForConditionalGeneration),
+                                 "mt5": (tf.MT5Config, tf.MT5ForConditionalGeneration)}[family]
+    config = config_class(d_model=128, d_kv=32, d_ff=256, num_layers=2, num_decoder_layers=2, num_heads=4,
+                          vocab_size=VOCAB, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                          dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return model_class(config).eval()
+
+
+def _t5_peft(method, family="t5"):
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(tiny_t5(family), _peft_config(method, "seq2seq"))
+    randomize_prompt_parameters(peft_model, 100)
+    return peft_model
+
+
+def _t5_decoder_padded_step(peft_model, ids, mask, decoder_ids, labels):
+    """``_seq2seq_step`` with a right-padded decoder input as well (decoder self-attention: padding and causality)."""
+    peft_model.train()
+    peft_model.zero_grad(set_to_none=True)
+    decoder_mask = torch.ones_like(decoder_ids)
+    decoder_mask[2, 3:] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = peft_model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids,
+                         decoder_attention_mask=decoder_mask, labels=labels.masked_fill(decoder_mask == 0, -100))
+    out.loss.backward()
+    grads = {name: param.grad.detach().clone() for name, param in peft_model.named_parameters()
+             if param.requires_grad}
+    peft_model.eval()
+    return out.loss.detach(), out.logits.detach().flatten(0, 1), grads
+
+
+@pytest.mark.parametrize("family", ["t5", "mt5"])
+@pytest.mark.parametrize("method", ["prompt", "p_tuning"])
+@pytest.mark.parametrize("step", [_seq2seq_step, _t5_decoder_padded_step], ids=["enc-padded", "enc-dec-padded"])
+def test_t5_prompt_learning_matches_peft_through_fastpeft_attention(method, family, step, monkeypatch):
+    """Encoder self-attention (bidirectional buckets), decoder self-attention (causal buckets) and cross-attention
+    (a zero bias) all run through fastpeft's kernels with T5's position bias as their attn_bias, T5's scaling 1.0."""
+    from tests.accelerate_helpers import forbid_framework_attention
+
+    peft_model = _t5_peft(method, family)
+    inputs = _seq2seq_inputs()
+    expected = step(peft_model, *inputs)
+    fastpeft.accelerate(peft_model, strict=True)
+    assert peft_model.get_base_model().config._attn_implementation == "fastpeft"
+    forbid_framework_attention(monkeypatch, peft_model)
+    assert_same_step(step(peft_model, *inputs), expected, what=f"{family}/{method}")
+
+
+def test_t5_trained_relative_attention_bias_gets_peft_gradient(monkeypatch):
+    """A user who also trains T5's relative_attention_bias (frozen under PEFT) gets its gradient through the
+    kernels' attn_bias gradient, summed over the batch it is broadcast over."""
+    from tests.accelerate_helpers import forbid_framework_attention
+
+    peft_model = _t5_peft("prompt")
+    trained = [param for name, param in peft_model.named_parameters() if "relative_attention_bias" in name]
+    assert len(trained) == 2  # the encoder's and the decoder's first layers
+    for param in trained:
+        param.requires_grad_(True)
+    inputs = _seq2seq_inputs()
+    expected = _t5_decoder_padded_step(peft_model, *inputs)
+    assert sum("relative_attention_bias" in name for name in expected[2]) == 2
+    fastpeft.accelerate(peft_model, strict=True)
+    forbid_framework_attention(monkeypatch, peft_model)
+    assert_same_step(_t5_decoder_padded_step(peft_model, *inputs), expected, what="t5 trained bias")
+
+
+def test_t5_gradient_checkpointing_matches_peft(monkeypatch):
+    """Under gradient checkpointing T5 marks its zero cross-attention bias as requiring grad: the kernels take it
+    (and compute its gradient, which goes nowhere) and the prompt gradients stay PEFT's."""
+    from fastpeft.ops import sdpa_bias_attention
+
+    peft_model = _t5_peft("p_tuning")
+    base = peft_model.get_base_model()
+    method, keyword = compat.checkpointing_names(base)
+    getattr(base, method)(**{keyword: {"use_reentrant": False}})
+    inputs = _seq2seq_inputs()
+    expected = _seq2seq_step(peft_model, *inputs)
+    fastpeft.accelerate(peft_model, strict=True)
+    bias_gradients = []
+    original = sdpa_bias_attention.sdpa_bias_prefix_attention_bwd
+    monkeypatch.setattr(sdpa_bias_attention, "sdpa_bias_prefix_attention_bwd",
+                        lambda *args: bias_gradients.append(args[-1]) or original(*args))
+    assert_same_step(_seq2seq_step(peft_model, *inputs), expected, what="t5 checkpointed")
+    assert any(bias_gradients), "the zero cross-attention bias was expected to require grad"
+
+
+@pytest.mark.parametrize("method", ["prompt", "p_tuning"])
+def test_t5_greedy_matches_peft_forward(method):
+    """Greedy decoding (the decoder's cache: one query per step, T5's bias for that position over the cached keys)
+    against PEFT's forward looped over the growing decoder input, without a cache."""
+    peft_model = _t5_peft(method)
+    ids, mask, _, _ = _seq2seq_inputs()
+    start = peft_model.get_base_model().config.decoder_start_token_id
+    decoder_ids = torch.full((ids.shape[0], 1), start)
+    steps = []
+    with torch.no_grad():
+        for _ in range(6):
+            logits = peft_model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits[:, -1]
+            steps.append(logits)
+            decoder_ids = torch.cat([decoder_ids, logits.argmax(-1, keepdim=True)], 1)
+    fastpeft.accelerate(peft_model, strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6,
+                                  do_sample=False, num_beams=1, eos_token_id=None, return_dict_in_generate=True,
+                                  output_logits=True)
+    assert torch.equal(out.sequences, decoder_ids)
+    assert_close(torch.stack(out.logits), torch.stack(steps), 1e-5, f"t5/{method} step logits")
+
+
+def test_t5_scaling_none_and_one_are_both_honoured():
+    """T5 passes scaling=1.0 (no 1/sqrt(D)); None means 1/sqrt(D), as in T5's own eager attention."""
+    from transformers.models.t5 import modeling_t5
+
+    from fastpeft.integration.attention import fastpeft_attention_forward
+
+    module = tiny_t5().encoder.block[0].layer[0].SelfAttention
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 5, 32, generator=g) for _ in range(3))
+    bias = torch.randn(1, 4, 5, 5, generator=g)
+    for scaling in (None, 1.0):
+        expected, _ = modeling_t5.eager_attention_forward(module, q, k, v, None, scaling=scaling, position_bias=bias)
+        actual, _ = fastpeft_attention_forward(module, q, k, v, None, scaling=scaling, position_bias=bias)
+        assert_close(actual, expected, 1e-5, f"scaling={scaling}")
+
+
+def test_position_bias_of_an_unchecked_model_type_is_refused_by_name():
+    from fastpeft.integration.attention import fastpeft_attention_forward
+
+    module = tiny_t5().encoder.block[0].layer[0].SelfAttention
+    module.config.model_type = "layoutlmv3"   # an instance attribute shadowing the class's
+    q = torch.randn(1, 4, 3, 32)
+    with pytest.raises(ValueError, match="position_bias"):
+        fastpeft_attention_forward(module, q, q, q, None, scaling=1.0, position_bias=torch.zeros(1, 4, 3, 3))
+
+
+def test_position_bias_without_the_prefix_columns_is_refused():
+    from fastpeft.integration.attention import PrefixSpec, fastpeft_attention_forward
+
+    module = tiny_t5().decoder.block[0].layer[0].SelfAttention
+    q = torch.randn(1, 4, 3, 32)
+    spec = PrefixSpec.build([torch.randn(4, 2, 32)] * 2, [torch.randn(4, 2, 32)] * 2)
+    with pytest.raises(ValueError, match="prefix columns"):
+        fastpeft_attention_forward(module, q, q, q, None, scaling=1.0, position_bias=torch.zeros(1, 4, 3, 3),
+                                   fastpeft_prefix=spec)
+
+
+def test_other_relative_bias_families_still_fall_back_naming_the_feature():
+    """UMT5 (per-layer relative biases) has not been checked against fastpeft: refused by its config."""
+    import transformers as tf
+    from peft import PromptTuningConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = tf.UMT5Config(d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4, vocab_size=VOCAB)
+    peft_model = get_peft_model(tf.UMT5ForConditionalGeneration(config).eval(),
+                                PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=P))
+    with pytest.raises(ValueError, match="relative position bias"):
+        fastpeft.accelerate(peft_model, strict=True)
+
+
+def test_t5_accelerate_and_restore_reach_both_stacks():
+    """T5's encoder and decoder hold their own copies of the config, which transformers 5.17's
+    set_attn_implementation does not reach: fastpeft switches them itself, both ways."""
+    peft_model = _t5_peft("prompt")
+    base = peft_model.get_base_model()
+    previous = base.config._attn_implementation
+    fastpeft.accelerate(peft_model, strict=True)
+    assert {base.encoder.config._attn_implementation, base.decoder.config._attn_implementation} == {"fastpeft"}
+    fastpeft.restore(peft_model)
+    assert {base.config._attn_implementation, base.encoder.config._attn_implementation,
+            base.decoder.config._attn_implementation} == {previous}

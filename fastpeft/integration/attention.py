@@ -12,7 +12,9 @@ every attention call, so each layer's attention function picks its own K/V out o
 recomputation runs after the forward has returned, and concurrent models sharing one backbone.
 
 The mask function hands the attention function the 2-D key padding mask ``[B, S]`` (bool, or None when the model
-got no attention mask) instead of a 4-D mask: causality and padding are applied inside the kernels.
+got no attention mask) instead of a 4-D mask: causality and padding are applied inside the kernels. T5's relative
+position bias (the ``position_bias`` keyword, which does not hold the mask) reaches the kernels as their additive
+``attn_bias``.
 """
 
 from dataclasses import dataclass
@@ -80,18 +82,26 @@ class UnsupportedModelError(ValueError):
 
 
 # Keyword arguments transformers passes to attention functions that change the attention math (logit
-# soft-capping: Gemma 2; attention sinks: gpt-oss and others; additive position biases: T5-style; sparse or packed
-# key selections). fastpeft's kernels implement none of them: a non-None value is refused, never ignored.
-UNSUPPORTED_ATTENTION_KWARGS = ("softcap", "s_aux", "sinks", "position_bias", "indices", "block_indices",
-                                "cu_seq_lens_q", "cu_seq_lens_k")
+# soft-capping: Gemma 2; attention sinks: gpt-oss and others; sparse or packed key selections). fastpeft's kernels
+# implement none of them: a non-None value is refused, never ignored. (``position_bias`` is handled below.)
+UNSUPPORTED_ATTENTION_KWARGS = ("softcap", "s_aux", "sinks", "indices", "block_indices", "cu_seq_lens_q",
+                                "cu_seq_lens_k")
+# Model types whose attention hands its relative position bias to the attention function as ``position_bias``
+# ``[1 or B, H, L, S]`` (the mask apart, not folded in), added to the scaled scores (T5 scales by 1.0) before the
+# mask: fastpeft passes it to the kernels as their ``attn_bias``. Checked against T5's own attention on transformers
+# 5.17 and 5.24 (MT5's is a copy). Other models that pass a ``position_bias`` (UMT5, LongT5, LayoutLMv3, ...) are
+# refused per call until checked, and by ``relative_attention_num_buckets`` in their config where they have it.
+POSITION_BIAS_MODEL_TYPES = ("t5", "mt5")
 # Configuration attributes that switch on attention features the kernels do not compute, with the feature's name:
-# a model whose config sets one (to anything but None/False/0) is refused by name before anything runs.
+# a model whose config sets one (to anything but None/False/0) is refused by name before anything runs, except the
+# model types listed with the attribute, whose attention fastpeft computes with that feature.
 UNSUPPORTED_CONFIG_FEATURES = (
-    ("attn_logit_softcapping", "attention logit soft-capping"),
-    ("relative_attention_num_buckets", "a relative position bias added to the attention scores"),
-    ("relative_attention", "disentangled relative-position attention"),
-    ("alibi", "ALiBi position biases"),
-    ("attention_chunk_size", "chunked attention"),
+    ("attn_logit_softcapping", "attention logit soft-capping", ()),
+    ("relative_attention_num_buckets", "a relative position bias added to the attention scores",
+     POSITION_BIAS_MODEL_TYPES),
+    ("relative_attention", "disentangled relative-position attention", ()),
+    ("alibi", "ALiBi position biases", ()),
+    ("attention_chunk_size", "chunked attention", ()),
 )
 
 
@@ -105,8 +115,8 @@ def check_supported_model(model, user, prefix_kwargs=True):
     ``AdapterBank``, ``MultiPrefixTrainer``: the prefix travels as a keyword argument), hand keyword arguments down
     to it (``compat.passes_kwargs_to_attention``); the config must switch on none of ``UNSUPPORTED_CONFIG_FEATURES``;
     attention sinks are refused by their parameters. What only shows per call (a sliding window shorter than prefix +
-    sequence, soft-capping or sinks passed as keyword arguments, 4-D or custom masks such as T5's position bias) is
-    refused by ``fastpeft_attention_forward`` / ``fastpeft_mask``. ``user`` names the caller in the message."""
+    sequence, soft-capping or sinks passed as keyword arguments, a ``position_bias`` from a model type not in
+    ``POSITION_BIAS_MODEL_TYPES``, 4-D or custom masks) is refused by ``fastpeft_attention_forward`` / ``fastpeft_mask``. ``user`` names the caller in the message."""
     from . import compat
 
     for module in model.modules():
@@ -126,8 +136,8 @@ def check_supported_model(model, user, prefix_kwargs=True):
     if hasattr(model.config, "get_text_config"):
         configs.append(model.config.get_text_config())
     for config in configs:
-        for attribute, feature in UNSUPPORTED_CONFIG_FEATURES:
-            if getattr(config, attribute, None):
+        for attribute, feature, computed_for in UNSUPPORTED_CONFIG_FEATURES:
+            if getattr(config, attribute, None) and getattr(config, "model_type", None) not in computed_for:
                 raise UnsupportedModelError(
                     f"{user} cannot run {type(model).__name__} (model type {getattr(config, 'model_type', None)!r}): "
                     f"its attention uses {feature} (config.{attribute}={getattr(config, attribute)!r}), which "
@@ -138,22 +148,51 @@ def check_supported_model(model, user, prefix_kwargs=True):
                                         f"sinks ({name}), which fastpeft's kernels do not compute")
 
 
-def _no_prefix(key):
+def _no_prefix(key, columns=1):
     """A one-entry prefix of valid length 0 (``prefix_lengths = [0]``): attention over the sequence alone, through
     the same kernels. The entry has one (invisible) column rather than none, so that no backend has to handle a
-    zero-size prefix axis. Returns prefix_k, prefix_v ``[1, Hkv, 1, D]``, prefix_index ``[B]`` and
-    prefix_lengths ``[1]``."""
+    zero-size prefix axis; ``columns=0`` for calls with a position bias, which run on the sdpa/reference paths (they
+    take an empty prefix) and whose bias then needs no prefix column. Returns prefix_k, prefix_v
+    ``[1, Hkv, columns, D]``, prefix_index ``[B]`` and prefix_lengths ``[1]``."""
     B, Hkv, _, D = key.shape
-    empty = key.new_zeros(1, Hkv, 1, D)
+    empty = key.new_zeros(1, Hkv, columns, D)
     index = torch.zeros(B, dtype=torch.int32, device=key.device)
     lengths = torch.zeros(1, dtype=torch.int32, device=key.device)
     return empty, empty, index, lengths
+
+
+def _attention_bias(module, position_bias, query, key, prefix_columns):
+    """T5's ``position_bias`` ``[1 or B, H, L, S]`` as the kernels' ``attn_bias`` over ``[prefix ; keys]``, in the
+    query's dtype (differentiably: a model that trains its relative attention bias gets its gradient), or None.
+
+    T5 computes it over the keys it sees; with a prefix outside the cache (fastpeft's prefix tuning) it would have to
+    cover the prefix columns too, as T5 computes them over a cache of P tokens: a bias without them is refused."""
+    if position_bias is None:
+        return None
+    model_type = getattr(getattr(module, "config", None), "model_type", None)
+    if model_type not in POSITION_BIAS_MODEL_TYPES:
+        raise ValueError(f"{type(module).__name__} (model type {model_type!r}) passes position_bias to its attention "
+                         "function; fastpeft attention computes it only for "
+                         f"{', '.join(POSITION_BIAS_MODEL_TYPES)} models, whose semantics it was checked against")
+    S = key.shape[2]
+    if not isinstance(position_bias, torch.Tensor) or position_bias.dim() != 4 or \
+            position_bias.shape[-1] not in (S, prefix_columns + S):
+        raise ValueError(f"{type(module).__name__} passes a position_bias of shape "
+                         f"{tuple(getattr(position_bias, 'shape', ()))}; fastpeft attention takes one "
+                         f"[1 or B, H, L, S={S}] over the keys")
+    if position_bias.shape[-1] != prefix_columns + S:
+        raise ValueError(f"{type(module).__name__}'s position_bias covers its {S} keys but not the {prefix_columns} "
+                         "prefix columns: a relative position bias over a prefix held outside the cache is not "
+                         "supported by fastpeft attention")
+    return position_bias.to(query.dtype)
 
 
 def fastpeft_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                                is_causal=None, **kwargs):
     """transformers attention function. query ``[B, Hq, L, D]``, key/value ``[B, Hkv, S, D]`` (the cache
     included), attention_mask ``[B, S]`` bool or None (from ``fastpeft_mask``). Returns ``([B, L, Hq, D], None)``.
+    ``position_bias`` (T5: ``[1 or B, H, L, S]``, the mask not folded in) is added to the ``scaling``-scaled scores
+    before the mask, as T5's own attention does; ``scaling`` None means ``1/sqrt(D)``, T5 passes 1.0.
     """
     if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
         raise ValueError("fastpeft attention takes a 2-D key padding mask [B, S]; this model passed a "
@@ -163,8 +202,9 @@ def fastpeft_attention_forward(module, query, key, value, attention_mask, dropou
         raise ValueError(f"{type(module).__name__} passes {', '.join(unsupported)} to its attention function; "
                          "fastpeft attention does not implement that (it would change the attention scores)")
     spec = kwargs.get(PREFIX_KWARG)
+    position_bias = kwargs.get("position_bias")
     if spec is None:
-        prefix_k, prefix_v, prefix_index, prefix_lengths = _no_prefix(key)
+        prefix_k, prefix_v, prefix_index, prefix_lengths = _no_prefix(key, 0 if position_bias is not None else 1)
     else:
         prefix_k, prefix_v = spec.layer(getattr(module, "layer_idx", None))
         prefix_index, prefix_lengths = spec.prefix_index, spec.prefix_lengths
@@ -187,6 +227,7 @@ def fastpeft_attention_forward(module, query, key, value, attention_mask, dropou
         dtype = torch.get_autocast_dtype(device_type)
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
         prefix_k, prefix_v = prefix_k.to(dtype), prefix_v.to(dtype)
+    attn_bias = _attention_bias(module, position_bias, query, key, prefix_k.shape[-2])
 
     sliding_window = kwargs.get("sliding_window")
     if sliding_window is not None and prefix_k.shape[-2] + key.shape[2] > sliding_window:
@@ -206,11 +247,11 @@ def fastpeft_attention_forward(module, query, key, value, attention_mask, dropou
         lengths = prefix_lengths if prefix_lengths is not None else torch.full((T,), P, device=query.device)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         out = reference_prefix_attention(query, key, value, prefix_k, prefix_v, index, lengths, attention_mask,
-                                         bool(causal), scale, dropout_p=dropout)
+                                         bool(causal), scale, dropout_p=dropout, attn_bias=attn_bias)
     else:
         out = prefix_attention_prevalidated(query, key, value, prefix_k, prefix_v, prefix_index=prefix_index,
                                             prefix_lengths=prefix_lengths, key_padding_mask=attention_mask,
-                                            causal=bool(causal), softmax_scale=scaling)
+                                            causal=bool(causal), softmax_scale=scaling, attn_bias=attn_bias)
     return out.transpose(1, 2), None
 
 
@@ -254,8 +295,10 @@ def register():
 
 def use_fastpeft_attention(model):
     """Switch ``model`` (a transformers ``PreTrainedModel`` instance) to fastpeft attention. Returns the previous
-    ``attn_implementation`` so the caller can restore it with ``model.set_attn_implementation(previous)``."""
+    ``attn_implementation`` so the caller can restore it with ``compat.set_attn_implementation(model, previous)``."""
+    from . import compat
+
     register()
     previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    compat.set_attn_implementation(model, ATTN_IMPLEMENTATION)
     return previous

@@ -188,6 +188,17 @@ def uses_attention_interface(model):
     return bool(can_set()) if callable(can_set) else False
 
 
+def set_attn_implementation(model, implementation):
+    """``model.set_attn_implementation(implementation)``, reaching every sub-model. transformers 5.17 passes it on only
+    to sub-models whose config is of another class, so T5's encoder and decoder stacks (each with its own copy of the
+    T5Config) keep their previous implementation there; 5.2x passes it on by config identity. Any sub-model still on
+    another implementation afterwards is switched itself."""
+    model.set_attn_implementation(implementation)
+    for module in model.modules():
+        if is_pretrained_model(module) and module.config._attn_implementation != implementation:
+            module.set_attn_implementation(implementation)
+
+
 def position_scheme(model):
     """How ``model`` numbers its tokens when it gets no ``position_ids`` and a KV cache precedes them (which is how
     PEFT's prefix tuning hands over its prefix): ``("mask", None)`` for learned positions counted over the attention

@@ -118,8 +118,9 @@ def accelerate(peft_model, *, strict=False):
             interface with plain softmax attention (Llama, Mistral, Qwen2/3, GPT-2, OPT, GPT-J, Gemma 3, Phi,
             GPT-NeoX, BERT, RoBERTa, ...; see ``attention.check_supported_model``), and whose adapters are
             PREFIX_TUNING (with or without ``prefix_projection``), PROMPT_TUNING, P_TUNING or CPT; or a
-            ``PeftModelForSeq2SeqLM`` (BART) with PROMPT_TUNING / P_TUNING adapters. The backbone may be loaded in
-            4-bit or 8-bit through bitsandbytes.
+            ``PeftModelForSeq2SeqLM`` (BART; T5 and MT5, whose relative position bias the kernels add as their
+            ``attn_bias``) with PROMPT_TUNING / P_TUNING adapters. The backbone may be loaded in 4-bit or 8-bit
+            through bitsandbytes.
         strict: what to do with a backbone whose attention fastpeft cannot compute (hand-written attention that
             bypasses the attention interface, such as DeBERTa's disentangled attention, or a feature the kernels
             lack, named in the message). False (default): warn once with a ``FallbackWarning`` naming why and leave
@@ -184,7 +185,7 @@ def restore(peft_model):
         raise ValueError("fastpeft.restore: this model was not accelerated by fastpeft.accelerate")
     for name in _OVERRIDDEN_METHODS:
         peft_model.__dict__.pop(name, None)
-    peft_model.get_base_model().set_attn_implementation(state.previous_attn_implementation)
+    compat.set_attn_implementation(peft_model.get_base_model(), state.previous_attn_implementation)
     delattr(peft_model, STATE_ATTR)
     return peft_model
 
