@@ -365,11 +365,6 @@ def test_bart_prompt_tuning_greedy_matches_peft_forward():
     assert_close(torch.stack(out.logits), torch.stack(steps), 1e-5, "bart step logits")
 
 
-def test_encoder_decoder_prefix_tuning_is_refused_by_name():
-    with pytest.raises(ValueError, match="encoder-decoder"):
-        fastpeft.accelerate(_bart_peft("prefix"))
-
-
 # ----- T5: the relative position bias through the kernels' attn_bias --------------------------------------------
 
 

@@ -8,7 +8,8 @@ previous implementation back. No model class or module is patched.
 How the prefix reaches the kernels: the caller passes ``fastpeft_prefix=PrefixSpec(...)`` as a keyword argument
 to the model's ``forward`` (or ``generate``). transformers forwards unknown keyword arguments of a forward down to
 every attention call, so each layer's attention function picks its own K/V out of the spec by
-``module.layer_idx``. Keyword arguments (rather than state on the modules) survive gradient checkpointing, whose
+``module.layer_idx`` (an encoder-decoder's spec, ``DecoderSelfAttentionPrefix``, gives K/V to the decoder's
+self-attention only). Keyword arguments (rather than state on the modules) survive gradient checkpointing, whose
 recomputation runs after the forward has returned, and concurrent models sharing one backbone.
 
 The mask function hands the attention function the 2-D key padding mask ``[B, S]`` (bool, or None when the model
@@ -17,7 +18,7 @@ position bias (the ``position_bias`` keyword, which does not hold the mask) reac
 ``attn_bias``.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -74,6 +75,40 @@ class PrefixSpec:
             raise ValueError(f"the attention module's layer_idx={layer_idx} has no prefix in this PrefixSpec "
                              f"({len(self.keys)} layers)")
         return self.keys[layer_idx], self.values[layer_idx]
+
+    def for_module(self, module):
+        """The spec that applies to attention ``module``: this one, whole (every attention layer of a decoder-only
+        model or an encoder reads its prefix by ``layer_idx``)."""
+        return self
+
+
+def is_decoder_self_attention(module):
+    """Whether attention ``module`` is the self-attention of an encoder-decoder's decoder, rather than its encoder's
+    self-attention or its cross-attention. BART's and T5's attention modules say it with two attributes: ``is_decoder``
+    (False in the encoder) and ``is_causal`` (False for cross-attention, which is a decoder module too)."""
+    return bool(getattr(module, "is_decoder", False) and getattr(module, "is_causal", False))
+
+
+@dataclass(frozen=True)
+class DecoderSelfAttentionPrefix:
+    """The prefix of an encoder-decoder, PEFT's way: only the decoder's self-attention reads one (``prefix``, indexed
+    by the decoder layer's ``layer_idx``); the encoder's self-attention and the cross-attention read none (PEFT hands
+    the prefix over as the self-attention half of an ``EncoderDecoderCache`` and empties its cross-attention half).
+
+    ``reached`` collects the ``layer_idx`` of every decoder self-attention call that took the prefix, so that the
+    caller can check after the forward that the keyword reached attention at all: encoder-decoders (BART, T5) do not
+    declare ``_supports_attention_backend``, so that is verified per call rather than trusted per class.
+    """
+
+    prefix: PrefixSpec
+    reached: set = field(default_factory=set, compare=False, repr=False)
+
+    def for_module(self, module):
+        """``prefix`` for a decoder self-attention module (recorded in ``reached``), None for any other."""
+        if not is_decoder_self_attention(module):
+            return None
+        self.reached.add(module.layer_idx)
+        return self.prefix
 
 
 class UnsupportedModelError(ValueError):
@@ -202,6 +237,8 @@ def fastpeft_attention_forward(module, query, key, value, attention_mask, dropou
         raise ValueError(f"{type(module).__name__} passes {', '.join(unsupported)} to its attention function; "
                          "fastpeft attention does not implement that (it would change the attention scores)")
     spec = kwargs.get(PREFIX_KWARG)
+    if spec is not None:
+        spec = spec.for_module(module)
     position_bias = kwargs.get("position_bias")
     if spec is None:
         prefix_k, prefix_v, prefix_index, prefix_lengths = _no_prefix(key, 0 if position_bias is not None else 1)

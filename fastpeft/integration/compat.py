@@ -4,7 +4,7 @@ fastpeft reaches into transformers and PEFT at a few seams: the keyword a model 
 model output and a generation step's inputs keep that cache, the position ids a generation step carries, the
 hook that adds keyword arguments to every generation step, the activation-checkpointing switch, whether a model
 class routes attention through the attention interface (and hands it keyword arguments), how a backbone numbers
-positions after a cache, and PEFT's flag for a disabled adapter. (The one other seam, the mask function's signature, needs no lookup: transformers calls it
+positions after a cache (and where an encoder-decoder's decoder takes its positions from), and PEFT's flag for a disabled adapter. (The one other seam, the mask function's signature, needs no lookup: transformers calls it
 by keyword, with ``q_length``/``q_offset`` in 5.x and ``cache_position`` before, and ``fastpeft_mask`` accepts
 both and needs neither.) Releases rename these (transformers 5.24 passes the cache as ``cache``; ``past_key_values``
 is deprecated, removal announced for 5.40; 5.2x renamed ``gradient_checkpointing_*`` to
@@ -212,6 +212,50 @@ def position_scheme(model):
         if hasattr(module, "create_position_ids_from_input_ids") and getattr(module, "padding_idx", None) is not None:
             return "input_ids", module.padding_idx
     return "cache", None
+
+
+def decoder_position_embedding(model):
+    """The module an encoder-decoder's decoder takes its absolute positions from, or None: BART's (and its kin's)
+    ``decoder.embed_positions``, which the decoder calls as ``(input_ids, cache length, position_ids=cache length +
+    arange(L))`` (the cache length is ``past_key_values_length`` up to 5.17, ``cache_length`` in 5.24). T5's decoder
+    has none: it numbers positions in its relative attention bias."""
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    return getattr(decoder, "embed_positions", None) if decoder is not None else None
+
+
+@contextlib.contextmanager
+def decoder_positions_shifted(model, offset):
+    """For the duration of the block, ``model``'s decoder numbers its tokens ``offset`` further on, as it does when
+    a KV cache of ``offset`` more tokens precedes them (PEFT's prefix tuning hands its prefix to an encoder-decoder
+    as such a cache, and the decoders take no position ids to say it without one).
+
+    A forward pre-hook on ``decoder_position_embedding(model)`` that adds ``offset`` to the ``position_ids`` the
+    decoder computed (or to the cache length, where it passes none); removed when the block ends, so a model outside
+    the block, ``fastpeft.restore`` and a deep copy see no trace of it. Not for two threads running one model at once
+    (neither is PEFT's own generate, which sets instance attributes for its duration). Raises ValueError when the
+    decoder has no position embedding or calls it in a way this does not know."""
+    module = decoder_position_embedding(model)
+    if module is None:
+        raise ValueError(f"{type(model).__name__}'s decoder has no position embedding (decoder.embed_positions) "
+                         "that fastpeft can shift by the prefix length, as PEFT's cache does")
+
+    def shift(module, args, kwargs):
+        if kwargs.get("position_ids") is not None:
+            return args, {**kwargs, "position_ids": kwargs["position_ids"] + offset}
+        if len(args) > 2 and args[2] is not None:
+            return (*args[:2], args[2] + offset, *args[3:]), kwargs
+        if len(args) > 1 and isinstance(args[1], int):
+            return (args[0], args[1] + offset, *args[2:]), kwargs
+        raise ValueError(f"{type(module).__name__} was called without position ids or a cache length in the "
+                         "places fastpeft shifts (this transformers release calls the decoder's position embedding "
+                         "differently)")
+
+    handle = module.register_forward_pre_hook(shift, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 # ----- PEFT ------------------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ class _AccelerationState:
     def __init__(self, previous_attn_implementation):
         self.previous_attn_implementation = previous_attn_implementation
         self.position_scheme = None  # compat.position_scheme of the backbone, found at the first forward
+        self.decoder_layers = None  # an encoder-decoder's decoder layer count, found at the first prefix forward
 
 
 def _peft_types():
@@ -77,12 +78,7 @@ def _check_peft_config(peft_model, adapter_name):
                              f"{config.num_transformer_submodules}, for an encoder-decoder; the backbone has one")
         return
     if encoder_decoder:
-        # PEFT hands an encoder-decoder its prefix as a decoder self-attention cache, so the decoder numbers its
-        # positions after it; the decoders (BART's, T5's) take no position ids to say that without a cache.
-        raise ValueError(f"fastpeft.accelerate does not run prefix tuning on encoder-decoder models "
-                         f"({type(peft_model.get_base_model()).__name__}; adapter {adapter_name!r}): PEFT shifts "
-                         "the decoder's positions by the prefix through its KV cache, which the decoder takes no "
-                         "position ids to reproduce without one. Prompt tuning and p-tuning are supported there")
+        _check_encoder_decoder_prefix_config(peft_model, adapter_name)
     geometry = BaseGeometry.of(peft_model.get_base_model().config)
     num_layers, kv_heads, head_dim = geometry.num_layers, geometry.num_kv_heads, geometry.head_dim
     if config.num_layers != num_layers:
@@ -96,12 +92,64 @@ def _check_peft_config(peft_model, adapter_name):
             "per-KV-head keys and values")
 
 
+def _check_encoder_decoder_prefix_config(peft_model, adapter_name):
+    """The encoder-decoder prefix-tuning configurations PEFT runs (``encoder_decoder_prefix_spec``): its cache has
+    ``num_transformer_submodules=2`` (self- and cross-attention halves), ``num_layers`` self-attention layers of
+    ``num_attention_heads`` heads, which the decoder's layers must not outnumber (PEFT fails with an IndexError) and
+    whose head count the decoder's self-attention must have (PEFT fails concatenating the cache). Raise ValueError
+    naming the mismatch."""
+    config = peft_model.peft_config[adapter_name]
+    base = peft_model.get_base_model()
+    if config.num_transformer_submodules != 2:
+        raise ValueError(f"prefix-tuning adapter {adapter_name!r} of the encoder-decoder {type(base).__name__} has "
+                         f"num_transformer_submodules={config.num_transformer_submodules}; PEFT's encoder-decoder "
+                         "prefix (a self- and a cross-attention cache) has 2")
+    decoder_layers = len(_decoder_self_attention_layers(base))
+    if decoder_layers > config.num_layers:
+        raise ValueError(f"prefix-tuning adapter {adapter_name!r} has num_layers={config.num_layers} but the decoder "
+                         f"of {type(base).__name__} has {decoder_layers} layers: PEFT's prefix covers num_layers "
+                         "decoder layers (it fails on the others)")
+    decoder_heads = getattr(base.config, "decoder_attention_heads", None)
+    if decoder_heads is not None and decoder_heads != config.num_attention_heads:
+        raise ValueError(f"prefix-tuning adapter {adapter_name!r} stores its prefix in num_attention_heads="
+                         f"{config.num_attention_heads} heads but the decoder of {type(base).__name__} has "
+                         f"{decoder_heads} (PEFT fails on that too)")
+
+
+def _decoder_self_attention_layers(base):
+    """The ``layer_idx`` of every decoder self-attention module of the encoder-decoder ``base``, in order
+    (``attention.is_decoder_self_attention``). Raises ValueError unless they number the decoder's layers
+    ``0 .. n-1`` once each and no module outside the decoder passes for one: then the prefix could reach the wrong
+    attention."""
+    decoder = base.get_decoder()
+    inside = {id(module) for module in decoder.modules()}
+    found, stray = [], []
+    for name, module in base.named_modules():
+        if attention.is_decoder_self_attention(module):
+            (found if id(module) in inside else stray).append((name, getattr(module, "layer_idx", None)))
+    layers = [layer_idx for _, layer_idx in found]
+    if stray or not layers or layers != list(range(len(layers))):
+        raise ValueError(f"fastpeft cannot tell {type(base).__name__}'s decoder self-attention modules apart (by "
+                         f"is_decoder and is_causal): found {found} in the decoder and {stray} outside it, expected "
+                         "one per decoder layer numbered 0, 1, ... by layer_idx")
+    return layers
+
+
 def _check_backbone(peft_model):
     """The backbone checks of ``attention.check_supported_model``; the keyword-passing requirement only where an
     adapter is prefix tuning (prompt tuning, p-tuning and CPT hand attention nothing but the sequence)."""
     base = peft_model.get_base_model()
     prefix = any(config.peft_type == _peft_types()[0] for config in peft_model.peft_config.values())
-    attention.check_supported_model(base, "fastpeft.accelerate", prefix_kwargs=prefix)
+    encoder_decoder = getattr(base.config, "is_encoder_decoder", False)
+    # Encoder-decoders (BART, T5) hand keyword arguments to attention without declaring it: the prefix's arrival at
+    # the decoder self-attention is checked at every call instead (DecoderSelfAttentionPrefix.reached).
+    attention.check_supported_model(base, "fastpeft.accelerate", prefix_kwargs=prefix and not encoder_decoder)
+    if prefix and encoder_decoder:
+        if compat.decoder_position_embedding(base) is None:
+            raise ValueError(f"fastpeft.accelerate cannot run prefix tuning on {type(base).__name__}: PEFT numbers "
+                             "the decoder's positions after its prefix cache, and this decoder has no position "
+                             "embedding (decoder.embed_positions) fastpeft can shift without one")
+        _decoder_self_attention_layers(base)
 
 
 class FallbackWarning(UserWarning):
@@ -164,12 +212,16 @@ def accelerate(peft_model, *, strict=False):
     setattr(peft_model, STATE_ATTR, _AccelerationState(previous))
     # functools.partial rather than bound methods: a partial pickles and deep-copies by value (a bound method
     # pickles as getattr(model, function name), which the unpickled model would not have).
-    peft_model.forward = functools.partial(_accelerated_forward, peft_model)
-    peft_model._setup_prompt_encoder = functools.partial(_setup_prompt_encoder_allowing_checkpointing, peft_model)
-    from peft import PeftModelForCausalLM
+    from peft import PeftModelForCausalLM, PeftModelForSeq2SeqLM
 
+    seq2seq = isinstance(peft_model, PeftModelForSeq2SeqLM)
+    peft_model.forward = functools.partial(_accelerated_seq2seq_forward if seq2seq else _accelerated_forward,
+                                           peft_model)
+    peft_model._setup_prompt_encoder = functools.partial(_setup_prompt_encoder_allowing_checkpointing, peft_model)
     if isinstance(peft_model, PeftModelForCausalLM):
         peft_model.generate = functools.partial(_accelerated_generate, peft_model)
+    elif seq2seq:
+        peft_model.generate = functools.partial(_accelerated_seq2seq_generate, peft_model)
     return peft_model
 
 
@@ -225,6 +277,36 @@ def prefix_spec(peft_model):
         flat = flat.to(dtype)
     keys, values = split_prefix(flat, config.num_layers, kv_heads, config.token_dim // kv_heads)
     return attention.PrefixSpec.build(keys, values)
+
+
+def encoder_decoder_prefix_spec(peft_model):
+    """The active prefix-tuning adapter of a ``PeftModelForSeq2SeqLM`` as PEFT applies it: a
+    ``DecoderSelfAttentionPrefix`` whose decoder layer i reads ``[Hkv, P, D]`` K/V, differentiably.
+
+    PEFT's ``get_prompt`` (``num_transformer_submodules=2``) views the encoder output as ``[P, 2 NL, H, D]``,
+    concatenates that slot axis with itself (``4 NL`` slots) and splits it in groups of 4, each layer's (self K,
+    self V, cross K, cross V) of an ``EncoderDecoderCache``, whose cross-attention half it then replaces by an empty
+    cache. Decoder layer i therefore reads slots ``4i mod 2NL`` and ``4i+1 mod 2NL``: PEFT layer ``2i mod NL``'s K/V
+    in the decoder-only layout of ``prefix_spec`` (with NL=2 both decoder layers read layer 0's and layer 1's half
+    of the prefix is never used: its gradient is zero in PEFT too). Encoder and cross-attention get no prefix.
+    """
+    full = prefix_spec(peft_model)
+    state = getattr(peft_model, STATE_ATTR)
+    if state.decoder_layers is None:
+        state.decoder_layers = len(_decoder_self_attention_layers(peft_model.get_base_model()))
+    num_layers = len(full.keys)
+    order = [2 * i % num_layers for i in range(state.decoder_layers)]
+    prefix = attention.PrefixSpec.build([full.keys[j] for j in order], [full.values[j] for j in order])
+    return attention.DecoderSelfAttentionPrefix(prefix)
+
+
+def _check_prefix_reached(spec, base):
+    """Raise ValueError when no decoder self-attention took the encoder-decoder prefix ``spec`` during the call just
+    made: the keyword did not reach attention, and the output is that of the model without its prefix."""
+    if not spec.reached:
+        raise ValueError(f"the prefix did not reach {type(base).__name__}'s decoder self-attention: this "
+                         "transformers release does not hand keyword arguments down to its attention functions, so "
+                         "fastpeft cannot run prefix tuning on it")
 
 
 def _position_scheme(peft_model):
@@ -318,6 +400,73 @@ def _accelerated_forward(self, input_ids=None, attention_mask=None, inputs_embed
     return base(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                 output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                 return_dict=return_dict, **kwargs)
+
+
+def _accelerated_seq2seq_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None,
+                                 decoder_input_ids=None, decoder_attention_mask=None, decoder_inputs_embeds=None,
+                                 labels=None, output_attentions=None, output_hidden_states=None, return_dict=None,
+                                 task_ids=None, **kwargs):
+    """``PeftModelForSeq2SeqLM.forward`` (same signature) with a prefix-tuning adapter's prefix fused into the
+    decoder's self-attention; other adapter types run PEFT's own forward over fastpeft attention.
+
+    PEFT's semantics (it passes the prefix as an ``EncoderDecoderCache``): the decoder's self-attention sees the
+    prefix (``encoder_decoder_prefix_spec``) before its tokens, always (PEFT puts ones in front of a
+    ``decoder_attention_mask``); the encoder and the cross-attention see none; the decoder numbers its tokens after
+    the prefix, ``P + cached + arange(L)`` (``compat.decoder_positions_shifted``); ``position_ids`` get ``+P`` and
+    ``token_type_ids`` are dropped with a warning (PEFT's ``_adjust_prompt_learning_kwargs``); ``labels`` make the
+    backbone build ``decoder_input_ids`` as usual. The output's cache, as on the causal-LM path, holds only the real
+    tokens (None with ``labels``, where the backbone turns its cache off); passed back in, it continues the sequence.
+    """
+    arguments = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                     decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+                     decoder_inputs_embeds=decoder_inputs_embeds, labels=labels,
+                     output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                     return_dict=return_dict)
+    if not _active_is_prefix_tuning(self):
+        return type(self).forward(self, **arguments, task_ids=task_ids, **kwargs)
+    if attention.PREFIX_KWARG in kwargs:
+        raise ValueError(f"{attention.PREFIX_KWARG} is set by the accelerated model itself; do not pass it")
+    for name in self.special_peft_forward_args:  # PEFT ignores these for prompt learning
+        kwargs.pop(name, None)
+    config = self.active_peft_config
+    self._adjust_prompt_learning_kwargs(config, kwargs=kwargs)
+    base = self.get_base_model()
+    if self.training and torch.is_grad_enabled():
+        _check_no_reentrant_checkpointing(base)
+    spec = encoder_decoder_prefix_spec(self)
+    with compat.decoder_positions_shifted(base, config.num_virtual_tokens):
+        output = base(**arguments, **{attention.PREFIX_KWARG: spec}, **kwargs)
+    _check_prefix_reached(spec, base)
+    return output
+
+
+def _accelerated_seq2seq_generate(self, **kwargs):
+    """``PeftModelForSeq2SeqLM.generate`` with a prefix-tuning adapter's prefix held once and read by the decoder's
+    self-attention at every step; never in the KV cache, which holds the real tokens only (beam search reorders
+    nothing of the prefix). Positions as in ``_accelerated_seq2seq_forward``: the decoder's token t sits at
+    ``P + t``, as in PEFT's forward looped without a cache. Other adapter types and ``disable_adapter()`` run PEFT's
+    own generate (over fastpeft attention)."""
+    if compat.adapters_disabled(self) or not _active_is_prefix_tuning(self):
+        return type(self).generate(self, **kwargs)
+    if "input_ids" not in kwargs:  # as PEFT's generate
+        raise ValueError("input_ids must be provided for Peft model generation")
+    if attention.PREFIX_KWARG in kwargs:
+        raise ValueError(f"{attention.PREFIX_KWARG} is set by the accelerated model itself; do not pass it")
+    config = self.active_peft_config
+    self._adjust_prompt_learning_kwargs(config, kwargs=kwargs)
+    base = self.get_base_model()
+    with torch.no_grad():
+        spec = encoder_decoder_prefix_spec(self)
+
+    def add_prefix(model_inputs):
+        model_inputs[attention.PREFIX_KWARG] = spec
+        return model_inputs
+
+    with compat.generation_step_hook(base, add_prefix), \
+            compat.decoder_positions_shifted(base, config.num_virtual_tokens):
+        output = base.generate(**kwargs)
+    _check_prefix_reached(spec, base)
+    return output
 
 
 def _check_no_reentrant_checkpointing(base):

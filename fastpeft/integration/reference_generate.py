@@ -11,6 +11,7 @@ PEFT's position semantics are kept: prefix tuning (and a plain model) numbers th
 prompt tuning and p-tuning number the concatenation ``[virtual tokens ; input]`` from 0, padding included, as PEFT's
 ``generate`` does, so the padded batch runs as it is. The forward keeps its default cache setting (PEFT's prefix
 tuning forward hands its prefix over as a cache); no cache survives from one step to the next.
+``generate_seq2seq_without_cache`` does the same for encoder-decoders, growing the decoder input.
 """
 
 import torch
@@ -91,6 +92,47 @@ def generate_without_cache(model, input_ids, attention_mask=None, max_new_tokens
             unfinished &= ~torch.isin(token, eos)
         sequences = torch.cat([sequences, token.unsqueeze(1)], dim=1)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
+        if eos is not None and not bool(unfinished.any()):
+            break
+    return sequences, torch.stack(step_logits)
+
+
+@torch.no_grad()
+def generate_seq2seq_without_cache(model, input_ids, attention_mask=None, max_new_tokens=8,
+                                   decoder_start_token_id=None, eos_token_id=None, pad_token_id=0):
+    """Greedy generation of an encoder-decoder (a ``PeftModelForSeq2SeqLM`` or a plain seq2seq LM) by repeated full
+    forwards: the encoder input stays as it is, the decoder input grows from ``decoder_start_token_id`` (default: the
+    model config's) by the argmax of the last position's logits. No KV cache survives from one step to the next and
+    no ``generate`` code runs, so PEFT's forward semantics (prefix tuning: the decoder's tokens after its prefix) are
+    what it computes. The batch runs as it is: the encoder's padding is masked, the decoder has none.
+
+    Arguments:
+        input_ids, attention_mask: ``[B, L]`` encoder input, padded either side (BART pads on the right).
+        eos_token_id: an id or list of ids that end a row (later tokens are ``pad_token_id``); None: never.
+
+    Returns ``(decoder sequences [B, 1 + n], logits [n, B, vocab])``: the start token followed by the new tokens
+    (what transformers' ``generate`` returns for an encoder-decoder), and the float32 logits each token was picked
+    from; ``n < max_new_tokens`` when every row ended early.
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if decoder_start_token_id is None:
+        decoder_start_token_id = model.config.decoder_start_token_id
+    eos = None if eos_token_id is None else torch.tensor(
+        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=input_ids.device)
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    sequences = torch.full((input_ids.shape[0], 1), decoder_start_token_id, dtype=input_ids.dtype,
+                           device=input_ids.device)
+    step_logits = []
+    for _ in range(max_new_tokens):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                       decoder_input_ids=sequences).logits[:, -1].float()
+        step_logits.append(logits)
+        token = logits.argmax(-1)
+        if eos is not None:
+            token = torch.where(unfinished, token, torch.full_like(token, pad_token_id))
+            unfinished &= ~torch.isin(token, eos)
+        sequences = torch.cat([sequences, token.unsqueeze(1)], dim=1)
         if eos is not None and not bool(unfinished.any()):
             break
     return sequences, torch.stack(step_logits)
