@@ -222,6 +222,23 @@ def _attention_bias(module, position_bias, query, key, prefix_columns):
     return position_bias.to(query.dtype)
 
 
+def _pad_keys_to_queries(key, value, attention_mask, attn_bias, length):
+    """Cross-attention can have fewer keys than queries (a decoder input longer than the encoder's), which the
+    kernels' bottom-right alignment does not allow (S >= L). Without causality the alignment means nothing, so append
+    ``length - S`` masked-out zero keys: invisible, they change no score. Returns key/value ``[B, Hkv, length, D]``,
+    the ``[B, length]`` bool key padding mask and ``attn_bias`` (None, or with ``length - S`` zero columns more)."""
+    B, _, S, _ = key.shape
+    extra = length - S
+    if attention_mask is None:
+        attention_mask = torch.ones(B, S, dtype=torch.bool, device=key.device)
+    padded_mask = torch.cat([attention_mask.to(torch.bool), attention_mask.new_zeros(B, extra, dtype=torch.bool)],
+                            dim=1)
+    if attn_bias is not None:
+        attn_bias = torch.nn.functional.pad(attn_bias, (0, extra))
+    pad = (0, 0, 0, extra)
+    return torch.nn.functional.pad(key, pad), torch.nn.functional.pad(value, pad), padded_mask, attn_bias
+
+
 def fastpeft_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                                is_causal=None, **kwargs):
     """transformers attention function. query ``[B, Hq, L, D]``, key/value ``[B, Hkv, S, D]`` (the cache
@@ -265,6 +282,9 @@ def fastpeft_attention_forward(module, query, key, value, attention_mask, dropou
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
         prefix_k, prefix_v = prefix_k.to(dtype), prefix_v.to(dtype)
     attn_bias = _attention_bias(module, position_bias, query, key, prefix_k.shape[-2])
+    if not causal and key.shape[2] < query.shape[2]:
+        key, value, attention_mask, attn_bias = _pad_keys_to_queries(key, value, attention_mask, attn_bias,
+                                                                     query.shape[2])
 
     sliding_window = kwargs.get("sliding_window")
     if sliding_window is not None and prefix_k.shape[-2] + key.shape[2] > sliding_window:

@@ -4,7 +4,7 @@ fastpeft reaches into transformers and PEFT at a few seams: the keyword a model 
 model output and a generation step's inputs keep that cache, the position ids a generation step carries, the
 hook that adds keyword arguments to every generation step, the activation-checkpointing switch, whether a model
 class routes attention through the attention interface (and hands it keyword arguments), how a backbone numbers
-positions after a cache (and where an encoder-decoder's decoder takes its positions from), and PEFT's flag for a disabled adapter. (The one other seam, the mask function's signature, needs no lookup: transformers calls it
+positions after a cache, where an encoder-decoder's decoder takes its positions from, and PEFT's flag for a disabled adapter. (The one other seam, the mask function's signature, needs no lookup: transformers calls it
 by keyword, with ``q_length``/``q_offset`` in 5.x and ``cache_position`` before, and ``fastpeft_mask`` accepts
 both and needs neither.) Releases rename these (transformers 5.24 passes the cache as ``cache``; ``past_key_values``
 is deprecated, removal announced for 5.40; 5.2x renamed ``gradient_checkpointing_*`` to

@@ -104,8 +104,8 @@ def _check_encoder_decoder_prefix_config(peft_model, adapter_name):
         raise ValueError(f"prefix-tuning adapter {adapter_name!r} of the encoder-decoder {type(base).__name__} has "
                          f"num_transformer_submodules={config.num_transformer_submodules}; PEFT's encoder-decoder "
                          "prefix (a self- and a cross-attention cache) has 2")
-    decoder_layers = len(_decoder_self_attention_layers(base))
-    if decoder_layers > config.num_layers:
+    decoder_layers = getattr(base.config, "decoder_layers", None) or getattr(base.config, "num_decoder_layers", None)
+    if decoder_layers is not None and decoder_layers > config.num_layers:
         raise ValueError(f"prefix-tuning adapter {adapter_name!r} has num_layers={config.num_layers} but the decoder "
                          f"of {type(base).__name__} has {decoder_layers} layers: PEFT's prefix covers num_layers "
                          "decoder layers (it fails on the others)")
@@ -118,9 +118,9 @@ def _check_encoder_decoder_prefix_config(peft_model, adapter_name):
 
 def _decoder_self_attention_layers(base):
     """The ``layer_idx`` of every decoder self-attention module of the encoder-decoder ``base``, in order
-    (``attention.is_decoder_self_attention``). Raises ValueError unless they number the decoder's layers
-    ``0 .. n-1`` once each and no module outside the decoder passes for one: then the prefix could reach the wrong
-    attention."""
+    (``attention.is_decoder_self_attention``). Raises ``attention.UnsupportedModelError`` unless they number the
+    decoder's layers ``0 .. n-1`` once each and no module outside the decoder passes for one: else the prefix could
+    reach the wrong attention."""
     decoder = base.get_decoder()
     inside = {id(module) for module in decoder.modules()}
     found, stray = [], []
@@ -129,9 +129,10 @@ def _decoder_self_attention_layers(base):
             (found if id(module) in inside else stray).append((name, getattr(module, "layer_idx", None)))
     layers = [layer_idx for _, layer_idx in found]
     if stray or not layers or layers != list(range(len(layers))):
-        raise ValueError(f"fastpeft cannot tell {type(base).__name__}'s decoder self-attention modules apart (by "
-                         f"is_decoder and is_causal): found {found} in the decoder and {stray} outside it, expected "
-                         "one per decoder layer numbered 0, 1, ... by layer_idx")
+        raise attention.UnsupportedModelError(
+            f"fastpeft cannot tell {type(base).__name__}'s decoder self-attention modules apart (by is_decoder and "
+            f"is_causal): found {found} in the decoder and {stray} outside it, expected one per decoder layer "
+            "numbered 0, 1, ... by layer_idx")
     return layers
 
 
@@ -146,9 +147,10 @@ def _check_backbone(peft_model):
     attention.check_supported_model(base, "fastpeft.accelerate", prefix_kwargs=prefix and not encoder_decoder)
     if prefix and encoder_decoder:
         if compat.decoder_position_embedding(base) is None:
-            raise ValueError(f"fastpeft.accelerate cannot run prefix tuning on {type(base).__name__}: PEFT numbers "
-                             "the decoder's positions after its prefix cache, and this decoder has no position "
-                             "embedding (decoder.embed_positions) fastpeft can shift without one")
+            raise attention.UnsupportedModelError(
+                f"fastpeft.accelerate cannot run prefix tuning on {type(base).__name__}: PEFT numbers the decoder's "
+                "positions after its prefix cache, and this decoder has no position embedding "
+                "(decoder.embed_positions) fastpeft can shift without one")
         _decoder_self_attention_layers(base)
 
 
@@ -166,9 +168,9 @@ def accelerate(peft_model, *, strict=False):
             interface with plain softmax attention (Llama, Mistral, Qwen2/3, GPT-2, OPT, GPT-J, Gemma 3, Phi,
             GPT-NeoX, BERT, RoBERTa, ...; see ``attention.check_supported_model``), and whose adapters are
             PREFIX_TUNING (with or without ``prefix_projection``), PROMPT_TUNING, P_TUNING or CPT; or a
-            ``PeftModelForSeq2SeqLM`` (BART; T5 and MT5, whose relative position bias the kernels add as their
-            ``attn_bias``) with PROMPT_TUNING / P_TUNING adapters. The backbone may be loaded in 4-bit or 8-bit
-            through bitsandbytes.
+            ``PeftModelForSeq2SeqLM`` with PROMPT_TUNING / P_TUNING adapters (BART; T5 and MT5, whose relative
+            position bias the kernels add as their ``attn_bias``) or PREFIX_TUNING adapters (BART). The backbone may be
+            loaded in 4-bit or 8-bit through bitsandbytes.
         strict: what to do with a backbone whose attention fastpeft cannot compute (hand-written attention that
             bypasses the attention interface, such as DeBERTa's disentangled attention, or a feature the kernels
             lack, named in the message). False (default): warn once with a ``FallbackWarning`` naming why and leave
@@ -180,8 +182,8 @@ def accelerate(peft_model, *, strict=False):
         ``generate`` tokens and saved adapter files equal PEFT's. Calling it twice is a no-op.
 
     Raises:
-        ValueError: for another PEFT model class or adapter type, prefix tuning on an encoder-decoder, a
-            prefix-tuning configuration whose prefix does not split into the backbone's KV heads, and, with
+        ValueError: for another PEFT model class or adapter type, a prefix-tuning configuration whose prefix does
+            not split into the backbone's KV heads (or, on an encoder-decoder, one PEFT itself fails on), and, with
             ``strict=True``, a backbone fastpeft cannot compute (``attention.UnsupportedModelError``).
     """
     from peft import PeftModel

@@ -98,31 +98,33 @@ def generate_without_cache(model, input_ids, attention_mask=None, max_new_tokens
 
 
 @torch.no_grad()
-def generate_seq2seq_without_cache(model, input_ids, attention_mask=None, max_new_tokens=8,
-                                   decoder_start_token_id=None, eos_token_id=None, pad_token_id=0):
+def generate_seq2seq_without_cache(model, input_ids, attention_mask=None, max_new_tokens=8, decoder_input_ids=None,
+                                   eos_token_id=None, pad_token_id=0):
     """Greedy generation of an encoder-decoder (a ``PeftModelForSeq2SeqLM`` or a plain seq2seq LM) by repeated full
-    forwards: the encoder input stays as it is, the decoder input grows from ``decoder_start_token_id`` (default: the
-    model config's) by the argmax of the last position's logits. No KV cache survives from one step to the next and
+    forwards: the encoder input stays as it is, the decoder input grows from ``decoder_input_ids`` (default: the
+    model config's ``decoder_start_token_id`` alone) by the argmax of the last position's logits. No KV cache survives from one step to the next and
     no ``generate`` code runs, so PEFT's forward semantics (prefix tuning: the decoder's tokens after its prefix) are
     what it computes. The batch runs as it is: the encoder's padding is masked, the decoder has none.
 
     Arguments:
         input_ids, attention_mask: ``[B, L]`` encoder input, padded either side (BART pads on the right).
+        decoder_input_ids: ``[B, T]``, the decoder's start (transformers' ``generate`` puts the start token in front
+            of a given one that lacks it; this takes it as it is).
         eos_token_id: an id or list of ids that end a row (later tokens are ``pad_token_id``); None: never.
 
-    Returns ``(decoder sequences [B, 1 + n], logits [n, B, vocab])``: the start token followed by the new tokens
+    Returns ``(decoder sequences [B, T + n], logits [n, B, vocab])``: the decoder's start followed by the new tokens
     (what transformers' ``generate`` returns for an encoder-decoder), and the float32 logits each token was picked
     from; ``n < max_new_tokens`` when every row ended early.
     """
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    if decoder_start_token_id is None:
-        decoder_start_token_id = model.config.decoder_start_token_id
     eos = None if eos_token_id is None else torch.tensor(
         [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=input_ids.device)
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    sequences = torch.full((input_ids.shape[0], 1), decoder_start_token_id, dtype=input_ids.dtype,
-                           device=input_ids.device)
+    sequences = decoder_input_ids
+    if sequences is None:
+        sequences = torch.full((input_ids.shape[0], 1), model.config.decoder_start_token_id, dtype=input_ids.dtype,
+                               device=input_ids.device)
     step_logits = []
     for _ in range(max_new_tokens):
         logits = model(input_ids=input_ids, attention_mask=attention_mask,
