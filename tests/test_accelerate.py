@@ -198,17 +198,25 @@ def test_strict_refuses_unsupported_family():
     assert peft_model.config._attn_implementation != attention.ATTN_IMPLEMENTATION
 
 
-def test_refuses_encoder_decoder():
+def test_t5_prefix_tuning_is_refused_by_name():
+    """T5's decoder numbers its positions inside its relative position bias, not with a position embedding fastpeft
+    can shift by the prefix (as PEFT's cache shifts them): strict=True raises naming that, the default leaves the
+    model on PEFT's path with a FallbackWarning. (BART's prefix tuning runs: tests/test_accelerate_seq2seq.py.)"""
     import transformers as tf
     from peft import PrefixTuningConfig, get_peft_model
+
+    from fastpeft.integration.peft import is_accelerated
 
     config = tf.T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft_model = get_peft_model(tf.T5ForConditionalGeneration(config),
                                     PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=2))
-    with pytest.raises(ValueError, match="encoder-decoder"):
+    with pytest.raises(ValueError, match="no position embedding"):
+        fastpeft.accelerate(peft_model, strict=True)
+    with pytest.warns(fastpeft.FallbackWarning, match="no position embedding"):
         fastpeft.accelerate(peft_model)
+    assert not is_accelerated(peft_model)
 
 
 def test_refuses_prefix_that_does_not_split_into_kv_heads():
