@@ -33,6 +33,13 @@ def add_parser(sub):
     serve.add_argument("--default-temperature", type=float, default=1.0,
                        help="temperature of requests that give none (OpenAI's default 1.0; 0 = greedy)")
     serve.add_argument("--log-requests", action="store_true", help="print an access log line per request")
+    serve.add_argument("--ray-replicas", type=int, metavar="N",
+                       help="serve through Ray Serve with N replicas of this server (needs ray[serve] and --adapters; "
+                            "joins the cluster at $RAY_ADDRESS, else starts a local one): each adapter's requests are "
+                            "routed to replicas that hold it; admin endpoints are off, the adapters folder is the "
+                            "source of truth")
+    serve.add_argument("--ray-adapters-per-replica", type=int, default=16, metavar="N",
+                       help="adapters one Ray replica holds before evicting the least recently used (16)")
     common.add_device_arguments(serve)
     serve.set_defaults(func=run)
 
@@ -60,6 +67,8 @@ def run(args):
     else:
         model, tokenizer = common.load_base(args.model, device, dtype)
         base_name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    if args.ray_replicas is not None:
+        return _run_ray(args, device)
     adapters = adapter_dirs(args.adapters) if args.adapters else {}
     token = args.admin_token or os.environ.get("FASTPEFT_ADMIN_TOKEN") or None
     server = build_server(model, tokenizer, adapters, base_name=base_name, host=args.host, port=args.port,
@@ -74,4 +83,43 @@ def run(args):
         pass
     finally:
         server.close()
+    return 0
+
+
+def _run_ray(args, device):
+    """``--ray-replicas``: the Ray Serve application of ``fastpeft.serve.ray_serve`` on ``--host:--port``."""
+    if args.ray_replicas < 1:
+        raise common.CLIError(f"--ray-replicas must be at least 1, got {args.ray_replicas}")
+    if args.adapters is None:
+        raise common.CLIError("--ray-replicas needs --adapters: every replica loads adapters from that folder")
+    if device.type != "cpu":
+        raise common.CLIError("--ray-replicas runs replicas on CPU here; for GPUs build the application with "
+                              "fastpeft.serve.ray_serve.build_app(..., ray_actor_options) in Python")
+    try:
+        import ray
+        from ray import serve
+
+        from ..serve.ray_serve import build_app
+    except ImportError as error:
+        raise common.CLIError(f"--ray-replicas: {error}") from error
+    import time
+
+    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    app = build_app(os.path.abspath(args.adapters), model_dir=args.model and os.path.abspath(args.model),
+                    base_name=args.served_model_name, num_replicas=args.ray_replicas,
+                    max_adapters_per_replica=args.ray_adapters_per_replica, max_batch=args.max_batch,
+                    max_len=args.max_len, max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
+                    default_temperature=args.default_temperature)
+    serve.run(app, name="fastpeft", route_prefix="/")
+    print(f"fastpeft serve (Ray Serve, {args.ray_replicas} replicas) on http://{args.host}:{args.port}/v1",
+          flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
     return 0
