@@ -145,3 +145,18 @@ def test_bench_quick_kernel_on_cuda(tmp_path):
     parity = [r["value"] for r in fused if r["metric"] == "parity"]
     assert len(parity) == 3 and max(parity) < 2e-2  # bf16 kernels vs the fp32 reference
     assert all(r["value"] > 0 for r in fused if r["metric"] == "peak_memory")
+
+
+def test_serve_load_test_quick_agrees_with_peft(tmp_path):
+    """The HTTP load test (--quick): every response equals PEFT's greedy continuation (teacher-forced oracle) and
+    the cached PEFT baseline's tokens; the record has both sides' throughput and the server's memory."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_serve_http.py"), "--quick",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=root)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    (path,) = tmp_path.glob("serve-http-cpu-*-quick.json")
+    record = json.loads(path.read_text())
+    assert record["responses_equal_to_peft_forward"] == record["requests"] == 8
+    assert record["peft_cached_one_tenant_at_a_time"]["responses_equal_to_serve"] == 8
+    assert record["serve"]["failed"] == 0 and record["serve"]["rss_after_bytes"] > 0
+    assert record["speedup_tokens_per_s"] > 0

@@ -31,7 +31,8 @@ def _model(seed=0):
 
     config = LlamaConfig(vocab_size=tiny.VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         pad_token_id=tiny.PAD_ID, bos_token_id=tiny.BOS_ID, eos_token_id=tiny.EOS_ID)
+                         pad_token_id=tiny.PAD_ID, bos_token_id=tiny.BOS_ID, eos_token_id=tiny.EOS_ID,
+                         initializer_range=0.3)  # larger than the default 0.02, so that the scores depend on the keys
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return LlamaForCausalLM(config).eval()
@@ -397,6 +398,34 @@ def test_joining_rows_prefill_together_and_decode_with_running_ones(setup):
                                          temperature=0.9, top_k=0, top_p=0.95,
                                          generator=torch.Generator().manual_seed(7))
     assert sampled[0].generated == expected[0, ids.shape[1]:].tolist()
+
+
+def test_rows_move_down_when_a_lower_slot_frees_and_keep_their_tokens(setup):
+    """Engine level: two requests take slots 0 and 1; the one in slot 0 ends after one token, so the other moves
+    down to slot 0 (decode steps read the first n slots in place) and keeps decoding from its moved cache: its
+    tokens equal its tenant alone. Slot 1 is zeroed behind it."""
+    from fastpeft.serve import GenerationRequest
+
+    server, tenants = setup["server"], setup["tenants"]
+    engine = server.serve_config.engine
+    tokenizer = tiny.build_tokenizer()
+    _wait_idle(server)
+    engine.pause()
+    short = engine.submit(GenerationRequest(prompt_ids=tokenizer("short")["input_ids"], adapter="tenant-a",
+                                            max_tokens=1))
+    long = engine.submit(GenerationRequest(prompt_ids=tokenizer("a longer prompt here")["input_ids"],
+                                           adapter="tenant-b", max_tokens=12, ignore_eos=True))
+    moves = engine.stats["slot_moves"]
+    engine.resume()
+    _wait_idle(server)
+    assert engine.stats["slot_moves"] == moves + 1
+    assert short.generated == _reference(tenants["tenant-a"], "short", 1)
+    from fastpeft.integration.reference_generate import generate_without_cache
+
+    ids = tokenizer("a longer prompt here", return_tensors="pt")["input_ids"]
+    expected, _ = generate_without_cache(tenants["tenant-b"], ids, max_new_tokens=12)
+    assert long.generated == expected[0, ids.shape[1]:].tolist()
+    assert all(float(keys[1].abs().sum()) == 0 for keys in engine.cache.keys)
 
 
 def test_serve_command_help(capsys):

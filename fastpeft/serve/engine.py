@@ -9,13 +9,14 @@ tenants sending the same prompt share nothing but the frozen weights.
 
 A step. (1) Requests waiting in the queue take free slots and are prefilled together in one forward (right-padded,
 positions from the mask, as ``AdapterBank.__call__``); each row's real K/V are copied into its slot and its first
-token picked from its last real position. (2) One decode forward feeds every running row its last token: the slots
-of the running rows, cut to the longest length ``S``, become a transformers ``DynamicCache`` (a gather), the
-attention mask is ``[B, S + 1]`` (``1`` for a row's ``length`` cached keys, ``0`` for the stale ones after them,
-``1`` for the new key that the cache appends at column ``S``), positions are ``P + length`` (PEFT's numbering: the
-virtual tokens first). The fused attention then sees, per row, exactly its prefix, its own keys and the new key:
-bottom-right causal alignment with one query sees every unmasked key. The new key/value column is scattered back
-into each slot at ``length``. (3) Rows that produced an end-of-sequence token, reached ``max_tokens``, were cancelled
+token picked from its last real position. (2) One decode forward feeds every running row its last token. Running rows occupy slots
+``0 .. B-1`` (admission takes the lowest free slot; a row is moved down once when a slot below it frees up), so the
+step's cache is the storage's first B rows cut to the longest length ``S`` + 1, as views
+(``compat.in_place_decode_cache``): each layer writes row b's new key/value in place at column ``length_b`` of its
+slot, and nothing is gathered or copied per step. The attention mask is ``[B, S + 1]``: ``1`` for a row's
+``length + 1`` keys (its cached ones and the new one), ``0`` for the stale columns after them; positions are
+``P + length`` (PEFT's numbering: the virtual tokens first). The fused attention then sees, per row, exactly its
+prefix, its own keys and the new key: one query under bottom-right causal alignment sees every unmasked key. (3) Rows that produced an end-of-sequence token, reached ``max_tokens``, were cancelled
 (their client went away) or whose adapter was removed leave; their slot is free for the next step.
 
 Thread model. One engine thread owns the bank and the model: adding and removing adapters are commands it runs
@@ -129,7 +130,8 @@ class Engine:
         self._stop = False
         self._thread = None
         self._adapter_names = tuple(bank.names)
-        self.stats = {"steps": 0, "prefills": 0, "max_rows": 0, "tokens": 0, "finished": 0, "cancelled": 0}
+        self.stats = {"steps": 0, "prefills": 0, "max_rows": 0, "tokens": 0, "finished": 0, "cancelled": 0,
+                      "slot_moves": 0}
 
     # ----- control ---------------------------------------------------------------------------------------------
 
@@ -288,7 +290,8 @@ class Engine:
         if request.temperature and request.seed is not None:
             generator = torch.Generator(bank.device).manual_seed(int(request.seed))
         with self._lock:
-            slot = self._free_slots.pop()
+            slot = min(self._free_slots)  # the lowest: running rows stay packed at the front (_compact_slots)
+            self._free_slots.remove(slot)
         return _Row(request, slot, prefix_slot, bank._lengths_host[prefix_slot], generator)
 
     def _prefill(self, requests):
@@ -327,35 +330,49 @@ class Engine:
         self.stats["prefills"] += 1
         self._emit(rows, next_logits)
 
-    def _decode(self):
-        from transformers import DynamicCache
+    def _compact_slots(self):
+        """Move rows into slots ``0 .. n-1`` (n running rows), so that a decode step reads the slot storage's first n
+        rows as views. A row moves only when one below n freed up while it ran (admission takes the lowest free
+        slot): one copy of its cached tokens, not one per step. The vacated slot is zeroed like a finished one."""
+        n = len(self._rows)
+        with self._lock:
+            holes = sorted(slot for slot in self._free_slots if slot < n)
+        movers = [row for row in self._rows if row.slot >= n]
+        for row, target in zip(movers, holes):
+            for keys, values in zip(self.cache.keys, self.cache.values):
+                keys[target, :, :row.length] = keys[row.slot, :, :row.length]
+                values[target, :, :row.length] = values[row.slot, :, :row.length]
+                keys[row.slot, :, :row.length].zero_()
+                values[row.slot, :, :row.length].zero_()
+            with self._lock:
+                self._free_slots.remove(target)
+                self._free_slots.append(row.slot)
+            row.slot = target
+            self.stats["slot_moves"] += 1
 
+    def _decode(self):
         from ..integration import compat
 
-        bank, rows = self.bank, self._rows
+        self._compact_slots()
+        bank = self.bank
+        rows = sorted(self._rows, key=lambda row: row.slot)  # slot b holds batch row b
         device = bank.device
         B = len(rows)
-        slots = torch.tensor([row.slot for row in rows], device=device)
         lengths = torch.tensor([row.length for row in rows], device=device)
         S = max(row.length for row in rows)
         with torch.inference_mode():
-            cache = DynamicCache(config=bank.model.config)
-            for layer in range(len(self.cache.keys)):
-                cache.update(self.cache.keys[layer][slots, :, :S], self.cache.values[layer][slots, :, :S], layer)
-            mask = torch.cat([(torch.arange(S, device=device) < lengths.unsqueeze(1)).long(),
-                              torch.ones(B, 1, dtype=torch.long, device=device)], dim=1)
+            # The new key of row b lands at column lengths[b] of its slot, in place; columns past it are stale.
+            cache = compat.in_place_decode_cache([keys[:B] for keys in self.cache.keys],
+                                                 [values[:B] for values in self.cache.values], lengths, S)
+            mask = (torch.arange(S + 1, device=device) <= lengths.unsqueeze(1)).long()
             ids = torch.tensor([[row.last_token] for row in rows], device=device)
             positions = (torch.tensor([row.offset for row in rows], device=device) + lengths).unsqueeze(1)
             prefix_index = torch.tensor([row.prefix_slot for row in rows], dtype=torch.int32, device=device)
             logits = bank._forward(ids, mask, positions, bank._prefix_spec(prefix_index), cache, logits_to_keep=1)
-            for layer in range(len(self.cache.keys)):
-                keys, values = compat.cache_layer_key_values(cache, layer)
-                self.cache.keys[layer][slots, :, lengths] = keys[:, :, S]
-                self.cache.values[layer][slots, :, lengths] = values[:, :, S]
         for row in rows:
             row.length += 1
         self.stats["steps"] += 1
-        self._emit(list(rows), logits[:, -1])
+        self._emit(rows, logits[:, -1])
 
     def _emit(self, rows, logits):
         """Pick each row's next token from ``logits [B, vocab]``, hand it to the client, end finished rows."""
