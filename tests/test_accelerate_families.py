@@ -457,9 +457,9 @@ def test_t5_gradient_checkpointing_matches_peft(monkeypatch):
     expected = _seq2seq_step(peft_model, *inputs)
     fastpeft.accelerate(peft_model, strict=True)
     bias_gradients = []
-    original = sdpa_bias_attention.sdpa_bias_prefix_attention_bwd
-    monkeypatch.setattr(sdpa_bias_attention, "sdpa_bias_prefix_attention_bwd",
-                        lambda *args: bias_gradients.append(args[-1]) or original(*args))
+    original = sdpa_bias_attention._backward_parts   # (..., bias_grad, parts)
+    monkeypatch.setattr(sdpa_bias_attention, "_backward_parts",
+                        lambda *args: bias_gradients.append(args[-2]) or original(*args))
     assert_same_step(_seq2seq_step(peft_model, *inputs), expected, what="t5 checkpointed")
     assert any(bias_gradients), "the zero cross-attention bias was expected to require grad"
 

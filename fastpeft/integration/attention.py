@@ -151,7 +151,8 @@ def check_supported_model(model, user, prefix_kwargs=True):
     to it (``compat.passes_kwargs_to_attention``); the config must switch on none of ``UNSUPPORTED_CONFIG_FEATURES``;
     attention sinks are refused by their parameters. What only shows per call (a sliding window shorter than prefix +
     sequence, soft-capping or sinks passed as keyword arguments, a ``position_bias`` from a model type not in
-    ``POSITION_BIAS_MODEL_TYPES``, 4-D or custom masks) is refused by ``fastpeft_attention_forward`` / ``fastpeft_mask``. ``user`` names the caller in the message."""
+    ``POSITION_BIAS_MODEL_TYPES``, 4-D or custom masks) is refused by ``fastpeft_attention_forward`` /
+    ``fastpeft_mask``. ``user`` names the caller in the message."""
     from . import compat
 
     for module in model.modules():

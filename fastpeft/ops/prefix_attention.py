@@ -146,7 +146,7 @@ def _canonicalize(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key
 
 def _canonical_bias(attn_bias, q, k, prefix_k):
     """Validate ``attn_bias`` against the canonical q, k and prefix_k and return it 4-D,
-    ``[1 or B, 1 or Hq, 1 or L, P + S]`` (a view; copied only when its last axis is strided), or None."""
+    ``[1 or B, 1 or Hq, 1 or L, P + S]`` (a view), or None."""
     if attn_bias is None:
         return None
     if not isinstance(attn_bias, torch.Tensor):
@@ -169,8 +169,6 @@ def _canonical_bias(attn_bias, q, k, prefix_k):
         raise ValueError(f"attn_bias must be broadcastable to [B, Hq, L, P + S] = {list(full)} with exactly "
                          f"P + S = {P} + {S} columns (the prefix entries, then the keys), got shape "
                          f"{tuple(attn_bias.shape)}")
-    if bias.shape[3] > 1 and bias.stride(3) != 1:  # the fused ops read mask rows as contiguous runs
-        bias = bias.contiguous()
     return bias
 
 
@@ -381,8 +379,8 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=None, prefix_leng
             are the row's prefix entries (of its table entry; those beyond its ``prefix_lengths`` are ignored),
             columns ``P .. P+S-1`` its keys. It is added to ``softmax_scale * q @ k^T`` before the masks, like
             xformers' ``attn_bias``, a float ``attn_mask`` of PyTorch's SDPA or T5's relative position bias
-            (``-inf`` entries mask). Differentiable; a broadcast axis gets the sum. Such calls run on the ``sdpa`` backend (the
-            reference where sdpa cannot run): the Triton and CUDA kernels take no bias.
+            (``-inf`` entries mask). Differentiable; a broadcast axis gets the sum. Such calls run on the ``sdpa``
+            backend (the reference where sdpa cannot run): the Triton and CUDA kernels take no bias.
 
     Returns:
         ``[B, Hq, L, D]`` in q's dtype. A query that sees no key at all (every prefix entry and key masked)
@@ -394,8 +392,8 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=None, prefix_leng
         query 0:    1  1 |  1  1  1  1  0      (sits at position S - L + 0 = 3)
         query 1:    1  1 |  1  1  1  1  1      (sits at position 4)
 
-    Differentiable in q, k, v, prefix_k, prefix_v (and attn_bias); the gradient of a table entry is the sum over the rows
-    that used it (a shared prefix gets the sum over the batch). dtypes: float16, bfloat16, float32 (one dtype
+    Differentiable in q, k, v, prefix_k, prefix_v (and attn_bias); the gradient of a table entry is the sum over the
+    rows that used it (a shared prefix gets the sum over the batch). dtypes: float16, bfloat16, float32 (one dtype
     for all inputs), any ``D <= 256``; accumulation is float32 inside. Bad input raises ``ValueError`` (or
     ``IndexError`` for ``prefix_index`` outside ``[0, T)``) before any kernel runs.
     """

@@ -2,7 +2,7 @@
 
 The same split as ``fastpeft.ops.sdpa_prefix_attention`` (one fused attention call per part of the key axis, merged
 by log-sum-exp), kept apart from it so that calls without a bias pay nothing for this one. Each part's fused call
-takes the part's columns of ``attn_bias`` (a view: the prefix part columns ``0 .. n-1``, the keys part columns
+takes the part's columns of ``attn_bias`` (the prefix part columns ``0 .. n-1``, the keys part columns
 ``P .. P+S-1``) as its float ``attn_mask``, with the part's masks folded in as ``-inf``:
 
 * prefix: q against the row's prefix entries, ragged ``prefix_lengths`` as ``-inf`` columns (on CPU the prefix is
@@ -11,18 +11,21 @@ takes the part's columns of ``attn_bias`` (a view: the prefix part columns ``0 .
   Causal with ``S == L``: the op's own causal flag (its kernel skips the blocks above the diagonal); causal with a
   cache before the queries (``1 < L < S``): the bottom-right causal structure folded into the mask.
 
-The query group of grouped-query attention is not folded into the query axis here (the bias differs per query
-head); the CPU op reads grouped kv heads natively, the CUDA path repeats them (``_sdpa_ops``). A bias may hold
-``-inf`` itself, so which queries see no key of a part (whose ``lse`` the ops leave finite) is read from the part's
-mask, ``isneginf(mask).all(-1)`` under the causal structure, not from the masks alone.
+Each part's mask is written once, contiguous, in the broadcast shape of the bias and the masks (``[B, Hq, L, n]``
+where padding meets a per-head bias, as transformers' own sdpa path builds it); the fused CPU ops would copy any other
+layout in every call. The query group of grouped-query attention is not folded into the query axis here (the bias
+differs per query head); the CPU op reads grouped kv heads natively, the CUDA path repeats them (``_sdpa_ops``). A
+bias may hold ``-inf`` itself, so which queries see no key of a part (whose ``lse`` the ops leave finite) is read from
+the part's mask (``isneginf(mask).all(-1)`` under the causal structure) unless, on CPU, the bias has no ``-inf``: then
+the padding and ragged masks alone say it, as without a bias.
 
 Backward: the fused backward ops give ``dq, dk, dv`` of each part from the merged ``out``/``lse``, as without a
 bias. They give no bias gradient, so when ``attn_bias`` requires grad it is computed here per part from the merged
 ``lse``: ``dbias = p * (dout @ v^T - rowsum(dout * out))`` with ``p = exp(scale * q @ k^T + mask - lse)``, summed
 over the axes the bias broadcasts over (this materializes ``[B, Hq, L, n]`` float32 per part, as eager attention
 does). Registered as the custom ops ``fastpeft::sdpa_prefix_attention_bias_fwd`` / ``_bwd`` (fake implementations
-and autograd, so ``torch.compile`` traces them); eager calls go through an ``autograd.Function`` instead, which
-skips the custom-op dispatch.
+and autograd, so ``torch.compile`` traces them; their backward plans the parts again); eager calls go through an
+``autograd.Function`` instead, which skips the custom-op dispatch and keeps the forward's parts for the backward.
 """
 
 from typing import NamedTuple, Optional, Tuple
@@ -35,23 +38,38 @@ from .sdpa_prefix_attention import _NEG_INF, _accumulation_dtype, _merge, _reduc
 
 class _Part(NamedTuple):
     """One fused attention call of the split, with its bias."""
-    kind: str                 # "prefix" or "keys"
-    k: torch.Tensor           # [B, Hkv, n, D]
+    kind: str                       # "prefix" or "keys"
+    k: torch.Tensor                 # [B, Hkv, n, D]
     v: torch.Tensor
-    mask: torch.Tensor        # float [1 or B, 1 or Hq, 1 or L, n] in q's dtype: the bias columns, -inf where masked
-    causal: bool              # the op's top-left causal flag (only with n == L); not part of ``mask``
-    columns: slice            # the part's columns of attn_bias's last axis
-    blind: torch.Tensor       # bool [1 or B, 1 or Hq, 1 or L]: queries that see no key of this part
+    mask: torch.Tensor              # float [1|B, 1|Hq, 1|L, n], q's dtype: the bias columns, -inf where masked
+    causal: bool                    # the op's top-left causal flag (only with n == L); not part of ``mask``
+    columns: slice                  # the part's columns of attn_bias's last axis
+    blind: Optional[torch.Tensor]   # bool [1 or B, 1 or Hq, 1 or L]: queries that see no key of this part, or None
 
 
-def _hide(mask, visible):
-    """``mask`` with ``-inf`` where the (broadcastable) bool ``visible`` is False; broadcast to both shapes."""
-    return torch.where(visible, mask, torch.tensor(_NEG_INF, dtype=mask.dtype, device=mask.device))
+def _part_mask(bias, visible):
+    """The part's float mask as one contiguous tensor (the fused CPU ops copy a mask of any other layout, in every
+    forward and backward call, and T5's bias is a permuted view): the bias columns ``bias``, with ``-inf`` where the
+    broadcastable bool ``visible`` is False (None: nothing hidden), written once in the broadcast shape."""
+    if visible is None:
+        return bias.contiguous()
+    out = torch.empty(torch.broadcast_shapes(visible.shape, bias.shape), dtype=bias.dtype, device=bias.device)
+    return torch.where(visible, bias, torch.tensor(_NEG_INF, dtype=bias.dtype, device=bias.device), out=out)
 
 
 def _tril(L, device):
     """Bool ``[L, L]``, True on and below the diagonal: query ``i`` sees keys ``j <= i`` (S == L)."""
     return torch.ones(L, L, dtype=torch.bool, device=device).tril()
+
+
+def _blind(mask, scan, causal_square, from_masks):
+    """The part's blind queries: read from its mask (``scan``: the bias may hold -inf; under the op's causal flag
+    only keys ``j <= i`` count), else ``from_masks`` (derived from the padding/ragged masks alone, or None)."""
+    if not scan:
+        return from_masks
+    if causal_square:
+        return ~(~torch.isneginf(mask) & _tril(mask.shape[-1], mask.device)).any(-1)
+    return torch.isneginf(mask).all(-1)
 
 
 def _plan(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias, causal):
@@ -60,6 +78,10 @@ def _plan(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding
     S = k.shape[2]
     T, Hkv, P = prefix_k.shape[:3]
     on_host = q.device.type == "cpu"
+    # Which queries a bias with -inf entries blinds shows only in the [.., L, n] masks; on CPU a scan of the bias in
+    # its own (broadcast) shape says whether it has any, else the (much smaller) masks alone say which queries are
+    # blind. On an accelerator that scan would synchronize: the masks are always read.
+    scan = not on_host or bool(torch.isneginf(attn_bias).any())
     parts = []
     row_lengths = prefix_lengths.index_select(0, prefix_index)  # [B]
     n = min(int(row_lengths.max()), P) if on_host and B > 0 else P
@@ -70,26 +92,29 @@ def _plan(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding
         else:
             pk = prefix_k[:, :, :n].index_select(0, prefix_index)
             pv = prefix_v[:, :, :n].index_select(0, prefix_index)
-        mask = attn_bias[..., :n]
+        visible = blind = None
         if not on_host or bool((row_lengths < n).any()):
-            visible = torch.arange(n, device=q.device)[None, :] < row_lengths[:, None]
-            mask = _hide(mask, visible[:, None, None, :])
-        parts.append(_Part("prefix", pk, pv, mask, False, slice(0, n), torch.isneginf(mask).all(-1)))
+            visible = (torch.arange(n, device=q.device)[None, :] < row_lengths[:, None])[:, None, None, :]
+            blind = (row_lengths == 0)[:, None, None]
+        mask = _part_mask(attn_bias[..., :n], visible)
+        parts.append(_Part("prefix", pk, pv, mask, False, slice(0, n), _blind(mask, scan, False, blind)))
 
     if key_padding_mask is not None and on_host and bool(key_padding_mask.all()):
         key_padding_mask = None
-    mask = attn_bias[..., P:]
+    visible = blind = None
     if key_padding_mask is not None:
-        mask = _hide(mask, key_padding_mask[:, None, None, :])
-    if causal and L == S and L > 1:
-        blind = ~(~torch.isneginf(mask) & _tril(L, q.device)).any(-1)
-        parts.append(_Part("keys", k, v, mask, True, slice(P, P + S), blind))
-        return parts
-    if causal and 1 < L < S:   # a cache precedes the queries: query i sees keys j <= S - L + i
+        visible = key_padding_mask[:, None, None, :]
+        if causal and L > 1:   # query i sees keys j <= S - L + i
+            blind = (key_padding_mask.cumsum(1)[:, S - L:] == 0)[:, None, :]
+        else:
+            blind = (~key_padding_mask.any(1))[:, None, None]
+    square = causal and L == S and L > 1   # the op's own causal flag (top-left = bottom-right here)
+    if causal and 1 < L < S:   # a cache precedes the queries: query i sees keys j <= S - L + i, folded into the mask
         allowed = torch.arange(S, device=q.device)[None, :] <= torch.arange(L, device=q.device)[:, None] + (S - L)
-        mask = _hide(mask, allowed)
-    # (non-causal, or one query per row, which sits at the last key and sees them all)
-    parts.append(_Part("keys", k, v, mask, False, slice(P, P + S), torch.isneginf(mask).all(-1)))
+        visible = allowed if visible is None else visible & allowed
+    # (otherwise non-causal, or one query per row, which sits at the last key and sees them all)
+    mask = _part_mask(attn_bias[..., P:], visible)
+    parts.append(_Part("keys", k, v, mask, square, slice(P, P + S), _blind(mask, scan, square, blind)))
     return parts
 
 
@@ -97,18 +122,27 @@ def sdpa_bias_prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, pr
                                    attn_bias, causal, softmax_scale):
     """Canonical arguments -> ``(out [B, Hq, L, D] in q's dtype, lse [B, Hq, L] float32, float64 for float64
     inputs)``; ``lse = -inf`` for a query that sees no key (its output is zeros)."""
+    return _forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias, causal,
+                    softmax_scale)[:2]
+
+
+def _forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias, causal,
+             softmax_scale):
+    """``(out, lse, parts)``: the forward and the plan it ran (which the eager backward reuses)."""
     B, Hq, L, D = q.shape
     acc = _accumulation_dtype(q.dtype)
     if q.numel() == 0:
-        return q.new_zeros(q.shape), q.new_zeros(B, Hq, L, dtype=acc)
+        return q.new_zeros(q.shape), q.new_zeros(B, Hq, L, dtype=acc), []
     q = q.contiguous()
     outs, lses = [], []
-    for part in _plan(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias,
-                      causal):
+    parts = _plan(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias, causal)
+    for part in parts:
         out, lse = _sdpa_ops.attend(q, part.k, part.v, part.mask, part.causal, softmax_scale)
+        lse = lse.reshape(B, Hq, L).to(acc)
         outs.append(out.reshape(B, Hq, L, D))
-        lses.append(lse.reshape(B, Hq, L).to(acc).masked_fill(part.blind, _NEG_INF))
-    return _merge(outs, lses, q.dtype, acc)
+        lses.append(lse if part.blind is None else lse.masked_fill(part.blind, _NEG_INF))
+    out, lse = _merge(outs, lses, q.dtype, acc)
+    return out, lse.contiguous(), parts   # (the ops' lse may be strided; the fake implementation's is contiguous)
 
 
 def _bias_gradient(dout, q, part, delta, lse, softmax_scale):
@@ -134,6 +168,14 @@ def sdpa_bias_prefix_attention_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_ind
     """``(dq, dk, dv, dprefix_k, dprefix_v, dattn_bias)`` from the merged ``out``/``lse`` of the forward; the prefix
     gradients ``[T, Hkv, P, D]`` are summed over the rows that use each entry. ``dattn_bias`` has attn_bias's shape
     when ``bias_grad``, else it is an empty tensor (no gradient is computed)."""
+    return _backward_parts(dout, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
+                           attn_bias, out, lse, causal, softmax_scale, deterministic, bias_grad, None)
+
+
+def _backward_parts(dout, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias,
+                    out, lse, causal, softmax_scale, deterministic, bias_grad, parts):
+    """The backward over the forward's ``parts`` (the eager path keeps them: their masks are ``[B, Hq, L, n]`` where
+    padding meets a per-head bias, as costly to rebuild as to keep), or over a new plan when ``parts`` is None."""
     acc = _accumulation_dtype(q.dtype)
     dbias = attn_bias.new_zeros(attn_bias.shape if bias_grad else (0,), dtype=acc)
     if q.numel() == 0:
@@ -146,8 +188,9 @@ def sdpa_bias_prefix_attention_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_ind
     broadcast_axes = tuple(axis for axis in range(3) if attn_bias.shape[axis] == 1 and (B, Hq, L)[axis] > 1)
     dq = dk = dv = None
     dprefix = (torch.zeros_like(prefix_k), torch.zeros_like(prefix_v))  # stay zero when no row sees the prefix
-    for part in _plan(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias,
-                      causal):
+    if parts is None:
+        parts = _plan(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias, causal)
+    for part in parts:
         dq_p, dk_p, dv_p = _sdpa_ops.attend_backward(dout, q, part.k, part.v, part.mask, out, lse, part.causal,
                                                      softmax_scale)
         dq = dq_p.to(acc) if dq is None else dq.add_(dq_p)
@@ -236,18 +279,21 @@ class _SdpaBiasPrefixAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias, causal,
                 softmax_scale, deterministic):
-        out, lse = sdpa_bias_prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
-                                                  key_padding_mask, attn_bias, causal, softmax_scale)
+        out, lse, parts = _forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
+                                   attn_bias, causal, softmax_scale)
         ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
                               attn_bias, out, lse)
-        ctx.causal, ctx.softmax_scale, ctx.deterministic = causal, softmax_scale, deterministic
+        # The plan's views and masks are intermediates (neither inputs nor outputs): kept on ctx, as autograd
+        # allows for those.
+        ctx.causal, ctx.softmax_scale, ctx.deterministic, ctx.parts = causal, softmax_scale, deterministic, parts
         return out
 
     @staticmethod
     def backward(ctx, dout):
         bias_grad = ctx.needs_input_grad[_BIAS_INPUT]
-        grads = sdpa_bias_prefix_attention_bwd(dout, *ctx.saved_tensors, ctx.causal, ctx.softmax_scale,
-                                               ctx.deterministic, bias_grad)
+        grads = _backward_parts(dout, *ctx.saved_tensors, ctx.causal, ctx.softmax_scale, ctx.deterministic,
+                                bias_grad, ctx.parts)
+        ctx.parts = None
         dq, dk, dv, dprefix_k, dprefix_v, dbias = grads
         return dq, dk, dv, dprefix_k, dprefix_v, None, None, None, dbias if bias_grad else None, None, None, None
 
