@@ -198,10 +198,11 @@ def test_strict_refuses_unsupported_family():
     assert peft_model.config._attn_implementation != attention.ATTN_IMPLEMENTATION
 
 
-def test_t5_prefix_tuning_is_refused_by_name():
-    """T5's decoder numbers its positions inside its relative position bias, not with a position embedding fastpeft
-    can shift by the prefix (as PEFT's cache shifts them): strict=True raises naming that, the default leaves the
-    model on PEFT's path with a FallbackWarning. (BART's prefix tuning runs: tests/test_accelerate_seq2seq.py.)"""
+def test_encoder_decoder_prefix_tuning_without_shiftable_positions_is_refused_by_name():
+    """A decoder with neither a position embedding (BART's) nor a relative attention bias (T5's) that fastpeft can
+    number after the prefix (as PEFT's cache numbers it): strict=True raises naming that, the default leaves the
+    model on PEFT's path with a FallbackWarning. Here a T5 whose first decoder layer hides its relative bias (the
+    runnable cases: tests/test_accelerate_seq2seq.py)."""
     import transformers as tf
     from peft import PrefixTuningConfig, get_peft_model
 
@@ -212,6 +213,7 @@ def test_t5_prefix_tuning_is_refused_by_name():
         warnings.simplefilter("ignore")
         peft_model = get_peft_model(tf.T5ForConditionalGeneration(config),
                                     PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=2))
+    peft_model.get_base_model().decoder.block[0].layer[0].SelfAttention.has_relative_attention_bias = False
     with pytest.raises(ValueError, match="no position embedding"):
         fastpeft.accelerate(peft_model, strict=True)
     with pytest.warns(fastpeft.FallbackWarning, match="no position embedding"):

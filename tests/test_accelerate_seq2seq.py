@@ -1,8 +1,8 @@
-"""fastpeft.accelerate with prefix tuning on encoder-decoders (BART), against PEFT itself on the same model, adapter
-and inputs: loss, logits and prompt-encoder gradients (float32, relative error < 1e-5) with and without
-``prefix_projection``, padded encoder batches, labels, decoder masks, a decoder shallower than the encoder, greedy
-generation against PEFT's forward looped without a cache, the cache the forward returns, save/load, restore, and the
-configurations PEFT itself cannot run, refused by name.
+"""fastpeft.accelerate with prefix tuning on encoder-decoders (BART; T5 and MT5 at the end), against PEFT itself on
+the same model, adapter and inputs: loss, logits and prompt-encoder gradients (float32, relative error < 1e-5) with
+and without ``prefix_projection``, padded encoder batches, labels, decoder masks, a decoder shallower than the
+encoder, greedy generation against PEFT's forward looped without a cache, the cache the forward returns, save/load,
+restore, and the configurations PEFT itself cannot run, refused by name.
 
 PEFT hands the prefix over as an ``EncoderDecoderCache`` whose cross-attention half it empties, so only the decoder's
 self-attention sees a prefix, the decoder numbers its tokens after it, and decoder layer i reads PEFT layer
@@ -276,3 +276,84 @@ def test_configurations_peft_cannot_run_are_refused_by_name(bart_kwargs, message
     """A decoder deeper than the prefix (PEFT: IndexError) or with other head counts (PEFT: a size mismatch)."""
     with pytest.raises(ValueError, match=message):
         fastpeft.accelerate(make("prefix", **bart_kwargs))
+
+
+# ----- T5: the decoder numbers its positions in its relative position bias ----------------------------------------
+
+
+def make_t5(method="prefix", family="t5", num_layers=2, num_decoder_layers=2, seed=0):
+    """PEFT prefix tuning on a tiny T5 (few relative-position buckets, so the test lengths reach the logarithmic
+    ones; see ``tests.test_accelerate_families.tiny_t5``), prompt parameters random."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    from tests.test_accelerate_families import tiny_t5
+
+    base = tiny_t5(family, seed=seed)
+    if (num_layers, num_decoder_layers) != (2, 2):
+        config = base.config
+        config.num_layers, config.num_decoder_layers = num_layers, num_decoder_layers
+        torch.manual_seed(seed)
+        base = type(base)(config).eval()
+    config = PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=P,
+                                prefix_projection=method == "prefix_projection", encoder_hidden_size=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(base, config)
+    randomize_prompt_parameters(peft_model, seed + 100)
+    return peft_model
+
+
+@pytest.mark.parametrize("family", ["t5", "mt5"])
+@pytest.mark.parametrize("case", ["decoder_ids", "labels_only", "decoder_mask"])
+@pytest.mark.parametrize("method", PREFIX_METHODS)
+def test_t5_prefix_tuning_step_matches_peft(method, case, family, monkeypatch):
+    """PEFT's cache of P prefix tokens makes T5's decoder compute its relative position bias over the P prefix
+    columns too, with the queries at P + i (fastpeft computes those columns in attention with T5's own compute_bias):
+    loss, logits and prompt-encoder gradients equal PEFT's, every attention through fastpeft's kernels, the bias over
+    [prefix ; keys] as attn_bias."""
+    peft_model = make_t5(method, family)
+    kwargs = forward_cases()[case]
+    expected = step(peft_model, **kwargs)
+    fastpeft.accelerate(peft_model, strict=True)
+    forbid_framework_attention(monkeypatch, peft_model)
+    assert_same_step(step(peft_model, **kwargs), expected, what=f"{family}/{method}/{case}")
+
+
+@pytest.mark.parametrize("num_layers, num_decoder_layers", [(3, 3), (3, 2)])
+def test_t5_decoder_layers_read_peft_layer_two_i_mod_num_layers(num_layers, num_decoder_layers):
+    peft_model = make_t5("prefix", num_layers=num_layers, num_decoder_layers=num_decoder_layers)
+    kwargs = forward_cases()["decoder_ids"]
+    expected = step(peft_model, **kwargs)
+    fastpeft.accelerate(peft_model, strict=True)
+    assert_same_step(step(peft_model, **kwargs), expected, what=f"t5 {num_layers}/{num_decoder_layers} layers")
+
+
+@pytest.mark.parametrize("method", PREFIX_METHODS)
+def test_t5_prefix_tuning_greedy_matches_peft_forward_loop(method):
+    """Each decoding step's bias covers the prefix columns at the step's position (the cache holds the real tokens
+    only): greedy tokens and step logits equal PEFT's forward looped without a cache."""
+    peft_model = make_t5(method)
+    ids, mask, _, _ = inputs()
+    expected, expected_logits = generate_seq2seq_without_cache(peft_model, ids, mask, max_new_tokens=6)
+    fastpeft.accelerate(peft_model, strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6,
+                                  do_sample=False, num_beams=1, eos_token_id=None, return_dict_in_generate=True,
+                                  output_logits=True)
+    assert torch.equal(out.sequences, expected)
+    assert_close(torch.stack(out.logits), expected_logits, 1e-5, f"t5/{method} step logits")
+    assert compat.cache_of(out).self_attention_cache.get_seq_length() == expected.shape[1] - 1
+
+
+def test_t5_prefix_tuning_gradient_checkpointing_matches_peft_without_it():
+    """Checkpoint recomputation of the decoder's first layer (which computes the position bias) runs after the
+    forward: the prefix's bias columns come from the keyword, so they are the same there."""
+    peft_model = make_t5("prefix")
+    kwargs = forward_cases()["decoder_mask"]
+    expected = step(peft_model, **kwargs)
+    fastpeft.accelerate(peft_model, strict=True)
+    base = peft_model.get_base_model()
+    method, keyword = compat.checkpointing_names(base)
+    getattr(base, method)(**{keyword: {"use_reentrant": False}})
+    assert_same_step(step(peft_model, **kwargs), expected, what="t5 checkpointed")

@@ -102,6 +102,11 @@ class DecoderSelfAttentionPrefix:
 
     prefix: PrefixSpec
     reached: set = field(default_factory=set, compare=False, repr=False)
+    # The decoder's relative-position-bias module (T5's first decoder self-attention, ``compat.decoder_relative_bias``)
+    # or None. PEFT's prefix sits in T5's cache, so T5 computes its position bias over the prefix too; without a cache
+    # fastpeft computes those columns with it (``_prefix_position_bias``). A module reference in the keyword, not a
+    # patch of the module: checkpoint recomputation, which runs after the forward, sees it too.
+    relative_bias: Optional[torch.nn.Module] = field(default=None, compare=False, repr=False)
 
     def for_module(self, module):
         """``prefix`` for a decoder self-attention module (recorded in ``reached``), None for any other."""
@@ -197,12 +202,21 @@ def _no_prefix(key, columns=1):
     return empty, empty, index, lengths
 
 
-def _attention_bias(module, position_bias, query, key, prefix_columns):
+def _prefix_position_bias(relative, query_length, key_length, prefix_length):
+    """The position bias ``[1, H, L, P]`` of the P prefix columns as T5 computes it when the prefix is a cache of P
+    tokens before the ``key_length`` keys (PEFT's prefix tuning): its own ``compute_bias`` with the prefix entries at
+    positions ``0 .. P-1`` and query i (of the L last keys' positions) at ``P + key_length - L + i``."""
+    return relative.compute_bias(query_length, prefix_length,
+                                 past_seen_tokens=prefix_length + key_length - query_length)
+
+
+def _attention_bias(module, position_bias, query, key, prefix_columns, relative=None):
     """T5's ``position_bias`` ``[1 or B, H, L, S]`` as the kernels' ``attn_bias`` over ``[prefix ; keys]``, in the
     query's dtype (differentiably: a model that trains its relative attention bias gets its gradient), or None.
 
-    T5 computes it over the keys it sees; with a prefix outside the cache (fastpeft's prefix tuning) it would have to
-    cover the prefix columns too, as T5 computes them over a cache of P tokens: a bias without them is refused."""
+    T5 computes it over the keys it sees. A prefix outside the cache (fastpeft's prefix tuning) needs its columns too,
+    as T5 computes them over a cache of P tokens: from ``relative`` (``DecoderSelfAttentionPrefix.relative_bias``)
+    where given; a bias without them is refused otherwise."""
     if position_bias is None:
         return None
     model_type = getattr(getattr(module, "config", None), "model_type", None)
@@ -216,6 +230,10 @@ def _attention_bias(module, position_bias, query, key, prefix_columns):
         raise ValueError(f"{type(module).__name__} passes a position_bias of shape "
                          f"{tuple(getattr(position_bias, 'shape', ()))}; fastpeft attention takes one "
                          f"[1 or B, H, L, S={S}] over the keys")
+    if position_bias.shape[-1] != prefix_columns + S and relative is not None:
+        columns = _prefix_position_bias(relative, query.shape[2], S, prefix_columns).to(position_bias.dtype)
+        columns = columns.expand(position_bias.shape[0], *columns.shape[1:])
+        position_bias = torch.cat([columns, position_bias], dim=-1)
     if position_bias.shape[-1] != prefix_columns + S:
         raise ValueError(f"{type(module).__name__}'s position_bias covers its {S} keys but not the {prefix_columns} "
                          "prefix columns: a relative position bias over a prefix held outside the cache is not "
@@ -255,6 +273,7 @@ def fastpeft_attention_forward(module, query, key, value, attention_mask, dropou
         raise ValueError(f"{type(module).__name__} passes {', '.join(unsupported)} to its attention function; "
                          "fastpeft attention does not implement that (it would change the attention scores)")
     spec = kwargs.get(PREFIX_KWARG)
+    relative = getattr(spec, "relative_bias", None)
     if spec is not None:
         spec = spec.for_module(module)
     position_bias = kwargs.get("position_bias")
@@ -282,7 +301,7 @@ def fastpeft_attention_forward(module, query, key, value, attention_mask, dropou
         dtype = torch.get_autocast_dtype(device_type)
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
         prefix_k, prefix_v = prefix_k.to(dtype), prefix_v.to(dtype)
-    attn_bias = _attention_bias(module, position_bias, query, key, prefix_k.shape[-2])
+    attn_bias = _attention_bias(module, position_bias, query, key, prefix_k.shape[-2], relative)
     if not causal and key.shape[2] < query.shape[2]:
         key, value, attention_mask, attn_bias = _pad_keys_to_queries(key, value, attention_mask, attn_bias,
                                                                      query.shape[2])

@@ -256,6 +256,21 @@ def decoder_position_embedding(model):
     return getattr(decoder, "embed_positions", None) if decoder is not None else None
 
 
+def decoder_relative_bias(model):
+    """The attention module whose relative position bias an encoder-decoder's decoder numbers its positions in, or
+    None: T5's (and MT5's) first decoder self-attention, the one layer with ``has_relative_attention_bias``, whose
+    ``compute_bias(query_length, key_length, device=..., past_seen_tokens=...)`` gives the bias every decoder
+    self-attention layer then shares."""
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    if decoder is None:
+        return None
+    modules = [module for module in decoder.modules()
+               if getattr(module, "has_relative_attention_bias", False) and getattr(module, "is_causal", False)
+               and callable(getattr(module, "compute_bias", None))]
+    return modules[0] if len(modules) == 1 else None
+
+
 @contextlib.contextmanager
 def decoder_positions_shifted(model, offset):
     """For the duration of the block, ``model``'s decoder numbers its tokens ``offset`` further on, as it does when
@@ -265,12 +280,19 @@ def decoder_positions_shifted(model, offset):
     A forward pre-hook on ``decoder_position_embedding(model)`` that adds ``offset`` to the ``position_ids`` the
     decoder computed (or to the cache length, where it passes none); removed when the block ends, so a model outside
     the block, ``fastpeft.restore`` and a deep copy see no trace of it. Not for two threads running one model at once
-    (neither is PEFT's own generate, which sets instance attributes for its duration). Raises ValueError when the
-    decoder has no position embedding or calls it in a way this does not know."""
+    (neither is PEFT's own generate, which sets instance attributes for its duration). A decoder that numbers its
+    positions in a relative attention bias (T5, ``decoder_relative_bias``) needs nothing here: its keys' bias does not
+    move with a shift of queries and keys alike, and the prefix's columns are computed in attention
+    (``attention.DecoderSelfAttentionPrefix.relative_bias``). Raises ValueError when the decoder has neither or calls
+    its position embedding in a way this does not know."""
     module = decoder_position_embedding(model)
     if module is None:
-        raise ValueError(f"{type(model).__name__}'s decoder has no position embedding (decoder.embed_positions) "
-                         "that fastpeft can shift by the prefix length, as PEFT's cache does")
+        if decoder_relative_bias(model) is None:
+            raise ValueError(f"{type(model).__name__}'s decoder has no position embedding (decoder.embed_positions) "
+                             "or relative attention bias that fastpeft can shift by the prefix length, as PEFT's "
+                             "cache does")
+        yield
+        return
 
     def shift(module, args, kwargs):
         if kwargs.get("position_ids") is not None:

@@ -146,11 +146,11 @@ def _check_backbone(peft_model):
     # the decoder self-attention is checked at every call instead (DecoderSelfAttentionPrefix.reached).
     attention.check_supported_model(base, "fastpeft.accelerate", prefix_kwargs=prefix and not encoder_decoder)
     if prefix and encoder_decoder:
-        if compat.decoder_position_embedding(base) is None:
+        if compat.decoder_position_embedding(base) is None and compat.decoder_relative_bias(base) is None:
             raise attention.UnsupportedModelError(
                 f"fastpeft.accelerate cannot run prefix tuning on {type(base).__name__}: PEFT numbers the decoder's "
                 "positions after its prefix cache, and this decoder has no position embedding "
-                "(decoder.embed_positions) fastpeft can shift without one")
+                "(decoder.embed_positions) or relative attention bias (T5's) fastpeft can shift without one")
         _decoder_self_attention_layers(base)
 
 
@@ -169,8 +169,8 @@ def accelerate(peft_model, *, strict=False):
             GPT-NeoX, BERT, RoBERTa, ...; see ``attention.check_supported_model``), and whose adapters are
             PREFIX_TUNING (with or without ``prefix_projection``), PROMPT_TUNING, P_TUNING or CPT; or a
             ``PeftModelForSeq2SeqLM`` with PROMPT_TUNING / P_TUNING adapters (BART; T5 and MT5, whose relative
-            position bias the kernels add as their ``attn_bias``) or PREFIX_TUNING adapters (BART). The backbone may be
-            loaded in 4-bit or 8-bit through bitsandbytes.
+            position bias the kernels add as their ``attn_bias``) or PREFIX_TUNING adapters (BART, T5, MT5). The
+            backbone may be loaded in 4-bit or 8-bit through bitsandbytes.
         strict: what to do with a backbone whose attention fastpeft cannot compute (hand-written attention that
             bypasses the attention interface, such as DeBERTa's disentangled attention, or a feature the kernels
             lack, named in the message). False (default): warn once with a ``FallbackWarning`` naming why and leave
@@ -299,7 +299,8 @@ def encoder_decoder_prefix_spec(peft_model):
     num_layers = len(full.keys)
     order = [2 * i % num_layers for i in range(state.decoder_layers)]
     prefix = attention.PrefixSpec.build([full.keys[j] for j in order], [full.values[j] for j in order])
-    return attention.DecoderSelfAttentionPrefix(prefix)
+    return attention.DecoderSelfAttentionPrefix(prefix,
+                                                relative_bias=compat.decoder_relative_bias(peft_model.get_base_model()))
 
 
 def _check_prefix_reached(spec, base):
