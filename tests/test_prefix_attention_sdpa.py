@@ -1,5 +1,8 @@
 """The ``sdpa`` backend of prefix_attention (PyTorch's fused attention ops per part of the key axis, merged by
-log-sum-exp) against the float64 concatenation reference: the forward and all five gradients, on CPU.
+log-sum-exp) against the float64 concatenation reference: the forward and all five gradients, on CPU. The numeric
+tests run both CPU paths (``cpu_path``): the split over the fused ops and the short-sequence path
+(``fastpeft.ops.sdpa_short_attention``, matmuls over the score blocks), each forced on every case, the split with
+its prefix part through the fused op and through matmuls.
 
 Low-precision tolerance as for the kernels (see ``tests/test_prefix_attention_triton.py``): within twice the
 error of PyTorch's own computation in that dtype on the same rounded inputs, plus a floor of 1e-4.
@@ -16,6 +19,7 @@ import fastpeft
 from fastpeft import _backend
 from fastpeft.ops import _sdpa_ops
 from fastpeft.ops import sdpa_prefix_attention as sdpa
+from fastpeft.ops import sdpa_short_attention
 from tests.cases import CASES, GRAD_NAMES, Case, forward_and_grads, make_inputs
 from tests.lowp_reference import torch_lowp_attention
 from tests.reference import assert_close, concat_reference, relative_error
@@ -36,6 +40,8 @@ EXTRA_CASES = [
     Case("d-256", B=1, Hq=2, Hkv=1, L=9, S=11, P=4, D=256),
     # query chunks on CPU (sdpa.CPU_CAUSAL_CHUNK = 256): three chunks after a cache, with padding and a table
     Case("chunked-cache-table", B=2, Hq=4, Hkv=1, L=600, S=650, P=20, D=32, T=2, ragged=True, padding="left"),
+    # the training suite's attention on the built-in model (the short path's default case)
+    Case("tiny-llama-train", B=2, Hq=8, Hkv=2, L=64, S=64, P=8, D=32),
 ]
 FP32_CASES = CASES + EXTRA_CASES
 
@@ -43,6 +49,17 @@ FP32_CASES = CASES + EXTRA_CASES
 @pytest.fixture(autouse=True)
 def _sdpa_backend(backend_env):
     backend_env("sdpa")
+
+
+@pytest.fixture(params=["split", "split-matmul-prefix", "short"])
+def cpu_path(request, monkeypatch):
+    """Force one of the CPU paths for every call of the test, whatever its sizes: the split with the prefix part
+    through the fused op or through matmuls (``sdpa_short_attention.block_attend``), or the short path."""
+    short = request.param == "short"
+    monkeypatch.setattr(sdpa_short_attention, "SHORT_SCORES", 1 << 40 if short else -1)
+    matmuls = request.param == "split-matmul-prefix"
+    monkeypatch.setattr(sdpa, "CPU_MATMUL_PREFIX", (1 << 30, 1 << 60) if matmuls else (-1, -1))
+    return request.param
 
 
 def _dout(case, dtype, seed=2):
@@ -77,7 +94,7 @@ def test_sdpa_is_the_cpu_default_without_the_triton_interpreter(monkeypatch):
 
 
 @pytest.mark.parametrize("case", FP32_CASES, ids=str)
-def test_fp32_forward_and_gradients_match_float64(case):
+def test_fp32_forward_and_gradients_match_float64(case, cpu_path):
     inputs = make_inputs(case, torch.float32, seed=1)
     for name, (actual, expected) in _results(fastpeft.prefix_attention, inputs, _dout(case, torch.float32)).items():
         assert actual.dtype == torch.float32, name
@@ -103,16 +120,28 @@ LOWP_CASES = [CASES[2], CASES[5], CASES[7], CASES[8], EXTRA_CASES[0], EXTRA_CASE
 
 
 @pytest.mark.parametrize("case", LOWP_CASES, ids=str)
-def test_bf16_error_within_twice_pytorch_bf16(case):
+def test_bf16_error_within_twice_pytorch_bf16(case, cpu_path):
     _check_low_precision(case, torch.bfloat16)
 
 
 @pytest.mark.parametrize("case", LOWP_CASES, ids=str)
-def test_fp16_error_within_twice_pytorch_fp16(case):
+def test_fp16_error_within_twice_pytorch_fp16(case, cpu_path):
     _check_low_precision(case, torch.float16)
 
 
-def test_decode_without_grad_matches_float64():
+def test_cpu_autocast_changes_nothing(cpu_path):
+    # The integration casts q, k, v to the autocast dtype; inside, each path computes as without autocast.
+    inputs = make_inputs(EXTRA_CASES[-1], torch.bfloat16, seed=1)
+    dout = _dout(EXTRA_CASES[-1], torch.bfloat16)
+    out, grads = forward_and_grads(fastpeft.prefix_attention, inputs, dout)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_autocast, grads_autocast = forward_and_grads(fastpeft.prefix_attention, inputs, dout)
+    assert torch.equal(out_autocast, out)
+    for name in GRAD_NAMES:
+        assert grads_autocast[name].dtype == torch.bfloat16 and torch.equal(grads_autocast[name], grads[name]), name
+
+
+def test_decode_without_grad_matches_float64(cpu_path):
     case = EXTRA_CASES[3]
     inputs = make_inputs(case, torch.float32, seed=4, requires_grad=False)
     assert dispatch._choose_backend(inputs["q"], needs_grad=False) == "sdpa"
@@ -121,7 +150,7 @@ def test_decode_without_grad_matches_float64():
     assert_close(out, concat_reference(**inputs), 1e-5, "decode out")
 
 
-def test_queries_that_see_nothing_give_zeros_and_finite_exact_gradients():
+def test_queries_that_see_nothing_give_zeros_and_finite_exact_gradients(cpu_path):
     # Row 1 uses an empty prefix entry and its first queries see only padding (causal, left padding); row 2
     # sees no sequence key at all but has a prefix; with a cache (S > L), so both causal parts are involved.
     case = Case("blind", B=3, Hq=4, Hkv=2, L=4, S=6, P=3, D=16, T=2, ragged=True, padding="left")
@@ -142,7 +171,7 @@ def test_queries_that_see_nothing_give_zeros_and_finite_exact_gradients():
     assert torch.isneginf(lse[1, :, :2]).all() and torch.isfinite(lse[1, :, 2:]).all()
 
 
-def test_every_query_blind_gives_zeros():
+def test_every_query_blind_gives_zeros(cpu_path):
     case = Case("all-blind", B=2, Hq=2, Hkv=1, L=3, S=5, P=2, D=8, T=1, ragged=True, padding="left")
     inputs = make_inputs(case, torch.float32, seed=5)
     inputs["prefix_lengths"] = torch.tensor([0])
@@ -164,7 +193,7 @@ def _canonical(inputs):
     return q, k, v, pk, pv, index, lengths, mask, causal, scale
 
 
-def test_prefix_gradients_are_summed_per_table_entry():
+def test_prefix_gradients_are_summed_per_table_entry(cpu_path):
     case = Case("entries", B=5, Hq=4, Hkv=2, L=6, S=8, P=5, D=16, T=3, ragged=True, padding="right")
     inputs = make_inputs(case, torch.float32, seed=8)
     inputs["prefix_index"] = torch.tensor([2, 0, 2, 2, 0])   # entry 1 unused: zero gradient
@@ -176,7 +205,7 @@ def test_prefix_gradients_are_summed_per_table_entry():
         assert_close(actual, expected, 1e-5, name)
 
 
-def test_deterministic_flag_gives_the_same_gradients():
+def test_deterministic_flag_gives_the_same_gradients(cpu_path):
     case = Case("det", B=4, Hq=4, Hkv=2, L=5, S=7, P=4, D=16, T=2, ragged=True, padding="left")
     inputs = make_inputs(case, torch.float32, seed=9)
     dout = _dout(case, torch.float32)
@@ -187,7 +216,7 @@ def test_deterministic_flag_gives_the_same_gradients():
         assert torch.equal(first[name], second[name]) and torch.equal(first[name], plain[name]), name
 
 
-def test_float64_gradcheck():
+def test_float64_gradcheck(cpu_path):
     # PyTorch's CPU op also runs float64: the split and merge are exact, so gradcheck holds.
     case = Case("gradcheck", B=2, Hq=4, Hkv=2, L=3, S=5, P=2, D=3, T=2, ragged=True, padding="left")
     inputs = make_inputs(case, torch.float64, seed=5)
@@ -201,7 +230,7 @@ def test_float64_gradcheck():
     assert torch.autograd.gradcheck(fn, tuple(inputs[n] for n in names))
 
 
-def test_empty_query_and_batch_give_empty_outputs():
+def test_empty_query_and_batch_give_empty_outputs(cpu_path):
     out = fastpeft.prefix_attention(torch.randn(2, 4, 0, 8), torch.randn(2, 2, 0, 8), torch.randn(2, 2, 0, 8),
                                     torch.randn(2, 3, 8), torch.randn(2, 3, 8))
     assert out.shape == (2, 4, 0, 8)
@@ -236,6 +265,42 @@ def test_cpu_causal_queries_run_in_chunks():
     assert sdpa._query_chunks(q[:, :, :256], causal=True) == [(0, 256)]
     assert sdpa._query_chunks(q[:, :, :257], causal=True) == [(0, 129), (129, 257)]
     assert sdpa._query_chunks(q[:, :, :769], causal=True) == [(0, 769)]   # the kernel's own skipping
+
+
+def test_short_path_takes_small_score_matrices_on_cpu():
+    train = torch.empty(2, 8, 64, 32), torch.empty(2, 2, 64, 32)                  # the training suite, P=8
+    assert sdpa_short_attention.use_short_path(*train, sdpa._Host(8, False, False))
+    long = torch.empty(2, 8, 2048, 64), torch.empty(2, 2, 2048, 64)               # the kernel suite, P=128
+    assert not sdpa_short_attention.use_short_path(*long, sdpa._Host(128, False, False))
+    meta = torch.empty(2, 8, 64, 32, device="meta"), torch.empty(2, 2, 64, 32, device="meta")
+    assert not sdpa_short_attention.use_short_path(*meta, sdpa._Host(8, False, False))
+
+
+def test_short_prefix_parts_run_as_matmuls_on_cpu():
+    def prefix_part(case):
+        q, k, v, pk, pv, index, lengths, mask, causal, _ = _canonical(make_inputs(case, seed=1, requires_grad=False))
+        return [p for p in sdpa._plan(q, k, v, pk, pv, index, lengths, mask, causal) if p.kind == "prefix"][0]
+
+    assert prefix_part(EXTRA_CASES[-1]).matmuls                 # P=8, D=32
+    assert not prefix_part(EXTRA_CASES[6]).matmuls              # P=40
+    assert not prefix_part(Case("long-d64", B=1, Hq=8, Hkv=2, L=2048, S=2048, P=8, D=64)).matmuls
+
+
+def test_eager_calls_take_the_path_their_size_selects():
+    small = make_inputs(EXTRA_CASES[-1], seed=1)
+    assert type(fastpeft.prefix_attention(**small).grad_fn).__name__ == "_ShortPrefixAttentionBackward"
+    large = make_inputs(EXTRA_CASES[7], seed=1)   # multiblock-cache: 1 * 4 * 130 * (33 + 700) scores
+    assert type(fastpeft.prefix_attention(**large).grad_fn).__name__ == "_SdpaPrefixAttentionBackward"
+
+
+def test_backward_reuses_the_forward_plan(monkeypatch, cpu_path):
+    # The plan's data-dependent reads (prefix lengths, key padding) happen once per forward + backward.
+    calls = []
+    host_plan = sdpa._host_plan
+    monkeypatch.setattr(sdpa, "_host_plan", lambda *args: calls.append(1) or host_plan(*args))
+    inputs = make_inputs(CASES[5], seed=1)
+    fastpeft.prefix_attention(**inputs).sum().backward()
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("dynamic", [False, True])

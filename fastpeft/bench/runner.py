@@ -25,9 +25,11 @@ def _suite_module(name):
     return module
 
 
-def run_suites(suites, device, quick=False, out_dir=os.path.join("benchmarks", "results"), log=print):
+def run_suites(suites, device, quick=False, out_dir=os.path.join("benchmarks", "results"), log=print,
+               training_length=None):
     """Run ``suites`` (names from ``SUITES``) on ``device``; writes ``OUT/<date>-<device>.json``, the markdown tables
-    beside it (``.md``) and a plot (``.png``, with matplotlib). Returns ``(run, json_path, png_path or None)``."""
+    beside it (``.md``) and a plot (``.png``, with matplotlib). Returns ``(run, json_path, png_path or None)``.
+    ``training_length``: the training suite's sequence length instead of its default."""
     modules = [(name, _suite_module(name)) for name in suites]
     run = harness.new_run(device, quick, ["ceilings", *suites])
     recorder = harness.Recorder(run, log=log)
@@ -37,6 +39,8 @@ def run_suites(suites, device, quick=False, out_dir=os.path.join("benchmarks", "
     for name, module in modules:
         if name == "serving":
             module.run(recorder, device, quick, copy_gbps=machine["copy_gbps"])
+        elif name == "training":
+            module.run(recorder, device, quick, length=training_length)
         else:
             module.run(recorder, device, quick)
     markdown = harness.render_markdown(run)

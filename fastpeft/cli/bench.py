@@ -22,6 +22,8 @@ def add_parser(sub):
                        help="where to write the JSON, markdown and PNG (default: benchmarks/results)")
     bench.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                        help="auto: CUDA when available (default)")
+    bench.add_argument("--length", metavar="L", type=int, default=None,
+                       help="training suite: the sequence length (default: the suite's, 1024 on a GPU, 64 on CPU)")
     bench.set_defaults(func=run)
 
 
@@ -38,5 +40,7 @@ def run(args):
 
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     device = common.resolve_device(args.device)
-    run_suites(suites, device=device, quick=args.quick, out_dir=args.out)
+    if args.length is not None and args.length < 1:
+        raise common.CLIError(f"--length must be a positive sequence length, got {args.length}")
+    run_suites(suites, device=device, quick=args.quick, out_dir=args.out, training_length=args.length)
     return 0

@@ -47,6 +47,8 @@ import torch
 
 from . import _sdpa_ops
 from ._autograd import register_prefix_attention_autograd
+from .sdpa_short_attention import (block_attend, block_attend_backward, short_backward, short_forward,
+                                   use_short_path)
 
 _NEG_INF = float("-inf")
 
@@ -66,6 +68,7 @@ class _Part(NamedTuple):
     folded: bool                    # query group folded into the query axis: q as [B, Hkv, group * L, D]
     blind: Optional[torch.Tensor]   # bool, broadcastable to [B, Hq, L]: queries that see no key of this part
     start: int                      # keys: the part covers k[:, :, start:start + n]; prefix: 0
+    matmuls: bool = False           # run by sdpa_short_attention.block_attend, not by the fused op
 
 
 def _additive_mask(visible, dtype):
@@ -74,15 +77,43 @@ def _additive_mask(visible, dtype):
     return mask.masked_fill_(~visible[:, None, None, :], _NEG_INF)
 
 
-def _prefix_part(q, prefix_k, prefix_v, prefix_index, prefix_lengths, on_host):
+class _Host(NamedTuple):
+    """The plan's data-dependent choices, read once per call on CPU (where reading tensors costs no device sync) and
+    handed from the forward to the backward, which then plans without reading them again."""
+    prefix_n: int       # prefix entries attended: the longest row's valid length (P off the CPU)
+    ragged: bool        # some row's valid length is below prefix_n: the prefix part needs a mask
+    padded: bool        # key_padding_mask holds a padding key (False: every key is real, the mask is dropped)
+
+
+def _host_plan(q, prefix_k, prefix_index, prefix_lengths, key_padding_mask):
+    T, P = prefix_k.shape[0], prefix_k.shape[2]
+    if q.device.type != "cpu":  # on an accelerator these reads would synchronize: always mask
+        return _Host(P, True, key_padding_mask is not None)
+    n, ragged = 0, False
+    if P > 0 and T == 1:  # shared: every row has the one entry's length
+        n = min(int(prefix_lengths[0]), P)  # (unchecked lengths, under torch.compile, may exceed P)
+    elif P > 0:  # cut the prefix to the longest row, mask only when rows differ
+        row_lengths = prefix_lengths.index_select(0, prefix_index)  # [B]
+        if row_lengths.numel():
+            n = min(int(row_lengths.max()), P)
+            ragged = bool((row_lengths < n).any())
+    padded = key_padding_mask is not None and not bool(key_padding_mask.all())
+    return _Host(n, ragged, padded)
+
+
+# On CPU a short prefix part runs as matmuls (sdpa_short_attention.block_attend) instead of a fused call, whose fixed
+# cost per query block dominates there: at most CPU_MATMUL_PREFIX[0] entries, and folded queries x head size
+# (group * L * D) at most CPU_MATMUL_PREFIX[1], beyond which the backward's [n, group * L] @ [group * L, D] products
+# lose. Measured per part on the 2-core CPU, one thread, fp32, B=2, Hq=8, Hkv=2, P=8 (fused / matmuls, fwd + bwd,
+# ms): L=256 D=32 0.95 / 0.51; L=2048 D=32 8.4 / 4.2; L=512 D=64 5.2 / 1.6; L=512 D=128 7.8 / 5.4; but L=2048 D=64
+# 13.7 / 15.4; P=16 (L=512, D=32) 2.26 / 2.17, no gain.
+CPU_MATMUL_PREFIX = (8, 2048 * 128)
+
+
+def _prefix_part(q, prefix_k, prefix_v, prefix_index, prefix_lengths, host):
     B, _, _, D = q.shape
-    T, Hkv, P = prefix_k.shape[:3]
-    row_lengths = prefix_lengths.index_select(0, prefix_index)  # [B]
-    if on_host:  # free on CPU: cut the prefix to the longest row, mask only when rows differ
-        n = min(int(row_lengths.max()), P)  # (unchecked lengths, under torch.compile, may exceed P)
-        ragged = bool((row_lengths < n).any())
-    else:        # on an accelerator these reads would synchronize: always mask
-        n, ragged = P, True
+    T, Hkv = prefix_k.shape[:2]
+    n = host.prefix_n
     if n == 0:
         return None
     if T == 1:   # shared: broadcast over the batch, never copied per row
@@ -92,10 +123,13 @@ def _prefix_part(q, prefix_k, prefix_v, prefix_index, prefix_lengths, on_host):
         pk = prefix_k[:, :, :n].index_select(0, prefix_index)
         pv = prefix_v[:, :, :n].index_select(0, prefix_index)
     bias = blind = None
-    if ragged:
+    if host.ragged:
+        row_lengths = prefix_lengths.index_select(0, prefix_index)
         bias = _additive_mask(torch.arange(n, device=q.device)[None, :] < row_lengths[:, None], q.dtype)
         blind = (row_lengths == 0)[:, None, None]
-    return _Part("prefix", pk, pv, bias, False, True, blind, 0)
+    matmuls = (q.device.type == "cpu" and n <= CPU_MATMUL_PREFIX[0]
+               and q.shape[1] // Hkv * q.shape[2] * D <= CPU_MATMUL_PREFIX[1])
+    return _Part("prefix", pk, pv, bias, False, True, blind, 0, matmuls)
 
 
 def _keys_part(q, k, v, key_padding_mask, start, stop, causal):
@@ -110,16 +144,17 @@ def _keys_part(q, k, v, key_padding_mask, start, stop, causal):
     return _Part("keys", ks, vs, _additive_mask(visible, q.dtype), causal, not causal, blind, start)
 
 
-def _plan(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal):
-    """The fused calls whose merge is the attention over ``[prefix ; k]`` (see the module docstring)."""
+def _plan(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal, host=None):
+    """The fused calls whose merge is the attention over ``[prefix ; k]`` (see the module docstring); ``host``:
+    the ``_host_plan`` of these inputs (or of the whole problem this one is a chunk of), read here when None."""
     L, S = q.shape[2], k.shape[2]
-    on_host = q.device.type == "cpu"
+    if host is None:
+        host = _host_plan(q, prefix_k, prefix_index, prefix_lengths, key_padding_mask)
     parts = []
-    if prefix_k.shape[2] > 0:
-        part = _prefix_part(q, prefix_k, prefix_v, prefix_index, prefix_lengths, on_host)
-        if part is not None:
-            parts.append(part)
-    if key_padding_mask is not None and on_host and bool(key_padding_mask.all()):
+    part = _prefix_part(q, prefix_k, prefix_v, prefix_index, prefix_lengths, host)
+    if part is not None:
+        parts.append(part)
+    if not host.padded:
         key_padding_mask = None
     if causal and 1 < L < S:    # a cache precedes the queries: every query sees the cached keys
         parts.append(_keys_part(q, k, v, key_padding_mask, 0, S - L, causal=False))
@@ -172,43 +207,59 @@ def _chunk(L, S, key_padding_mask, start, stop):
 
 
 def sdpa_prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal,
-                              softmax_scale):
+                              softmax_scale, host=None):
     """Canonical arguments -> ``(out [B, Hq, L, D] in q's dtype, lse [B, Hq, L] float32, float64 for float64
-    inputs)``; ``lse = -inf`` for a query that sees no key (its output is zeros)."""
+    inputs)``; ``lse = -inf`` for a query that sees no key (its output is zeros). ``host``: ``_host_plan`` of
+    these inputs when the caller has it."""
     B, Hq, L, _ = q.shape
     if q.numel() == 0:
         return q.new_zeros(q.shape), q.new_zeros(B, Hq, L, dtype=_accumulation_dtype(q.dtype))
+    if host is None:
+        host = _host_plan(q, prefix_k, prefix_index, prefix_lengths, key_padding_mask)
     chunks = _query_chunks(q, causal)
     if len(chunks) == 1:
         return _forward_rows(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal,
-                             softmax_scale)
+                             softmax_scale, host)
     S = k.shape[2]
     outs, lses = [], []
     for start, stop in chunks:
         end, mask = _chunk(L, S, key_padding_mask, start, stop)
         out, lse = _forward_rows(q[:, :, start:stop], k[:, :, :end], v[:, :, :end], prefix_k, prefix_v,
-                                 prefix_index, prefix_lengths, mask, causal, softmax_scale)
+                                 prefix_index, prefix_lengths, mask, causal, softmax_scale, host)
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
 def _forward_rows(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal,
-                  softmax_scale):
-    """The forward of one sub-problem: plan its parts, run them, merge them."""
+                  softmax_scale, host):
+    """The forward of one sub-problem: plan its parts, run them, merge them.
+
+    Every part's out and lse are viewed as ``[B, Hkv, group, L, ...]``, a free view of both the folded and the
+    per-head layouts (a folded output reshaped to ``[B, Hq, L, D]`` would be a copy)."""
     B, Hq, L, D = q.shape
     Hkv = k.shape[1]
+    group = Hq // Hkv
     acc = _accumulation_dtype(q.dtype)
     q = q.contiguous()
-    outs, lses = [], []
-    for part in _plan(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal):
-        out, lse = _sdpa_ops.attend(_as_part(q, part, Hkv), part.k, part.v, part.bias, part.causal, softmax_scale)
-        out, lse = out.reshape(B, Hq, L, D), lse.reshape(B, Hq, L).to(acc)
+    outs, lses, blind = [], [], False
+    for part in _plan(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal, host):
+        if part.matmuls:
+            out, lse = block_attend(_as_part(q, part, Hkv), part.k, part.v, part.bias, softmax_scale)
+        else:
+            out, lse = _sdpa_ops.attend(_as_part(q, part, Hkv), part.k, part.v, part.bias, part.causal,
+                                        softmax_scale)
+        out, lse = out.view(B, Hkv, group, L, D), lse.view(B, Hkv, group, L).to(acc)
         if part.blind is not None:
-            lse = lse.masked_fill(part.blind, _NEG_INF)
+            lse = lse.masked_fill(part.blind.unsqueeze(1), _NEG_INF)
+            blind = True
         outs.append(out)
         lses.append(lse)
-    return _merge(outs, lses, q.dtype, acc)
+    if len(outs) == 2 and not blind:
+        out, lse = _merge_two(outs, lses, q.dtype, acc)
+    else:
+        out, lse = _merge(outs, lses, q.dtype, acc)
+    return out.reshape(B, Hq, L, D), lse.reshape(B, Hq, L)
 
 
 def _merge(outs, lses, dtype, acc):
@@ -227,13 +278,27 @@ def _merge(outs, lses, dtype, acc):
     return merged.to(dtype), lse
 
 
+def _merge_two(outs, lses, dtype, acc):
+    """``_merge`` of two parts none of whose queries is blind (finite lse): part 0's weight is
+    ``sigmoid(lse_0 - lse_1)`` and the merge is one ``lerp`` into part 1's output (the op's own buffer, in its
+    layout), 4 elementwise ops instead of 8."""
+    lse = torch.logaddexp(lses[0], lses[1])
+    weight = torch.sigmoid(lses[0] - lses[1]).unsqueeze(-1)
+    merged = outs[1].to(acc)
+    merged.lerp_(outs[0].to(acc), weight)
+    return merged.to(dtype), lse
+
+
 def sdpa_prefix_attention_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
-                              out, lse, causal, softmax_scale, deterministic):
+                              out, lse, causal, softmax_scale, deterministic, host=None):
     """``(dq, dk, dv, dprefix_k, dprefix_v)`` from the merged ``out``/``lse`` of the forward; the prefix
-    gradients ``[T, Hkv, P, D]`` are summed over the rows that use each entry."""
+    gradients ``[T, Hkv, P, D]`` are summed over the rows that use each entry. ``host``: the forward's
+    ``_host_plan`` when the caller kept it."""
     if q.numel() == 0:
         return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(prefix_k),
                 torch.zeros_like(prefix_v))
+    if host is None:
+        host = _host_plan(q, prefix_k, prefix_index, prefix_lengths, key_padding_mask)
     lse = lse.masked_fill(lse == _NEG_INF, float("inf"))  # blind queries: every probability exp(-inf) = 0
     chunks = _query_chunks(q, causal)
     L, S = q.shape[2], k.shape[2]
@@ -244,7 +309,7 @@ def sdpa_prefix_attention_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_index, p
         rows = slice(start, stop)
         dq_c, dk_c, dv_c, dprefix_c = _backward_rows(
             dout[:, :, rows], q[:, :, rows], k[:, :, :end], v[:, :, :end], prefix_k, prefix_v, prefix_index,
-            prefix_lengths, mask, out[:, :, rows], lse[:, :, rows], causal, softmax_scale, deterministic)
+            prefix_lengths, mask, out[:, :, rows], lse[:, :, rows], causal, softmax_scale, deterministic, host)
         dqs.append(dq_c)
         if len(chunks) == 1:
             dk, dv = dk_c, dv_c
@@ -263,7 +328,7 @@ def sdpa_prefix_attention_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_index, p
 
 
 def _backward_rows(dout, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, out, lse,
-                   causal, softmax_scale, deterministic):
+                   causal, softmax_scale, deterministic, host):
     """The backward of one sub-problem: ``(dq in float32/64, dk, dv, (dprefix_k, dprefix_v) in float32/64 or
     None when no row sees a prefix entry)``."""
     B, Hq, L, D = q.shape
@@ -272,10 +337,12 @@ def _backward_rows(dout, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengt
     dq = None
     dprefix = None
     key_grads = []
-    for part in _plan(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal):
-        dq_p, dk_p, dv_p = _sdpa_ops.attend_backward(
+    for part in _plan(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal, host):
+        attend_backward = block_attend_backward if part.matmuls else _sdpa_ops.attend_backward
+        dq_p, dk_p, dv_p = attend_backward(
             _as_part(dout, part, Hkv), _as_part(q, part, Hkv), part.k, part.v, part.bias,
-            _as_part(out, part, Hkv), _as_part(lse, part, Hkv), part.causal, softmax_scale)
+            _as_part(out, part, Hkv), _as_part(lse, part, Hkv), *(() if part.matmuls else (part.causal,)),
+            softmax_scale)
         dq_p = dq_p.reshape(B, Hq, L, D)
         dq = dq_p.to(_accumulation_dtype(q.dtype)) if dq is None else dq.add_(dq_p)
         if part.kind == "prefix":
@@ -297,8 +364,10 @@ def _reduce_prefix(rows, prefix, prefix_index, deterministic):
     T, Hkv, P, D = prefix.shape
     n = rows.shape[2]
     acc = _accumulation_dtype(prefix.dtype)
-    total = torch.zeros(T, Hkv, P, D, dtype=acc, device=prefix.device)
     rows = rows.to(acc)
+    if T == 1 and n == P:  # shared and whole: the batch sum is the gradient
+        return rows.sum(0, keepdim=True)
+    total = torch.zeros(T, Hkv, P, D, dtype=acc, device=prefix.device)
     if T == 1:
         total[0, :, :n] = rows.sum(0)
     elif deterministic and prefix.device.type != "cpu":  # index_add_ accumulates with atomics on GPUs
@@ -350,16 +419,17 @@ register_prefix_attention_autograd(_sdpa_fwd_op, _sdpa_bwd_op)
 
 class _SdpaPrefixAttention(torch.autograd.Function):
     """The eager path: the same forward and backward as the custom ops, without their dispatch (a custom op with
-    autograd costs about 0.4 ms per forward+backward on CPU, as much as the attention itself at small shapes)."""
+    autograd costs about 0.4 ms per forward+backward on CPU, as much as the attention itself at small shapes), and
+    with the forward's ``_host_plan`` kept for the backward (the custom ops' backward reads it again)."""
 
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal,
-                softmax_scale, deterministic):
+                softmax_scale, deterministic, host):
         out, lse = sdpa_prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
-                                             key_padding_mask, causal, softmax_scale)
+                                             key_padding_mask, causal, softmax_scale, host)
         ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, out,
                               lse)
-        ctx.causal, ctx.softmax_scale, ctx.deterministic = causal, softmax_scale, deterministic
+        ctx.causal, ctx.softmax_scale, ctx.deterministic, ctx.host = causal, softmax_scale, deterministic, host
         return out
 
     @staticmethod
@@ -367,8 +437,34 @@ class _SdpaPrefixAttention(torch.autograd.Function):
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, out, lse = ctx.saved_tensors
         grads = sdpa_prefix_attention_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
                                           key_padding_mask, out, lse, ctx.causal, ctx.softmax_scale,
-                                          ctx.deterministic)
-        return grads + (None,) * 6
+                                          ctx.deterministic, ctx.host)
+        return grads + (None,) * 7
+
+
+class _ShortPrefixAttention(torch.autograd.Function):
+    """The eager short-sequence path (``sdpa_short_attention``): the forward keeps the blocks' probabilities, the
+    backward reuses them."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal,
+                softmax_scale, deterministic, host):
+        out, saved = short_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
+                                      causal, softmax_scale, host, keep_for_backward=True)
+        ctx.save_for_backward(prefix_k, prefix_v, prefix_index, *saved)
+        ctx.softmax_scale, ctx.deterministic, ctx.dtypes = softmax_scale, deterministic, (k.dtype, v.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        prefix_k, prefix_v, prefix_index, *saved = ctx.saved_tensors
+        dq, dk, dv, dprefix = short_backward(dout, saved, ctx.softmax_scale)
+        if dprefix is None:  # no prefix entry visible to any row
+            dprefix_k, dprefix_v = torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
+        else:
+            dprefix_k = _reduce_prefix(dprefix[0], prefix_k, prefix_index, ctx.deterministic).to(prefix_k.dtype)
+            dprefix_v = _reduce_prefix(dprefix[1], prefix_v, prefix_index, ctx.deterministic).to(prefix_v.dtype)
+        return ((dq.to(dout.dtype), dk.to(ctx.dtypes[0]), dv.to(ctx.dtypes[1]), dprefix_k, dprefix_v)
+                + (None,) * 7)
 
 
 def sdpa_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal,
@@ -376,10 +472,19 @@ def sdpa_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, prefix_leng
     """Canonical arguments (see ``fastpeft.ops.prefix_attention._canonicalize``) -> out ``[B, Hq, L, D]``.
 
     Under torch.compile: the custom ops (traced through their fake implementations). Eager: the same functions
-    directly, through an ``autograd.Function`` only when a gradient is needed (inference saves nothing)."""
+    directly, through an ``autograd.Function`` only when a gradient is needed (inference saves nothing), or, for a
+    small score matrix on CPU (``sdpa_short_attention.use_short_path``), the short-sequence path."""
     args = (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal, softmax_scale)
     if torch.compiler.is_compiling():
         return _sdpa_fwd_op(*args, deterministic)[0]
+    if q.numel() == 0:
+        return sdpa_prefix_attention_fwd(*args)[0] if not torch.is_grad_enabled() else \
+            _SdpaPrefixAttention.apply(*args, deterministic, None)
+    host = _host_plan(q, prefix_k, prefix_index, prefix_lengths, key_padding_mask)
+    short = use_short_path(q, k, host)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, prefix_k, prefix_v)):
-        return _SdpaPrefixAttention.apply(*args, deterministic)
-    return sdpa_prefix_attention_fwd(*args)[0]
+        function = _ShortPrefixAttention if short else _SdpaPrefixAttention
+        return function.apply(*args, deterministic, host)
+    if short:
+        return short_forward(*args, host, keep_for_backward=False)[0]
+    return sdpa_prefix_attention_fwd(*args, host)[0]

@@ -1,0 +1,177 @@
+"""The ``sdpa`` backend's short-sequence path (CPU): attention over ``[prefix ; k]`` as plain matmuls on the two
+score blocks with one softmax across them, for problems whose whole score matrix is small.
+
+At short lengths the fused CPU kernel's cost is its fixed cost per call and per query block (small GEMMs, per-row
+reductions), and the split (``sdpa_prefix_attention``) pays it twice plus a merge: at the training suite's shape
+(B=2, Hq=8, Hkv=2, L=64, P=8, D=32) the two fused calls cost more than PEFT's single call over the concatenation.
+Here the same math runs as a handful of batched matmuls and elementwise ops over the blocks, never concatenated::
+
+    sp = prefix_k[row] @ q^T    [B, Hkv, n, R]      sk = k @ q^T    [B, Hkv, S, R]      (R = group * L)
+    m = max(max_j sp, max_j sk);  p = exp(scale * (s - m)) / l  with  l = sum_j of both blocks
+    out = p_p^T @ prefix_v[row] + p_k^T @ v
+
+Layout: the query group is folded into the query axis (``[B, Hkv, group * L, D]``, no kv head repeated) and the
+scores are kept transposed (keys on the rows), so the prefix block's matmuls have the long axis outside (MKL is
+slow at ``[R, D] @ [D, n]`` with n = 8, fast at ``[n, D] @ [D, R]``). The causal mask (query ``i`` at key position
+``S - L + i``), ragged prefix lengths and key padding are ``-inf`` entries of the blocks; a query that sees
+nothing gets output zeros. The forward keeps the normalized probabilities of both blocks for the
+backward (at most ``SHORT_SCORES`` elements), which then runs five matmuls and recomputes nothing::
+
+    dS = p * (dout @ v^T - rowsum(dout * out)) * scale,  dq = dS^T @ k,  dk = dS @ q,  dv = p @ dout
+
+(per block; the prefix rows' gradients are summed per table entry like the split's). Computed in float32
+(float64 for float64 inputs); low-precision inputs are upcast, which at these sizes costs less than a fused call.
+"""
+
+import functools
+
+import torch
+
+_NEG_INF = float("-inf")
+_LOG2E = 1.4426950408889634   # log2(e)
+_LN2 = 0.6931471805599453     # ln(2)
+
+# Largest score matrix (B * Hq * L * (prefix_n + S) elements) that takes this path. Measured on the 2-core CPU
+# (B=2, Hq=8, Hkv=2, P=8, D=32, fp32, forward+backward, interleaved with the split): see benchmarks/NOTES.md.
+SHORT_SCORES = 1 << 18
+
+
+def use_short_path(q, k, host):
+    """Whether the problem ``q [B, Hq, L, D]`` over ``host.prefix_n`` prefix entries and ``k [B, Hkv, S, D]`` runs
+    here: CPU tensors whose score matrix has at most ``SHORT_SCORES`` elements."""
+    B, Hq, L, _ = q.shape
+    return q.device.type == "cpu" and B * Hq * L * (host.prefix_n + k.shape[2]) <= SHORT_SCORES
+
+
+def _own_precision(fn):
+    """Run ``fn`` in float32/64 whatever the ambient autocast: the integration hands over q, k, v already in the
+    autocast dtype, and autocast would run the matmuls here in bfloat16, mixing dtypes with the float32 blocks."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def _accumulation_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _prefix_rows(prefix, prefix_index, n, acc):
+    """``[T, Hkv, P, D]`` -> the rows' first ``n`` entries: ``[1, Hkv, n, D]`` for a shared prefix (broadcast by
+    the matmuls), else one gather ``[B, Hkv, n, D]``."""
+    prefix = prefix[:, :, :n].to(acc)
+    return prefix if prefix.shape[0] == 1 else prefix.index_select(0, prefix_index)
+
+
+@_own_precision
+def short_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal, softmax_scale,
+                  host, keep_for_backward):
+    """Canonical arguments (``host``: ``sdpa_prefix_attention._host_plan`` of them) -> ``(out [B, Hq, L, D] in q's
+    dtype, saved)``; ``saved`` holds what ``short_backward`` needs (None unless ``keep_for_backward``). A query
+    that sees no key gets zeros.
+
+    Scores are in base 2 (q is scaled by ``softmax_scale * log2(e)`` once): ``exp2`` is about 3x faster than
+    ``exp`` on CPU, and unlike ``exp`` it does not slow down on the underflowing entries far below the maximum."""
+    B, Hq, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    acc = _accumulation_dtype(q.dtype)
+    n = host.prefix_n
+    qs = torch.empty(B, Hq, L, D, dtype=acc, device=q.device)
+    torch.mul(q, softmax_scale * _LOG2E, out=qs)            # one pass: scaled, contiguous, folded by the view below
+    qs = qs.view(B, Hkv, group * L, D)
+    qt = qs.transpose(-1, -2)
+    kk, vv = k.to(acc), v.to(acc)
+    sk = torch.matmul(kk, qt)                                                  # [B, Hkv, S, R]
+    if causal and L > 1:  # key j is hidden from query i when j > S - L + i (row r of the fold is query r % L)
+        hidden = torch.full((S, L), _NEG_INF, dtype=acc, device=q.device).tril_(L - S - 1)
+        sk.view(B, Hkv, S, group, L).add_(hidden[:, None, :])
+    if host.padded:
+        sk.add_(torch.zeros(B, 1, S, 1, dtype=acc, device=q.device).masked_fill_(
+            ~key_padding_mask[:, None, :, None], _NEG_INF))
+    m = sk.amax(-2)                                                            # [B, Hkv, R]
+    pk = pv = sp = None
+    if n > 0:
+        pk, pv = _prefix_rows(prefix_k, prefix_index, n, acc), _prefix_rows(prefix_v, prefix_index, n, acc)
+        sp = torch.matmul(pk, qt)                                              # [B, Hkv, n, R]
+        if host.ragged:
+            visible = torch.arange(n, device=q.device)[None, :] < prefix_lengths.index_select(0, prefix_index)[:, None]
+            sp.masked_fill_(~visible[:, None, :, None], _NEG_INF)
+        m = torch.maximum(m, sp.amax(-2))
+    may_be_blind = host.padded or host.ragged
+    if may_be_blind:  # a query that sees nothing: every score -inf; with m = 0 every exp2 is 0
+        m = m.masked_fill(m == _NEG_INF, 0.0)
+    shift = m.unsqueeze(-2)
+    sk = sk.sub_(shift).exp2_()
+    total = sk.sum(-2)
+    if sp is not None:
+        sp = sp.sub_(shift).exp2_()
+        total = total.add_(sp.sum(-2))
+    if may_be_blind:
+        total = total.masked_fill_(total == 0, 1.0)
+    inv = total.reciprocal_().unsqueeze(-2)
+    sk = sk.mul_(inv)                                                          # probabilities, kept for backward
+    out = torch.matmul(sk.transpose(-1, -2), vv)                               # [B, Hkv, R, D]
+    if sp is not None:
+        sp = sp.mul_(inv)
+        out = out.add_(torch.matmul(sp.transpose(-1, -2), pv))
+    saved = (qs, kk, vv, pk, pv, sk, sp, out) if keep_for_backward else None
+    return out.view(B, Hq, L, D).to(q.dtype), saved
+
+
+@_own_precision
+def short_backward(dout, saved, softmax_scale):
+    """``(dq [B, Hq, L, D], dk, dv [B, Hkv, S, D], prefix rows' (dk, dv) [B|1, Hkv, n, D] or None)`` in float32/64
+    from ``short_forward``'s ``saved``; the caller sums the prefix rows per table entry and casts. With ``qs``
+    the scaled queries, ``dk = scale * dS @ q = ln(2) * dS @ qs``."""
+    qs, kk, vv, pk, pv, pkeys, pprefix, out = saved
+    B, Hkv, R, D = qs.shape
+    do = dout.to(qs.dtype).reshape(B, Hkv, R, D)
+    dot = do.transpose(-1, -2)
+    delta = (do * out).sum(-1).unsqueeze(-2)                                   # rowsum(dout * out): [B, Hkv, 1, R]
+    ds = torch.matmul(vv, dot).sub_(delta).mul_(pkeys)                         # dS / scale: [B, Hkv, S, R]
+    dq = torch.matmul(ds.transpose(-1, -2), kk)
+    dk = torch.matmul(ds, qs).mul_(_LN2)
+    dv = torch.matmul(pkeys, do)
+    dprefix = None
+    if pprefix is not None:
+        ds = torch.matmul(pv, dot).sub_(delta).mul_(pprefix)
+        dq = dq.add_(torch.matmul(ds.transpose(-1, -2), pk))
+        dprefix = (torch.matmul(ds, qs).mul_(_LN2), torch.matmul(pprefix, do))
+    return dq.mul_(softmax_scale).view(dout.shape), dk, dv, dprefix
+
+
+@_own_precision
+def block_attend(q, k, v, bias, scale):
+    """``_sdpa_ops.attend`` (non-causal) as matmuls over a small key block: ``q [B, H, R, D]``, ``k, v
+    [B, H, n, D]``, ``bias`` None or ``[B, 1, 1, n]`` (0 / -inf) -> ``(out [B, H, R, D], lse [B, H, R])`` in
+    float32/64; a query that sees no key gets output zeros (its lse, -inf here, is overridden by the caller)."""
+    acc = _accumulation_dtype(q.dtype)
+    q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    s = torch.matmul(k, q.transpose(-1, -2))                                   # [B, H, n, R]
+    if bias is not None:
+        s = s.add_(bias.to(acc).transpose(-1, -2))
+    m = s.amax(-2, keepdim=True)
+    if bias is not None:
+        m = m.masked_fill_(m == _NEG_INF, 0.0)
+    e = s.sub_(m).mul_(scale * _LOG2E).exp2_()
+    total = e.sum(-2, keepdim=True)
+    lse = total.log().add_(m, alpha=scale).squeeze(-2)
+    out = torch.matmul(e.transpose(-1, -2), v)
+    return out.div_(total.clamp_min_(torch.finfo(acc).tiny).transpose(-1, -2)), lse
+
+
+@_own_precision
+def block_attend_backward(dout, q, k, v, bias, out, lse, scale):
+    """``_sdpa_ops.attend_backward`` (non-causal) for ``block_attend``: ``(dq, dk, dv)`` of this block given the
+    merged ``out``/``lse`` it is a part of (``lse = +inf`` for a query that sees nothing), in float32/64."""
+    acc = _accumulation_dtype(q.dtype)
+    q, k, v, dout, out = q.to(acc), k.to(acc), v.to(acc), dout.to(acc), out.to(acc)
+    s = torch.matmul(k, q.transpose(-1, -2))
+    if bias is not None:
+        s = s.add_(bias.to(acc).transpose(-1, -2))
+    p = s.mul_(scale * _LOG2E).sub_(lse.to(acc).unsqueeze(-2) * _LOG2E).exp2_()     # exp(scale * s - lse)
+    delta = (dout * out).sum(-1).unsqueeze(-2)
+    ds = torch.matmul(v, dout.transpose(-1, -2)).sub_(delta).mul_(p).mul_(scale)
+    return torch.matmul(ds.transpose(-1, -2), k), torch.matmul(ds, q), torch.matmul(p, dout)
