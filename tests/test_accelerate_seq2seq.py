@@ -167,6 +167,26 @@ def test_decoder_longer_than_encoder(method, monkeypatch):
     assert torch.equal(tokens, expected_tokens)
 
 
+def test_beam_search_scores_match_peft_forward():
+    """Beam search (the cache of real tokens reordered between steps, the prefix shared): every chosen token's
+    log-probability, as generate reports it, equals PEFT's forward without a cache on the returned sequence."""
+    peft_model = make("prefix")
+    ids, mask, _, _ = inputs()
+    fastpeft.accelerate(peft_model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5,
+                                  num_beams=3, do_sample=False, eos_token_id=None, forced_bos_token_id=None,
+                                  length_penalty=0.0, return_dict_in_generate=True, output_scores=True)
+    base = peft_model.get_base_model()
+    reported = base.compute_transition_scores(out.sequences, out.scores, out.beam_indices, normalize_logits=False)
+    fastpeft.restore(peft_model)
+    with torch.no_grad():
+        logits = peft_model(input_ids=ids, attention_mask=mask, decoder_input_ids=out.sequences[:, :-1]).logits
+    expected = logits.float().log_softmax(-1).gather(-1, out.sequences[:, 1:, None])[..., 0]
+    assert_close(reported, expected, 1e-5, "beam token log-probabilities")
+
+
 def test_forward_cache_holds_real_tokens_and_continues_the_sequence():
     """Without labels the output cache holds the L decoder tokens (PEFT's holds P + L); fed back with the next
     token it gives the logits the full decoder input gives (positions continue after prefix and cache)."""
