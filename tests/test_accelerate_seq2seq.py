@@ -377,3 +377,37 @@ def test_t5_prefix_tuning_gradient_checkpointing_matches_peft_without_it():
     method, keyword = compat.checkpointing_names(base)
     getattr(base, method)(**{keyword: {"use_reentrant": False}})
     assert_same_step(step(peft_model, **kwargs), expected, what="t5 checkpointed")
+
+
+def test_seq2seq_trainer_steps_match_peft(tmp_path):
+    """Three SGD steps of transformers' Seq2SeqTrainer (input ids, mask and labels: BART builds the decoder input)
+    give PEFT's losses and prompt-encoder updates."""
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, default_data_collator
+
+    ids, mask, _, labels = inputs(batch=6)
+    rows = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": labels[i]} for i in range(len(ids))]
+    results = {}
+    for accelerated in (False, True):
+        peft_model = make("prefix_projection")
+        if accelerated:
+            fastpeft.accelerate(peft_model)
+        initial = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+        args = Seq2SeqTrainingArguments(output_dir=str(tmp_path / str(accelerated)), per_device_train_batch_size=3,
+                                        max_steps=3, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant",
+                                        warmup_steps=0, weight_decay=0.0, logging_steps=1, save_strategy="no",
+                                        report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+                                        dataloader_num_workers=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = Seq2SeqTrainer(model=peft_model, args=args, train_dataset=rows,
+                                     data_collator=default_data_collator)
+            trainer.train()
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        deltas = {n: p.detach() - initial[n] for n, p in peft_model.named_parameters() if p.requires_grad}
+        results[accelerated] = losses, deltas
+    (peft_losses, peft_deltas), (losses, deltas) = results[False], results[True]
+    assert len(losses) == 3
+    assert_close(torch.tensor(losses), torch.tensor(peft_losses), 1e-5, "Seq2SeqTrainer losses")
+    for name, delta in peft_deltas.items():
+        assert delta.abs().sum() > 0, f"{name} did not train"
+        assert_close(deltas[name], delta, 1e-5, f"update of {name}")
