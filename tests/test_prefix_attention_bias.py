@@ -225,3 +225,30 @@ def test_cuda_path_plumbing_on_meta_tensors(case):
                                                      True)
     for grad, like in zip(grads, (q, k, v, prefix_k, prefix_v, bias)):
         assert grad.shape == like.shape
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CUDA (PyTorch's memory-efficient kernels with the bias in aligned storage): forced sdpa on the GPU.
+
+GPU_CASES = [BIAS_CASES[2], BIAS_CASES[5], BIAS_CASES[7], BIAS_CASES[8], BIAS_CASES[12], BIAS_CASES[14]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["t5", "neginf"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+def test_cuda_fp32_forward_and_every_gradient_match_float64(case, kind, backend_env):
+    backend_env("sdpa")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    inputs = {n: (t.detach().cuda().requires_grad_(t.requires_grad) if torch.is_tensor(t) else t)
+              for n, t in _with_bias(case, kind).items()}
+    _check_against_float64(inputs, _dout(case).cuda(), 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+def test_cuda_low_precision_within_1e_2(case, dtype, backend_env):
+    backend_env("sdpa")
+    inputs = {n: (t.detach().cuda().requires_grad_(t.requires_grad) if torch.is_tensor(t) else t)
+              for n, t in _with_bias(case, "t5", dtype).items()}
+    _check_against_float64(inputs, _dout(case, dtype).cuda(), 1e-2)
