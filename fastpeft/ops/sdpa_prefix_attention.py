@@ -13,7 +13,9 @@ The parts (``_plan``):
   group of grouped-query attention is folded into the query axis (``[B, Hkv, group * L, D]``), so no kv head is
   repeated. A shared prefix is broadcast over the batch (stride 0), a table gathered once; ragged
   ``prefix_lengths`` become a ``[B, 1, 1, P]`` additive mask (on CPU, where reading the lengths costs nothing,
-  the prefix is cut to the longest row and the mask dropped when every row has that length).
+  the prefix is cut to the longest row and the mask dropped when every row has that length). On CPU a prefix of
+  at most ``CPU_MATMUL_PREFIX`` entries runs as two matmuls (``sdpa_short_attention.block_attend``) instead of a
+  fused call, whose fixed cost per query block dominates there.
 * keys: q against the row's own keys. Non-causal (or one query per row, which sees every key): one folded
   call. Causal with ``S == L``: one call with the op's own causal flag (top-left aligned, which is
   bottom-right when ``S == L``), whose kernel skips the blocks above the diagonal. Causal with a cache
@@ -34,6 +36,10 @@ Backward: each part's backward op, given the MERGED ``out`` and ``lse``, returns
 ``prefix_index``; a one-hot matmul when ``deterministic`` on a GPU), and the keys' gradients are the
 concatenation of their parts'. For queries that see nothing the backward is given ``lse = +inf``, so every
 probability is ``exp(-inf) = 0`` and their gradients are zeros, never NaN.
+
+On CPU a problem whose whole score matrix is small (``sdpa_short_attention.use_short_path``) skips the split in
+eager mode: ``sdpa_short_attention`` computes the two score blocks with matmuls and one softmax across them, and
+its backward reuses the forward's probabilities.
 
 Layers: the private aten ops live behind ``_sdpa_ops``; this module plans the parts, runs and merges them
 (``sdpa_prefix_attention_fwd``/``_bwd``), registers them as the custom ops ``fastpeft::sdpa_prefix_attention_fwd``
@@ -477,11 +483,9 @@ def sdpa_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, prefix_leng
     args = (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal, softmax_scale)
     if torch.compiler.is_compiling():
         return _sdpa_fwd_op(*args, deterministic)[0]
-    if q.numel() == 0:
-        return sdpa_prefix_attention_fwd(*args)[0] if not torch.is_grad_enabled() else \
-            _SdpaPrefixAttention.apply(*args, deterministic, None)
-    host = _host_plan(q, prefix_k, prefix_index, prefix_lengths, key_padding_mask)
-    short = use_short_path(q, k, host)
+    # Empty queries have nothing to plan: the split's functions return empty outputs and zero gradients.
+    host = _host_plan(q, prefix_k, prefix_index, prefix_lengths, key_padding_mask) if q.numel() else None
+    short = host is not None and use_short_path(q, k, host)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, prefix_k, prefix_v)):
         function = _ShortPrefixAttention if short else _SdpaPrefixAttention
         return function.apply(*args, deterministic, host)
