@@ -325,10 +325,11 @@ class AdapterBank:
             return input_ids.clone()
         if generate_kwargs.get("eos_token_id") == []:
             # transformers reads None as "the generation config's eos": a config without one says "never stop".
+            # The other generation parameters go into that config too: transformers deprecates passing both.
             config = copy.deepcopy(generate_kwargs.pop("generation_config", None) or self.model.generation_config)
-            config.eos_token_id = None
             del generate_kwargs["eos_token_id"]
-            generate_kwargs["generation_config"] = config
+            generate_kwargs = dict(config.update(**generate_kwargs), generation_config=config)
+            config.eos_token_id = None
 
         B = input_ids.shape[0]
         specs = {}  # by the number of rows per input row (beams, return sequences): the prefix index repeated

@@ -254,16 +254,19 @@ def test_beam_search_per_row_adapters_scores_match_peft_forward(setups):
 def test_logits_processors_and_streamer_per_row_adapters(setups):
     """Repetition penalty and n-gram blocking from transformers' own processors, per row with its adapter, equal a
     loop over PEFT's forward for that row alone with the same processors; a streamer receives the prompt, then each
-    new token as it is picked."""
-    from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+    new token as it is picked. The pad id is suppressed: whether a left-padded row's pad ids count as context for the
+    repetition penalty differs between transformers releases (5.17 penalizes them, 5.24 does not)."""
+    from transformers import (LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor,
+                              SuppressTokensLogitsProcessor)
     from transformers.generation.streamers import BaseStreamer
 
     s = setups("llama")
     new_tokens = 5
     ids, mask = pad_rows(s.rows[:5], "left")
     generated = s.bank.generate(ids, attention_mask=mask, adapters=ROW_ADAPTERS[:5], max_new_tokens=new_tokens,
-                                repetition_penalty=1.5, no_repeat_ngram_size=2, eos_token_id=[])
-    processors = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.5), NoRepeatNGramLogitsProcessor(2)])
+                                repetition_penalty=1.5, no_repeat_ngram_size=2, suppress_tokens=[0], eos_token_id=[])
+    processors = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.5), NoRepeatNGramLogitsProcessor(2),
+                                      SuppressTokensLogitsProcessor([0])])
     for b in range(5):
         model, sequence = _row_alone(s, b, ids[b, :0], 0)
         with torch.no_grad():
