@@ -237,11 +237,32 @@ def _mistral_with_window(window):
     return base
 
 
-def test_sliding_window_shorter_than_prefix_plus_sequence_is_refused():
-    peft_model = fastpeft.accelerate(make_peft_model("mistral", "prefix", base=_mistral_with_window(8)))
-    ids, mask, _ = batch_and_labels("mistral")  # P + L = 4 + 7 > 8
+@pytest.mark.parametrize("method", ["prefix", "prefix_projection", "prompt"])
+@pytest.mark.parametrize("window", [3, 8])
+def test_sliding_window_shorter_than_prefix_plus_sequence_matches_peft(method, window, monkeypatch):
+    """A window that cuts into prefix + sequence (P + L = 4 + 7 > 8; 3 also cuts into the sequence itself), in a
+    left-padded batch: PEFT's loss, logits and prompt gradients (the window counted in PEFT's cache indices, prefix
+    first, padding included), through fastpeft's kernels only. Prefix-tuning generate, pad-aware, refuses it."""
+    peft_model = make_peft_model("mistral", method, base=_mistral_with_window(window))
+    ids, mask, labels = batch_and_labels("mistral")
+    expected = training_step(peft_model, ids, mask, labels)
+    fastpeft.accelerate(peft_model)
+    forbid_framework_attention(monkeypatch, peft_model)
+    assert_same_step(training_step(peft_model, ids, mask, labels), expected, what=f"window {window}")
+    if method != "prompt":
+        with pytest.raises(ValueError, match="not in generate"):
+            greedy(peft_model, ids, mask)
+
+
+def test_sliding_window_with_a_prefix_table_is_refused():
+    """AdapterBank rows take per-row positions, which a window counted in PEFT's cache indices does not follow."""
+    base = _mistral_with_window(8)
+    bank = fastpeft.AdapterBank(base)
+    bank.add("a", make_peft_model("mistral", "prefix"))
+    ids, mask, _ = batch_and_labels("mistral")
     with pytest.raises(ValueError, match="sliding-window"):
-        peft_model(input_ids=ids, attention_mask=mask)
+        bank(ids, attention_mask=mask, adapters=["a"] * ids.shape[0])
+    bank.close()
 
 
 def test_window_covering_prefix_plus_sequence_matches_peft():

@@ -11,8 +11,8 @@ import torch
 
 import fastpeft
 from fastpeft.integration import compat
-from tests.accelerate_helpers import (METHODS, assert_same_step, greedy, randomize_prompt_parameters,
-                                      reference_greedy, training_step)
+from tests.accelerate_helpers import (METHODS, assert_same_step, forbid_framework_attention, greedy,
+                                      randomize_prompt_parameters, reference_greedy, training_step)
 from tests.reference import assert_close
 
 VOCAB = 128
@@ -215,14 +215,20 @@ def test_feature_extraction_matches_peft(family, method):
 # ----- refusals ------------------------------------------------------------------------------------------------
 
 
-def test_gemma3_sliding_window_shorter_than_prefix_and_sequence_is_refused_by_name():
-    peft_model = fastpeft.accelerate(make("gemma3", "prefix", sliding_window=8))
-    ids, mask, _ = batch("gemma3")  # P + L = 11 > 8
+def test_gemma3_sliding_window_shorter_than_prefix_and_sequence_matches_peft(monkeypatch):
+    """Gemma 3 interleaves sliding-window and full layers: with a window of 8 over P + L = 11 the forward gives
+    PEFT's loss, logits and prompt gradients; generate (pad-aware) refuses a window that cuts into prefix + sequence
+    by name, and runs where prefix + sequence fit the window."""
+    peft_model = make("gemma3", "prefix", sliding_window=8)
+    ids, mask, labels = batch("gemma3")
+    expected = training_step(peft_model, ids, mask, labels)
+    fastpeft.accelerate(peft_model)
+    forbid_framework_attention(monkeypatch, peft_model)
+    assert_same_step(training_step(peft_model, ids, mask, labels), expected, what="gemma3 window 8")
     with pytest.raises(ValueError, match="sliding-window attention"):
-        peft_model(input_ids=ids, attention_mask=mask)
-    short_ids, short_mask = ids[:, -3:], mask[:, -3:]  # P + L = 7 <= 8: the window changes nothing
-    with torch.no_grad():
-        peft_model(input_ids=short_ids, attention_mask=short_mask)
+        greedy(peft_model, ids, mask)
+    short_ids, short_mask = ids[:, -2:], mask[:, -2:]  # P + L + 1 new token = 7 <= 8: the window changes nothing
+    greedy(peft_model, short_ids, short_mask, max_new_tokens=1)
 
 
 def _assert_fallback(peft_model, match, task="causal", family="falcon"):

@@ -39,6 +39,10 @@ class PrefixSpec:
         ``[Hkv, P, D]`` shared by every row or ``[T, Hkv, P, D]`` a table read through ``prefix_index``.
     prefix_index: ``[B]`` integer, the table entry of each row (required for tables).
     prefix_lengths: ``[T]`` integer, valid length of each entry (ragged tables); default P.
+    query_start: the number of tokens before the call's first query (the cache's cumulative length, padding
+        included: transformers' sliding cache layers evict tokens, so the keys' count does not say it), for a shared
+        prefix under sliding-window attention in PEFT's forward semantics; None elsewhere (a window that cuts into
+        prefix + sequence is then refused).
 
     Build it with ``PrefixSpec.build``, which checks the index values once, so that the per-layer attention calls
     can skip that (device-synchronizing) check. Callers whose indices are valid by construction (``AdapterBank``,
@@ -49,6 +53,7 @@ class PrefixSpec:
     values: Sequence[torch.Tensor]
     prefix_index: Optional[torch.Tensor] = None
     prefix_lengths: Optional[torch.Tensor] = None
+    query_start: Optional[int] = None
 
     @classmethod
     def build(cls, keys, values, prefix_index=None, prefix_lengths=None, check_values=True):
@@ -241,6 +246,31 @@ def _attention_bias(module, position_bias, query, key, prefix_columns, relative=
     return position_bias.to(query.dtype)
 
 
+def _sliding_window_bias(window, spec, prefix_k, query, key):
+    """Sliding-window attention as an additive bias ``[1, 1, L, P + S]`` (0 inside the window, -inf outside), in
+    transformers' terms: key ``kv`` is visible to query ``q`` iff ``kv > q - window``, counted in cache indices with
+    the prefix first, as PEFT's cache holds it (prefix entries at ``0 .. P-1``; padding counts, as in PEFT's batched
+    mask). A sequence key's distance to a query does not depend on the prefix: ``S - L + i - j``, also after the
+    cache evicted old tokens. A prefix entry ``p`` sits ``P + query_start + i - p`` before query ``i``, which needs
+    the call's ``query_start`` (``PrefixSpec``, set by accelerate's forward); generate (pad-aware, each row as PEFT
+    runs it alone) and tables (``AdapterBank``, ``MultiPrefixTrainer``: per-row positions) are refused."""
+    L, S, P = query.shape[2], key.shape[2], prefix_k.shape[-2]
+    device = query.device
+    rows = torch.arange(L, device=device)[:, None]
+    seq_visible = (S - L + rows) - torch.arange(S, device=device)[None, :] < window
+    if spec is None:  # no prefix: its one placeholder column is invisible anyway
+        prefix_visible = torch.ones(L, P, dtype=torch.bool, device=device)
+    elif prefix_k.dim() == 4 or spec.query_start is None:
+        raise ValueError(f"sliding-window attention (window {window}) over prefix + sequence length {P + S} is "
+                         "supported in accelerate's forward (PEFT's padded cache indices), not in generate (pad-aware "
+                         "positions) nor for prefix tables (AdapterBank, MultiPrefixTrainer: per-row positions)")
+    else:
+        prefix_visible = (P + spec.query_start + rows) - torch.arange(P, device=device)[None, :] < window
+    visible = torch.cat([prefix_visible, seq_visible], dim=1)
+    zero = torch.zeros((), dtype=query.dtype, device=device)
+    return torch.where(visible, zero, torch.tensor(float("-inf"), dtype=query.dtype, device=device))[None, None]
+
+
 def _pad_keys_to_queries(key, value, attention_mask, attn_bias, length):
     """Cross-attention can have fewer keys than queries (a decoder input longer than the encoder's), which the
     kernels' bottom-right alignment does not allow (S >= L). Without causality the alignment means nothing, so append
@@ -308,8 +338,8 @@ def fastpeft_attention_forward(module, query, key, value, attention_mask, dropou
 
     sliding_window = kwargs.get("sliding_window")
     if sliding_window is not None and prefix_k.shape[-2] + key.shape[2] > sliding_window:
-        raise ValueError(f"sliding-window attention (window {sliding_window}) over prefix+sequence length "
-                         f"{prefix_k.shape[-2] + key.shape[2]} is not supported by fastpeft attention")
+        window = _sliding_window_bias(sliding_window, spec, prefix_k, query, key)
+        attn_bias = window if attn_bias is None else attn_bias + window
 
     if dropout and module.training:
         # The kernels have no attention dropout; the reference path applies it to the probabilities as eager

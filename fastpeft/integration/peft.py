@@ -24,6 +24,7 @@ rotated; in ``forward`` the real tokens get the positions the backbone gives the
 ``cumsum(mask) - 1 + P``.
 """
 
+import dataclasses
 import functools
 import warnings
 
@@ -398,7 +399,7 @@ def _accelerated_forward(self, input_ids=None, attention_mask=None, inputs_embed
     kwargs["position_ids"] = _prefix_position_ids(_position_scheme(self), kwargs.get("position_ids"),
                                                   config.num_virtual_tokens, past_length, input_ids, attention_mask,
                                                   reference)
-    kwargs[attention.PREFIX_KWARG] = prefix_spec(self)
+    kwargs[attention.PREFIX_KWARG] = dataclasses.replace(prefix_spec(self), query_start=past_length)
     if labels is not None or compat.takes_argument(type(self).forward, "labels"):
         kwargs["labels"] = labels  # a feature-extraction backbone takes none (PEFT's forward passes none)
     return base(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
@@ -575,6 +576,8 @@ def _accelerated_generate(self, *args, **kwargs):
                 start = num_virtual_tokens + past_length
                 position_ids = torch.arange(start, start + new_tokens.shape[1], device=new_tokens.device)[None]
         model_inputs["position_ids"] = position_ids
+        # No query_start: generation is pad-aware (each row as PEFT runs it alone), which a sliding window counted
+        # in padded cache indices is not, so a window that cuts into prefix + sequence is refused here.
         model_inputs[attention.PREFIX_KWARG] = spec
         return model_inputs
 
