@@ -375,8 +375,8 @@ def fastpeft_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offs
     from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
 
     plain = mask_function in (None, causal_mask_function, bidirectional_mask_function)
-    # Sliding-window layers pass a composed mask function; fastpeft_attention_forward checks that the window
-    # covers prefix + sequence (where it does, the window changes nothing).
+    # Sliding-window layers pass a composed mask function; fastpeft_attention_forward applies the window from its
+    # ``sliding_window`` keyword (``_sliding_window_bias``) where it cuts into prefix + sequence.
     if not plain and getattr(config, "sliding_window", None) is None:
         raise ValueError("fastpeft attention supports causal and bidirectional masks with padding; this call "
                          "uses another mask pattern (packed sequences via position_ids, or a custom mask function)")
