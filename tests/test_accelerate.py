@@ -11,7 +11,7 @@ import fastpeft
 from fastpeft.integration import attention
 from tests.accelerate_helpers import (METHODS, NUM_VIRTUAL_TOKENS, assert_same_step, assert_within_own_error,
                                       batch_and_labels, forbid_framework_attention, greedy, interpreted_triton,
-                                      make_peft_model, peft_config, training_step)
+                                      make_peft_model, peft_config, reference_greedy, training_step)
 from tests.models import ALL_FAMILIES, tiny_model
 from tests.reference import assert_close
 
@@ -241,17 +241,19 @@ def _mistral_with_window(window):
 @pytest.mark.parametrize("window", [3, 8])
 def test_sliding_window_shorter_than_prefix_plus_sequence_matches_peft(method, window, monkeypatch):
     """A window that cuts into prefix + sequence (P + L = 4 + 7 > 8; 3 also cuts into the sequence itself), in a
-    left-padded batch: PEFT's loss, logits and prompt gradients (the window counted in PEFT's cache indices, prefix
-    first, padding included), through fastpeft's kernels only. Prefix-tuning generate, pad-aware, refuses it."""
+    left-padded batch, through fastpeft's kernels only: PEFT's loss, logits and prompt gradients (the window counted
+    in PEFT's cache indices, prefix first, padding included), and greedy tokens and step logits equal to PEFT's
+    forward looped without a cache (pad-aware: each row alone), past the window."""
     peft_model = make_peft_model("mistral", method, base=_mistral_with_window(window))
     ids, mask, labels = batch_and_labels("mistral")
     expected = training_step(peft_model, ids, mask, labels)
+    reference, reference_logits = reference_greedy(peft_model, ids, mask, max_new_tokens=5)
     fastpeft.accelerate(peft_model)
     forbid_framework_attention(monkeypatch, peft_model)
     assert_same_step(training_step(peft_model, ids, mask, labels), expected, what=f"window {window}")
-    if method != "prompt":
-        with pytest.raises(ValueError, match="not in generate"):
-            greedy(peft_model, ids, mask)
+    out = greedy(peft_model, ids, mask, max_new_tokens=5, return_dict_in_generate=True, output_logits=True)
+    assert torch.equal(out.sequences, reference)
+    assert_close(torch.stack(out.logits), reference_logits, 1e-5, f"window {window} step logits")
 
 
 def test_sliding_window_with_a_prefix_table_is_refused():

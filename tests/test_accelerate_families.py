@@ -217,18 +217,17 @@ def test_feature_extraction_matches_peft(family, method):
 
 def test_gemma3_sliding_window_shorter_than_prefix_and_sequence_matches_peft(monkeypatch):
     """Gemma 3 interleaves sliding-window and full layers: with a window of 8 over P + L = 11 the forward gives
-    PEFT's loss, logits and prompt gradients; generate (pad-aware) refuses a window that cuts into prefix + sequence
-    by name, and runs where prefix + sequence fit the window."""
+    PEFT's loss, logits and prompt gradients, and generate PEFT's forward loop's tokens and step logits."""
     peft_model = make("gemma3", "prefix", sliding_window=8)
     ids, mask, labels = batch("gemma3")
     expected = training_step(peft_model, ids, mask, labels)
+    reference, reference_logits = reference_greedy(peft_model, ids, mask, max_new_tokens=5)
     fastpeft.accelerate(peft_model)
     forbid_framework_attention(monkeypatch, peft_model)
     assert_same_step(training_step(peft_model, ids, mask, labels), expected, what="gemma3 window 8")
-    with pytest.raises(ValueError, match="sliding-window attention"):
-        greedy(peft_model, ids, mask)
-    short_ids, short_mask = ids[:, -2:], mask[:, -2:]  # P + L + 1 new token = 7 <= 8: the window changes nothing
-    greedy(peft_model, short_ids, short_mask, max_new_tokens=1)
+    out = greedy(peft_model, ids, mask, max_new_tokens=5, return_dict_in_generate=True, output_logits=True)
+    assert torch.equal(out.sequences, reference)
+    assert_close(torch.stack(out.logits), reference_logits, 1e-5, "gemma3 window 8 step logits")
 
 
 def _assert_fallback(peft_model, match, task="causal", family="falcon"):

@@ -39,10 +39,11 @@ class PrefixSpec:
         ``[Hkv, P, D]`` shared by every row or ``[T, Hkv, P, D]`` a table read through ``prefix_index``.
     prefix_index: ``[B]`` integer, the table entry of each row (required for tables).
     prefix_lengths: ``[T]`` integer, valid length of each entry (ragged tables); default P.
-    query_start: the number of tokens before the call's first query (the cache's cumulative length, padding
-        included: transformers' sliding cache layers evict tokens, so the keys' count does not say it), for a shared
-        prefix under sliding-window attention in PEFT's forward semantics; None elsewhere (a window that cuts into
-        prefix + sequence is then refused).
+    query_positions: ``[1 or B, L]`` integer, where the call's queries sit in the cache of the computation fastpeft
+        reproduces, the prefix at ``0 .. P-1`` first: PEFT's padded cache indices in ``forward``, the pad-aware
+        positions of ``generate`` (each row as PEFT runs it alone). Only sliding-window layers read it (transformers'
+        sliding cache layers evict tokens, so the keys' count does not say it); None: a window that cuts into
+        prefix + sequence is refused.
 
     Build it with ``PrefixSpec.build``, which checks the index values once, so that the per-layer attention calls
     can skip that (device-synchronizing) check. Callers whose indices are valid by construction (``AdapterBank``,
@@ -53,7 +54,7 @@ class PrefixSpec:
     values: Sequence[torch.Tensor]
     prefix_index: Optional[torch.Tensor] = None
     prefix_lengths: Optional[torch.Tensor] = None
-    query_start: Optional[int] = None
+    query_positions: Optional[torch.Tensor] = None
 
     @classmethod
     def build(cls, keys, values, prefix_index=None, prefix_lengths=None, check_values=True):
@@ -247,28 +248,28 @@ def _attention_bias(module, position_bias, query, key, prefix_columns, relative=
 
 
 def _sliding_window_bias(window, spec, prefix_k, query, key):
-    """Sliding-window attention as an additive bias ``[1, 1, L, P + S]`` (0 inside the window, -inf outside), in
-    transformers' terms: key ``kv`` is visible to query ``q`` iff ``kv > q - window``, counted in cache indices with
-    the prefix first, as PEFT's cache holds it (prefix entries at ``0 .. P-1``; padding counts, as in PEFT's batched
-    mask). A sequence key's distance to a query does not depend on the prefix: ``S - L + i - j``, also after the
-    cache evicted old tokens. A prefix entry ``p`` sits ``P + query_start + i - p`` before query ``i``, which needs
-    the call's ``query_start`` (``PrefixSpec``, set by accelerate's forward); generate (pad-aware, each row as PEFT
-    runs it alone) and tables (``AdapterBank``, ``MultiPrefixTrainer``: per-row positions) are refused."""
+    """Sliding-window attention as an additive bias ``[1 or B, 1, L, P + S]`` (0 inside the window, -inf outside), in
+    transformers' terms: key ``kv`` is visible to query ``q`` iff ``kv > q - window``, counted in the cache of the
+    computation fastpeft reproduces, the prefix first (``PrefixSpec.query_positions``). A sequence key's distance to
+    a query is ``S - L + i - j`` (real tokens are contiguous, also after the cache evicted old ones); prefix entry
+    ``p`` sits ``query_positions[i] - p`` before query ``i``. Tables (``AdapterBank``, ``MultiPrefixTrainer``) and a
+    prefix keyword without positions are refused."""
     L, S, P = query.shape[2], key.shape[2], prefix_k.shape[-2]
     device = query.device
     rows = torch.arange(L, device=device)[:, None]
-    seq_visible = (S - L + rows) - torch.arange(S, device=device)[None, :] < window
+    seq_visible = ((S - L + rows) - torch.arange(S, device=device)[None, :] < window)[None]
     if spec is None:  # no prefix: its one placeholder column is invisible anyway
-        prefix_visible = torch.ones(L, P, dtype=torch.bool, device=device)
-    elif prefix_k.dim() == 4 or spec.query_start is None:
+        prefix_visible = torch.ones(1, L, P, dtype=torch.bool, device=device)
+    elif prefix_k.dim() == 4 or spec.query_positions is None:
         raise ValueError(f"sliding-window attention (window {window}) over prefix + sequence length {P + S} is "
-                         "supported in accelerate's forward (PEFT's padded cache indices), not in generate (pad-aware "
-                         "positions) nor for prefix tables (AdapterBank, MultiPrefixTrainer: per-row positions)")
+                         "supported for accelerate's shared prefix, not for prefix tables (AdapterBank, "
+                         "MultiPrefixTrainer: per-row positions)")
     else:
-        prefix_visible = (P + spec.query_start + rows) - torch.arange(P, device=device)[None, :] < window
-    visible = torch.cat([prefix_visible, seq_visible], dim=1)
+        positions = spec.query_positions.to(device)[:, -L:, None]
+        prefix_visible = positions - torch.arange(P, device=device)[None, None, :] < window
+    visible = torch.cat([prefix_visible, seq_visible.expand(prefix_visible.shape[0], L, S)], dim=2)
     zero = torch.zeros((), dtype=query.dtype, device=device)
-    return torch.where(visible, zero, torch.tensor(float("-inf"), dtype=query.dtype, device=device))[None, None]
+    return torch.where(visible, zero, torch.tensor(float("-inf"), dtype=query.dtype, device=device))[:, None]
 
 
 def _pad_keys_to_queries(key, value, attention_mask, attn_bias, length):

@@ -399,7 +399,10 @@ def _accelerated_forward(self, input_ids=None, attention_mask=None, inputs_embed
     kwargs["position_ids"] = _prefix_position_ids(_position_scheme(self), kwargs.get("position_ids"),
                                                   config.num_virtual_tokens, past_length, input_ids, attention_mask,
                                                   reference)
-    kwargs[attention.PREFIX_KWARG] = dataclasses.replace(prefix_spec(self), query_start=past_length)
+    # For sliding-window layers: the queries' indices in PEFT's cache (prefix, earlier tokens, padding included).
+    start = config.num_virtual_tokens + past_length
+    queries = torch.arange(start, start + reference.shape[1], device=reference.device)[None]
+    kwargs[attention.PREFIX_KWARG] = dataclasses.replace(prefix_spec(self), query_positions=queries)
     if labels is not None or compat.takes_argument(type(self).forward, "labels"):
         kwargs["labels"] = labels  # a feature-extraction backbone takes none (PEFT's forward passes none)
     return base(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
@@ -576,9 +579,9 @@ def _accelerated_generate(self, *args, **kwargs):
                 start = num_virtual_tokens + past_length
                 position_ids = torch.arange(start, start + new_tokens.shape[1], device=new_tokens.device)[None]
         model_inputs["position_ids"] = position_ids
-        # No query_start: generation is pad-aware (each row as PEFT runs it alone), which a sliding window counted
-        # in padded cache indices is not, so a window that cuts into prefix + sequence is refused here.
-        model_inputs[attention.PREFIX_KWARG] = spec
+        # Sliding-window layers count the window over PEFT's positions, prefix first: generate's are pad-aware for
+        # prefix tuning (each row as PEFT runs it alone) and number the concatenation for prompt tuning.
+        model_inputs[attention.PREFIX_KWARG] = dataclasses.replace(spec, query_positions=position_ids)
         return model_inputs
 
     with compat.generation_step_hook(base, add_prefix):
