@@ -473,16 +473,11 @@ def test_t5_gradient_checkpointing_matches_peft(monkeypatch):
 def test_t5_greedy_matches_peft_forward(method):
     """Greedy decoding (the decoder's cache: one query per step, T5's bias for that position over the cached keys)
     against PEFT's forward looped over the growing decoder input, without a cache."""
+    from fastpeft.integration.reference_generate import generate_seq2seq_without_cache
+
     peft_model = _t5_peft(method)
     ids, mask, _, _ = _seq2seq_inputs()
-    start = peft_model.get_base_model().config.decoder_start_token_id
-    decoder_ids = torch.full((ids.shape[0], 1), start)
-    steps = []
-    with torch.no_grad():
-        for _ in range(6):
-            logits = peft_model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits[:, -1]
-            steps.append(logits)
-            decoder_ids = torch.cat([decoder_ids, logits.argmax(-1, keepdim=True)], 1)
+    decoder_ids, steps = generate_seq2seq_without_cache(peft_model, ids, mask, max_new_tokens=6)
     fastpeft.accelerate(peft_model, strict=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -490,7 +485,7 @@ def test_t5_greedy_matches_peft_forward(method):
                                   do_sample=False, num_beams=1, eos_token_id=None, return_dict_in_generate=True,
                                   output_logits=True)
     assert torch.equal(out.sequences, decoder_ids)
-    assert_close(torch.stack(out.logits), torch.stack(steps), 1e-5, f"t5/{method} step logits")
+    assert_close(torch.stack(out.logits), steps, 1e-5, f"t5/{method} step logits")
 
 
 def test_t5_scaling_none_and_one_are_both_honoured():
