@@ -151,7 +151,7 @@ UNSUPPORTED_CONFIG_FEATURES = (
 )
 
 
-def check_supported_model(model, user, prefix_kwargs=True):
+def check_supported_model(model, user, prefix_kwargs=True, handwritten_families=False):
     """Raise ``UnsupportedModelError`` (a ValueError) unless ``model`` (a transformers ``PreTrainedModel``) computes
     its attention through transformers' attention interface with plain softmax attention, which fastpeft's kernels
     reproduce.
@@ -163,17 +163,25 @@ def check_supported_model(model, user, prefix_kwargs=True):
     attention sinks are refused by their parameters. What only shows per call (a sliding window shorter than prefix +
     sequence, soft-capping or sinks passed as keyword arguments, a ``position_bias`` from a model type not in
     ``POSITION_BIAS_MODEL_TYPES``, 4-D or custom masks) is refused by ``fastpeft_attention_forward`` /
-    ``fastpeft_mask``. ``user`` names the caller in the message."""
-    from . import compat
+    ``fastpeft_mask``. ``user`` names the caller in the message. With ``handwritten_families`` (``accelerate``, which
+    patches them: ``handwritten.patch``), hand-written attention of a family in ``handwritten`` passes too, where
+    its family takes the prefix (or ``prefix_kwargs`` is False)."""
+    from . import compat, handwritten
 
     for module in model.modules():
         if not compat.is_pretrained_model(module):
             continue
         if not compat.uses_attention_interface(module):
-            raise UnsupportedModelError(
-                f"{user} cannot run {type(module).__name__}: its attention does not go through transformers' "
-                "attention interface on this transformers release (hand-written attention), so fastpeft cannot "
-                "replace it")
+            family = handwritten.family_of(module) if handwritten_families else None
+            if family is None:
+                raise UnsupportedModelError(
+                    f"{user} cannot run {type(module).__name__}: its attention does not go through transformers' "
+                    "attention interface on this transformers release (hand-written attention), so fastpeft cannot "
+                    "replace it")
+            refusal = family.prefix_refusal(module) if prefix_kwargs else None
+            if refusal:
+                raise UnsupportedModelError(f"{user} cannot hand a prefix to {type(module).__name__}: {refusal}")
+            continue
         if prefix_kwargs and not compat.passes_kwargs_to_attention(module):
             raise UnsupportedModelError(
                 f"{user} cannot hand a prefix to {type(module).__name__}: the class does not declare "
@@ -408,5 +416,6 @@ def use_fastpeft_attention(model):
 
     register()
     previous = model.config._attn_implementation
-    compat.set_attn_implementation(model, ATTN_IMPLEMENTATION)
+    if compat.uses_attention_interface(model):
+        compat.set_attn_implementation(model, ATTN_IMPLEMENTATION)
     return previous

@@ -31,7 +31,7 @@ import warnings
 import torch
 
 from ..adapters import BaseGeometry, split_prefix
-from . import attention, compat
+from . import attention, compat, handwritten
 
 STATE_ATTR = "_fastpeft_acceleration"
 # Set instead of STATE_ATTR when accelerate() left the model on PEFT's path: the reason, as the warning gave it.
@@ -43,8 +43,9 @@ _OVERRIDDEN_METHODS = ("forward", "generate", "_setup_prompt_encoder")
 class _AccelerationState:
     """What ``restore`` needs: the backbone's previous attention implementation."""
 
-    def __init__(self, previous_attn_implementation):
+    def __init__(self, previous_attn_implementation, undo_handwritten):
         self.previous_attn_implementation = previous_attn_implementation
+        self.undo_handwritten = undo_handwritten  # handwritten.patch's undo (hand-written attention)
         self.position_scheme = None  # compat.position_scheme of the backbone, found at the first forward
         self.decoder_layers = None  # an encoder-decoder's decoder layer count, found at the first prefix forward
         self.checkpointable = None  # the backbone's modules with a gradient_checkpointing flag, ditto
@@ -146,7 +147,8 @@ def _check_backbone(peft_model):
     encoder_decoder = getattr(base.config, "is_encoder_decoder", False)
     # Encoder-decoders (BART, T5) hand keyword arguments to attention without declaring it: the prefix's arrival at
     # the decoder self-attention is checked at every call instead (DecoderSelfAttentionPrefix.reached).
-    attention.check_supported_model(base, "fastpeft.accelerate", prefix_kwargs=prefix and not encoder_decoder)
+    attention.check_supported_model(base, "fastpeft.accelerate", prefix_kwargs=prefix and not encoder_decoder,
+                                    handwritten_families=True)
     if prefix and encoder_decoder:
         if compat.decoder_position_embedding(base) is None and compat.decoder_relative_bias(base) is None:
             raise attention.UnsupportedModelError(
@@ -213,7 +215,8 @@ def accelerate(peft_model, *, strict=False):
         return peft_model
 
     previous = attention.use_fastpeft_attention(peft_model.get_base_model())
-    setattr(peft_model, STATE_ATTR, _AccelerationState(previous))
+    undo_handwritten = handwritten.patch(peft_model.get_base_model())
+    setattr(peft_model, STATE_ATTR, _AccelerationState(previous, undo_handwritten))
     # functools.partial rather than bound methods: a partial pickles and deep-copies by value (a bound method
     # pickles as getattr(model, function name), which the unpickled model would not have).
     from peft import PeftModelForCausalLM, PeftModelForSeq2SeqLM
@@ -241,7 +244,10 @@ def restore(peft_model):
         raise ValueError("fastpeft.restore: this model was not accelerated by fastpeft.accelerate")
     for name in _OVERRIDDEN_METHODS:
         peft_model.__dict__.pop(name, None)
-    compat.set_attn_implementation(peft_model.get_base_model(), state.previous_attn_implementation)
+    state.undo_handwritten()
+    base = peft_model.get_base_model()
+    if compat.uses_attention_interface(base):
+        compat.set_attn_implementation(base, state.previous_attn_implementation)
     delattr(peft_model, STATE_ATTR)
     return peft_model
 

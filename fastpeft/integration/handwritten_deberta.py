@@ -1,0 +1,1 @@
+"""DeBERTa / DeBERTa-v2: placeholder until the family's patch lands (registers nothing)."""
