@@ -433,7 +433,7 @@ def test_mask_function_accepts_both_transformers_call_styles():
     the result is the 2-D boolean key padding mask over the last kv_length keys."""
     from transformers.masking_utils import causal_mask_function
 
-    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     new_style = attention.fastpeft_mask(batch_size=2, q_length=2, kv_length=4, q_offset=2, kv_offset=0,
                                         mask_function=causal_mask_function, attention_mask=mask)
     old_style = attention.fastpeft_mask(batch_size=2, cache_position=torch.arange(2, 4), kv_length=4, kv_offset=0,
@@ -442,6 +442,9 @@ def test_mask_function_accepts_both_transformers_call_styles():
         assert result.dtype == torch.bool and torch.equal(result, mask[:, -4:].bool())
     assert attention.fastpeft_mask(batch_size=2, cache_position=torch.arange(4), kv_length=4,
                                    mask_function=causal_mask_function, attention_mask=None) is None
+    # On CPU a mask without padding among the keys attention sees is no mask (every layer skips its handling).
+    assert attention.fastpeft_mask(batch_size=2, q_length=2, kv_length=3, mask_function=causal_mask_function,
+                                   attention_mask=mask) is None
 
 
 def test_prefix_spec_value_checks_and_their_opt_out():

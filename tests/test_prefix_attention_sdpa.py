@@ -303,6 +303,57 @@ def test_backward_reuses_the_forward_plan(monkeypatch, cpu_path):
     assert len(calls) == 1
 
 
+def test_non_contiguous_output_gradient(cpu_path):
+    """Models hand the backward the gradient of ``out.transpose(1, 2)`` (a strided view), not a contiguous one; with
+    as many kv heads as query heads (GPT-2) no reshape of it copies."""
+    for case in (Case("mha", B=2, Hq=3, Hkv=3, L=7, S=9, P=5, D=16), CASES[2]):   # Hq == Hkv, and grouped
+        inputs = make_inputs(case, torch.float32, seed=3)
+        dout = _dout(case, torch.float32).transpose(1, 2).contiguous().transpose(1, 2)
+        assert not dout.is_contiguous()
+        for name, (actual, expected) in _results(fastpeft.prefix_attention, inputs, dout).items():
+            assert_close(actual, expected, 1e-5, f"{case}: {name}")
+
+
+def _prevalidated(inputs, plan_cache, mask="inputs"):
+    args = dict(inputs)
+    if mask != "inputs":
+        args["key_padding_mask"] = mask
+    return dispatch.prefix_attention_prevalidated(plan_cache=plan_cache, **args)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[5], CASES[6]], ids=str)
+def test_plan_cache_is_reused_per_signature_and_changes_nothing(case, monkeypatch):
+    """prefix_attention_prevalidated's plan_cache (one per model forward): the first call of a signature plans, the
+    next ones with the same shapes and the same index/lengths/mask objects reuse that plan, and the results and
+    gradients are those of an unplanned call."""
+    inputs = make_inputs(case, torch.float32, seed=4)
+    dout = _dout(case, torch.float32)
+    plans = []
+    canonicalize = dispatch._canonicalize
+    monkeypatch.setattr(dispatch, "_canonicalize", lambda *a, **k: plans.append(1) or canonicalize(*a, **k))
+    cache = {}
+    expected = _results(lambda **args: _prevalidated(args, None), inputs, dout)
+    plans.clear()
+    for _ in range(3):   # three "layers" of one forward
+        for name, (actual, want) in _results(lambda **args: _prevalidated(args, cache), inputs, dout).items():
+            assert torch.equal(actual, expected[name][0]), name
+    assert len(plans) == 1 and len(cache) == 1
+    # another mask object (a new forward's, possibly other values) is another signature: planned afresh
+    mask = inputs.get("key_padding_mask")
+    other = torch.ones(case.B, case.S, dtype=torch.bool) if mask is None else mask.clone()
+    _prevalidated(inputs, cache, mask=other)
+    assert len(plans) == 2 and len(cache) == 2
+
+
+def test_plan_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(dispatch, "_PLAN_CACHE_LIMIT", 3)
+    inputs = make_inputs(CASES[0], torch.float32, seed=4)
+    cache = {}
+    for _ in range(7):
+        _prevalidated(inputs, cache, mask=torch.ones(CASES[0].B, CASES[0].S, dtype=torch.bool))
+        assert 1 <= len(cache) <= 3
+
+
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_compiles_fullgraph_forward_and_backward(dynamic):
     # dynamic=True: symbolic lengths, as after a recompile for a new sequence length (the dispatcher's choice

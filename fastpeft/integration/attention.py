@@ -55,6 +55,10 @@ class PrefixSpec:
     prefix_index: Optional[torch.Tensor] = None
     prefix_lengths: Optional[torch.Tensor] = None
     query_positions: Optional[torch.Tensor] = None
+    # The layers' attention calls share one plan (``prefix_attention_prevalidated``'s ``plan_cache``): validated and
+    # planned by the first layer, reused by the others. Per object (``dataclasses.replace`` starts a new one), so
+    # per forward call; the index, lengths and mask tensors must keep their values while the object is in use.
+    plan_cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @classmethod
     def build(cls, keys, values, prefix_index=None, prefix_lengths=None, check_values=True):
@@ -367,14 +371,15 @@ def fastpeft_attention_forward(module, query, key, value, attention_mask, dropou
     else:
         out = prefix_attention_prevalidated(query, key, value, prefix_k, prefix_v, prefix_index=prefix_index,
                                             prefix_lengths=prefix_lengths, key_padding_mask=attention_mask,
-                                            causal=bool(causal), softmax_scale=scaling, attn_bias=attn_bias)
+                                            causal=bool(causal), softmax_scale=scaling, attn_bias=attn_bias,
+                                            plan_cache=None if spec is None else spec.plan_cache)
     return out.transpose(1, 2), None
 
 
 def fastpeft_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None,
                   attention_mask=None, config=None, cache_position=None, **kwargs):
     """transformers mask function: the 2-D key padding mask ``[B, kv_length]`` (bool), or None when the model got no
-    attention_mask. Causality is the kernels' job. Mask patterns the kernels cannot express are refused, never ignored.
+    attention_mask (or, on CPU, one without padding). Causality is the kernels' job. Mask patterns the kernels cannot express are refused, never ignored.
 
     Only ``kv_length``, ``mask_function``, ``attention_mask`` and ``config`` matter. transformers calls mask
     functions by keyword, with ``q_length``/``q_offset`` in recent releases and ``cache_position`` (the query
@@ -395,8 +400,11 @@ def fastpeft_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offs
     if attention_mask.shape[1] != kv_length:
         raise ValueError(f"the 2-D attention_mask covers {attention_mask.shape[1]} keys but attention sees "
                          f"{kv_length}; a static cache is not supported by fastpeft attention")
-    # Returned even when every key is real: testing that (``mask.all()``) would synchronize with the device on every
-    # forward and decode step, while a mask of ones costs the kernels only its reads.
+    # On an accelerator the mask is returned even when every key is real: testing that (``mask.all()``) would
+    # synchronize with the device on every forward and decode step, while a mask of ones costs the kernels only its
+    # reads. On CPU the test is a plain read, once per forward, and spares every layer its mask handling.
+    if attention_mask.device.type == "cpu" and bool(attention_mask.all()):
+        return None
     return attention_mask
 
 

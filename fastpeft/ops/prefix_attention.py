@@ -12,7 +12,7 @@ kernels and the CUDA extension take no bias.
 """
 
 import math
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -23,6 +23,7 @@ from ._autograd import register_prefix_attention_autograd
 from .reference import reference_prefix_attention
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_ACCEPTED_DTYPES = frozenset(SUPPORTED_DTYPES + (torch.float64,))  # float64: the reference path
 MAX_HEAD_DIM = 256
 
 
@@ -93,14 +94,14 @@ def _canonicalize(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key
     if T == 0:
         raise ValueError("the prefix table must hold at least one entry (T >= 1)")
 
-    tensors = {"q": q, "k": k, "v": v, "prefix_k": prefix_k, "prefix_v": prefix_v}
-    for name, t in tensors.items():
-        if t.dtype not in SUPPORTED_DTYPES + (torch.float64,):
-            raise ValueError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32 (float64 on the reference path)")
-        if t.dtype != q.dtype:
-            raise ValueError(f"all inputs must share one dtype: q is {q.dtype} but {name} is {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"all inputs must be on one device: q is on {q.device} but {name} is on {t.device}")
+    dtype, device = q.dtype, q.device
+    if dtype not in _ACCEPTED_DTYPES:
+        raise ValueError(f"q has dtype {dtype}; supported: float16, bfloat16, float32 (float64 on the reference path)")
+    for name, t in (("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+        if t.dtype != dtype:
+            raise ValueError(f"all inputs must share one dtype: q is {dtype} but {name} is {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"all inputs must be on one device: q is on {device} but {name} is on {t.device}")
 
     if prefix_index is None:
         prefix_index = torch.zeros(B, dtype=torch.int32, device=q.device)
@@ -405,15 +406,70 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=None, prefix_leng
                 softmax_scale, bool(deterministic), attn_bias)
 
 
+class _Plan(NamedTuple):
+    """What a call decided from its arguments besides q/k/v and the prefix tensors: their canonical forms, the
+    backend, and the sdpa backend's host plan. Valid for every call with the same ``_signature``."""
+    inputs: tuple          # the signature's tensors (prefix_index, prefix_lengths, key_padding_mask), kept alive
+    prefix_index: torch.Tensor
+    prefix_lengths: torch.Tensor
+    key_padding_mask: Optional[torch.Tensor]
+    softmax_scale: float
+    backend: str
+    host: object           # sdpa_prefix_attention._Host, or None off the sdpa backend
+
+
+# A model's forward calls attention once per layer with one signature; a plan cache that outgrows this is cleared
+# (it belongs to one forward; a caller reusing it across many would otherwise keep their masks alive).
+_PLAN_CACHE_LIMIT = 64
+
+
+def _signature(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal, softmax_scale,
+               deterministic, needs_grad):
+    """Everything ``_canonicalize``, the backend choice and the host plan read, except the values of the index,
+    lengths and mask tensors, which are identified by object (their values do not change during a forward)."""
+    return (q.shape, k.shape, v.shape, prefix_k.shape, prefix_v.shape, q.dtype, k.dtype, v.dtype, prefix_k.dtype,
+            prefix_v.dtype, q.device, k.device, v.device, prefix_k.device, prefix_v.device, id(prefix_index),
+            id(prefix_lengths), id(key_padding_mask), bool(causal), softmax_scale, bool(deterministic), needs_grad)
+
+
 def prefix_attention_prevalidated(q, k, v, prefix_k, prefix_v, prefix_index=None, prefix_lengths=None,
                                   key_padding_mask=None, causal=True, softmax_scale=None, deterministic=False,
-                                  attn_bias=None):
+                                  attn_bias=None, plan_cache=None):
     """``prefix_attention`` without the value checks of ``prefix_index``/``prefix_lengths`` (which sync the
     device). For the model integrations, which check those values once per forward instead of once per layer.
-    Shapes, dtypes and devices are still checked."""
-    canonical = _canonicalize(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
-                              softmax_scale, check_values=False)
-    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, softmax_scale = canonical
-    attn_bias = _canonical_bias(attn_bias, q, k, prefix_k)
-    return _run(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, bool(causal),
-                softmax_scale, bool(deterministic), attn_bias)
+    Shapes, dtypes and devices are still checked.
+
+    ``plan_cache``: a dict owned by the caller for the duration of one model forward (``PrefixSpec.plan_cache``).
+    The first layer's call validates and plans as usual and stores the result under its signature (shapes, dtypes,
+    devices, flags, and the index/lengths/mask tensors by identity); the other layers' calls, which have the same
+    signature, reuse it and go straight to the backend. At short sequence lengths that per-layer work is a
+    measurable part of a training step. Calls with an ``attn_bias`` and traced calls do not use it."""
+    if plan_cache is None or attn_bias is not None or torch.compiler.is_compiling():
+        canonical = _canonicalize(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
+                                  softmax_scale, check_values=False)
+        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, softmax_scale = canonical
+        attn_bias = _canonical_bias(attn_bias, q, k, prefix_k)
+        return _run(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, bool(causal),
+                    softmax_scale, bool(deterministic), attn_bias)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, prefix_k, prefix_v))
+    signature = _signature(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal,
+                           softmax_scale, deterministic, needs_grad)
+    plan = plan_cache.get(signature)
+    if plan is None:
+        canonical = _canonicalize(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
+                                  softmax_scale, check_values=False)
+        _, _, _, table_k, _, index, lengths, mask, scale = canonical
+        backend = _choose_backend(q, needs_grad)
+        host = (_sdpa._host_plan(q, table_k, index, lengths, mask) if backend == "sdpa" and q.numel() else None)
+        if len(plan_cache) >= _PLAN_CACHE_LIMIT:
+            plan_cache.clear()
+        plan = plan_cache[signature] = _Plan((prefix_index, prefix_lengths, key_padding_mask), index, lengths, mask,
+                                             scale, backend, host)
+    if prefix_k.dim() == 3:
+        prefix_k, prefix_v = prefix_k.unsqueeze(0), prefix_v.unsqueeze(0)
+    if plan.backend == "sdpa":
+        return _sdpa.sdpa_prefix_attention(q, k, v, prefix_k, prefix_v, plan.prefix_index, plan.prefix_lengths,
+                                           plan.key_padding_mask, bool(causal), plan.softmax_scale,
+                                           bool(deterministic), host=plan.host)
+    return _run(q, k, v, prefix_k, prefix_v, plan.prefix_index, plan.prefix_lengths, plan.key_padding_mask,
+                bool(causal), plan.softmax_scale, bool(deterministic))

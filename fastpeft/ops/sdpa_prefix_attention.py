@@ -474,17 +474,19 @@ class _ShortPrefixAttention(torch.autograd.Function):
 
 
 def sdpa_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal,
-                          softmax_scale, deterministic=False):
+                          softmax_scale, deterministic=False, host=None):
     """Canonical arguments (see ``fastpeft.ops.prefix_attention._canonicalize``) -> out ``[B, Hq, L, D]``.
 
     Under torch.compile: the custom ops (traced through their fake implementations). Eager: the same functions
     directly, through an ``autograd.Function`` only when a gradient is needed (inference saves nothing), or, for a
-    small score matrix on CPU (``sdpa_short_attention.use_short_path``), the short-sequence path."""
+    small score matrix on CPU (``sdpa_short_attention.use_short_path``), the short-sequence path. ``host``: this
+    call's ``_host_plan`` where the caller has it already (planned once per forward), else computed here."""
     args = (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal, softmax_scale)
     if torch.compiler.is_compiling():
         return _sdpa_fwd_op(*args, deterministic)[0]
     # Empty queries have nothing to plan: the split's functions return empty outputs and zero gradients.
-    host = _host_plan(q, prefix_k, prefix_index, prefix_lengths, key_padding_mask) if q.numel() else None
+    if host is None and q.numel():
+        host = _host_plan(q, prefix_k, prefix_index, prefix_lengths, key_padding_mask)
     short = host is not None and use_short_path(q, k, host)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, prefix_k, prefix_v)):
         function = _ShortPrefixAttention if short else _SdpaPrefixAttention
