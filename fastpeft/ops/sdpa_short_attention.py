@@ -14,8 +14,9 @@ Layout: the query group is folded into the query axis (``[B, Hkv, group * L, D]`
 scores are kept transposed (keys on the rows), so the prefix block's matmuls have the long axis outside (MKL is
 slow at ``[R, D] @ [D, n]`` with n = 8, fast at ``[n, D] @ [D, R]``). The causal mask (query ``i`` at key position
 ``S - L + i``), ragged prefix lengths and key padding are ``-inf`` entries of the blocks; a query that sees
-nothing gets output zeros. The forward keeps the normalized probabilities of both blocks for the
-backward (at most ``SHORT_SCORES`` elements), which then runs five matmuls and recomputes nothing::
+nothing gets output zeros. The forward keeps both blocks' exponentials (unnormalized: the normalization is one pass
+over ``out``, and the backward folds it into ``dout``) for the backward (at most ``SHORT_SCORES`` elements), which
+then runs five matmuls and recomputes nothing::
 
     dS = p * (dout @ v^T - rowsum(dout * out)) * scale,  dq = dS^T @ k,  dk = dS @ q,  dv = p @ dout
 
@@ -123,13 +124,14 @@ def short_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key
         total = total.add_(sp.sum(-2))
     if may_be_blind:
         total = total.masked_fill_(total == 0, 1.0)
-    inv = total.reciprocal_().unsqueeze(-2)
-    sk = sk.mul_(inv)                                                          # probabilities, kept for backward
+    inv = total.reciprocal_()                                                  # [B, Hkv, R]
+    # The blocks stay unnormalized (kept for the backward, which folds inv into dout): the normalization is one
+    # pass over out [R, D] instead of one over each score block.
     out = torch.matmul(sk.transpose(-1, -2), vv)                               # [B, Hkv, R, D]
     if sp is not None:
-        sp = sp.mul_(inv)
         out = out.add_(torch.matmul(sp.transpose(-1, -2), pv))
-    saved = (qs, kk, vv, pk, pv, sk, sp, out) if keep_for_backward else None
+    out = out.mul_(inv.unsqueeze(-1))
+    saved = (qs, kk, vv, pk, pv, sk, sp, out, inv) if keep_for_backward else None
     return out.view(B, Hq, L, D).to(q.dtype), saved
 
 
@@ -137,14 +139,21 @@ def short_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key
 def short_backward(dout, saved, softmax_scale):
     """``(dq [B, Hq, L, D], dk, dv [B, Hkv, S, D], prefix rows' (dk, dv) [B|1, Hkv, n, D] or None)`` in float32/64
     from ``short_forward``'s ``saved``; the caller sums the prefix rows per table entry and casts. With ``qs``
-    the scaled queries, ``dk = scale * dS @ q = ln(2) * dS @ qs``."""
-    qs, kk, vv, pk, pv, pkeys, pprefix, out = saved
+    the scaled queries, ``dk = scale * dS @ q = ln(2) * dS @ qs``.
+
+    The saved blocks ``e`` are unnormalized (``p = e * inv`` per query). With ``dout`` scaled by ``inv`` first,
+    ``dv = e @ dout'``, and ``dS = e * (v @ dout'^T - rowsum(dout' * out))`` equals ``p * (dP - delta)``: the
+    normalization costs one pass over ``dout`` [R, D] and none over the blocks."""
+    qs, kk, vv, pk, pv, pkeys, pprefix, out, inv = saved
     B, Hkv, R, D = qs.shape
-    do = dout.to(qs.dtype).reshape(B, Hkv, R, D)
+    L = dout.shape[2]
+    # dout [B, Hq, L, D] (often a strided view: the model transposed out) times inv, contiguous, folded
+    do = torch.empty(B, Hkv, R, D, dtype=qs.dtype, device=qs.device)
+    torch.mul(dout.view(B, Hkv, R // L, L, D), inv.view(B, Hkv, R // L, L, 1), out=do.view(B, Hkv, R // L, L, D))
     dot = do.transpose(-1, -2)
-    delta = (do * out).sum(-1).unsqueeze(-2)                                   # rowsum(dout * out): [B, Hkv, 1, R]
+    delta = (do * out).sum(-1).unsqueeze(-2)                                   # rowsum(dout' * out): [B, Hkv, 1, R]
     ds = torch.baddbmm(delta.neg().view(B * Hkv, 1, R), vv.reshape(B * Hkv, -1, D),   # dS / scale: [B, Hkv, S, R]
-                       do.reshape(B * Hkv, R, D).transpose(1, 2)).view(pkeys.shape).mul_(pkeys)
+                       dot.reshape(B * Hkv, D, R)).view(pkeys.shape).mul_(pkeys)
     dq = torch.matmul(ds.transpose(-1, -2), kk)
     dk = torch.matmul(ds, qs).mul_(_LN2)
     dv = torch.matmul(pkeys, do)
