@@ -95,9 +95,10 @@ def short_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key
     torch.mul(q, softmax_scale * _LOG2E, out=qs)            # one pass: scaled, contiguous, folded by the view below
     qs = qs.view(B, Hkv, group * L, D)
     qt = qs.transpose(-1, -2)
-    kk, vv = k.to(acc), v.to(acc)
+    # Contiguous once (models hand over transposed views): every matmul here and in the backward reads them as is.
+    kk, vv = k.to(acc).contiguous(), v.to(acc).contiguous()
     if causal and L > 1:  # the scores and the causal mask in one call (the bias is the matmul's initial value)
-        sk = torch.baddbmm(_causal_bias(S, L, group, acc, q.device), kk.reshape(B * Hkv, S, D),
+        sk = torch.baddbmm(_causal_bias(S, L, group, acc, q.device), kk.view(B * Hkv, S, D),
                            qs.view(B * Hkv, group * L, D).transpose(1, 2)).view(B, Hkv, S, group * L)
     else:
         sk = torch.matmul(kk, qt)                                              # [B, Hkv, S, R]
@@ -152,7 +153,7 @@ def short_backward(dout, saved, softmax_scale):
     torch.mul(dout.view(B, Hkv, R // L, L, D), inv.view(B, Hkv, R // L, L, 1), out=do.view(B, Hkv, R // L, L, D))
     dot = do.transpose(-1, -2)
     delta = (do * out).sum(-1).unsqueeze(-2)                                   # rowsum(dout' * out): [B, Hkv, 1, R]
-    ds = torch.baddbmm(delta.neg().view(B * Hkv, 1, R), vv.reshape(B * Hkv, -1, D),   # dS / scale: [B, Hkv, S, R]
+    ds = torch.baddbmm(delta.neg().view(B * Hkv, 1, R), vv.view(B * Hkv, -1, D),      # dS / scale: [B, Hkv, S, R]
                        dot.reshape(B * Hkv, D, R)).view(pkeys.shape).mul_(pkeys)
     dq = torch.matmul(ds.transpose(-1, -2), kk)
     dk = torch.matmul(ds, qs).mul_(_LN2)
