@@ -264,14 +264,6 @@ def test_model_bypassing_the_attention_interface_falls_back():
     _assert_fallback(peft_model, "attention interface")
 
 
-@pytest.mark.parametrize("family", ["deberta", "deberta_v2"])
-@pytest.mark.parametrize("method", ["prompt", "p_tuning"])
-def test_deberta_falls_back_to_peft(family, method):
-    """DeBERTa's disentangled attention adds content-to-position terms computed from the queries and keys inside its
-    own hand-written attention: fastpeft leaves it on PEFT's path (PEFT's suite covers DeBERTa feature extraction)."""
-    _assert_fallback(make(family, method, task="seq_cls"), "attention interface", task="seq_cls", family=family)
-
-
 def test_gptj_falls_back_where_it_bypasses_the_interface():
     import transformers as tf
 

@@ -142,6 +142,9 @@ UNSUPPORTED_ATTENTION_KWARGS = ("softcap", "s_aux", "sinks", "indices", "block_i
 # 5.17 and 5.24 (MT5's is a copy). Other models that pass a ``position_bias`` (UMT5, LongT5, LayoutLMv3, ...) are
 # refused per call until checked, and by ``relative_attention_num_buckets`` in their config where they have it.
 POSITION_BIAS_MODEL_TYPES = ("t5", "mt5")
+# Model types whose hand-written disentangled relative-position attention (``config.relative_attention``) fastpeft
+# computes: ``handwritten_deberta`` patches their attention modules, the disentangled terms as the kernels' attn_bias.
+DISENTANGLED_ATTENTION_MODEL_TYPES = ("deberta", "deberta-v2")
 # Configuration attributes that switch on attention features the kernels do not compute, with the feature's name:
 # a model whose config sets one (to anything but None/False/0) is refused by name before anything runs, except the
 # model types listed with the attribute, whose attention fastpeft computes with that feature.
@@ -149,7 +152,7 @@ UNSUPPORTED_CONFIG_FEATURES = (
     ("attn_logit_softcapping", "attention logit soft-capping", ()),
     ("relative_attention_num_buckets", "a relative position bias added to the attention scores",
      POSITION_BIAS_MODEL_TYPES),
-    ("relative_attention", "disentangled relative-position attention", ()),
+    ("relative_attention", "disentangled relative-position attention", DISENTANGLED_ATTENTION_MODEL_TYPES),
     ("alibi", "ALiBi position biases", ()),
     ("attention_chunk_size", "chunked attention", ()),
 )

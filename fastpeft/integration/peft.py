@@ -12,8 +12,11 @@
 * prompt tuning and p-tuning keep PEFT's own forward (the virtual tokens are input embeddings there, so PEFT's
   semantics come for free; only attention changes); their ``generate`` runs the virtual tokens through the
   backbone once and serves their K/V as a shared prefix, like prefix tuning's;
-* a backbone whose attention fastpeft cannot compute (hand-written attention such as DeBERTa's, or a feature the
-  kernels lack) is left untouched on PEFT's own path with a ``FallbackWarning`` naming why (``strict=True`` raises);
+* hand-written attention of a family in ``handwritten`` (DeBERTa's disentangled attention) is computed through an
+  instance patch of its attention modules (``handwritten.patch``), which ``restore`` undoes;
+* a backbone whose attention fastpeft cannot compute (other hand-written attention such as Falcon's, or a feature
+  the kernels lack) is left untouched on PEFT's own path with a ``FallbackWarning`` naming why (``strict=True``
+  raises);
 * PEFT's refusal of prefix tuning under gradient checkpointing (``_setup_prompt_encoder``, peft#869/#2191) is
   lifted for this instance: with the prefix outside the cache, checkpoint recomputation is correct.
 
@@ -174,12 +177,15 @@ def accelerate(peft_model, *, strict=False):
             PREFIX_TUNING (with or without ``prefix_projection``), PROMPT_TUNING, P_TUNING or CPT; or a
             ``PeftModelForSeq2SeqLM`` with PROMPT_TUNING / P_TUNING adapters (BART; T5 and MT5, whose relative
             position bias the kernels add as their ``attn_bias``) or PREFIX_TUNING adapters (BART, T5, MT5). The
-            backbone may be loaded in 4-bit or 8-bit through bitsandbytes.
+            backbone may be loaded in 4-bit or 8-bit through bitsandbytes. DeBERTa / DeBERTa-v2 backbones run
+            PROMPT_TUNING and P_TUNING on fastpeft's kernels through an instance patch of their hand-written
+            disentangled attention (``handwritten_deberta``); PEFT's prefix tuning never reaches their attention
+            (they take no KV cache), so such adapters fall back.
         strict: what to do with a backbone whose attention fastpeft cannot compute (hand-written attention that
-            bypasses the attention interface, such as DeBERTa's disentangled attention, or a feature the kernels
-            lack, named in the message). False (default): warn once with a ``FallbackWarning`` naming why and leave
-            the model on PEFT's own path, untouched (same numbers, PEFT's speed; ``is_accelerated`` is False,
-            ``restore`` is a no-op). True: raise ``ValueError`` instead.
+            bypasses the attention interface outside the ``handwritten`` families, such as Falcon's, or a feature
+            the kernels lack, named in the message). False (default): warn once with a ``FallbackWarning`` naming
+            why and leave the model on PEFT's own path, untouched (same numbers, PEFT's speed; ``is_accelerated`` is
+            False, ``restore`` is a no-op). True: raise ``ValueError`` instead.
 
     Returns:
         the same object, accelerated in place: forward outputs (logits, loss), prompt-parameter gradients,
