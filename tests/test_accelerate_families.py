@@ -129,7 +129,8 @@ CAUSAL = ("opt", "gptj", "gemma3", "phi", "gpt_neox")
 
 def _skip_unless_interface(family):
     if family not in _interface_families():
-        pytest.skip(f"{family} bypasses the attention interface on this transformers release (refusal tested below)")
+        pytest.skip(f"{family} bypasses the attention interface on this transformers release (GPT-J's hand-written "
+                    "attention: tests/test_accelerate_gptj_legacy.py)")
 
 
 @pytest.mark.parametrize("method", METHODS + ("cpt",))
@@ -262,14 +263,6 @@ def test_model_bypassing_the_attention_interface_falls_back():
     peft_model = get_peft_model(tf.FalconForCausalLM(config).eval(),
                                 PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
     _assert_fallback(peft_model, "attention interface")
-
-
-def test_gptj_falls_back_where_it_bypasses_the_interface():
-    import transformers as tf
-
-    if compat.uses_attention_interface(tf.GPTJForCausalLM):
-        pytest.skip("GPT-J goes through the attention interface on this transformers release (tested above)")
-    _assert_fallback(make("gptj", "prompt"), "attention interface", family="gptj")
 
 
 def test_softcapping_config_falls_back_naming_the_feature():
