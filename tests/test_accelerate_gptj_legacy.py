@@ -16,7 +16,8 @@ import torch
 import fastpeft
 from fastpeft.integration import compat, handwritten, handwritten_gptj
 from fastpeft.integration.checkpointing import set_checkpointing
-from tests.accelerate_helpers import METHODS, assert_same_step, greedy, reference_greedy, training_step
+from tests.accelerate_helpers import (METHODS, assert_same_step, assert_within_own_error, greedy, reference_greedy,
+                                      training_step)
 from tests.reference import assert_close
 from tests.test_accelerate_families import P, batch, make
 
@@ -115,6 +116,35 @@ def test_sequence_classification_matches_peft(method, monkeypatch):
     _accelerate(peft_model)
     _forbid_gptj_attention(monkeypatch)
     assert_same_step(training_step(peft_model, ids, mask, labels), expected, what=f"gptj seq_cls/{method}")
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_bfloat16_backbone_matches_peft_within_its_own_error(method):
+    """A bfloat16 backbone: GPT-J computes the scores in float32 and so does the patch (its output in v's dtype); the
+    error against the float32 step stays within a small multiple of PEFT's own bfloat16 error."""
+    peft_model = make("gptj", method)
+    ids, mask, labels = batch("gptj")
+    exact = training_step(peft_model, ids, mask, labels)
+    peft_model.get_base_model().to(torch.bfloat16)
+    peft_bf16 = training_step(peft_model, ids, mask, labels)
+    _accelerate(peft_model)
+    assert_within_own_error(training_step(peft_model, ids, mask, labels), peft_bf16, exact)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["prefix_projection", "prompt"])
+def test_cuda_bfloat16_matches_peft_within_its_own_error(method):
+    """On the GPU the patch's float32 calls run the compiled kernels: a bfloat16 training step against float32 PEFT,
+    bounded by PEFT's own bfloat16 error, and greedy generation through the decode path."""
+    peft_model = make("gptj", method).cuda()
+    ids, mask, labels = (t.cuda() for t in batch("gptj"))
+    exact = training_step(peft_model, ids, mask, labels)
+    peft_model.get_base_model().to(torch.bfloat16)
+    peft_bf16 = training_step(peft_model, ids, mask, labels)
+    _accelerate(peft_model)
+    assert_within_own_error(training_step(peft_model, ids, mask, labels), peft_bf16, exact)
+    generated = greedy(peft_model, ids, mask, max_new_tokens=4)
+    assert generated.shape == (ids.shape[0], ids.shape[1] + 4) and torch.equal(generated[:, :ids.shape[1]], ids)
 
 
 def test_restore_gives_back_gptj_own_attention():

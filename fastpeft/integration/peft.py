@@ -173,7 +173,8 @@ def accelerate(peft_model, *, strict=False):
         peft_model: a ``peft.PeftModelForCausalLM``, ``PeftModelForSequenceClassification`` or
             ``PeftModelForFeatureExtraction`` whose backbone computes attention through transformers' attention
             interface with plain softmax attention (Llama, Mistral, Qwen2/3, GPT-2, OPT, GPT-J, Gemma 3, Phi,
-            GPT-NeoX, BERT, RoBERTa, ...; see ``attention.check_supported_model``), and whose adapters are
+            GPT-NeoX, BERT, RoBERTa, ...; see ``attention.check_supported_model``) or by hand in a family fastpeft
+            patches per instance (``handwritten``: GPT-J on transformers 5.17), and whose adapters are
             PREFIX_TUNING (with or without ``prefix_projection``), PROMPT_TUNING, P_TUNING or CPT; or a
             ``PeftModelForSeq2SeqLM`` with PROMPT_TUNING / P_TUNING adapters (BART; T5 and MT5, whose relative
             position bias the kernels add as their ``attn_bias``) or PREFIX_TUNING adapters (BART, T5, MT5). The
