@@ -67,11 +67,17 @@ def _record_kernel_calls(monkeypatch):
 
 
 def _state(peft_model):
-    """The patch's live state, as its forward pre-hook holds it."""
+    """The patch's live state, as the backbone's forward pre-hook holds it."""
     hooks = [hook for hook in peft_model.get_base_model()._forward_pre_hooks.values()
              if getattr(hook, "func", None) is handwritten_gptj._enter_call]
     assert len(hooks) == 1
     return hooks[0].args[0]
+
+
+def _hooked(peft_model):
+    """The backbone's modules that hold forward hooks or pre-hooks."""
+    return [name for name, module in peft_model.get_base_model().named_modules()
+            if module._forward_pre_hooks or module._forward_hooks]
 
 
 NUM_LAYERS = 2  # tiny_base's n_layer
@@ -155,10 +161,10 @@ def test_restore_gives_back_gptj_own_attention():
     modules = [module for module in base.modules() if isinstance(module, _attention_class())]
     _accelerate(peft_model)
     assert all("_attn" in vars(module) for module in modules)
-    assert base._forward_pre_hooks and base._forward_hooks
+    assert _hooked(peft_model) == ["", "transformer"]  # GPTJForCausalLM and its GPTJModel
     fastpeft.restore(peft_model)
     assert not any("_attn" in vars(module) for module in modules)
-    assert not base._forward_pre_hooks and not base._forward_hooks
+    assert not _hooked(peft_model)
     assert_same_step(training_step(peft_model, ids, mask, labels), expected, rtol=1e-12)  # PEFT's very path
 
 
@@ -172,8 +178,8 @@ def test_accelerated_model_pickles_and_deep_copies(tmp_path):
     with torch.no_grad():
         peft_model.prompt_encoder["default"].embedding.weight.add_(1.0)
     for clone in clones:
-        clone_base = clone.get_base_model()
-        clone_modules = [module for module in clone_base.modules() if isinstance(module, _attention_class())]
+        clone_modules = [module for module in clone.get_base_model().modules()
+                         if isinstance(module, _attention_class())]
         # The clone's patch reads the clone's modules and its own state, not the original's.
         assert all(module._attn.args[0] is module for module in clone_modules)
         assert _state(clone) is clone_modules[0]._attn.args[1] and _state(clone) is not _state(peft_model)
@@ -181,9 +187,9 @@ def test_accelerated_model_pickles_and_deep_copies(tmp_path):
             assert torch.equal(clone(input_ids=ids, attention_mask=mask).logits, expected)
         fastpeft.restore(clone)
         assert not any("_attn" in vars(module) for module in clone_modules)
-        assert not clone_base._forward_pre_hooks and not clone_base._forward_hooks
+        assert not _hooked(clone)
     assert fastpeft.integration.peft.is_accelerated(peft_model)
-    assert peft_model.get_base_model()._forward_pre_hooks
+    assert _hooked(peft_model) == ["", "transformer"]
 
 
 def test_gradient_checkpointing_recomputation_sees_the_prefix(monkeypatch):
@@ -220,6 +226,19 @@ def test_output_attentions_are_peft_s(method):
                                                            ids.shape[1] + P)
         assert_close(weights, expected_weights, 1e-5, f"layer {layer} weights")
     assert_close(out.logits, expected.logits, 1e-5, "logits")
+
+
+def test_output_attentions_of_the_inner_model_called_alone():
+    """GPTJModel called by itself (not through the patched outer model) still returns GPT-J's weights."""
+    peft_model = make("gptj", "prompt")
+    transformer = peft_model.get_base_model().transformer
+    ids, mask, _ = batch("gptj")
+    with torch.no_grad():
+        expected = transformer(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+        _accelerate(peft_model)
+        attentions = transformer(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    for weights, expected_weights in zip(attentions, expected):
+        assert_close(weights, expected_weights, 1e-6, "weights")
 
 
 def test_attention_dropout_in_training_matches_peft_draw_for_draw():
@@ -259,11 +278,11 @@ def test_a_second_peft_model_on_the_same_backbone_shares_the_patch():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         second = _accelerate(get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)))
-    assert len(base._forward_pre_hooks) == 1
+    assert _hooked(first) == ["", "transformer"] and len(base._forward_pre_hooks) == 1
     fastpeft.restore(second)
-    assert len(base._forward_pre_hooks) == 1
+    assert _hooked(first) == ["", "transformer"]
     fastpeft.restore(first)
-    assert not base._forward_pre_hooks
+    assert not _hooked(first)
 
 
 def test_flash_attention_gptj_is_not_taken_for_the_hand_written_one():

@@ -19,7 +19,9 @@ The patch (per instance, undone by ``restore``; no class or module is patched):
   to its blocks, so the ``fastpeft_prefix`` keyword of ``fastpeft.accelerate`` cannot travel down as it does on
   interface models. A forward pre-hook on the patched (outermost) model takes it out of the keyword arguments and
   holds it, per thread, for the duration of that call; a forward hook (``always_call``: also when the forward raises)
-  drops it. ``_attn`` reads its layer's K/V by ``layer_idx``.
+  drops it. ``_attn`` reads its layer's K/V by ``layer_idx``. Every GPT-J model inside (``GPTJModel``) gets the same
+  hooks: a call of it inside the outer call keeps the outer call's prefix, and a call of it alone
+  (``.transformer(...)``) still tells ``_attn`` its ``output_attentions``.
 * gradient checkpointing recomputes each block in the backward, after the call has returned. The recomputation hands
   ``_attn`` the very mask tensor of the forward (non-reentrant checkpointing keeps the block's keyword arguments), so
   the first ``_attn`` of a call files its plan (the call's prefix and whether it runs unfused, with the validated key
@@ -76,8 +78,8 @@ def prefix_refusal(model):
 
 
 class _Call:
-    """One forward of the patched model: ``prefix`` (the ``PrefixSpec`` of ``fastpeft_prefix``, or None) and
-    ``output_attentions`` (the call's, or the config's default)."""
+    """One forward of the patched model (or of a GPT-J model in it): ``prefix`` (the ``PrefixSpec`` of
+    ``fastpeft_prefix``, or None) and ``output_attentions`` (the call's, or the config's default)."""
 
     __slots__ = ("prefix", "output_attentions")
 
@@ -220,13 +222,19 @@ def _fastpeft_attn(module, state, query, key, value, attention_mask=None):
 
 
 def _enter_call(state, model, args, kwargs):
-    """Forward pre-hook of the patched model: the call begins; its ``fastpeft_prefix`` leaves the keyword arguments
-    (the model's forward would drop it, or hand it to its loss function) and is held for the call."""
+    """Forward pre-hook of the patched model and the GPT-J models inside it: the call begins; its ``fastpeft_prefix``
+    leaves the keyword arguments (the model's forward would drop it, or hand it to its loss function) and is held for
+    the call. A call inside another (``GPTJForCausalLM`` calling its ``GPTJModel``) without a prefix of its own keeps
+    the enclosing call's."""
+    calls = state.calls()
+    prefix = kwargs.pop(PREFIX_KWARG, None)
+    if prefix is None and calls:
+        prefix = calls[-1].prefix
     output_attentions = kwargs.get("output_attentions")
     if output_attentions is None:
         output_attentions = getattr(model.config, "output_attentions", False)
     # Pushed before anything can raise: the exit hook, which also runs when this hook raises, pops it.
-    state.calls().append(_Call(kwargs.pop(PREFIX_KWARG, None), bool(output_attentions)))
+    calls.append(_Call(prefix, bool(output_attentions)))
     mask = kwargs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() != 2:
         # A 4-D mask reaches the blocks as it is, the same tensor in every call that passes it: its filed plan could
@@ -237,18 +245,18 @@ def _enter_call(state, model, args, kwargs):
 
 
 def _exit_call(state, model, args, kwargs, output):
-    """Forward hook of the patched model (``always_call``): the call ends, also when it raised."""
+    """Forward hook (``always_call``) beside each ``_enter_call``: the call ends, also when it raised."""
     calls = state.calls()
     if calls:
         calls.pop()
 
 
-def _unpatch(modules, pre_hook, hook):
-    """The undo of ``patch``: the modules' own ``_attn`` and no hooks again."""
+def _unpatch(modules, hooks):
+    """The undo of ``patch``: the modules' own ``_attn`` and none of the hooks (their ``RemovableHandle``s) again."""
     for module in modules:
         module.__dict__.pop("_attn", None)
-    pre_hook.remove()
-    hook.remove()
+    for hook in hooks:
+        hook.remove()
 
 
 def _is_patched(module):
@@ -264,16 +272,23 @@ def patch(model):
     """Switch every ``GPTJAttention`` of ``model`` (the outermost model, which ``fastpeft.accelerate``'s prefix
     keyword reaches) to fastpeft. Returns the picklable undo. A model patched already (a second PEFT model on the same
     backbone) keeps its patch, and the first undo undoes it, as the attention implementation of interface models."""
+    from transformers.models.gptj import modeling_gptj
+
     modules = [module for module in model.modules() if isinstance(module, _gptj_attention_class())]
     if any(_is_patched(module) for module in modules):
         return _nothing_to_undo
     state = _State()
     for module in modules:
         module._attn = functools.partial(_fastpeft_attn, module, state)
-    # prepend: nothing of another pre-hook runs before this call is pushed (see _enter_call).
-    pre_hook = model.register_forward_pre_hook(functools.partial(_enter_call, state), with_kwargs=True, prepend=True)
-    hook = model.register_forward_hook(functools.partial(_exit_call, state), with_kwargs=True, always_call=True)
-    return functools.partial(_unpatch, tuple(modules), pre_hook, hook)
+    hooks = []
+    for holder in model.modules():
+        if holder is model or isinstance(holder, modeling_gptj.GPTJPreTrainedModel):
+            # prepend: no other pre-hook runs before the call is pushed (see _enter_call).
+            hooks.append(holder.register_forward_pre_hook(functools.partial(_enter_call, state), with_kwargs=True,
+                                                          prepend=True))
+            hooks.append(holder.register_forward_hook(functools.partial(_exit_call, state), with_kwargs=True,
+                                                      always_call=True))
+    return functools.partial(_unpatch, tuple(modules), tuple(hooks))
 
 
 handwritten.register(handwritten.HandwrittenFamily(name="GPT-J", matches=matches, prefix_refusal=prefix_refusal,
