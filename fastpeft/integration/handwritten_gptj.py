@@ -92,14 +92,19 @@ _NO_CALL = _Call(None, False)  # an attention call outside any forward of the pa
 
 
 class _Plan:
-    """What every ``_attn`` of one call, and its checkpoint recomputation, use: the call, and the key padding mask
-    ``[1 or B, S]`` (bool) that, with bottom-right causality, is the call's 4-D mask."""
+    """What every ``_attn`` of one call, and its checkpoint recomputation, use: the call; the key padding mask
+    ``[B, S]`` (bool) that, with bottom-right causality, is the call's 4-D mask (None: no padding); the kernels' plan
+    cache (``prefix_attention_prevalidated``'s ``plan_cache``: the layers' calls share one validation and backend
+    plan, which identifies the mask and the no-prefix index tensors by object, hence one of each per plan) and
+    ``no_prefix``, ``attention._no_prefix``'s tensors for calls without a prefix, made by the first such call."""
 
-    __slots__ = ("call", "key_padding")
+    __slots__ = ("call", "key_padding", "kernel_plans", "no_prefix")
 
     def __init__(self, call, key_padding):
         self.call = call
         self.key_padding = key_padding
+        self.kernel_plans = {}
+        self.no_prefix = None
 
 
 class _State:
@@ -120,10 +125,10 @@ class _State:
             calls = self.local.calls = []
         return calls
 
-    def plan(self, attention_mask, query_length, key_length, training):
-        """The ``_Plan`` of an ``_attn`` call with ``attention_mask`` (the 4-D mask, or None) over ``query_length``
-        queries and ``key_length`` keys. Within a call, the first layer files it under the mask and the others find
-        it; outside any call (a checkpoint recomputation) the mask's filed plan is the one its forward used."""
+    def plan(self, attention_mask, query, key, training):
+        """The ``_Plan`` of an ``_attn`` call with ``attention_mask`` (the 4-D mask, or None), query ``[B, H, L, D]``
+        and key ``[B, H, S, D]``. Within a call, the first layer files it under the mask and the others find it;
+        outside any call (a checkpoint recomputation) the mask's filed plan is the one its forward used."""
         calls = self.calls()
         call = calls[-1] if calls else None
         if attention_mask is None:
@@ -135,17 +140,19 @@ class _State:
             return _Plan(call or _NO_CALL, None)
         plan = self.plans.get(attention_mask)
         if plan is None or (call is not None and plan.call is not call):
-            plan = _Plan(call or _NO_CALL, _key_padding(attention_mask, query_length, key_length))
+            plan = _Plan(call or _NO_CALL, _key_padding(attention_mask, query.shape[0], query.shape[2], key.shape[2]))
             self.plans[attention_mask] = plan
         return plan
 
 
-def _key_padding(attention_mask, query_length, key_length):
-    """The key padding mask ``[1 or B, S]`` (bool, True = real key) of GPT-J's 4-D additive mask ``[1 or B, 1, L, S]``:
-    its last query row, which sits at position ``S - 1`` and so sees every real key. Raises ValueError unless the whole
-    mask is exactly causal-with-padding (0 where ``j <= S - L + i`` and key j is real, ``finfo.min`` elsewhere), the
-    pattern the kernels compute: packed sequences, a static cache's empty slots or a custom mask are refused, never
-    approximated. Costs one comparison of the mask, and one device sync, per forward (the plan is filed)."""
+def _key_padding(attention_mask, batch, query_length, key_length):
+    """The key padding mask ``[batch, S]`` (bool, True = real key) of GPT-J's 4-D additive mask
+    ``[1 or batch, 1, L, S]``: its last query row, which sits at position ``S - 1`` and so sees every real key; None on
+    CPU when every key is real (a plain read there, which spares every layer its mask handling). Raises ValueError
+    unless the whole mask is exactly causal-with-padding (0 where ``j <= S - L + i`` and key j is real, ``finfo.min``
+    elsewhere), the pattern the kernels compute: packed sequences, a static cache's empty slots or a custom mask are
+    refused, never approximated. Costs one comparison of the mask, and one device sync, per forward (the plan is
+    filed)."""
     mask = attention_mask
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[1] != 1 or \
             tuple(mask.shape[2:]) != (query_length, key_length):
@@ -159,7 +166,9 @@ def _key_padding(attention_mask, query_length, key_length):
         raise ValueError("fastpeft computes GPT-J's attention for causal masks with key padding; this call's "
                          "attention_mask has another pattern (packed sequences via position_ids, a static cache, or "
                          "a custom 4-D mask)")
-    return keys
+    if keys.device.type == "cpu" and bool(keys.all()):
+        return None
+    return keys.expand(batch, -1)
 
 
 def _prefix_of(plan, module):
@@ -194,7 +203,7 @@ def _fastpeft_attn(module, state, query, key, value, attention_mask=None):
     """``GPTJAttention._attn`` through fastpeft's kernels. query ``[B, H, L, D]``, key/value ``[B, H, S, D]``,
     attention_mask ``[B, 1, L, S]`` additive (or None). Returns ``(output [B, H, L, D] in value's dtype, None)``; with
     ``output_attentions`` or attention dropout in training, GPT-J's own math and its weights (``_unfused``)."""
-    plan = state.plan(attention_mask, query.shape[2], key.shape[2], module.training)
+    plan = state.plan(attention_mask, query, key, module.training)
     prefix_k, prefix_v = _prefix_of(plan, module)
     dropout = module.attn_dropout.p if module.training else 0.0
     if plan.call.output_attentions or dropout:
@@ -207,17 +216,17 @@ def _fastpeft_attn(module, state, query, key, value, attention_mask=None):
     out_dtype = value.dtype
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     if prefix_k is None:
-        prefix_k, prefix_v, prefix_index, prefix_lengths = _no_prefix(key)
+        if plan.no_prefix is None:
+            plan.no_prefix = _no_prefix(key)
+        prefix_k, prefix_v, prefix_index, prefix_lengths = plan.no_prefix
     else:
         prefix_k = prefix_k.to(device=query.device, dtype=dtype)
         prefix_v = prefix_v.to(device=query.device, dtype=dtype)
         prefix_index, prefix_lengths = None, None
-    key_padding = plan.key_padding
-    if key_padding is not None:
-        key_padding = key_padding.expand(query.shape[0], -1)
     out = prefix_attention_prevalidated(query, key, value, prefix_k, prefix_v, prefix_index=prefix_index,
-                                        prefix_lengths=prefix_lengths, key_padding_mask=key_padding, causal=True,
-                                        softmax_scale=1.0 / module.scale_attn)
+                                        prefix_lengths=prefix_lengths, key_padding_mask=plan.key_padding,
+                                        causal=True, softmax_scale=1.0 / module.scale_attn,
+                                        plan_cache=plan.kernel_plans)
     return out.to(out_dtype), None
 
 

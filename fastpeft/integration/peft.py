@@ -12,8 +12,9 @@
 * prompt tuning and p-tuning keep PEFT's own forward (the virtual tokens are input embeddings there, so PEFT's
   semantics come for free; only attention changes); their ``generate`` runs the virtual tokens through the
   backbone once and serves their K/V as a shared prefix, like prefix tuning's;
-* hand-written attention of a family in ``handwritten`` (DeBERTa's disentangled attention) is computed through an
-  instance patch of its attention modules (``handwritten.patch``), which ``restore`` undoes;
+* hand-written attention of a family in ``handwritten`` (DeBERTa's disentangled attention; GPT-J's on transformers
+  5.17) is computed through an instance patch of its attention modules (``handwritten.patch``), which ``restore``
+  undoes;
 * a backbone whose attention fastpeft cannot compute (other hand-written attention such as Falcon's, or a feature
   the kernels lack) is left untouched on PEFT's own path with a ``FallbackWarning`` naming why (``strict=True``
   raises);
@@ -174,7 +175,7 @@ def accelerate(peft_model, *, strict=False):
             ``PeftModelForFeatureExtraction`` whose backbone computes attention through transformers' attention
             interface with plain softmax attention (Llama, Mistral, Qwen2/3, GPT-2, OPT, GPT-J, Gemma 3, Phi,
             GPT-NeoX, BERT, RoBERTa, ...; see ``attention.check_supported_model``) or by hand in a family fastpeft
-            patches per instance (``handwritten``: GPT-J on transformers 5.17), and whose adapters are
+            patches per instance (``handwritten_gptj``: GPT-J on transformers 5.17), and whose adapters are
             PREFIX_TUNING (with or without ``prefix_projection``), PROMPT_TUNING, P_TUNING or CPT; or a
             ``PeftModelForSeq2SeqLM`` with PROMPT_TUNING / P_TUNING adapters (BART; T5 and MT5, whose relative
             position bias the kernels add as their ``attn_bias``) or PREFIX_TUNING adapters (BART, T5, MT5). The
