@@ -129,17 +129,19 @@ def time_calls(fn, device, warmup=1, reps=5):
     return _timing_from_samples(samples)
 
 
-def time_interleaved(steps, setup, device, warmup=1, reps=5):
+def time_interleaved(steps, device, setup=None, warmup=1, reps=5):
     """Time whole, stateful calls of several providers taken in turn: every round calls, for each label of
-    ``steps`` in order, ``setup(label)`` (untimed) and then one timed ``steps[label]()``; ``warmup`` untimed rounds
-    first. Returns ``{label: Timing}``. A change of machine load during the run reaches every provider alike."""
+    ``steps`` in order, ``setup(label)`` (untimed, where given) and then one timed ``steps[label]()``; ``warmup``
+    untimed rounds first. Returns ``{label: Timing}``. A change of machine load during the run reaches every provider
+    alike."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     samples = {label: [] for label in steps}
     for round_index in range(warmup + reps):
         for label, fn in steps.items():
-            setup(label)
+            if setup is not None:
+                setup(label)
             sync()
             start = time.perf_counter()
             fn()
