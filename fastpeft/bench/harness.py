@@ -129,11 +129,13 @@ def time_calls(fn, device, warmup=1, reps=5):
     return _timing_from_samples(samples)
 
 
-def time_interleaved(steps, device, setup=None, warmup=1, reps=5):
+def time_interleaved(steps, device, setup=None, warmup=1, reps=5, lead_in=0):
     """Time whole, stateful calls of several providers taken in turn: every round calls, for each label of
-    ``steps`` in order, ``setup(label)`` (untimed, where given) and then one timed ``steps[label]()``; ``warmup``
-    untimed rounds first. Returns ``{label: Timing}``. A change of machine load during the run reaches every provider
-    alike."""
+    ``steps`` in order, ``setup(label)`` (untimed, where given), ``lead_in`` untimed ``steps[label]()`` and then one
+    timed one; ``warmup`` untimed rounds first. Returns ``{label: Timing}``. A change of machine load during the run
+    reaches every provider alike. ``lead_in=1`` times each call right after one of its own provider, as in a training
+    run, where every step follows a step of the same model (and finds that model's data in the caches), rather than
+    a step of another provider's model."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -142,6 +144,8 @@ def time_interleaved(steps, device, setup=None, warmup=1, reps=5):
         for label, fn in steps.items():
             if setup is not None:
                 setup(label)
+            for _ in range(lead_in if round_index >= warmup else 0):
+                fn()
             sync()
             start = time.perf_counter()
             fn()
