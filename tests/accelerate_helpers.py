@@ -176,6 +176,29 @@ def greedy(model, ids, mask, max_new_tokens=6, **kwargs):
                               pad_token_id=0, **kwargs)
 
 
+def greedy_seq2seq(model, ids, mask, max_new_tokens=6, **kwargs):
+    """An encoder-decoder's greedy ``generate`` of exactly ``max_new_tokens`` tokens (no eos), with its per-step
+    logits (``return_dict_in_generate``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                              min_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=None,
+                              return_dict_in_generate=True, output_logits=True, **kwargs)
+
+
+def assert_same_updates(results, what):
+    """``results = {False: (losses, deltas), True: ...}``, PEFT's and the accelerated model's training run: three
+    logged losses each, and every prompt parameter's update, equal (and non-zero)."""
+    from tests.reference import assert_close
+
+    (peft_losses, peft_deltas), (losses, deltas) = results[False], results[True]
+    assert len(losses) == 3
+    assert_close(torch.tensor(losses), torch.tensor(peft_losses), 1e-5, f"{what} losses")
+    for name, delta in peft_deltas.items():
+        assert delta.abs().sum() > 0, f"{name} did not train"
+        assert_close(deltas[name], delta, 1e-5, f"update of {name}")
+
+
 def reference_greedy(model, ids, mask, max_new_tokens=6):
     """What ``greedy`` must give: ``(sequences, per-step logits)`` of PEFT's forward (or a plain model's) looped
     without a cache, stopping at the generation config's eos like ``generate``. Never a ``generate`` as the

@@ -11,7 +11,7 @@ import torch
 
 import fastpeft
 from fastpeft.integration import compat
-from tests.accelerate_helpers import (METHODS, assert_same_step, forbid_framework_attention, greedy,
+from tests.accelerate_helpers import (METHODS, assert_same_step, forbid_framework_attention, greedy, greedy_seq2seq,
                                       randomize_prompt_parameters, reference_greedy, training_step)
 from tests.reference import assert_close
 
@@ -346,11 +346,7 @@ def test_bart_prompt_tuning_greedy_matches_peft_forward():
             steps.append(logits)
             decoder_ids = torch.cat([decoder_ids, logits.argmax(-1, keepdim=True)], 1)
     fastpeft.accelerate(peft_model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5,
-                                  do_sample=False, num_beams=1, eos_token_id=None, forced_bos_token_id=None,
-                                  return_dict_in_generate=True, output_logits=True)
+    out = greedy_seq2seq(peft_model, ids, mask, max_new_tokens=5, forced_bos_token_id=None)
     assert torch.equal(out.sequences, decoder_ids)
     assert_close(torch.stack(out.logits), torch.stack(steps), 1e-5, "bart step logits")
 
@@ -464,11 +460,7 @@ def test_t5_greedy_matches_peft_forward(method):
     ids, mask, _, _ = _seq2seq_inputs()
     decoder_ids, steps = generate_seq2seq_without_cache(peft_model, ids, mask, max_new_tokens=6)
     fastpeft.accelerate(peft_model, strict=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6,
-                                  do_sample=False, num_beams=1, eos_token_id=None, return_dict_in_generate=True,
-                                  output_logits=True)
+    out = greedy_seq2seq(peft_model, ids, mask, max_new_tokens=6)
     assert torch.equal(out.sequences, decoder_ids)
     assert_close(torch.stack(out.logits), steps, 1e-5, f"t5/{method} step logits")
 

@@ -17,7 +17,8 @@ import torch
 import fastpeft
 from fastpeft.integration import compat
 from fastpeft.integration.reference_generate import generate_seq2seq_without_cache
-from tests.accelerate_helpers import assert_same_step, forbid_framework_attention, randomize_prompt_parameters
+from tests.accelerate_helpers import (assert_same_step, assert_same_updates, forbid_framework_attention,
+                                      greedy_seq2seq, randomize_prompt_parameters)
 from tests.reference import assert_close
 
 VOCAB = 128
@@ -356,11 +357,7 @@ def test_t5_prefix_tuning_greedy_matches_peft_forward_loop(method):
     ids, mask, _, _ = inputs()
     expected, expected_logits = generate_seq2seq_without_cache(peft_model, ids, mask, max_new_tokens=6)
     fastpeft.accelerate(peft_model, strict=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6,
-                                  do_sample=False, num_beams=1, eos_token_id=None, return_dict_in_generate=True,
-                                  output_logits=True)
+    out = greedy_seq2seq(peft_model, ids, mask, max_new_tokens=6)
     assert torch.equal(out.sequences, expected)
     assert_close(torch.stack(out.logits), expected_logits, 1e-5, f"t5/{method} step logits")
     assert compat.cache_of(out).self_attention_cache.get_seq_length() == expected.shape[1] - 1
@@ -405,9 +402,4 @@ def test_seq2seq_trainer_steps_match_peft(tmp_path):
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         deltas = {n: p.detach() - initial[n] for n, p in peft_model.named_parameters() if p.requires_grad}
         results[accelerated] = losses, deltas
-    (peft_losses, peft_deltas), (losses, deltas) = results[False], results[True]
-    assert len(losses) == 3
-    assert_close(torch.tensor(losses), torch.tensor(peft_losses), 1e-5, "Seq2SeqTrainer losses")
-    for name, delta in peft_deltas.items():
-        assert delta.abs().sum() > 0, f"{name} did not train"
-        assert_close(deltas[name], delta, 1e-5, f"update of {name}")
+    assert_same_updates(results, "Seq2SeqTrainer")

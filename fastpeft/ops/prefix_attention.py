@@ -332,20 +332,27 @@ def _run_biased(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_p
                                                  key_padding_mask, attn_bias, causal, softmax_scale, deterministic)
 
 
+def _needs_grad(q, k, v, prefix_k, prefix_v):
+    return torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, prefix_k, prefix_v))
+
+
 def _run(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal, softmax_scale,
-         deterministic, attn_bias=None):
+         deterministic, attn_bias=None, needs_grad=None, backend=None, host=None):
+    """Canonical arguments -> out. ``needs_grad``, ``backend`` and the sdpa backend's ``host`` plan are computed
+    here unless the caller planned them already (``prefix_attention_prevalidated``'s ``plan_cache``)."""
     if attn_bias is not None:
         return _run_biased(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_bias,
                            causal, softmax_scale, deterministic)
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (q, k, v, prefix_k, prefix_v))
-    backend = _choose_backend(q, needs_grad)
+    if needs_grad is None:
+        needs_grad = _needs_grad(q, k, v, prefix_k, prefix_v)
+    if backend is None:
+        backend = _choose_backend(q, needs_grad)
     if backend == "reference":
         return reference_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
                                           key_padding_mask, causal, softmax_scale)
     if backend == "sdpa":
         return _sdpa.sdpa_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
-                                           key_padding_mask, causal, softmax_scale, deterministic)
+                                           key_padding_mask, causal, softmax_scale, deterministic, host=host)
     if q.shape[2] == 1 and not needs_grad:
         return _decode_forward(backend, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
                                key_padding_mask, causal, softmax_scale)
@@ -451,7 +458,7 @@ def prefix_attention_prevalidated(q, k, v, prefix_k, prefix_v, prefix_index=None
         attn_bias = _canonical_bias(attn_bias, q, k, prefix_k)
         return _run(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, bool(causal),
                     softmax_scale, bool(deterministic), attn_bias)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, prefix_k, prefix_v))
+    needs_grad = _needs_grad(q, k, v, prefix_k, prefix_v)
     signature = _signature(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal,
                            softmax_scale, deterministic, needs_grad)
     plan = plan_cache.get(signature)
@@ -467,9 +474,6 @@ def prefix_attention_prevalidated(q, k, v, prefix_k, prefix_v, prefix_index=None
                                              scale, backend, host)
     if prefix_k.dim() == 3:
         prefix_k, prefix_v = prefix_k.unsqueeze(0), prefix_v.unsqueeze(0)
-    if plan.backend == "sdpa":
-        return _sdpa.sdpa_prefix_attention(q, k, v, prefix_k, prefix_v, plan.prefix_index, plan.prefix_lengths,
-                                           plan.key_padding_mask, bool(causal), plan.softmax_scale,
-                                           bool(deterministic), host=plan.host)
     return _run(q, k, v, prefix_k, prefix_v, plan.prefix_index, plan.prefix_lengths, plan.key_padding_mask,
-                bool(causal), plan.softmax_scale, bool(deterministic))
+                bool(causal), plan.softmax_scale, bool(deterministic), needs_grad=needs_grad, backend=plan.backend,
+                host=plan.host)
