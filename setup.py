@@ -1,18 +1,24 @@
 """Build script for fastpeft.
 
 The pure-Python package (``fastpeft`` plus the Triton kernels in ``fastpeft_kernels/``, installed as
-``fastpeft.kernels``) always installs. The CUDA extension ``fastpeft._C`` (``csrc/*.cu`` + ``csrc/*.cpp``)
-is built when
+``fastpeft.kernels``) always installs. Two optional C++ extensions link against torch, so they are built only when
+torch is importable in the build environment: ``pip install --no-build-isolation .`` (or ``-e .``) so the build
+sees the torch you run with; in pip's isolated build environment there is no torch and both are skipped with a
+warning, never an error. A binary built against one torch does not load in another (``undefined symbol``):
+rebuild after upgrading. Without them every op still runs (Triton / PyTorch paths).
+
+The CPU extension ``fastpeft._cpu`` (``csrc/cpu/*.cpp``: the short-sequence CPU attention without Python's
+per-call overhead) is built when ``FASTPEFT_BUILD_CPU`` is unset (a failure to compile is then a warning) or
+``1`` (a failure is an error); ``FASTPEFT_BUILD_CPU=0`` never builds it.
+
+The CUDA extension ``fastpeft._C`` (``csrc/*.cu`` + ``csrc/*.cpp``) is built when
 
 * ``FASTPEFT_BUILD_CUDA=1`` (a failure is then an error), or
 * ``FASTPEFT_BUILD_CUDA`` is unset, torch is importable in the build environment, torch was built with CUDA
   and ``nvcc`` is found (``CUDA_HOME`` or ``PATH``). A failure to compile is then a warning and the package
   installs without the extension.
 
-``FASTPEFT_BUILD_CUDA=0`` never builds it. Because the extension links against torch, build it with
-``pip install --no-build-isolation .`` (or ``-e .``) so the build sees the torch you run with; in pip's
-isolated build environment there is no torch and the extension is skipped with a warning, never an error.
-A binary built against one torch does not load in another (``undefined symbol``): rebuild after upgrading.
+``FASTPEFT_BUILD_CUDA=0`` never builds it.
 
 ``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures (default ``8.0+PTX;9.0a``); ``MAX_JOBS`` caps parallel
 nvcc jobs (default: one per 4 GiB of available memory, at most the core count).
@@ -31,15 +37,43 @@ DEFAULT_ARCH_LIST = "8.0+PTX;9.0a"
 MEMORY_PER_JOB = 4 << 30  # peak of one nvcc job on the templated kernels, with margin
 
 
+def _build_flag(environ, name):
+    flag = environ.get(name, "").strip()
+    if flag not in ("", "0", "1"):
+        raise RuntimeError(f"{name} must be 0, 1 or unset, got {flag!r}")
+    return flag
+
+
+def _torch_importable():
+    try:
+        import torch  # noqa: F401  (only the build needs it, and only here)
+    except ImportError:
+        return False
+    return True
+
+
+def build_cpu_decision(environ=None):
+    """``(build, forced, reason)`` for ``fastpeft._cpu``, as ``build_cuda_decision`` for the CUDA extension."""
+    environ = os.environ if environ is None else environ
+    flag = _build_flag(environ, "FASTPEFT_BUILD_CPU")
+    if flag == "0":
+        return False, False, "FASTPEFT_BUILD_CPU=0"
+    forced = flag == "1"
+    if not _torch_importable():
+        if forced:
+            raise RuntimeError("FASTPEFT_BUILD_CPU=1 but torch is not importable in the build environment; "
+                               "install torch first and use `pip install --no-build-isolation`.")
+        return False, False, "torch is not importable in the build environment (use --no-build-isolation)"
+    return True, forced, "FASTPEFT_BUILD_CPU=1" if forced else "torch importable"
+
+
 def build_cuda_decision(environ=None):
     """``(build, forced, reason)``: whether to build ``fastpeft._C``, whether the user demanded it, and why.
 
     Raises RuntimeError only when ``FASTPEFT_BUILD_CUDA=1`` asks for a build that cannot happen.
     """
     environ = os.environ if environ is None else environ
-    flag = environ.get("FASTPEFT_BUILD_CUDA", "").strip()
-    if flag not in ("", "0", "1"):
-        raise RuntimeError(f"FASTPEFT_BUILD_CUDA must be 0, 1 or unset, got {flag!r}")
+    flag = _build_flag(environ, "FASTPEFT_BUILD_CUDA")
     if flag == "0":
         return False, False, "FASTPEFT_BUILD_CUDA=0"
     forced = flag == "1"
@@ -82,26 +116,39 @@ def default_max_jobs():
     return max(1, min(os.cpu_count() or 1, available // MEMORY_PER_JOB))
 
 
-def _cuda_sources():
-    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu")) + \
-        sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
+def _sources(pattern):
+    return sorted(str(p.relative_to(ROOT)) for p in ROOT.glob(pattern))
 
 
-def _cuda_extensions():
-    build, forced, why = build_cuda_decision()
-    sources = _cuda_sources()
+def _cpu_extension():
+    """``(extension or None, forced)`` for ``fastpeft._cpu``."""
+    build, forced, why = build_cpu_decision()
     if not build:
-        if why != "FASTPEFT_BUILD_CUDA=0":  # an explicit opt-out needs no warning
+        if why != "FASTPEFT_BUILD_CPU=0":  # an explicit opt-out needs no warning
+            warnings.warn(f"fastpeft: not building the CPU extension ({why}); short CPU attention runs in Python "
+                          "(same results, slower).", stacklevel=1)
+        return None, False
+    from torch.utils.cpp_extension import CppExtension
+
+    return CppExtension(name="fastpeft._cpu", sources=_sources("csrc/cpu/*.cpp"), extra_compile_args=["-O3"]), forced
+
+
+def _cuda_extension():
+    """``(extension or None, forced)`` for ``fastpeft._C``."""
+    build, forced, why = build_cuda_decision()
+    if not build:
+        if why != "FASTPEFT_BUILD_CUDA=0":
             warnings.warn(f"fastpeft: not building the CUDA extension ({why}); the Triton and PyTorch paths "
                           "still work.", stacklevel=1)
-        return [], {}
+        return None, False
+    sources = _sources("csrc/*.cu") + _sources("csrc/*.cpp")
     if not sources:
         raise RuntimeError(f"no CUDA sources under {ROOT / 'csrc'}")
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    from torch.utils.cpp_extension import CUDAExtension
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
     os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
-    ext = CUDAExtension(
+    extension = CUDAExtension(
         name="fastpeft._C",
         sources=sources,
         include_dirs=[str(ROOT / "csrc")],
@@ -111,27 +158,44 @@ def _cuda_extensions():
                      "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"],
         },
     )
+    return extension, forced
 
-    class BuildCudaExtension(BuildExtension):
-        """Unless the build was forced, a failed extension build (compiler error, CUDA/torch version
-        mismatch) warns and installs the pure-Python package instead of failing the install."""
 
+def _extensions():
+    """``(ext_modules, cmdclass)``: the extensions to build and a ``build_ext`` that, for an extension whose build
+    was not forced, turns a failed compile (compiler error, CUDA/torch version mismatch) into a warning and
+    installs without it."""
+    chosen = [_cpu_extension(), _cuda_extension()]
+    forced = {ext.name for ext, is_forced in chosen if ext is not None and is_forced}
+    extensions = [ext for ext, _ in chosen if ext is not None]
+    if not extensions:
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension
+
+    class BuildOptionalExtensions(BuildExtension):
         def build_extensions(self):
-            try:
-                super().build_extensions()
-            except Exception as exc:
-                if forced:
-                    raise
-                warnings.warn(f"fastpeft: building the CUDA extension failed ({exc.__class__.__name__}: {exc}); "
-                              "installing without it (the Triton and PyTorch paths still work). Set "
-                              "FASTPEFT_BUILD_CUDA=1 to make this an error.", stacklevel=1)
-                self.extensions = []
+            # One at a time, so that one failed build neither stops the other nor is copied into the install.
+            built = []
+            for ext in list(self.extensions):
+                self.extensions = [ext]
+                try:
+                    super().build_extensions()
+                except Exception as exc:
+                    if ext.name in forced:
+                        raise
+                    kind = "CUDA" if ext.name == "fastpeft._C" else "CPU"
+                    warnings.warn(f"fastpeft: building the {kind} extension {ext.name} failed "
+                                  f"({exc.__class__.__name__}: {exc}); installing without it (the other paths still "
+                                  f"work). Set FASTPEFT_BUILD_{kind}=1 to make this an error.", stacklevel=1)
+                else:
+                    built.append(ext)
+            self.extensions = built
 
-    return [ext], {"build_ext": BuildCudaExtension.with_options(use_ninja=True)}
+    return extensions, {"build_ext": BuildOptionalExtensions.with_options(use_ninja=True)}
 
 
 if __name__ == "__main__":  # setuptools' build backend runs this file as __main__; tests import the helpers
-    ext_modules, cmdclass = _cuda_extensions()
+    ext_modules, cmdclass = _extensions()
     setup(
         # Every subpackage of fastpeft/, plus fastpeft_kernels/ installed as fastpeft.kernels (a top-level folder named
         # kernels/ would shadow Hugging Face's `kernels` package whenever the repository root is on sys.path).

@@ -66,20 +66,46 @@ def cuda_extension():
     return module, "loaded"
 
 
-def _extension_failure_reason(exc):
-    """Why ``import fastpeft._C`` failed, and what fixes it."""
+def cpu_extension_enabled():
+    """``FASTPEFT_CPU_EXTENSION=0`` keeps the CPU path in Python (read on every call, so tests can compare both)."""
+    return os.environ.get("FASTPEFT_CPU_EXTENSION", "1").strip() != "0"
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_extension():
+    """(module or None, reason): ``fastpeft._cpu``, the C++ build of the short-sequence CPU path. Loaded lazily,
+    once, when a CPU call first needs it; a missing or broken build warns once and the Python path runs instead
+    (same results, more per-call overhead). Importing it registers its ops under ``torch.ops.fastpeft``."""
+    try:
+        module = importlib.import_module("fastpeft._cpu")
+    except (ImportError, OSError) as exc:
+        reason = _extension_failure_reason(exc, "fastpeft._cpu")
+        warnings.warn(f"fastpeft: CPU extension unavailable, short CPU attention runs in Python: {reason}",
+                      RuntimeWarning, stacklevel=3)
+        return None, reason
+    return module, "loaded"
+
+
+_HOW_TO_BUILD = {
+    "fastpeft._C": "reinstall where torch has CUDA and nvcc is present: `pip install --no-deps --no-build-isolation "
+                   "-e .` (FASTPEFT_BUILD_CUDA=1 makes a failed build an error)",
+    "fastpeft._cpu": "reinstall with torch installed and visible to the build (and a C++ compiler): `pip install "
+                     "--no-deps --no-build-isolation -e .` (FASTPEFT_BUILD_CPU=1 makes a failed build an error)",
+}
+
+
+def _extension_failure_reason(exc, name="fastpeft._C"):
+    """Why ``import <name>`` of an extension failed, and what fixes it."""
     message = str(exc)
-    if isinstance(exc, ModuleNotFoundError) and exc.name == "fastpeft._C":
-        return ("fastpeft._C is not built; reinstall where torch has CUDA and nvcc is present: "
-                "`pip install --no-deps --no-build-isolation -e .` (FASTPEFT_BUILD_CUDA=1 makes a failed build an "
-                "error)")
+    if isinstance(exc, ModuleNotFoundError) and exc.name == name:
+        return f"{name} is not built; {_HOW_TO_BUILD[name]}"
     if "undefined symbol" in message:
         import torch
 
-        return (f"fastpeft._C was built against a different torch than the installed torch {torch.__version__} "
+        return (f"{name} was built against a different torch than the installed torch {torch.__version__} "
                 f"({message}); rebuild it against the installed torch: "
                 "`pip install --no-deps --no-build-isolation --force-reinstall -e .`")
-    return f"fastpeft._C failed to load ({exc.__class__.__name__}: {message})"
+    return f"{name} failed to load ({exc.__class__.__name__}: {message})"
 
 
 _warned_messages = set()

@@ -1,5 +1,5 @@
-"""Build decisions of setup.py, the pure-Python wheel (FASTPEFT_BUILD_CUDA=0), and the messages of the lazy
-extension loader."""
+"""Build decisions of setup.py, the pure-Python wheel (FASTPEFT_BUILD_CUDA=0 FASTPEFT_BUILD_CPU=0), and the
+messages of the lazy extension loaders."""
 
 import importlib.util
 import os
@@ -47,6 +47,24 @@ def test_build_cuda_auto_follows_torch_and_nvcc(setup_module):
         assert build == bool(nvcc), reason
 
 
+def test_build_cpu_follows_the_flag_and_torch(setup_module):
+    assert setup_module.build_cpu_decision({"FASTPEFT_BUILD_CPU": "0"}) == (False, False, "FASTPEFT_BUILD_CPU=0")
+    assert setup_module.build_cpu_decision({}) == (True, False, "torch importable")
+    assert setup_module.build_cpu_decision({"FASTPEFT_BUILD_CPU": "1"})[:2] == (True, True)
+    with pytest.raises(RuntimeError, match="FASTPEFT_BUILD_CPU"):
+        setup_module.build_cpu_decision({"FASTPEFT_BUILD_CPU": "auto"})
+
+
+@pytest.mark.skipif(os.environ.get("FASTPEFT_REQUIRE_CPU_EXTENSION") != "1",
+                    reason="only where the install built it on purpose (.ci/run sets FASTPEFT_REQUIRE_CPU_EXTENSION=1)")
+def test_cpu_extension_is_built_and_loads():
+    from fastpeft import _backend
+
+    module, reason = _backend.cpu_extension()
+    assert module is not None, reason
+    assert _backend.cpu_extension_enabled()
+
+
 def test_max_jobs_is_bounded_by_cores(setup_module):
     jobs = setup_module.default_max_jobs()
     assert 1 <= jobs <= (os.cpu_count() or 1)
@@ -59,7 +77,7 @@ def test_wheel_without_cuda_holds_every_module_and_no_extension(tmp_path):
         shutil.copy(ROOT / name, source / name)
     for name in ("fastpeft", "fastpeft_kernels", "csrc"):
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
-    env = dict(os.environ, FASTPEFT_BUILD_CUDA="0")
+    env = dict(os.environ, FASTPEFT_BUILD_CUDA="0", FASTPEFT_BUILD_CPU="0")
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
                              "-q", "-w", str(tmp_path / "dist"), str(source)],
                             capture_output=True, text=True, env=env, timeout=300)
@@ -70,7 +88,7 @@ def test_wheel_without_cuda_holds_every_module_and_no_extension(tmp_path):
     expected |= {f"fastpeft/kernels/{p.name}" for p in (ROOT / "fastpeft_kernels").glob("*.py")}
     assert "fastpeft/kernels/prefix_decode.py" in expected
     assert expected <= names, f"missing from the wheel: {sorted(expected - names)}"
-    assert not [n for n in names if n.startswith("fastpeft/_C")], "the CUDA extension was built with FASTPEFT_BUILD_CUDA=0"
+    assert not [n for n in names if n.endswith(".so")], "an extension was built with FASTPEFT_BUILD_*=0"
 
 
 def test_extension_failure_reasons():
@@ -83,10 +101,13 @@ def test_extension_failure_reasons():
     assert "rebuild it against the installed torch" in abi and "undefined symbol" in abi
     other = _backend._extension_failure_reason(ImportError("libcudart.so.13: cannot open shared object file"))
     assert "libcudart" in other
+    cpu = _backend._extension_failure_reason(ModuleNotFoundError("No module named 'fastpeft._cpu'",
+                                                                 name="fastpeft._cpu"), "fastpeft._cpu")
+    assert cpu.startswith("fastpeft._cpu is not built") and "FASTPEFT_BUILD_CPU" in cpu
 
 
 @pytest.mark.skipif(importlib.util.find_spec("fastpeft._C") is not None, reason="the extension is built here")
-def test_missing_extension_warns_once_and_never_raises():
+def test_missing_cuda_extension_warns_once_and_never_raises():
     from fastpeft import _backend
 
     _backend.cuda_extension.cache_clear()
@@ -99,3 +120,30 @@ def test_missing_extension_warns_once_and_never_raises():
         assert len([w for w in caught if "CUDA extension unavailable" in str(w.message)]) == 1
     finally:
         _backend.cuda_extension.cache_clear()
+
+
+def test_missing_cpu_extension_warns_once_and_runs_python(monkeypatch):
+    import fastpeft
+    from fastpeft import _backend
+    from fastpeft.ops import sdpa_short_attention
+    from tests.cases import CASES, make_inputs
+
+    expected = fastpeft.prefix_attention(**make_inputs(CASES[0], seed=1))
+    real_import_module = importlib.import_module
+
+    def import_module(name, *args):
+        if name == "fastpeft._cpu":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real_import_module(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", import_module)
+    _backend.cpu_extension.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert sdpa_short_attention.compiled_short_ops() is None
+            out = fastpeft.prefix_attention(**make_inputs(CASES[0], seed=1))
+        assert len([w for w in caught if "CPU extension unavailable" in str(w.message)]) == 1
+        assert (out - expected).abs().max().item() < 1e-5
+    finally:
+        _backend.cpu_extension.cache_clear()

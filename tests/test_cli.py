@@ -78,6 +78,7 @@ def test_info_reports_versions_device_and_backends(capsys):
     assert info["device"]["type"] == ("cuda" if torch.cuda.is_available() else "cpu")
     for state in info["backends"].values():
         assert state["why"]  # every backend says why it is (not) available
+    assert set(info["backends"]["sdpa"]["cpu_extension"]) == {"available", "why"}
     assert info["features"]["fastpeft.accelerate"] == bool(ACCELERATE_FLAGS == [])
 
 
@@ -424,7 +425,8 @@ README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 def test_readme_opens_with_the_main_job_and_the_test_command():
     with open(README) as f:
         first_block = f.read().split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
-    assert first_block[0].startswith('pip install -c constraints.txt -e ".[test]" && fastpeft train ')
+    assert first_block[0].startswith('pip install -c constraints.txt setuptools && pip install --no-build-isolation '
+                                     '-c constraints.txt -e ".[test]" && fastpeft train ')
     assert "fastpeft generate --adapter" in first_block[0]
     assert first_block[1].split("#")[0].strip() == "python -m pytest -q tests"  # what .ci/run runs
 

@@ -1,8 +1,9 @@
 """The ``sdpa`` backend of prefix_attention (PyTorch's fused attention ops per part of the key axis, merged by
 log-sum-exp) against the float64 concatenation reference: the forward and all five gradients, on CPU. The numeric
-tests run both CPU paths (``cpu_path``): the split over the fused ops and the short-sequence path
+tests run every CPU path (``cpu_path``): the split over the fused ops and the short-sequence path
 (``fastpeft.ops.sdpa_short_attention``, matmuls over the score blocks), each forced on every case, the split with
-its prefix part through the fused op and through matmuls.
+its prefix part through the fused op and through matmuls, the short path in C++ (``fastpeft._cpu``, skipped where it
+is not built) and in Python.
 
 Low-precision tolerance as for the kernels (see ``tests/test_prefix_attention_triton.py``): within twice the
 error of PyTorch's own computation in that dtype on the same rounded inputs, plus a floor of 1e-4.
@@ -51,12 +52,17 @@ def _sdpa_backend(backend_env):
     backend_env("sdpa")
 
 
-@pytest.fixture(params=["split", "split-matmul-prefix", "short"])
+@pytest.fixture(params=["split", "split-matmul-prefix", "short", "short-python"])
 def cpu_path(request, monkeypatch):
     """Force one of the CPU paths for every call of the test, whatever its sizes: the split with the prefix part
-    through the fused op or through matmuls (``sdpa_short_attention.block_attend``), or the short path."""
-    short = request.param == "short"
+    through the fused op or through matmuls (``sdpa_short_attention.block_attend``), or the short path through the
+    C++ extension or in Python."""
+    short = request.param.startswith("short")
     monkeypatch.setattr(sdpa_short_attention, "SHORT_SCORES", 1 << 40 if short else -1)
+    if request.param == "short-python":
+        monkeypatch.setenv("FASTPEFT_CPU_EXTENSION", "0")
+    elif request.param == "short" and _backend.cpu_extension()[0] is None:
+        pytest.skip(f"fastpeft._cpu: {_backend.cpu_extension()[1]}")
     matmuls = request.param == "split-matmul-prefix"
     monkeypatch.setattr(sdpa, "CPU_MATMUL_PREFIX", (1 << 30, 1 << 60) if matmuls else (-1, -1))
     return request.param
@@ -457,3 +463,17 @@ def test_cuda_blind_queries_and_deterministic_prefix_gradients():
     for name, (actual, expected) in _results(fn, inputs, dout).items():
         assert torch.isfinite(actual).all(), name
         assert_close(actual, expected, 1e-5, name)
+
+
+def test_short_path_runs_the_cpu_extension_unless_switched_off(monkeypatch):
+    if _backend.cpu_extension()[0] is None:
+        pytest.skip(f"fastpeft._cpu: {_backend.cpu_extension()[1]}")
+    calls = []
+    compiled = sdpa.compiled_short_forward
+    monkeypatch.setattr(sdpa, "compiled_short_forward", lambda *args, **kw: calls.append(1) or compiled(*args, **kw))
+    inputs = make_inputs(EXTRA_CASES[-1], seed=1)
+    fastpeft.prefix_attention(**inputs).sum().backward()
+    assert calls == [1]
+    monkeypatch.setenv("FASTPEFT_CPU_EXTENSION", "0")
+    fastpeft.prefix_attention(**inputs).sum().backward()
+    assert calls == [1]

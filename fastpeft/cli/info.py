@@ -43,6 +43,7 @@ def collect_info():
     with warnings.catch_warnings():  # the lookup warns once when the extension is missing; we report it here
         warnings.simplefilter("ignore")
         extension, extension_reason = _backend.cuda_extension()
+        cpu_extension, cpu_extension_reason = _backend.cpu_extension()
     triton_ok, triton_reason = _backend.triton_available()
     kernels_present = importlib.util.find_spec("fastpeft.kernels.prefix_attention") is not None
     backends = {}
@@ -66,6 +67,13 @@ def collect_info():
     sdpa_missing = _sdpa_unavailable_reason(torch.device(device["type"]), torch.float32)
     backends["sdpa"] = {"available": sdpa_missing is None,
                         "why": sdpa_missing or "PyTorch's fused attention ops, parts merged by log-sum-exp"}
+    if cpu_extension is None:
+        short_cpu = {"available": False, "why": f"{cpu_extension_reason} (the Python path runs instead)"}
+    elif not _backend.cpu_extension_enabled():
+        short_cpu = {"available": False, "why": "FASTPEFT_CPU_EXTENSION=0 (the Python path runs instead)"}
+    else:
+        short_cpu = {"available": True, "why": "fastpeft._cpu loaded (the sdpa backend's short CPU path in C++)"}
+    backends["sdpa"]["cpu_extension"] = short_cpu
     backends["reference"] = {"available": True, "why": "PyTorch reference, always present"}
     forced = os.environ.get("FASTPEFT_BACKEND") or None
 
@@ -101,6 +109,9 @@ def run(args):
     print("prefix_attention backends (dispatch order):")
     for backend, state in info["backends"].items():
         print(f"  {backend:<10} {'yes' if state['available'] else 'no ':<4} {state['why']}")
+        if "cpu_extension" in state:
+            extension = state["cpu_extension"]
+            print(f"    C++ short path {'yes' if extension['available'] else 'no'}: {extension['why']}")
     if info["forced_backend"]:
         print(f"  FASTPEFT_BACKEND={info['forced_backend']} forces that backend")
     print("integrations:")

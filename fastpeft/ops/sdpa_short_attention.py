@@ -22,11 +22,18 @@ then runs five matmuls and recomputes nothing::
 
 (per block; the prefix rows' gradients are summed per table entry like the split's). Computed in float32
 (float64 for float64 inputs); low-precision inputs are upcast, which at these sizes costs less than a fused call.
+
+The same two functions exist in C++ (``csrc/cpu/short_prefix_attention.cpp``, the extension ``fastpeft._cpu``):
+at these sizes each of the ~25 ATen calls per direction costs a few microseconds of Python and dispatch, as much as
+a fifth of the arithmetic. ``compiled_short_ops`` returns them where the extension is built and not switched off
+(``FASTPEFT_CPU_EXTENSION=0``); the Python functions below are the fallback and the readable statement of the math.
 """
 
 import functools
 
 import torch
+
+from .. import _backend
 
 _NEG_INF = float("-inf")
 _LOG2E = 1.4426950408889634   # log2(e)
@@ -64,6 +71,27 @@ def _causal_bias(S, L, group, dtype, device):
     the training step asks for the same one in every layer, and ``baddbmm`` adds it inside the score matmul."""
     hidden = torch.full((S, L), _NEG_INF, dtype=dtype, device=device).tril_(L - S - 1)
     return hidden[:, None, :].expand(S, group, L).reshape(S, group * L)
+
+
+def compiled_short_ops():
+    """``torch.ops.fastpeft`` with ``short_prefix_attention_fwd`` / ``_bwd`` loaded, or None: the extension is not
+    built (one warning, the first time) or ``FASTPEFT_CPU_EXTENSION=0``."""
+    if not _backend.cpu_extension_enabled() or _backend.cpu_extension()[0] is None:
+        return None
+    return torch.ops.fastpeft
+
+
+def compiled_short_forward(ops, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal,
+                           softmax_scale, host, keep_for_backward):
+    """``short_forward`` through the C++ op: ``(out, saved)``, ``saved`` a list of tensors for
+    ``ops.short_prefix_attention_bwd`` (None unless ``keep_for_backward``)."""
+    B, Hq, L, _ = q.shape
+    S = k.shape[2]
+    bias = _causal_bias(S, L, Hq // k.shape[1], _accumulation_dtype(q.dtype), q.device) if causal and L > 1 else None
+    result = ops.short_prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
+                                            key_padding_mask if host.padded else None, bias, softmax_scale,
+                                            host.prefix_n, host.padded, host.ragged, keep_for_backward)
+    return result[0], (result[1:] if keep_for_backward else None)
 
 
 def _accumulation_dtype(dtype):

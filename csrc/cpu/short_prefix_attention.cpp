@@ -1,0 +1,201 @@
+// The sdpa backend's short-sequence CPU path (fastpeft/ops/sdpa_short_attention.py) in C++: the same math, one
+// op call per direction instead of ~25 ATen calls made from Python.
+//
+// At the sizes this path takes (a whole score matrix of at most 2^18 elements), each ATen call costs a few
+// microseconds of Python and dispatch against tens of microseconds of arithmetic; issued from C++ the calls keep
+// their arithmetic and lose most of that (measured in benchmarks/NOTES.md). Layout and formulas are the Python
+// module's (its docstring explains them):
+//   * the query group folded into the query axis: q as [B, Hkv, R = group * L, D], no kv head repeated;
+//   * scores kept transposed (keys on the rows): sk [B, Hkv, S, R], sp [B, Hkv, n, R];
+//   * base-2 scores (q scaled by softmax_scale * log2(e)), unnormalized exponentials saved for the backward.
+//
+// Ops (registered under torch.ops.fastpeft, CPU only; importing fastpeft._cpu loads them):
+//   short_prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask?,
+//                              causal_bias?, softmax_scale, prefix_n, padded, ragged, keep_for_backward)
+//     -> Tensor[]: [out [B, Hq, L, D] in q's dtype] + (keep_for_backward: the 8 tensors the backward takes)
+//   short_prefix_attention_bwd(dout, saved (those 8), prefix_k, prefix_index, softmax_scale)
+//     -> (dq, dk, dv, dprefix_k, dprefix_v) in the inputs' dtype, the prefix gradients summed per table entry.
+// Arguments are canonical and validated by fastpeft.prefix_attention; the checks here only guard the layout.
+
+#include <ATen/ATen.h>
+#include <Python.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <optional>
+#include <vector>
+
+namespace {
+
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2 = 0.6931471805599453;
+constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+
+// Inside the ops every ATen call skips autograd (the caller's autograd.Function owns the graph) and autocast (the
+// math runs in float32/64 whatever the ambient autocast; under it matmuls would run in bfloat16 and mix dtypes).
+struct PlainComputeGuard {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::DispatchKey::AutocastCPU};
+};
+
+at::ScalarType accumulation_type(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// [T, Hkv, P, D] -> the rows' first n entries in the accumulation dtype: [1, Hkv, n, D] for a shared prefix
+// (broadcast by the matmuls), else one gather [B, Hkv, n, D].
+at::Tensor prefix_rows(const at::Tensor& prefix, const at::Tensor& prefix_index, int64_t n, at::ScalarType acc) {
+  at::Tensor rows = prefix.narrow(2, 0, n).to(acc);
+  return rows.size(0) == 1 ? rows : rows.index_select(0, prefix_index);
+}
+
+std::vector<at::Tensor> short_prefix_attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
+    const at::Tensor& prefix_v, const at::Tensor& prefix_index, const at::Tensor& prefix_lengths,
+    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& causal_bias,
+    double softmax_scale, int64_t prefix_n, bool padded, bool ragged, bool keep_for_backward) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && prefix_k.dim() == 4,
+              "short_prefix_attention_fwd: expects canonical q [B, Hq, L, D], k/v [B, Hkv, S, D], "
+              "prefix_k/prefix_v [T, Hkv, P, D]");
+  const PlainComputeGuard plain;
+  const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), S = k.size(2), group = Hq / Hkv, R = group * L;
+  const at::ScalarType acc = accumulation_type(q.scalar_type());
+  const auto options = q.options().dtype(acc);
+
+  // One pass: scaled, contiguous and in base 2; viewed folded.
+  at::Tensor qs = at::empty({B, Hq, L, D}, options);
+  at::mul_out(qs, q.to(acc), softmax_scale * kLog2e);  // (the cast is a copy only for 16-bit inputs)
+  qs = qs.view({B, Hkv, R, D});
+  const at::Tensor qt = qs.transpose(-1, -2);
+  // Contiguous once (models hand over transposed views): every matmul of both directions reads them as is.
+  const at::Tensor kk = k.to(acc).contiguous(), vv = v.to(acc).contiguous();
+  at::Tensor sk;
+  if (causal_bias.has_value()) {  // the causal mask is the score matmul's initial value
+    sk = at::baddbmm(*causal_bias, kk.view({B * Hkv, S, D}), qs.view({B * Hkv, R, D}).transpose(1, 2))
+             .view({B, Hkv, S, R});
+  } else {
+    sk = at::matmul(kk, qt);
+  }
+  if (padded) {
+    sk.add_(at::zeros({B, 1, S, 1}, options)
+                .masked_fill_(key_padding_mask->logical_not().view({B, 1, S, 1}), kNegInf));
+  }
+  at::Tensor m = sk.amax(-2);  // [B, Hkv, R]
+  at::Tensor pk, pv, sp;
+  if (prefix_n > 0) {
+    pk = prefix_rows(prefix_k, prefix_index, prefix_n, acc);
+    pv = prefix_rows(prefix_v, prefix_index, prefix_n, acc);
+    sp = at::matmul(pk, qt);  // [B, Hkv, n, R]
+    if (ragged) {
+      const at::Tensor visible = at::arange(prefix_n, prefix_index.options().dtype(at::kLong)).view({1, prefix_n})
+                                     .lt(prefix_lengths.index_select(0, prefix_index).view({B, 1}));
+      sp.masked_fill_(visible.logical_not().view({B, 1, prefix_n, 1}), kNegInf);
+    }
+    m = at::maximum(m, sp.amax(-2));
+  }
+  const bool may_be_blind = padded || ragged;
+  if (may_be_blind) {  // a query that sees nothing: every score -inf; with m = 0 every exp2 is 0
+    m.masked_fill_(m.eq(kNegInf), 0.0);
+  }
+  const at::Tensor shift = m.unsqueeze(-2);
+  sk.sub_(shift).exp2_();
+  at::Tensor total = sk.sum(-2);
+  if (prefix_n > 0) {
+    sp.sub_(shift).exp2_();
+    total.add_(sp.sum(-2));
+  }
+  if (may_be_blind) {
+    total.masked_fill_(total.eq(0), 1.0);
+  }
+  const at::Tensor inv = total.reciprocal_();  // [B, Hkv, R]
+  at::Tensor out = at::matmul(sk.transpose(-1, -2), vv);  // [B, Hkv, R, D]
+  if (prefix_n > 0) {
+    out.add_(at::matmul(sp.transpose(-1, -2), pv));
+  }
+  out.mul_(inv.unsqueeze(-1));
+  std::vector<at::Tensor> result{out.view({B, Hq, L, D}).to(q.scalar_type())};
+  if (keep_for_backward) {
+    if (prefix_n == 0) {  // empty stand-ins: the backward tests pk.size(2)
+      pk = pv = at::empty({1, Hkv, 0, D}, options);
+      sp = at::empty({B, Hkv, 0, R}, options);
+    }
+    result.insert(result.end(), {qs, kk, vv, pk, pv, sk, sp, out, inv});
+  }
+  return result;
+}
+
+// Per-row prefix gradients [B|1, Hkv, n, D] -> [T, Hkv, P, D] summed per table entry, in the prefix's dtype.
+at::Tensor reduce_prefix(const at::Tensor& rows, const at::Tensor& prefix, const at::Tensor& prefix_index) {
+  const int64_t T = prefix.size(0), P = prefix.size(2), n = rows.size(2);
+  if (T == 1 && n == P) {  // shared and whole: the batch sum is the gradient
+    return rows.sum(0, /*keepdim=*/true).to(prefix.scalar_type());
+  }
+  at::Tensor total = at::zeros(prefix.sizes(), rows.options());
+  if (T == 1) {
+    total.narrow(2, 0, n).select(0, 0).copy_(rows.sum(0));
+  } else {  // CPU: index_add_ is deterministic here
+    total.narrow(2, 0, n).index_add_(0, prefix_index, rows);
+  }
+  return total.to(prefix.scalar_type());
+}
+
+std::vector<at::Tensor> short_prefix_attention_bwd(const at::Tensor& dout, at::TensorList saved,
+                                                   const at::Tensor& prefix_k, const at::Tensor& prefix_index,
+                                                   double softmax_scale) {
+  TORCH_CHECK(saved.size() == 9, "short_prefix_attention_bwd: saved must be the forward's 9 tensors, got ",
+              saved.size());
+  const PlainComputeGuard plain;
+  const at::Tensor &qs = saved[0], &kk = saved[1], &vv = saved[2], &pk = saved[3], &pv = saved[4],
+                   &pkeys = saved[5], &pprefix = saved[6], &out = saved[7], &inv = saved[8];
+  const int64_t B = qs.size(0), Hkv = qs.size(1), R = qs.size(2), D = qs.size(3);
+  const int64_t L = dout.size(2), group = R / L;
+  // The saved exponentials are unnormalized (p = e * inv per query): dout scaled by inv first makes
+  // dv = e @ dout' and dS = e * (v @ dout'^T - rowsum(dout' * out)) = p * (dP - delta).
+  at::Tensor dout_scaled = at::empty({B, Hkv, R, D}, qs.options());
+  at::Tensor dout_scaled_split = dout_scaled.view({B, Hkv, group, L, D});
+  at::mul_out(dout_scaled_split, dout.view({B, Hkv, group, L, D}), inv.view({B, Hkv, group, L, 1}));
+  const at::Tensor dout_t = dout_scaled.transpose(-1, -2);
+  const at::Tensor delta = (dout_scaled * out).sum(-1).unsqueeze(-2);  // [B, Hkv, 1, R]
+  at::Tensor ds = at::baddbmm(delta.neg().view({B * Hkv, 1, R}), vv.view({B * Hkv, -1, D}),
+                              dout_t.reshape({B * Hkv, D, R}))
+                      .view(pkeys.sizes())
+                      .mul_(pkeys);  // dS / scale: [B, Hkv, S, R]
+  at::Tensor dq = at::matmul(ds.transpose(-1, -2), kk);
+  at::Tensor dk = at::matmul(ds, qs).mul_(kLn2);
+  at::Tensor dv = at::matmul(pkeys, dout_scaled);
+  at::Tensor dprefix_k, dprefix_v;
+  if (pk.size(2) > 0) {
+    at::Tensor dsp = at::matmul(pv, dout_t).sub_(delta).mul_(pprefix);
+    dq.add_(at::matmul(dsp.transpose(-1, -2), pk));
+    dprefix_k = reduce_prefix(at::matmul(dsp, qs).mul_(kLn2), prefix_k, prefix_index);
+    dprefix_v = reduce_prefix(at::matmul(pprefix, dout_scaled), prefix_k, prefix_index);
+  } else {  // no prefix entry visible to any row
+    dprefix_k = at::zeros_like(prefix_k);
+    dprefix_v = at::zeros_like(prefix_k);
+  }
+  const at::ScalarType dtype = dout.scalar_type();
+  return {dq.mul_(softmax_scale).view(dout.sizes()).to(dtype), dk.to(dtype), dv.to(dtype), dprefix_k, dprefix_v};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastpeft, m) {
+  m.def("short_prefix_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
+        "Tensor prefix_index, Tensor prefix_lengths, Tensor? key_padding_mask, Tensor? causal_bias, "
+        "float softmax_scale, int prefix_n, bool padded, bool ragged, bool keep_for_backward) -> Tensor[]");
+  m.def("short_prefix_attention_bwd(Tensor dout, Tensor[] saved, Tensor prefix_k, Tensor prefix_index, "
+        "float softmax_scale) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(fastpeft, CPU, m) {
+  m.impl("short_prefix_attention_fwd", &short_prefix_attention_fwd);
+  m.impl("short_prefix_attention_bwd", &short_prefix_attention_bwd);
+}
+
+// A Python module without functions: importing fastpeft._cpu loads the library, whose static initializers above
+// register the ops. (No pybind11: it would triple the compile time for nothing.)
+PyMODINIT_FUNC PyInit__cpu(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "fastpeft._cpu", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
