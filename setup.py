@@ -130,7 +130,10 @@ def _cpu_extension():
         return None, False
     from torch.utils.cpp_extension import CppExtension
 
-    return CppExtension(name="fastpeft._cpu", sources=_sources("csrc/cpu/*.cpp"), extra_compile_args=["-O3"]), forced
+    return CppExtension(name="fastpeft._cpu", sources=_sources("csrc/cpu/*.cpp"),
+                        # OpenMP as torch's own CPU kernels: at::parallel_for and `omp simd` (vectorized reductions)
+                        # need it in this translation unit; the runtime is the libgomp torch has loaded already.
+                        extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"]), forced
 
 
 def _cuda_extension():

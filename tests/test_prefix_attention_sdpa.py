@@ -10,6 +10,7 @@ error of PyTorch's own computation in that dtype on the same rounded inputs, plu
 The CUDA path (PyTorch's memory-efficient kernels) is checked for its plumbing on meta tensors here and for its
 numbers by the ``gpu``-marked tests."""
 
+import dataclasses
 import importlib
 import warnings
 
@@ -156,6 +157,25 @@ def test_decode_without_grad_matches_float64(cpu_path):
     assert_close(out, concat_reference(**inputs), 1e-5, "decode out")
 
 
+# Every case as a decode step (one query after the rest of its keys), and as a forward without a gradient: on CPU the
+# short path then runs its per-query kernel (csrc/cpu), which must cover every masking rule the matmuls do.
+DECODE_CASES = [dataclasses.replace(case, name=f"{case.name}-decode", L=1, S=max(case.S, 2)) for case in FP32_CASES
+                if case.L > 1 and case.S <= 100]
+
+
+@pytest.mark.parametrize("case", FP32_CASES + DECODE_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_forward_without_grad_matches_float64(case, dtype, cpu_path):
+    inputs = make_inputs(case, dtype, seed=5, requires_grad=False)
+    inputs["q"] = inputs["q"].transpose(1, 2).contiguous().transpose(1, 2)   # as models hand it over
+    with torch.no_grad():
+        out = fastpeft.prefix_attention(**inputs)
+    assert out.dtype == dtype and out.shape == inputs["q"].shape
+    assert_close(out, concat_reference(**{n: t.double() if torch.is_tensor(t) and t.is_floating_point() else t
+                                         for n, t in inputs.items()}), 1e-5 if dtype == torch.float32 else 1e-12,
+                 f"{case} out")
+
+
 def test_queries_that_see_nothing_give_zeros_and_finite_exact_gradients(cpu_path):
     # Row 1 uses an empty prefix entry and its first queries see only padding (causal, left padding); row 2
     # sees no sequence key at all but has a prefix; with a cache (S > L), so both causal parts are involved.
@@ -187,6 +207,21 @@ def test_every_query_blind_gives_zeros(cpu_path):
     out.backward(torch.ones_like(out))
     for name in GRAD_NAMES:
         assert torch.equal(inputs[name].grad, torch.zeros_like(inputs[name].grad)), name
+
+
+def test_blind_decode_without_grad_gives_zeros(cpu_path):
+    # One query per row after the keys: row 0 sees only its prefix, row 1 only keys, row 2 nothing (empty entry,
+    # every key padding).
+    case = Case("blind-decode", B=3, Hq=4, Hkv=2, L=1, S=5, P=3, D=16, T=2, ragged=True, padding="left")
+    inputs = make_inputs(case, torch.float32, seed=6, requires_grad=False)
+    inputs["prefix_index"] = torch.tensor([0, 1, 1])
+    inputs["prefix_lengths"] = torch.tensor([3, 0])
+    inputs["key_padding_mask"] = torch.tensor([[0, 0, 0, 0, 0], [1, 1, 0, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    with torch.no_grad():
+        out = fastpeft.prefix_attention(**inputs)
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+    assert (out[:2].abs().sum(-1) > 0).all()
+    assert_close(out, concat_reference(**inputs), 1e-5, "blind decode out")
 
 
 def _canonical(inputs):

@@ -18,9 +18,13 @@
 // Arguments are canonical and validated by fastpeft.prefix_attention; the checks here only guard the layout.
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <Python.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <vector>
@@ -49,6 +53,132 @@ at::Tensor prefix_rows(const at::Tensor& prefix, const at::Tensor& prefix_index,
   return rows.size(0) == 1 ? rows : rows.index_select(0, prefix_index);
 }
 
+// ---- Inference without a gradient: one pass per query, no ATen calls ------------------------------------------
+//
+// Decoding (L = 1) runs here when nothing is kept for a backward: each (row, kv head) task scores its prefix entries
+// and visible keys for the group's query heads into a small buffer, takes the softmax and sums the values, all in
+// cache. At decode sizes the matmul formulation below spends most of its time in its ~25 ATen calls (the serving
+// benchmark's decode step, B=8, Hq=8, Hkv=2, S=24, P=8, D=32, one thread: 57 us there, 28 us here, 45 us for
+// PyTorch's SDPA over the concatenation).
+
+// The per-query path's arguments, as raw pointers and strides (the head dimension contiguous).
+template <typename T>
+struct QueryTask {
+  const T *q, *k, *v, *prefix_k, *prefix_v;
+  int64_t q_stride[3], k_stride[3], prefix_stride[3];  // [batch/entry, head, position]; v shares k's, prefix_v prefix_k's
+  const int64_t *index, *lengths;
+  const bool* keep;  // key padding [B, S], or nullptr
+  T* out;            // [B, Hq, L, D] contiguous
+  int64_t Hq, L, D, S, group, entries_total, prefix_n;
+  bool causal, ragged;
+  T scale;
+};
+
+// One (row, kv head, query position): the group's query heads together, so each key and value row is read once
+// for all of them. `scores` holds group * (prefix_n + S) entries, `acc` group * D. The head-dimension loops are
+// `omp simd` (-fopenmp-simd enables only these pragmas, no OpenMP runtime) and the AVX2 clone runs where the CPU
+// has it.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define FASTPEFT_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define FASTPEFT_SIMD_CLONES
+#endif
+
+template <typename T>
+FASTPEFT_SIMD_CLONES void attend_query(const QueryTask<T>& t, int64_t b, int64_t kv_head, int64_t i, T* scores,
+                                       T* acc) {
+  const int64_t D = t.D, G = t.group, width = t.prefix_n + t.S;
+  constexpr T kNoKey = -std::numeric_limits<T>::infinity();
+  // The row's table entry (clamped: values are validated before any kernel, except under torch.compile), how many of
+  // its entries it sees, and the keys up to its causal position (bottom-right aligned).
+  const int64_t entry = std::min(std::max<int64_t>(t.index[b], 0), t.entries_total - 1);
+  const int64_t entries = t.ragged ? std::min(std::max<int64_t>(t.lengths[entry], 0), t.prefix_n) : t.prefix_n;
+  const int64_t keys = t.causal ? t.S - t.L + i + 1 : t.S;
+  const T* queries = t.q + b * t.q_stride[0] + kv_head * G * t.q_stride[1] + i * t.q_stride[2];
+  T top[64];  // G <= 64 (checked by the caller)
+  for (int64_t g = 0; g < G; ++g) top[g] = kNoKey;
+  auto score_row = [&](const T* key, int64_t column) {
+    for (int64_t g = 0; g < G; ++g) {
+      const T* query = queries + g * t.q_stride[1];
+      T total = 0;
+#pragma omp simd reduction(+ : total)
+      for (int64_t d = 0; d < D; ++d) total += query[d] * key[d];
+      total *= t.scale;
+      scores[g * width + column] = total;
+      top[g] = std::max(top[g], total);
+    }
+  };
+  const T* prefix_k = t.prefix_k + entry * t.prefix_stride[0] + kv_head * t.prefix_stride[1];
+  const T* prefix_v = t.prefix_v + entry * t.prefix_stride[0] + kv_head * t.prefix_stride[1];
+  const T* k = t.k + b * t.k_stride[0] + kv_head * t.k_stride[1];
+  const T* v = t.v + b * t.k_stride[0] + kv_head * t.k_stride[1];
+  for (int64_t j = 0; j < entries; ++j) score_row(prefix_k + j * t.prefix_stride[2], j);
+  for (int64_t j = 0; j < keys; ++j) {
+    if (t.keep != nullptr && !t.keep[b * t.S + j]) {
+      for (int64_t g = 0; g < G; ++g) scores[g * width + t.prefix_n + j] = kNoKey;
+    } else {
+      score_row(k + j * t.k_stride[2], t.prefix_n + j);
+    }
+  }
+  T total[64];
+  for (int64_t g = 0; g < G; ++g) total[g] = 0;
+  for (int64_t x = 0; x < G * D; ++x) acc[x] = 0;
+  auto add_value_row = [&](const T* value, int64_t column) {
+    for (int64_t g = 0; g < G; ++g) {
+      if (top[g] == kNoKey) continue;  // this query sees nothing: zeros
+      const T p = std::exp(scores[g * width + column] - top[g]);  // 0 for a padding key
+      total[g] += p;
+      T* row = acc + g * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) row[d] += p * value[d];
+    }
+  };
+  for (int64_t j = 0; j < entries; ++j) add_value_row(prefix_v + j * t.prefix_stride[2], j);
+  for (int64_t j = 0; j < keys; ++j) add_value_row(v + j * t.k_stride[2], t.prefix_n + j);
+  for (int64_t g = 0; g < G; ++g) {
+    const T inv = total[g] > 0 ? T(1) / total[g] : T(0);
+    T* target = t.out + (((b * t.Hq + kv_head * G + g) * t.L) + i) * D;
+    for (int64_t d = 0; d < D; ++d) target[d] = acc[g * D + d] * inv;
+  }
+}
+
+// Decoding (one query position) without a gradient, in float32/64. With more query positions the matmuls win on one
+// thread (each position here reads every key row again), measured on the 2-core CPU (benchmarks/NOTES.md).
+bool per_query_path(const at::Tensor& q, int64_t group, bool keep_for_backward) {
+  return !keep_for_backward && q.size(2) == 1 && group <= 64 &&
+         (q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble);
+}
+
+template <typename T>
+at::Tensor attend_each_query(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
+                             const at::Tensor& prefix_v, const at::Tensor& prefix_index,
+                             const at::Tensor& prefix_lengths, const std::optional<at::Tensor>& key_padding_mask,
+                             bool causal, double softmax_scale, int64_t prefix_n, bool padded, bool ragged) {
+  const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2), D = q.size(3), Hkv = k.size(1), S = k.size(2);
+  // Contiguous head dimension for the inner loops (models' transposed views already have it; copies otherwise);
+  // v laid out like k and prefix_v like prefix_k, so one set of strides serves both.
+  const auto rows_of = [](const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
+  const at::Tensor qc = rows_of(q), kc = k.contiguous(), vc = v.contiguous();
+  const at::Tensor pkc = prefix_k.contiguous(), pvc = prefix_v.contiguous();
+  const at::Tensor index = prefix_index.to(at::kLong).contiguous(), lengths = prefix_lengths.to(at::kLong).contiguous();
+  const at::Tensor keep = padded ? key_padding_mask->to(at::kBool).contiguous() : at::Tensor();
+  at::Tensor out = at::empty({B, Hq, L, D}, q.options());
+  QueryTask<T> task{qc.data_ptr<T>(), kc.data_ptr<T>(), vc.data_ptr<T>(), pkc.data_ptr<T>(), pvc.data_ptr<T>(),
+                    {qc.stride(0), qc.stride(1), qc.stride(2)}, {kc.stride(0), kc.stride(1), kc.stride(2)},
+                    {pkc.stride(0), pkc.stride(1), pkc.stride(2)}, index.data_ptr<int64_t>(),
+                    lengths.data_ptr<int64_t>(), padded ? keep.data_ptr<bool>() : nullptr, out.data_ptr<T>(),
+                    Hq, L, D, S, Hq / Hkv, prefix_k.size(0), prefix_n, causal, ragged, static_cast<T>(softmax_scale)};
+  // One task per (row, kv head, query position).
+  const int64_t tasks = B * Hkv * L, work = std::max<int64_t>(1, task.group * (prefix_n + S) * D);
+  at::parallel_for(0, tasks, std::max<int64_t>(1, 32768 / work), [&](int64_t begin, int64_t end) {
+    std::vector<T> scores(task.group * (prefix_n + S)), acc(task.group * D);
+    for (int64_t n = begin; n < end; ++n) {
+      attend_query(task, n / (Hkv * L), n / L % Hkv, n % L, scores.data(), acc.data());
+    }
+  });
+  return out;
+}
+
 std::vector<at::Tensor> short_prefix_attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
     const at::Tensor& prefix_v, const at::Tensor& prefix_index, const at::Tensor& prefix_lengths,
@@ -62,6 +192,12 @@ std::vector<at::Tensor> short_prefix_attention_fwd(
   const int64_t Hkv = k.size(1), S = k.size(2), group = Hq / Hkv, R = group * L;
   const at::ScalarType acc = accumulation_type(q.scalar_type());
   const auto options = q.options().dtype(acc);
+  if (per_query_path(q, group, keep_for_backward)) {
+    return {AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "short_prefix_attention_infer", [&] {
+      return attend_each_query<scalar_t>(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
+                                         causal_bias.has_value(), softmax_scale, prefix_n, padded, ragged);
+    })};
+  }
 
   // One pass: scaled, contiguous and in base 2; viewed folded.
   at::Tensor qs = at::empty({B, Hq, L, D}, options);
