@@ -329,7 +329,8 @@ def test_short_prefix_parts_run_as_matmuls_on_cpu():
 
 def test_eager_calls_take_the_path_their_size_selects():
     small = make_inputs(EXTRA_CASES[-1], seed=1)
-    assert type(fastpeft.prefix_attention(**small).grad_fn).__name__ == "_ShortPrefixAttentionBackward"
+    # the C++ op's autograd node where fastpeft._cpu is built, the Python Function's otherwise
+    assert "ShortPrefixAttention" in fastpeft.prefix_attention(**small).grad_fn.name()
     large = make_inputs(EXTRA_CASES[7], seed=1)   # multiblock-cache: 1 * 4 * 130 * (33 + 700) scores
     assert type(fastpeft.prefix_attention(**large).grad_fn).__name__ == "_SdpaPrefixAttentionBackward"
 
@@ -504,8 +505,8 @@ def test_short_path_runs_the_cpu_extension_unless_switched_off(monkeypatch):
     if _backend.cpu_extension()[0] is None:
         pytest.skip(f"fastpeft._cpu: {_backend.cpu_extension()[1]}")
     calls = []
-    compiled = sdpa.compiled_short_forward
-    monkeypatch.setattr(sdpa, "compiled_short_forward", lambda *args, **kw: calls.append(1) or compiled(*args, **kw))
+    compiled = sdpa.compiled_short_attention
+    monkeypatch.setattr(sdpa, "compiled_short_attention", lambda *args: calls.append(1) or compiled(*args))
     inputs = make_inputs(EXTRA_CASES[-1], seed=1)
     fastpeft.prefix_attention(**inputs).sum().backward()
     assert calls == [1]

@@ -1,26 +1,29 @@
-// The sdpa backend's short-sequence CPU path (fastpeft/ops/sdpa_short_attention.py) in C++: the same math, one
-// op call per direction instead of ~25 ATen calls made from Python.
+// The sdpa backend's short-sequence CPU path (fastpeft/ops/sdpa_short_attention.py) in C++, with its autograd: one
+// op call per forward and no Python in the backward, instead of ~25 ATen calls from Python per direction.
 //
 // At the sizes this path takes (a whole score matrix of at most 2^18 elements), each ATen call costs a few
 // microseconds of Python and dispatch against tens of microseconds of arithmetic; issued from C++ the calls keep
-// their arithmetic and lose most of that (measured in benchmarks/NOTES.md). Layout and formulas are the Python
-// module's (its docstring explains them):
+// their arithmetic and lose most of that (benchmarks/NOTES.md). Layout and formulas are the Python module's (its
+// docstring explains them):
 //   * the query group folded into the query axis: q as [B, Hkv, R = group * L, D], no kv head repeated;
 //   * scores kept transposed (keys on the rows): sk [B, Hkv, S, R], sp [B, Hkv, n, R];
 //   * base-2 scores (q scaled by softmax_scale * log2(e)), unnormalized exponentials saved for the backward.
+// Decoding without a gradient takes a per-query kernel instead (attend_each_query).
 //
-// Ops (registered under torch.ops.fastpeft, CPU only; importing fastpeft._cpu loads them):
-//   short_prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask?,
-//                              causal_bias?, softmax_scale, prefix_n, padded, ragged, keep_for_backward)
-//     -> Tensor[]: [out [B, Hq, L, D] in q's dtype] + (keep_for_backward: the 8 tensors the backward takes)
-//   short_prefix_attention_bwd(dout, saved (those 8), prefix_k, prefix_index, softmax_scale)
-//     -> (dq, dk, dv, dprefix_k, dprefix_v) in the inputs' dtype, the prefix gradients summed per table entry.
-// Arguments are canonical and validated by fastpeft.prefix_attention; the checks here only guard the layout.
+// Op (registered under torch.ops.fastpeft, CPU and Autograd keys; importing fastpeft._cpu loads it):
+//   short_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask?,
+//                          causal_bias?, softmax_scale, prefix_n, padded, ragged) -> out [B, Hq, L, D] in q's dtype
+//     canonical arguments (fastpeft.ops.prefix_attention._canonicalize) plus the host plan (prefix_n: entries
+//     attended, ragged: some row sees fewer, padded: key_padding_mask holds padding); causal_bias: the causal mask
+//     of the transposed folded key block [S, group * L] (0 / -inf), None when not causal or L == 1. Its backward
+//     gives q, k, v and the prefix gradients (summed per table entry) in the inputs' dtype.
+// Arguments are validated by fastpeft.prefix_attention; the checks here only guard the layout.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <Python.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -316,18 +319,86 @@ std::vector<at::Tensor> short_prefix_attention_bwd(const at::Tensor& dout, at::T
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fastpeft, m) {
-  m.def("short_prefix_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
-        "Tensor prefix_index, Tensor prefix_lengths, Tensor? key_padding_mask, Tensor? causal_bias, "
-        "float softmax_scale, int prefix_n, bool padded, bool ragged, bool keep_for_backward) -> Tensor[]");
-  m.def("short_prefix_attention_bwd(Tensor dout, Tensor[] saved, Tensor prefix_k, Tensor prefix_index, "
-        "float softmax_scale) -> Tensor[]");
+namespace fastpeft {
+
+// The op with its autograd in C++: a training step's backward runs no Python at all, and the forward one op call
+// (the Python autograd.Function this replaces cost ~40 us per layer and direction at the training suite's shape).
+class ShortPrefixAttentionFunction : public torch::autograd::Function<ShortPrefixAttentionFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+                            const at::Tensor& prefix_index, const at::Tensor& prefix_lengths,
+                            const std::optional<at::Tensor>& key_padding_mask,
+                            const std::optional<at::Tensor>& causal_bias, double softmax_scale, int64_t prefix_n,
+                            bool padded, bool ragged) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    std::vector<at::Tensor> result =
+        short_prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
+                                   causal_bias, softmax_scale, prefix_n, padded, ragged, /*keep_for_backward=*/true);
+    result.push_back(prefix_k);
+    result.push_back(prefix_index);
+    ctx->save_for_backward(std::vector<at::Tensor>(result.begin() + 1, result.end()));
+    ctx->saved_data["softmax_scale"] = softmax_scale;
+    return result[0];
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    const std::vector<at::Tensor> saved = ctx->get_saved_variables();
+    const size_t forward_saved = saved.size() - 2;  // then prefix_k, prefix_index
+    std::vector<at::Tensor> grads = short_prefix_attention_bwd(
+        grad_outputs[0], at::TensorList(saved.data(), forward_saved), saved[forward_saved], saved[forward_saved + 1],
+        ctx->saved_data["softmax_scale"].toDouble());
+    grads.resize(13);  // no gradient for prefix_index .. ragged
+    return grads;
+  }
+};
+
+}  // namespace fastpeft
+
+namespace {
+
+// Autograd key: through the Function when a gradient is needed, else straight to the forward (nothing saved).
+at::Tensor short_prefix_attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+                                           const at::Tensor& prefix_index, const at::Tensor& prefix_lengths,
+                                           const std::optional<at::Tensor>& key_padding_mask,
+                                           const std::optional<at::Tensor>& causal_bias, double softmax_scale,
+                                           int64_t prefix_n, bool padded, bool ragged) {
+  const bool needs_grad = at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() ||
+                                                         v.requires_grad() || prefix_k.requires_grad() ||
+                                                         prefix_v.requires_grad());
+  if (needs_grad) {
+    return fastpeft::ShortPrefixAttentionFunction::apply(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
+                                               key_padding_mask, causal_bias, softmax_scale, prefix_n, padded, ragged);
+  }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return short_prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
+                                    causal_bias, softmax_scale, prefix_n, padded, ragged, false)[0];
 }
 
-TORCH_LIBRARY_IMPL(fastpeft, CPU, m) {
-  m.impl("short_prefix_attention_fwd", &short_prefix_attention_fwd);
-  m.impl("short_prefix_attention_bwd", &short_prefix_attention_bwd);
+// CPU key (reached below autograd, e.g. under inference mode): the forward alone.
+at::Tensor short_prefix_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+                                      const at::Tensor& prefix_index, const at::Tensor& prefix_lengths,
+                                      const std::optional<at::Tensor>& key_padding_mask,
+                                      const std::optional<at::Tensor>& causal_bias, double softmax_scale,
+                                      int64_t prefix_n, bool padded, bool ragged) {
+  return short_prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
+                                    causal_bias, softmax_scale, prefix_n, padded, ragged, false)[0];
 }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastpeft, m) {
+  m.def("short_prefix_attention(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
+        "Tensor prefix_index, Tensor prefix_lengths, Tensor? key_padding_mask, Tensor? causal_bias, "
+        "float softmax_scale, int prefix_n, bool padded, bool ragged) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastpeft, CPU, m) { m.impl("short_prefix_attention", &short_prefix_attention_cpu); }
+
+TORCH_LIBRARY_IMPL(fastpeft, Autograd, m) { m.impl("short_prefix_attention", &short_prefix_attention_autograd); }
 
 // A Python module without functions: importing fastpeft._cpu loads the library, whose static initializers above
 // register the ops. (No pybind11: it would triple the compile time for nothing.)

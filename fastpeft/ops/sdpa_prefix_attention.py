@@ -53,7 +53,7 @@ import torch
 
 from . import _sdpa_ops
 from ._autograd import register_prefix_attention_autograd
-from .sdpa_short_attention import (block_attend, block_attend_backward, compiled_short_forward, compiled_short_ops,
+from .sdpa_short_attention import (block_attend, block_attend_backward, compiled_short_attention, compiled_short_ops,
                                    short_backward, short_forward, use_short_path)
 
 _NEG_INF = float("-inf")
@@ -448,28 +448,21 @@ class _SdpaPrefixAttention(torch.autograd.Function):
 
 
 class _ShortPrefixAttention(torch.autograd.Function):
-    """The eager short-sequence path (``sdpa_short_attention``): the forward keeps the blocks' probabilities, the
-    backward reuses them. ``ops``: the C++ build of both directions (``compiled_short_ops``), or None for Python."""
+    """The eager short-sequence path in Python (``sdpa_short_attention``), where the C++ build is missing: the forward
+    keeps the blocks' probabilities, the backward reuses them."""
 
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal,
-                softmax_scale, deterministic, host, ops):
-        args = (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal, softmax_scale,
-                host)
-        if ops is None:
-            out, saved = short_forward(*args, keep_for_backward=True)
-        else:
-            out, saved = compiled_short_forward(ops, *args, keep_for_backward=True)
+                softmax_scale, deterministic, host):
+        out, saved = short_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
+                                   causal, softmax_scale, host, keep_for_backward=True)
         ctx.save_for_backward(prefix_k, prefix_v, prefix_index, *saved)
-        ctx.softmax_scale, ctx.deterministic, ctx.ops = softmax_scale, deterministic, ops
+        ctx.softmax_scale, ctx.deterministic = softmax_scale, deterministic
         return out
 
     @staticmethod
     def backward(ctx, dout):
         prefix_k, prefix_v, prefix_index, *saved = ctx.saved_tensors
-        if ctx.ops is not None:  # sums the prefix rows per table entry and casts, too
-            grads = ctx.ops.short_prefix_attention_bwd(dout, saved, prefix_k, prefix_index, ctx.softmax_scale)
-            return tuple(grads) + (None,) * 8
         dq, dk, dv, dprefix = short_backward(dout, saved, ctx.softmax_scale)
         if dprefix is None:  # no prefix entry visible to any row
             dprefix_k, dprefix_v = torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
@@ -477,7 +470,7 @@ class _ShortPrefixAttention(torch.autograd.Function):
             dprefix_k = _reduce_prefix(dprefix[0], prefix_k, prefix_index, ctx.deterministic).to(prefix_k.dtype)
             dprefix_v = _reduce_prefix(dprefix[1], prefix_v, prefix_index, ctx.deterministic).to(prefix_v.dtype)
         dtype = dout.dtype  # one dtype for every input (canonical arguments)
-        return (dq.to(dtype), dk.to(dtype), dv.to(dtype), dprefix_k, dprefix_v) + (None,) * 8
+        return (dq.to(dtype), dk.to(dtype), dv.to(dtype), dprefix_k, dprefix_v) + (None,) * 7
 
 
 def sdpa_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal,
@@ -486,7 +479,8 @@ def sdpa_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, prefix_leng
 
     Under torch.compile: the custom ops (traced through their fake implementations). Eager: the same functions
     directly, through an ``autograd.Function`` only when a gradient is needed (inference saves nothing), or, for a
-    small score matrix on CPU (``sdpa_short_attention.use_short_path``), the short-sequence path. ``host``: this
+    small score matrix on CPU (``sdpa_short_attention.use_short_path``), the short-sequence path (the C++ op
+    ``fastpeft::short_prefix_attention``, with its own autograd, where ``fastpeft._cpu`` is built). ``host``: this
     call's ``_host_plan`` where the caller has it already (planned once per forward), else computed here."""
     args = (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal, softmax_scale)
     if torch.compiler.is_compiling():
@@ -496,12 +490,11 @@ def sdpa_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, prefix_leng
         host = _host_plan(q, prefix_k, prefix_index, prefix_lengths, key_padding_mask)
     short = host is not None and use_short_path(q, k, host)
     ops = compiled_short_ops() if short else None
+    if ops is not None:  # the C++ op records its own backward
+        return compiled_short_attention(ops, *args, host)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, prefix_k, prefix_v)):
-        if short:
-            return _ShortPrefixAttention.apply(*args, deterministic, host, ops)
-        return _SdpaPrefixAttention.apply(*args, deterministic, host)
-    if ops is not None:
-        return compiled_short_forward(ops, *args, host, keep_for_backward=False)[0]
+        function = _ShortPrefixAttention if short else _SdpaPrefixAttention
+        return function.apply(*args, deterministic, host)
     if short:
         return short_forward(*args, host, keep_for_backward=False)[0]
     return sdpa_prefix_attention_fwd(*args, host)[0]

@@ -74,24 +74,23 @@ def _causal_bias(S, L, group, dtype, device):
 
 
 def compiled_short_ops():
-    """``torch.ops.fastpeft`` with ``short_prefix_attention_fwd`` / ``_bwd`` loaded, or None: the extension is not
-    built (one warning, the first time) or ``FASTPEFT_CPU_EXTENSION=0``."""
+    """``torch.ops.fastpeft`` with ``short_prefix_attention`` loaded, or None: the extension is not built (one
+    warning, the first time) or ``FASTPEFT_CPU_EXTENSION=0``."""
     if not _backend.cpu_extension_enabled() or _backend.cpu_extension()[0] is None:
         return None
     return torch.ops.fastpeft
 
 
-def compiled_short_forward(ops, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal,
-                           softmax_scale, host, keep_for_backward):
-    """``short_forward`` through the C++ op: ``(out, saved)``, ``saved`` a list of tensors for
-    ``ops.short_prefix_attention_bwd`` (None unless ``keep_for_backward``)."""
+def compiled_short_attention(ops, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
+                             causal, softmax_scale, host):
+    """The short path through the C++ op (forward, and its backward in C++ when a gradient is needed):
+    out ``[B, Hq, L, D]`` in q's dtype."""
     B, Hq, L, _ = q.shape
-    S = k.shape[2]
-    bias = _causal_bias(S, L, Hq // k.shape[1], _accumulation_dtype(q.dtype), q.device) if causal and L > 1 else None
-    result = ops.short_prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
-                                            key_padding_mask if host.padded else None, bias, softmax_scale,
-                                            host.prefix_n, host.padded, host.ragged, keep_for_backward)
-    return result[0], (result[1:] if keep_for_backward else None)
+    bias = _causal_bias(k.shape[2], L, Hq // k.shape[1], _accumulation_dtype(q.dtype), q.device) if causal and L > 1 \
+        else None
+    return ops.short_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
+                                      key_padding_mask if host.padded else None, bias, softmax_scale, host.prefix_n,
+                                      host.padded, host.ragged)
 
 
 def _accumulation_dtype(dtype):
