@@ -313,6 +313,8 @@ def test_short_path_takes_small_score_matrices_on_cpu():
     assert sdpa_short_attention.use_short_path(*train, sdpa._Host(8, False, False))
     long = torch.empty(2, 8, 2048, 64), torch.empty(2, 2, 2048, 64)               # the kernel suite, P=128
     assert not sdpa_short_attention.use_short_path(*long, sdpa._Host(128, False, False))
+    long = torch.empty(2, 8, 256, 32), torch.empty(2, 2, 256, 32)                 # the training suite at L=256
+    assert not sdpa_short_attention.use_short_path(*long, sdpa._Host(8, False, False))
     meta = torch.empty(2, 8, 64, 32, device="meta"), torch.empty(2, 2, 64, 32, device="meta")
     assert not sdpa_short_attention.use_short_path(*meta, sdpa._Host(8, False, False))
 
@@ -331,7 +333,7 @@ def test_eager_calls_take_the_path_their_size_selects():
     small = make_inputs(EXTRA_CASES[-1], seed=1)
     # the C++ op's autograd node where fastpeft._cpu is built, the Python Function's otherwise
     assert "ShortPrefixAttention" in fastpeft.prefix_attention(**small).grad_fn.name()
-    large = make_inputs(EXTRA_CASES[7], seed=1)   # multiblock-cache: 1 * 4 * 130 * (33 + 700) scores
+    large = make_inputs(EXTRA_CASES[6], seed=1)   # multiblock-gqa4: 2 * 8 * 300 * (40 + 300) scores
     assert type(fastpeft.prefix_attention(**large).grad_fn).__name__ == "_SdpaPrefixAttentionBackward"
 
 

@@ -39,9 +39,10 @@ _NEG_INF = float("-inf")
 _LOG2E = 1.4426950408889634   # log2(e)
 _LN2 = 0.6931471805599453     # ln(2)
 
-# Largest score matrix (B * Hq * L * (prefix_n + S) elements) that takes this path. Measured on the 2-core CPU
-# (B=2, Hq=8, Hkv=2, P=8, D=32, fp32, forward+backward, interleaved with the split): see benchmarks/NOTES.md.
-SHORT_SCORES = 1 << 18
+# Largest score matrix (B * Hq * L * (prefix_n + S) elements) that takes this path: the training step on the built-in
+# model (B=2, Hq=8, Hkv=2, P=8, D=32, fp32, two threads) is faster here than through the split up to L = 192
+# (614K scores) and slower at L = 256 (1.08M), with the C++ build; see benchmarks/NOTES.md.
+SHORT_SCORES = 1 << 20
 
 
 def use_short_path(q, k, host):
