@@ -177,22 +177,22 @@ def _extensions():
 
     class BuildOptionalExtensions(BuildExtension):
         def build_extensions(self):
-            # One at a time, so that one failed build neither stops the other nor is copied into the install.
-            built = []
-            for ext in list(self.extensions):
-                self.extensions = [ext]
-                try:
-                    super().build_extensions()
-                except Exception as exc:
-                    if ext.name in forced:
-                        raise
-                    kind = "CUDA" if ext.name == "fastpeft._C" else "CPU"
-                    warnings.warn(f"fastpeft: building the {kind} extension {ext.name} failed "
-                                  f"({exc.__class__.__name__}: {exc}); installing without it (the other paths still "
-                                  f"work). Set FASTPEFT_BUILD_{kind}=1 to make this an error.", stacklevel=1)
-                else:
-                    built.append(ext)
-            self.extensions = built
+            self.failed_extensions = set()
+            super().build_extensions()
+            # A failed one must not be copied into the install (editable installs copy every extension's output).
+            self.extensions = [ext for ext in self.extensions if ext.name not in self.failed_extensions]
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:
+                if ext.name in forced:
+                    raise
+                kind = "CUDA" if ext.name == "fastpeft._C" else "CPU"
+                warnings.warn(f"fastpeft: building the {kind} extension {ext.name} failed "
+                              f"({exc.__class__.__name__}: {exc}); installing without it (the other paths still "
+                              f"work). Set FASTPEFT_BUILD_{kind}=1 to make this an error.", stacklevel=1)
+                self.failed_extensions.add(ext.name)
 
     return extensions, {"build_ext": BuildOptionalExtensions.with_options(use_ninja=True)}
 

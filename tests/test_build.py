@@ -70,17 +70,26 @@ def test_max_jobs_is_bounded_by_cores(setup_module):
     assert 1 <= jobs <= (os.cpu_count() or 1)
 
 
-def test_wheel_without_cuda_holds_every_module_and_no_extension(tmp_path):
+def _source_tree(tmp_path):
     source = tmp_path / "src"
     source.mkdir()
     for name in ("setup.py", "pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
     for name in ("fastpeft", "fastpeft_kernels", "csrc"):
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
-    env = dict(os.environ, FASTPEFT_BUILD_CUDA="0", FASTPEFT_BUILD_CPU="0")
-    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-                             "-q", "-w", str(tmp_path / "dist"), str(source)],
-                            capture_output=True, text=True, env=env, timeout=300)
+    return source
+
+
+def _build_wheel(source, out, **flags):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTPEFT_BUILD_")}
+    env.update(flags)
+    return subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                           "-w", str(out), str(source)], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_wheel_without_cuda_holds_every_module_and_no_extension(tmp_path):
+    source = _source_tree(tmp_path)
+    result = _build_wheel(source, tmp_path / "dist", FASTPEFT_BUILD_CUDA="0", FASTPEFT_BUILD_CPU="0")
     assert result.returncode == 0, result.stdout + result.stderr
     (wheel,) = (tmp_path / "dist").glob("fastpeft-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -89,6 +98,19 @@ def test_wheel_without_cuda_holds_every_module_and_no_extension(tmp_path):
     assert "fastpeft/kernels/prefix_decode.py" in expected
     assert expected <= names, f"missing from the wheel: {sorted(expected - names)}"
     assert not [n for n in names if n.endswith(".so")], "an extension was built with FASTPEFT_BUILD_*=0"
+
+
+def test_a_failed_cpu_extension_build_warns_unless_forced(tmp_path):
+    source = _source_tree(tmp_path)
+    kernel = source / "csrc" / "cpu" / "short_prefix_attention.cpp"
+    kernel.write_text("#error a compiler that cannot build it\n" + kernel.read_text())
+    result = _build_wheel(source, tmp_path / "dist", FASTPEFT_BUILD_CUDA="0")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "building the CPU extension fastpeft._cpu failed" in result.stdout + result.stderr
+    (wheel,) = (tmp_path / "dist").glob("fastpeft-*.whl")
+    assert not [n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".so")]
+    forced = _build_wheel(source, tmp_path / "forced", FASTPEFT_BUILD_CUDA="0", FASTPEFT_BUILD_CPU="1")
+    assert forced.returncode != 0 and "a compiler that cannot build it" in forced.stdout + forced.stderr
 
 
 def test_extension_failure_reasons():

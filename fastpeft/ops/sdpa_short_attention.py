@@ -23,10 +23,11 @@ then runs five matmuls and recomputes nothing::
 (per block; the prefix rows' gradients are summed per table entry like the split's). Computed in float32
 (float64 for float64 inputs); low-precision inputs are upcast, which at these sizes costs less than a fused call.
 
-The same two functions exist in C++ (``csrc/cpu/short_prefix_attention.cpp``, the extension ``fastpeft._cpu``):
-at these sizes each of the ~25 ATen calls per direction costs a few microseconds of Python and dispatch, as much as
-a fifth of the arithmetic. ``compiled_short_ops`` returns them where the extension is built and not switched off
-(``FASTPEFT_CPU_EXTENSION=0``); the Python functions below are the fallback and the readable statement of the math.
+The same math exists in C++ as one op with its autograd (``csrc/cpu/short_prefix_attention.cpp``, the extension
+``fastpeft._cpu``), plus a per-query kernel for decoding without a gradient: at these sizes each of the ~25 ATen
+calls per direction costs a few microseconds of Python and dispatch, as much as a fifth of the arithmetic.
+``compiled_short_ops`` returns it where the extension is built and not switched off (``FASTPEFT_CPU_EXTENSION=0``);
+the Python functions below are the fallback and the readable statement of the math.
 """
 
 import functools
@@ -86,9 +87,10 @@ def compiled_short_attention(ops, q, k, v, prefix_k, prefix_v, prefix_index, pre
                              causal, softmax_scale, host):
     """The short path through the C++ op (forward, and its backward in C++ when a gradient is needed):
     out ``[B, Hq, L, D]`` in q's dtype."""
-    B, Hq, L, _ = q.shape
-    bias = _causal_bias(k.shape[2], L, Hq // k.shape[1], _accumulation_dtype(q.dtype), q.device) if causal and L > 1 \
-        else None
+    Hq, L = q.shape[1], q.shape[2]
+    bias = None  # not causal, or one query (it sees every key)
+    if causal and L > 1:
+        bias = _causal_bias(k.shape[2], L, Hq // k.shape[1], _accumulation_dtype(q.dtype), q.device)
     return ops.short_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
                                       key_padding_mask if host.padded else None, bias, softmax_scale, host.prefix_n,
                                       host.padded, host.ragged)
