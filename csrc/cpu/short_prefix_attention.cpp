@@ -38,7 +38,7 @@ constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
-// Inside the ops every ATen call skips autograd (the caller's autograd.Function owns the graph) and autocast (the
+// Inside the op every ATen call skips autograd (ShortPrefixAttentionFunction owns the graph) and autocast (the
 // math runs in float32/64 whatever the ambient autocast; under it matmuls would run in bfloat16 and mix dtypes).
 struct PlainComputeGuard {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
