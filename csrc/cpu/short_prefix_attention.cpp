@@ -331,7 +331,6 @@ class ShortPrefixAttentionFunction : public torch::autograd::Function<ShortPrefi
                             const std::optional<at::Tensor>& key_padding_mask,
                             const std::optional<at::Tensor>& causal_bias, double softmax_scale, int64_t prefix_n,
                             bool padded, bool ragged) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
     std::vector<at::Tensor> result =
         short_prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
                                    causal_bias, softmax_scale, prefix_n, padded, ragged, /*keep_for_backward=*/true);
@@ -358,7 +357,18 @@ class ShortPrefixAttentionFunction : public torch::autograd::Function<ShortPrefi
 
 namespace {
 
-// Autograd key: through the Function when a gradient is needed, else straight to the forward (nothing saved).
+// CPU key (reached below autograd, e.g. under inference mode): the forward alone, nothing saved.
+at::Tensor short_prefix_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+                                      const at::Tensor& prefix_index, const at::Tensor& prefix_lengths,
+                                      const std::optional<at::Tensor>& key_padding_mask,
+                                      const std::optional<at::Tensor>& causal_bias, double softmax_scale,
+                                      int64_t prefix_n, bool padded, bool ragged) {
+  return short_prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
+                                    causal_bias, softmax_scale, prefix_n, padded, ragged, false)[0];
+}
+
+// Autograd key: through the Function when a gradient is needed, else the CPU kernel.
 at::Tensor short_prefix_attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const at::Tensor& prefix_k, const at::Tensor& prefix_v,
                                            const at::Tensor& prefix_index, const at::Tensor& prefix_lengths,
@@ -370,22 +380,11 @@ at::Tensor short_prefix_attention_autograd(const at::Tensor& q, const at::Tensor
                                                          prefix_v.requires_grad());
   if (needs_grad) {
     return fastpeft::ShortPrefixAttentionFunction::apply(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
-                                               key_padding_mask, causal_bias, softmax_scale, prefix_n, padded, ragged);
+                                                         key_padding_mask, causal_bias, softmax_scale, prefix_n,
+                                                         padded, ragged);
   }
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return short_prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
-                                    causal_bias, softmax_scale, prefix_n, padded, ragged, false)[0];
-}
-
-// CPU key (reached below autograd, e.g. under inference mode): the forward alone.
-at::Tensor short_prefix_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                      const at::Tensor& prefix_k, const at::Tensor& prefix_v,
-                                      const at::Tensor& prefix_index, const at::Tensor& prefix_lengths,
-                                      const std::optional<at::Tensor>& key_padding_mask,
-                                      const std::optional<at::Tensor>& causal_bias, double softmax_scale,
-                                      int64_t prefix_n, bool padded, bool ragged) {
-  return short_prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
-                                    causal_bias, softmax_scale, prefix_n, padded, ragged, false)[0];
+  return short_prefix_attention_cpu(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
+                                    causal_bias, softmax_scale, prefix_n, padded, ragged);
 }
 
 }  // namespace
