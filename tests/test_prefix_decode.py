@@ -1,7 +1,7 @@
 """Decode kernels (one query per row, split over the key range) against the float64 concat reference.
 
 CPU: the Triton kernel under the interpreter. GPU (marked): the Triton kernel compiled, and the CUDA op
-``torch.ops.fastpeft.prefix_decode`` from ``fastpeft._C``, in bf16/fp16/fp32.
+``torch.ops.fastpeft._cuda_prefix_decode`` from ``fastpeft._C``, in bf16/fp16/fp32.
 """
 
 import importlib
@@ -57,7 +57,7 @@ def decode_kernels():
 def kernel_device(decode_kernels):
     """Where the Triton kernels run in this session: CPU tensors under the interpreter (CPU-only torch),
     otherwise a CUDA device. Triton fixes the mode when it is first imported, for the whole process."""
-    if decode_kernels.INTERPRETED:
+    if decode_kernels.INTERPRETING:
         return "cpu"
     if torch.cuda.is_available():
         return "cuda"
@@ -214,7 +214,7 @@ from fastpeft.kernels import prefix_attention as training_kernels, prefix_decode
 from tests.cases import CASES, GRAD_NAMES, forward_and_grads, make_inputs
 from tests.reference import assert_close, concat_reference
 
-assert decode_kernels.INTERPRETED and training_kernels._INTERPRETING
+assert decode_kernels.INTERPRETING and training_kernels.INTERPRETING
 calls = []
 for module, name in ((decode_kernels, "prefix_decode_fwd"), (training_kernels, "prefix_attention_fwd"),
                      (training_kernels, "prefix_attention_bwd")):
@@ -259,6 +259,7 @@ OFFLINE_COMPILE = r"""
 import inspect, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+import fastpeft.kernels.decode as kernels
 import fastpeft.kernels.prefix_decode as pd
 
 def signature(kernel, types, constexprs):
@@ -267,7 +268,7 @@ def signature(kernel, types, constexprs):
 
 target = GPUTarget("cuda", 90, 32)
 for dtype, name, group, head_dim in ((torch.bfloat16, "bf16", 8, 128), (torch.float32, "fp32", 4, 40)):
-    block_g, block_n, block_d, num_warps = pd._launch_config(group, head_dim, dtype)
+    block_g, block_n, block_d, num_warps = pd.launch_config(group, head_dim, dtype)
     types = {arg: "*" + name for arg in ("q_ptr", "k_ptr", "v_ptr", "prefix_k_ptr", "prefix_v_ptr", "out_ptr")}
     types.update(prefix_index_ptr="*i32", prefix_lengths_ptr="*i32", mask_ptr="*u8", part_m_ptr="*fp32",
                  part_l_ptr="*fp32", part_acc_ptr="*fp32", qk_scale="fp32")
@@ -275,12 +276,12 @@ for dtype, name, group, head_dim in ((torch.bfloat16, "bf16", 8, 128), (torch.fl
         constexprs = dict(GROUP=group, HEAD_CHUNKS=triton.cdiv(group, block_g), BLOCK_G=block_g, BLOCK_N=block_n,
                           BLOCK_D=block_d, HAS_MASK=True, SINGLE_SPLIT=single_split,
                           DOT_IN_FP32=dtype == torch.float32)
-        kernel = pd._prefix_decode_split_kernel
+        kernel = kernels._prefix_decode_split_kernel
         triton.compile(ASTSource(kernel, signature(kernel, types, constexprs), constexprs), target=target,
                        options={"num_warps": num_warps})
-    constexprs = dict(BLOCK_SPLITS=128, SPLIT_TILE=pd._COMBINE_SPLIT_TILE, BLOCK_D=block_d)
+    constexprs = dict(BLOCK_SPLITS=128, SPLIT_TILE=pd.COMBINE_SPLIT_TILE, BLOCK_D=block_d)
     types = dict(part_m_ptr="*fp32", part_l_ptr="*fp32", part_acc_ptr="*fp32", out_ptr="*" + name)
-    kernel = pd._prefix_decode_combine_kernel
+    kernel = kernels._prefix_decode_combine_kernel
     triton.compile(ASTSource(kernel, signature(kernel, types, constexprs), constexprs), target=target,
                    options={"num_warps": 4})
 print("compiled")
@@ -317,7 +318,7 @@ def _gpu_tolerance(inputs, expected):
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
 def test_triton_decode_gpu(decode_kernels, case, dtype):
-    if decode_kernels.INTERPRETED:
+    if decode_kernels.INTERPRETING:
         pytest.skip("triton was imported with TRITON_INTERPRET=1; run the GPU tests in a session without it")
     inputs = make_decode_inputs(case, dtype=dtype, device="cuda")
     expected = concat_reference(**inputs)
@@ -330,9 +331,9 @@ def _cuda_op():
     from fastpeft import _backend
 
     module, reason = _backend.cuda_extension()
-    if module is None or not hasattr(torch.ops.fastpeft, "prefix_decode"):
+    if module is None or not hasattr(torch.ops.fastpeft, "_cuda_prefix_decode"):
         pytest.skip(f"CUDA extension not available: {reason}")
-    return torch.ops.fastpeft.prefix_decode
+    return torch.ops.fastpeft._cuda_prefix_decode
 
 
 @pytest.mark.gpu

@@ -1,4 +1,4 @@
-"""The static kernel report (fastpeft/bench/static.py): the Triton kernels compiled for sm_90a without a GPU,
+"""The static kernel report (benchmarks/static_report.py): the Triton kernels compiled for sm_90a without a GPU,
 with the launch arguments bound as a real launch binds them (alignment, value specializations).
 
 Fails when a config the launchers keep at the main benchmark shape (bf16, D=128) spills registers, when a tile
@@ -9,6 +9,7 @@ The compiles run in two processes without TRITON_INTERPRET (this session decorat
 interpreter), the forward and the default backward only, to stay within a minute on two cores; the committed
 reports (benchmarks/results/static-*) cover every call and shape."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -17,9 +18,18 @@ from pathlib import Path
 
 import pytest
 
-from fastpeft.bench import static
-
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_static_report():
+    """benchmarks/static_report.py (a developer tool beside its script, not an installed module)."""
+    spec = importlib.util.spec_from_file_location("static_report", ROOT / "benchmarks" / "static_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+static = _load_static_report()
 
 
 def _toolchain():
@@ -37,7 +47,7 @@ needs_toolchain = pytest.mark.skipif(not _toolchain(), reason="Triton's NVIDIA b
 
 def _report(*args, shards=2):
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    procs = [subprocess.Popen([sys.executable, "-m", "fastpeft.bench.static", *args, "--json-only",
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "bench_static.py"), *args, "--json-only",
                                "--shard", f"{i}/{shards}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=env, cwd=ROOT) for i in range(shards)]
     parts = []

@@ -12,11 +12,11 @@ def add_parser(sub):
         description="Run the benchmark suites on this machine: prints a table, writes OUT/<date>-<device>.json, "
                     "its tables as markdown (.md) and a PNG plot. On CPU the shapes are small and the figures are "
                     "labelled as smoke figures, not kernel claims.")
-    bench.add_argument("--suite", choices=("kernel", "training", "serving", "all", "static"), default="kernel",
+    bench.add_argument("--suite", choices=("kernel", "training", "serving", "all"), default="kernel",
                        help="kernel: the fused op vs PEFT's concatenation, FlexAttention and plain SDPA; "
                             "training: a prefix-tuning step, PEFT vs fastpeft.accelerate; serving: decode with "
-                            "AdapterBank vs PEFT; all: everything; static: no GPU needed, the kernels compiled for sm_90a "
-                            "(registers, spills, shared memory, wgmma; not part of all) (default: kernel)")
+                            "AdapterBank vs PEFT; all: everything (default: kernel). The static compile report of "
+                            "the Triton kernels is a developer tool of the repository: benchmarks/bench_static.py")
     bench.add_argument("--quick", action="store_true", help="small shapes and few repetitions (a smoke run)")
     bench.add_argument("--out", metavar="DIR", default=os.path.join("benchmarks", "results"),
                        help="where to write the JSON, markdown and PNG (default: benchmarks/results)")
@@ -31,10 +31,6 @@ def add_parser(sub):
 def run(args):
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise common.CLIError(f"--out {args.out} exists and is not a directory")
-    if args.suite == "static":
-        from ..bench.static import main as static_main
-
-        return static_main(["--out", args.out] + (["--quick"] if args.quick else []))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suites build their models locally; never reach out
     from ..bench.runner import SUITES, run_suites
 

@@ -1,4 +1,5 @@
-"""Device helpers shared by the Triton kernel modules (``prefix_attention``, ``prefix_decode``).
+"""Device helpers shared by every Triton kernel module (``forward``, ``backward``, ``decode``), and whether this
+process runs the kernels under Triton's interpreter (``INTERPRETING``).
 
 Interpreter robustness: ``tl.max``, ``tl.sum``, ``tl.zeros`` and ``tl.cdiv`` are themselves ``@triton.jit``
 functions, decorated when ``triton`` is imported. If that happened before ``TRITON_INTERPRET=1`` was set (any
@@ -12,6 +13,11 @@ functions through its numpy fast path, whatever the import order; compiled kerne
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
+
+# Scores are kept in the log2 domain (exp2 is cheaper than exp): device constants and their host twin.
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+LOG2E_HOST = 1.4426950408889634
 
 
 @triton.jit

@@ -1,7 +1,9 @@
-"""Static report of the Triton kernels: what the compiler makes of every kept config, without a GPU.
+"""Static report of the Triton kernels: what the compiler makes of every kept config, without a GPU. A developer
+tool (``benchmarks/bench_static.py`` runs it), not part of the installed package.
 
 Every launch that ``fastpeft.kernels.prefix_attention`` makes at the benchmark shapes is captured by running the
-real launchers on ``meta`` tensors (no memory, no device) with the kernel objects swapped for recorders. Each
+real launchers on ``meta`` tensors (no memory, no device) with Triton's launch (``kernel[grid](...)``) swapped for a
+recorder. Each
 autotuned launch keeps the configs the launcher's own pruner keeps (``Autotuner.prune_configs``), and every
 kept config is compiled for a target (default ``sm_90a``) with ``triton.compile`` and a ``GPUTarget``, its
 arguments bound through Triton's own binder (``create_function_from_signature`` + ``JITFunction._pack_args``,
@@ -20,14 +22,12 @@ TMA / cp.async (with width) / global load and store widths, atomics (PTX), ``tt.
 with the most MMA instructions (ties: the shortest, i.e. the unmasked one).
 
     python benchmarks/bench_static.py [--target sm_90a] [--shapes main,d64,mask] [--out DIR]
-    fastpeft bench --suite static
 
 Writes ``OUT/static-<target>-triton-<version>.json`` and ``.md``. Needs Triton with its NVIDIA backend (it ships
 ptxas, cuobjdump and nvdisasm); no GPU, no CUDA torch. ``TRITON_INTERPRET`` must be unset (the kernels are
 then decorated for compilation); the command line re-executes itself without it when needed.
 """
 
-import argparse
 import contextlib
 import datetime
 import hashlib
@@ -35,7 +35,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from collections import Counter
 
@@ -105,33 +104,30 @@ class _Launch:
         return tuple(self.grid({**named, **self.kwargs, **config.all_kwargs()}))
 
 
-class _Recorder:
-    def __init__(self, sink, call, name, kernel):
-        self.sink, self.call, self.name, self.kernel = sink, call, name, kernel
+@contextlib.contextmanager
+def _recording(sink, call):
+    """Within the block every Triton launch ``kernel[grid](*args, **kwargs)`` is recorded into ``sink`` (as a
+    ``_Launch`` of the call named ``call[0]``) instead of running."""
+    from triton.runtime.jit import KernelInterface
 
-    def __getitem__(self, grid):
+    def record(kernel, grid):
         def launch(*args, **kwargs):
-            self.sink.append(_Launch(self.call[0], self.name, self.kernel, grid, args, kwargs))
+            function = kernel.fn if hasattr(kernel, "prune_configs") else kernel   # an Autotuner wraps its kernel
+            sink.append(_Launch(call[0], function.fn.__name__, kernel, grid, args, kwargs))
         return launch
 
-
-@contextlib.contextmanager
-def _recording(module, sink, call):
-    names = [n for n in vars(module) if n.startswith("_") and n.endswith("_kernel")]
-    originals = {n: getattr(module, n) for n in names}
+    original = KernelInterface.__getitem__
+    KernelInterface.__getitem__ = record
     try:
-        for n in names:
-            setattr(module, n, _Recorder(sink, call, n, originals[n]))
         yield
     finally:
-        for n, kernel in originals.items():
-            setattr(module, n, kernel)
+        KernelInterface.__getitem__ = original
 
 
 def _kernels_module():
     import fastpeft.kernels.prefix_attention as module
 
-    if module._INTERPRETING:
+    if module.INTERPRETING:
         raise RuntimeError("the Triton kernels were decorated for the interpreter: unset TRITON_INTERPRET "
                            "before fastpeft.kernels is first imported")
     return module
@@ -139,7 +135,7 @@ def _kernels_module():
 
 def bwd_modes(module):
     """The backward variants the kernel module offers (``BWD_MODES``), the default first."""
-    return tuple(getattr(module, "BWD_MODES", ("split",)))
+    return tuple(module.BWD_MODES)
 
 
 def capture_launches(shape):
@@ -159,7 +155,7 @@ def capture_launches(shape):
     mask = torch.ones(B, L, dtype=torch.bool, device="meta") if shape["mask"] else None
     scale = D ** -0.5
     launches, call = [], ["fwd"]
-    with _recording(K, launches, call):
+    with _recording(launches, call):
         out, lse = K.prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, mask,
                                           shape["causal"], scale)
         # Each backward mode with the atomic prefix reduction, then deterministic=True (one mode: the launcher
@@ -167,9 +163,8 @@ def capture_launches(shape):
         runs = [(mode, False) for mode in bwd_modes(K)] + [(None, True)]
         for mode, deterministic in runs:
             call[0] = f"bwd[{mode}]" if not deterministic else "bwd[deterministic]"
-            kwargs = {"mode": mode} if mode and hasattr(K, "BWD_MODES") else {}
             K.prefix_attention_bwd(q, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, mask, out,
-                                   lse, shape["causal"], scale, deterministic, **kwargs)
+                                   lse, shape["causal"], scale, deterministic, mode=mode)
     return launches
 
 
@@ -549,15 +544,19 @@ def merge_reports(shards):
 def _meta(target_name, module, quick):
     import triton
 
-    source = module.__file__
-    with open(source, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    # The kernels' sources: every module of the kernel package (kernels, device helpers, configs, launchers).
+    folder = os.path.dirname(module.__file__)
+    sources = sorted(name for name in os.listdir(folder) if name.endswith(".py"))
+    digest = hashlib.sha256()
+    for name in sources:
+        with open(os.path.join(folder, name), "rb") as f:
+            digest.update(f.read())
     commit = None
     with contextlib.suppress(Exception):
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(source), check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", source], capture_output=True, text=True,
-                               cwd=os.path.dirname(source), check=True).stdout.strip()
+                                cwd=folder, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], capture_output=True, text=True,
+                               cwd=folder, check=True).stdout.strip()
         commit += "+dirty" if dirty else ""
     ptxas_version = subprocess.run([_tool("ptxas", TARGETS[target_name]["capability"]), "--version"],
                                    capture_output=True, text=True).stdout.strip().splitlines()[-1:]
@@ -566,8 +565,8 @@ def _meta(target_name, module, quick):
         "limits": TARGETS[target_name],
         "triton": triton.__version__,
         "ptxas": ptxas_version[0] if ptxas_version else None,
-        "kernel_source": os.path.basename(source),
-        "kernel_source_sha256": digest,
+        "kernel_sources": sources,
+        "kernel_sources_sha256": digest.hexdigest()[:16],
         "commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "quick": quick,
@@ -612,9 +611,9 @@ def _widths(histogram):
 def render_markdown(report):
     m = report["meta"]
     out = [f"# Static kernel report: {m['target']}, Triton {m['triton']}", "",
-           f"{m['ptxas']}; kernels `{m['kernel_source']}` sha256 {m['kernel_source_sha256']} "
+           f"{m['ptxas']}; kernels `{', '.join(m['kernel_sources'])}` sha256 {m['kernel_sources_sha256']} "
            f"(commit {m['commit']}), {m['date']}{', quick (first kept config only)' if m['quick'] else ''}. "
-           f"Compiled offline with real-launch specializations (see `fastpeft/bench/static.py`); no GPU ran. "
+           f"Compiled offline with real-launch specializations (see `benchmarks/static_report.py`); no GPU ran. "
            f"CTAs/SM = min(by registers, by shared memory incl. {m['limits']['reserved_smem_per_cta']} B reserved, "
            f"by warps); waves = grid CTAs / (CTAs/SM x {m['limits']['sms']} SMs). Backward modes: "
            f"{', '.join(m['bwd_modes'])}.", ""]
@@ -681,56 +680,3 @@ def write_report(report, out_dir):
     with open(stem + ".md", "w") as f:
         f.write(render_markdown(report))
     return stem + ".json", stem + ".md"
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Static report of the Triton kernels (no GPU): registers, spills, "
-                                                 "shared memory, occupancy, wgmma, memory paths, main-loop mix.")
-    parser.add_argument("--target", choices=sorted(TARGETS), default="sm_90a")
-    parser.add_argument("--shapes", default=",".join(DEFAULT_SHAPES),
-                        help=f"comma-separated, from {', '.join(SHAPES)} (default: {','.join(DEFAULT_SHAPES)})")
-    parser.add_argument("--quick", action="store_true", help="only the first kept config of each launch")
-    parser.add_argument("--out", default=os.path.join("benchmarks", "results"), metavar="DIR")
-    parser.add_argument("--json-only", action="store_true", help="print the JSON to stdout, write nothing")
-    parser.add_argument("--only", default="", metavar="NAMES",
-                        help="comma-separated parts of kernel names to compile (e.g. dkdv,fwd); default: all")
-    parser.add_argument("--calls", default="", metavar="CALLS",
-                        help="comma-separated calls to compile: fwd, bwd[fused], bwd[split], bwd[deterministic]")
-    parser.add_argument("--shard", default="0/1", metavar="I/N",
-                        help="compile only every N-th kernel from the I-th (with --json-only; merge_reports joins)")
-    parser.add_argument("--check", action="store_true",
-                        help="exit 1 when a kept config at D <= 128 spills or a 64-row tile lost wgmma")
-    args = parser.parse_args(argv)
-    shape_names = [s for s in args.shapes.split(",") if s]
-    unknown = [s for s in shape_names if s not in SHAPES]
-    if unknown:
-        parser.error(f"unknown shape(s) {unknown}; choose from {sorted(SHAPES)}")
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and "fastpeft.kernels.prefix_attention" not in sys.modules:
-        os.environ.pop("TRITON_INTERPRET")
-    elif os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        # The kernels were already decorated for the interpreter: run again in a clean interpreter.
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        return subprocess.call([sys.executable, "-m", "fastpeft.bench.static", *(argv or sys.argv[1:])], env=env)
-    log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json_only else print
-    log(f"static report: {args.target}, shapes {', '.join(shape_names)}")
-    shard = tuple(int(x) for x in args.shard.split("/"))
-    if shard != (0, 1) and not args.json_only:
-        parser.error("--shard needs --json-only (a partial report is not written)")
-    only = [part for part in args.only.split(",") if part] or None
-    calls = [part for part in args.calls.split(",") if part] or None
-    report = build_report(args.target, shape_names, args.quick, shard=shard, only=only, calls=calls, log=log)
-    problems = check(report)
-    if args.json_only:
-        json.dump(report, sys.stdout)
-        sys.stdout.write("\n")
-    else:
-        json_path, md_path = write_report(report, args.out)
-        print(render_markdown(report))
-        print(f"results: {json_path}\ntables:  {md_path}")
-    for problem in problems:
-        log(f"PROBLEM: {problem}")
-    return 1 if (args.check and problems) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
