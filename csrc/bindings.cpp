@@ -1,5 +1,6 @@
-// Torch binding of the CUDA kernels: registers torch.ops.fastpeft.prefix_decode (CUDA and Meta
-// implementations) and the Python module fastpeft._C whose import loads the registration.
+// Torch binding of the CUDA kernels: registers the private kernel op torch.ops.fastpeft._cuda_prefix_decode (CUDA
+// implementation), which the cuda backend (fastpeft/ops/backends/cuda.py) calls from the public op
+// fastpeft::prefix_decode, and the Python module fastpeft._C whose import loads the registration.
 //
 // The op takes the canonical arguments of fastpeft.prefix_attention for one query per row:
 //   q [B, Hq, 1, D], k/v [B, Hkv, S, D], prefix_k/prefix_v [T, Hkv, P, D], prefix_index [B] int32,
@@ -178,31 +179,19 @@ at::Tensor prefix_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_in, co
   return out;
 }
 
-// Shape-only implementation so torch.compile / fake tensors can trace through the op.
-at::Tensor prefix_decode_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                              const at::Tensor& prefix_k, const at::Tensor& prefix_v, const at::Tensor& prefix_index,
-                              const at::Tensor& prefix_lengths, const std::optional<at::Tensor>& key_padding_mask,
-                              bool causal, double softmax_scale) {
-  (void)causal;
-  (void)softmax_scale;
-  check_arguments(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask);
-  return at::empty({q.size(0), q.size(1), 1, q.size(3)}, q.options());
-}
-
 }  // namespace
 
-// A fragment, not TORCH_LIBRARY: the Python side registers its Triton ops (torch.library.custom_op) in the
-// same "fastpeft" namespace, and a namespace can have only one defining TORCH_LIBRARY.
+// A fragment, not TORCH_LIBRARY: the Python side registers the public ops (torch.library.custom_op) in the same
+// "fastpeft" namespace, and a namespace can have only one defining TORCH_LIBRARY. The op is a backend's kernel, not a
+// public op: torch.compile sees fastpeft::prefix_decode, whose fake implementation gives the output's metadata.
 TORCH_LIBRARY_FRAGMENT(fastpeft, m) {
   m.def(
-      "prefix_decode(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor prefix_index, "
+      "_cuda_prefix_decode(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor prefix_index, "
       "Tensor prefix_lengths, Tensor? key_padding_mask, bool causal, float softmax_scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(fastpeft, CUDA, m) { m.impl("prefix_decode", &prefix_decode_cuda); }
-
-TORCH_LIBRARY_IMPL(fastpeft, Meta, m) { m.impl("prefix_decode", &prefix_decode_meta); }
+TORCH_LIBRARY_IMPL(fastpeft, CUDA, m) { m.impl("_cuda_prefix_decode", &prefix_decode_cuda); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.doc() = "fastpeft CUDA kernels; importing this module registers torch.ops.fastpeft.prefix_decode";
+  module.doc() = "fastpeft CUDA kernels; importing this module registers torch.ops.fastpeft._cuda_prefix_decode";
 }

@@ -1,31 +1,14 @@
-"""Which implementation runs an op: the CUDA extension, Triton, PyTorch's fused attention ops, or the reference.
-
-Order (SPEC): the CUDA extension where it implements the case, then Triton for CUDA tensors, then ``sdpa``
-(PyTorch's fused attention ops, one call per part of the key axis merged by log-sum-exp: any device whose
-torch has those ops, the default on CPU), then the PyTorch reference for cases no faster path covers (with a
-one-time warning naming the case). ``FASTPEFT_BACKEND=reference|sdpa|triton|cuda`` forces one; with
-``TRITON_INTERPRET=1`` the Triton path also runs on CPU tensors (and is then preferred over ``sdpa``, for
-testing the kernels). Calls with an additive score bias (``attn_bias``) skip the CUDA extension and Triton, which
-take none: they run on ``sdpa`` (also when one of those is forced, with a one-time warning), else the reference.
-Nothing here touches the GPU or imports Triton at import time.
+"""What this installation and environment offer the backends (``fastpeft.ops.registry`` decides among them): Triton
+and the interpreter, the CUDA extension ``fastpeft._C``, the CPU extension ``fastpeft._cpu``, and the one-time
+warnings of the fallbacks. Nothing here touches the GPU or imports Triton at import time; the extensions and Triton
+are looked up lazily, once.
 """
 
 import functools
 import importlib
+import importlib.util
 import os
 import warnings
-
-BACKENDS = ("cuda", "triton", "sdpa", "reference")
-
-
-def forced_backend():
-    """The backend named by ``FASTPEFT_BACKEND`` (lower case), or None. Read on every call so tests can set it."""
-    name = os.environ.get("FASTPEFT_BACKEND", "").strip().lower()
-    if not name:
-        return None
-    if name not in BACKENDS:
-        raise ValueError(f"FASTPEFT_BACKEND={name!r} is not one of {BACKENDS}")
-    return name
 
 
 def triton_interpreting():
@@ -34,20 +17,14 @@ def triton_interpreting():
 
 @functools.lru_cache(maxsize=None)
 def triton_available():
-    """(available, reason): Triton imports and its kernels can be launched somewhere."""
+    """(available, reason): Triton imports and fastpeft's kernels are installed."""
     try:
         importlib.import_module("triton")
     except Exception as exc:  # ImportError, or a broken install raising anything else
         return False, f"triton is not importable ({exc.__class__.__name__}: {exc})"
+    if importlib.util.find_spec("fastpeft.kernels.prefix_attention") is None:
+        return False, "fastpeft.kernels.prefix_attention is not installed"
     return True, "triton importable"
-
-
-def triton_usable_on(device):
-    """Triton kernels run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``."""
-    # Device first: a plain CPU call must not pay for importing triton.
-    if not (device.type == "cuda" or (device.type == "cpu" and triton_interpreting())):
-        return False
-    return triton_available()[0]
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,5 +1,6 @@
-"""``python -m fastpeft.selfcheck``: run prefix_attention on every backend this machine has and compare each
-against the float64 reference path, on a small GQA case with a ragged prefix table and left padding:
+"""``python -m fastpeft.selfcheck``: print the backend registry (which backends run here, in dispatch order, and why
+the others do not), then run prefix_attention on every backend this machine has and compare each against the float64
+reference path, on a small GQA case with a ragged prefix table and left padding:
 
 * training: L = S = 16, the forward and all five gradients (the Triton forward/backward kernels);
 * decode: L = 1 after a cache of 15, no grad (the split-KV decode kernels: Triton, and the CUDA extension
@@ -54,20 +55,22 @@ def main():
     if device == "cpu":
         # Triton fixes its interpreter mode when first imported; fastpeft's own import does not import it.
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from . import _backend
-    from .ops.prefix_attention import prefix_attention
+    from .ops import backend_table, prefix_attention, registry
 
-    from .ops.sdpa_prefix_attention import unavailable_reason as sdpa_unavailable_reason
+    print(f"prefix_attention backends for {device} tensors (dispatch order):")
+    for name, available, why in backend_table(torch.device(device)):
+        print(f"  {name:<10} {'yes' if available else 'no ':<4} {why}")
+    print()
 
     modes = {"training": (16, True), "decode": (1, False)}
     runs = [("reference", device, torch.float32, mode) for mode in modes]
     for dtype in (torch.float32, torch.bfloat16):
-        if sdpa_unavailable_reason(torch.device(device), dtype) is None:
+        if registry.get("sdpa").unavailable(torch.device(device), dtype) is None:
             runs += [("sdpa", device, dtype, mode) for mode in modes]
-    if _backend.triton_usable_on(torch.device(device)):
+    if registry.get("triton").unavailable(torch.device(device), torch.float32) is None:
         dtypes = (torch.float32, torch.bfloat16) if device == "cuda" else (torch.float32,)
         runs += [("triton", device, dtype, mode) for dtype in dtypes for mode in modes]
-    if device == "cuda" and _backend.cuda_extension()[0] is not None:
+    if registry.get("cuda").unavailable(torch.device(device), torch.float32) is None:
         runs += [("cuda", device, dtype, "decode") for dtype in (torch.float32, torch.bfloat16)]
 
     os.environ["FASTPEFT_BACKEND"] = "reference"

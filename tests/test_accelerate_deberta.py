@@ -18,6 +18,7 @@ import fastpeft
 from fastpeft.integration import handwritten_deberta
 from fastpeft.integration.compat import checkpointing_names
 from fastpeft.integration.peft import fallback_reason, is_accelerated
+from fastpeft.ops import registry
 from tests.reference import assert_close
 from tests.test_accelerate_families import make
 
@@ -107,8 +108,8 @@ def assert_same(actual, expected, what):
 
 def count_calls(monkeypatch, family):
     """Count every call of the fastpeft forward of ``family``'s attention modules (as ``accelerate`` installs it
-    from now on) and of the sdpa bias kernels, in the returned dict."""
-    prefix_attention = importlib.import_module("fastpeft.ops.prefix_attention")
+    from now on) and of the sdpa backend's forward with a bias, in the returned dict."""
+    sdpa = registry.get("sdpa")
     counts = {"forward": 0, "sdpa_bias": 0}
 
     def counting(key, function):
@@ -120,8 +121,13 @@ def count_calls(monkeypatch, family):
     forward, attributes = handwritten_deberta._FORWARDS[attention_class(family)]
     monkeypatch.setitem(handwritten_deberta._FORWARDS, attention_class(family), (counting("forward", forward),
                                                                                attributes))
-    monkeypatch.setattr(prefix_attention._sdpa_bias, "sdpa_bias_prefix_attention",
-                        counting("sdpa_bias", prefix_attention._sdpa_bias.sdpa_bias_prefix_attention))
+    sdpa_forward = sdpa.forward
+
+    def counting_sdpa_forward(args, *rest, **kwargs):
+        counts["sdpa_bias"] += args.attn_bias is not None
+        return sdpa_forward(args, *rest, **kwargs)
+
+    monkeypatch.setattr(sdpa, "forward", counting_sdpa_forward)
     return counts
 
 

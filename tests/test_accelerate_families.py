@@ -433,7 +433,7 @@ def test_t5_trained_relative_attention_bias_gets_peft_gradient(monkeypatch):
 def test_t5_gradient_checkpointing_matches_peft(monkeypatch):
     """Under gradient checkpointing T5 marks its zero cross-attention bias as requiring grad: the kernels take it
     (and compute its gradient, which goes nowhere) and the prompt gradients stay PEFT's."""
-    from fastpeft.ops import sdpa_bias_attention
+    from fastpeft.ops import registry
 
     peft_model = _t5_peft("p_tuning")
     base = peft_model.get_base_model()
@@ -443,9 +443,9 @@ def test_t5_gradient_checkpointing_matches_peft(monkeypatch):
     expected = _seq2seq_step(peft_model, *inputs)
     fastpeft.accelerate(peft_model, strict=True)
     bias_gradients = []
-    original = sdpa_bias_attention._backward_parts   # (..., bias_grad, parts)
-    monkeypatch.setattr(sdpa_bias_attention, "_backward_parts",
-                        lambda *args: bias_gradients.append(args[-2]) or original(*args))
+    sdpa = registry.get("sdpa")
+    original = sdpa.backward   # (dout, args, out, lse, saved, plan, bias_grad)
+    monkeypatch.setattr(sdpa, "backward", lambda *args: bias_gradients.append(args[-1]) or original(*args))
     assert_same_step(_seq2seq_step(peft_model, *inputs), expected, what="t5 checkpointed")
     assert any(bias_gradients), "the zero cross-attention bias was expected to require grad"
 

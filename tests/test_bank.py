@@ -87,7 +87,7 @@ def forbidden(*args, **kwargs):
 
 torch.nn.functional.scaled_dot_product_attention = forbidden
 modeling_llama.eager_attention_forward = forbidden
-importlib.import_module("fastpeft.ops.prefix_attention").reference_prefix_attention = forbidden
+importlib.import_module("fastpeft.ops.backends.reference").reference_attention = forbidden
 
 request = torch.load(sys.argv[1])
 bank = AdapterBank(tiny_model("llama"))

@@ -147,7 +147,7 @@ def test_missing_cuda_extension_warns_once_and_never_raises():
 def test_missing_cpu_extension_warns_once_and_runs_python(monkeypatch):
     import fastpeft
     from fastpeft import _backend
-    from fastpeft.ops import sdpa_short_attention
+    from fastpeft.ops.backends import sdpa_short
     from tests.cases import CASES, make_inputs
 
     expected = fastpeft.prefix_attention(**make_inputs(CASES[0], seed=1))
@@ -163,7 +163,7 @@ def test_missing_cpu_extension_warns_once_and_runs_python(monkeypatch):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            assert sdpa_short_attention.compiled_short_ops() is None
+            assert not sdpa_short.compiled()
             out = fastpeft.prefix_attention(**make_inputs(CASES[0], seed=1))
         assert len([w for w in caught if "CPU extension unavailable" in str(w.message)]) == 1
         assert (out - expected).abs().max().item() < 1e-5

@@ -4,7 +4,6 @@ every gradient (q, k, v, prefix_k, prefix_v and the bias, summed over its broadc
 the argument, the dispatch (the Triton/CUDA kernels take no bias), torch.compile and the CUDA plumbing on meta
 tensors."""
 
-import importlib
 import warnings
 
 import pytest
@@ -12,11 +11,10 @@ import torch
 
 import fastpeft
 from fastpeft import _backend
-from fastpeft.ops import sdpa_bias_attention as sdpa_bias
+from fastpeft.ops import library, registry
+from fastpeft.ops.arguments import canonicalize
 from tests.cases import CASES, GRAD_NAMES, Case, make_inputs
 from tests.reference import assert_close, concat_reference
-
-dispatch = importlib.import_module("fastpeft.ops.prefix_attention")   # fastpeft.ops re-exports the function
 
 BIAS_CASES = CASES + [
     Case("cache-gqa3-table-leftpad", B=3, Hq=6, Hkv=2, L=5, S=12, P=7, D=40, T=2, ragged=True, padding="left"),
@@ -163,19 +161,19 @@ def test_forced_kernel_backend_sends_biased_calls_to_sdpa_with_one_warning(force
     backend_env(forced)
     monkeypatch.setattr(_backend, "_warned_messages", set())
     with pytest.warns(RuntimeWarning, match=f"FASTPEFT_BACKEND={forced}: the {forced} kernels take no attn_bias"):
-        assert dispatch._select_bias_backend(torch.device("cpu"), torch.float32) == "sdpa"
+        assert registry.select(torch.device("cpu"), torch.float32, False, True) == "sdpa"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert dispatch._select_bias_backend(torch.device("cpu"), torch.float32) == "sdpa"
+        assert registry.select(torch.device("cpu"), torch.float32, False, True) == "sdpa"
 
 
 def test_default_dispatch_of_a_biased_call_is_sdpa_even_where_triton_runs(monkeypatch):
     monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
-    monkeypatch.setattr(_backend, "triton_usable_on", lambda device: True)
+    monkeypatch.setattr(registry.get("triton"), "unavailable", lambda device, dtype: None)
     for device in ("cpu", "cuda"):
-        assert dispatch._select_bias_backend(torch.device(device), torch.float32) == "sdpa"
+        assert registry.select(torch.device(device), torch.float32, False, True) == "sdpa"
     with pytest.warns(RuntimeWarning, match="reference path: attn_bias"):
-        assert dispatch._select_bias_backend(torch.device("meta"), torch.float32) == "reference"
+        assert registry.select(torch.device("meta"), torch.float32, False, True) == "reference"
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
@@ -195,15 +193,12 @@ def test_compiles_fullgraph_forward_and_backward_with_the_bias_gradient(dynamic,
 def test_custom_op_passes_opcheck():
     case = Case("opcheck", B=2, Hq=4, Hkv=2, L=4, S=6, P=3, D=8, T=2, ragged=True, padding="left")
     inputs = make_inputs(case, seed=2, requires_grad=False)
-    canonical = dispatch._canonicalize(inputs["q"], inputs["k"], inputs["v"], inputs["prefix_k"],
-                                       inputs["prefix_v"], inputs["prefix_index"], inputs["prefix_lengths"],
-                                       inputs["key_padding_mask"], None)
-    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, mask, scale = canonical
+    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, mask, *_, scale, _ = canonicalize(**inputs)
     bias = make_bias(case, "t5")
     args = tuple(t.clone().requires_grad_(True) for t in (q, k, v, prefix_k, prefix_v)) + (
-        prefix_index, prefix_lengths, mask, bias.requires_grad_(True), True, scale, False)
-    torch.library.opcheck(sdpa_bias._bias_fwd_op, args, test_utils=("test_schema", "test_faketensor",
-                                                                    "test_autograd_registration"))
+        prefix_index, prefix_lengths, mask, bias.requires_grad_(True), True, scale, False, "sdpa")
+    torch.library.opcheck(library.prefix_attention_fwd, args, test_utils=("test_schema", "test_faketensor",
+                                                                          "test_autograd_registration"))
 
 
 @pytest.mark.parametrize("case", [BIAS_CASES[2], BIAS_CASES[8], BIAS_CASES[12], BIAS_CASES[14]], ids=str)
@@ -212,18 +207,14 @@ def test_cuda_path_plumbing_on_meta_tensors(case):
     # bias in aligned storage, kv heads repeated, head sizes padded: shapes and the whole plan are exercised here
     # without a GPU, the numbers only by a GPU run.
     inputs = make_inputs(case, device="meta", requires_grad=False)
-    canonical = dispatch._canonicalize(inputs["q"], inputs["k"], inputs["v"], inputs["prefix_k"],
-                                       inputs["prefix_v"], inputs.get("prefix_index"), inputs.get("prefix_lengths"),
-                                       inputs.get("key_padding_mask"), None, check_values=False)
-    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, mask, scale = canonical
-    bias = dispatch._canonical_bias(make_bias(case, "t5").to("meta"), q, k, prefix_k)
-    out, lse = sdpa_bias.sdpa_bias_prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
-                                                        mask, bias, case.causal, scale)
+    args = canonicalize(**inputs, attn_bias=make_bias(case, "t5").to("meta"), deterministic=True,
+                        check_values=False)
+    sdpa = registry.get("sdpa")
+    out, lse, _ = sdpa.forward(args, None, for_backward=True)
+    q = args.q
     assert out.shape == q.shape and lse.shape == q.shape[:3]
-    grads = sdpa_bias.sdpa_bias_prefix_attention_bwd(torch.empty_like(q), q, k, v, prefix_k, prefix_v, prefix_index,
-                                                     prefix_lengths, mask, bias, out, lse, case.causal, scale, True,
-                                                     True)
-    for grad, like in zip(grads, (q, k, v, prefix_k, prefix_v, bias)):
+    grads = sdpa.backward(torch.empty_like(q), args, out, lse, (), None, True)
+    for grad, like in zip(grads, (q, args.k, args.v, args.prefix_k, args.prefix_v, args.attn_bias)):
         assert grad.shape == like.shape
 
 

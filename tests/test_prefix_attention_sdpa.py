@@ -1,7 +1,7 @@
 """The ``sdpa`` backend of prefix_attention (PyTorch's fused attention ops per part of the key axis, merged by
 log-sum-exp) against the float64 concatenation reference: the forward and all five gradients, on CPU. The numeric
 tests run every CPU path (``cpu_path``): the split over the fused ops and the short-sequence path
-(``fastpeft.ops.sdpa_short_attention``, matmuls over the score blocks), each forced on every case, the split with
+(``fastpeft.ops.backends.sdpa_short``, matmuls over the score blocks), each forced on every case, the split with
 its prefix part through the fused op and through matmuls, the short path in C++ (``fastpeft._cpu``, skipped where it
 is not built) and in Python.
 
@@ -19,9 +19,9 @@ import torch
 
 import fastpeft
 from fastpeft import _backend
-from fastpeft.ops import _sdpa_ops
-from fastpeft.ops import sdpa_prefix_attention as sdpa
-from fastpeft.ops import sdpa_short_attention
+from fastpeft.ops import library, registry
+from fastpeft.ops.arguments import canonicalize
+from fastpeft.ops.backends import aten_attention, sdpa, sdpa_short
 from tests.cases import CASES, GRAD_NAMES, Case, forward_and_grads, make_inputs
 from tests.lowp_reference import torch_lowp_attention
 from tests.reference import assert_close, concat_reference, relative_error
@@ -56,10 +56,10 @@ def _sdpa_backend(backend_env):
 @pytest.fixture(params=["split", "split-matmul-prefix", "short", "short-python"])
 def cpu_path(request, monkeypatch):
     """Force one of the CPU paths for every call of the test, whatever its sizes: the split with the prefix part
-    through the fused op or through matmuls (``sdpa_short_attention.block_attend``), or the short path through the
+    through the fused op or through matmuls (``sdpa_short.block_attend``), or the short path through the
     C++ extension or in Python."""
     short = request.param.startswith("short")
-    monkeypatch.setattr(sdpa_short_attention, "SHORT_SCORES", 1 << 40 if short else -1)
+    monkeypatch.setattr(sdpa_short, "SHORT_SCORES", 1 << 40 if short else -1)
     if request.param == "short-python":
         monkeypatch.setenv("FASTPEFT_CPU_EXTENSION", "0")
     elif request.param == "short" and _backend.cpu_extension()[0] is None:
@@ -89,7 +89,7 @@ def _results(fn, inputs, dout):
 
 
 def test_dispatcher_uses_sdpa_here():
-    assert dispatch._select_backend(torch.device("cpu"), torch.float32, False) == "sdpa"
+    assert registry.select(torch.device("cpu"), torch.float32, False, False) == "sdpa"
 
 
 def test_sdpa_is_the_cpu_default_without_the_triton_interpreter(monkeypatch):
@@ -97,7 +97,7 @@ def test_sdpa_is_the_cpu_default_without_the_triton_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         for decode in (False, True):
-            assert dispatch._select_backend(torch.device("cpu"), dtype, decode) == "sdpa"
+            assert registry.select(torch.device("cpu"), dtype, decode, False) == "sdpa"
 
 
 @pytest.mark.parametrize("case", FP32_CASES, ids=str)
@@ -151,7 +151,7 @@ def test_cpu_autocast_changes_nothing(cpu_path):
 def test_decode_without_grad_matches_float64(cpu_path):
     case = EXTRA_CASES[3]
     inputs = make_inputs(case, torch.float32, seed=4, requires_grad=False)
-    assert dispatch._choose_backend(inputs["q"], needs_grad=False) == "sdpa"
+    assert dispatch._select(_canonical(inputs), needs_grad=False) == "sdpa"
     with torch.no_grad():
         out = fastpeft.prefix_attention(**inputs)
     assert_close(out, concat_reference(**inputs), 1e-5, "decode out")
@@ -193,7 +193,7 @@ def test_queries_that_see_nothing_give_zeros_and_finite_exact_gradients(cpu_path
     for name, (actual, expected) in results.items():
         assert torch.isfinite(actual).all(), name
         assert_close(actual, expected, 1e-5, name)
-    _, lse = sdpa.sdpa_prefix_attention_fwd(*_canonical(inputs))
+    _, lse, _ = registry.get("sdpa").forward(_canonical(inputs), None, for_backward=True)
     assert torch.isneginf(lse[1, :, :2]).all() and torch.isfinite(lse[1, :, 2:]).all()
 
 
@@ -225,13 +225,8 @@ def test_blind_decode_without_grad_gives_zeros(cpu_path):
 
 
 def _canonical(inputs):
-    args = {n: (t.detach() if torch.is_tensor(t) else t) for n, t in inputs.items()}
-    causal = args.pop("causal", True)
-    canonical = dispatch._canonicalize(args["q"], args["k"], args["v"], args["prefix_k"], args["prefix_v"],
-                                       args.get("prefix_index"), args.get("prefix_lengths"),
-                                       args.get("key_padding_mask"), None)
-    q, k, v, pk, pv, index, lengths, mask, scale = canonical
-    return q, k, v, pk, pv, index, lengths, mask, causal, scale
+    """The inputs' ``AttentionArgs`` (detached)."""
+    return canonicalize(**{n: (t.detach() if torch.is_tensor(t) else t) for n, t in inputs.items()})
 
 
 def test_prefix_gradients_are_summed_per_table_entry(cpu_path):
@@ -284,18 +279,18 @@ def test_empty_query_and_batch_give_empty_outputs(cpu_path):
 
 def test_prefix_is_broadcast_not_copied_per_row():
     case = Case("shared", B=3, Hq=4, Hkv=2, L=4, S=4, P=5, D=8)
-    q, k, v, pk, pv, index, lengths, mask, causal, _ = _canonical(make_inputs(case, seed=1, requires_grad=False))
-    parts = sdpa._plan(q, k, v, pk, pv, index, lengths, mask, causal)
+    q, k, v, pk, pv, index, lengths, mask, _, causal, _, _ = _canonical(make_inputs(case, seed=1, requires_grad=False))
+    parts = sdpa._plan(q, k, v, pk, pv, index, lengths, mask, None, causal)
     prefix = [p for p in parts if p.kind == "prefix"][0]
-    assert prefix.k.stride(0) == 0 and prefix.bias is None and prefix.folded
+    assert prefix.k.stride(0) == 0 and prefix.mask is None and prefix.folded
     assert prefix.k.data_ptr() == pk.data_ptr()
 
 
 def test_plan_splits_a_cache_into_a_folded_part_and_a_causal_square():
     case = Case("cache", B=2, Hq=4, Hkv=2, L=3, S=8, P=2, D=8, padding="left")
-    q, k, v, pk, pv, index, lengths, mask, causal, _ = _canonical(make_inputs(case, seed=1, requires_grad=False))
-    parts = sdpa._plan(q, k, v, pk, pv, index, lengths, mask, causal)
-    keys = [(p.start, p.k.shape[2], p.causal, p.folded) for p in parts if p.kind == "keys"]
+    q, k, v, pk, pv, index, lengths, mask, _, causal, _, _ = _canonical(make_inputs(case, seed=1, requires_grad=False))
+    parts = sdpa._plan(q, k, v, pk, pv, index, lengths, mask, None, causal)
+    keys = [(p.columns.start - case.P, p.k.shape[2], p.causal, p.folded) for p in parts if p.kind == "keys"]
     assert keys == [(0, 5, False, True), (5, 3, True, False)]
 
 
@@ -310,38 +305,42 @@ def test_cpu_causal_queries_run_in_chunks():
 
 def test_short_path_takes_small_score_matrices_on_cpu():
     train = torch.empty(2, 8, 64, 32), torch.empty(2, 2, 64, 32)                  # the training suite, P=8
-    assert sdpa_short_attention.use_short_path(*train, sdpa._Host(8, False, False))
+    assert sdpa_short.use_short_path(*train, sdpa.Host(8, False, False))
     long = torch.empty(2, 8, 2048, 64), torch.empty(2, 2, 2048, 64)               # the kernel suite, P=128
-    assert not sdpa_short_attention.use_short_path(*long, sdpa._Host(128, False, False))
+    assert not sdpa_short.use_short_path(*long, sdpa.Host(128, False, False))
     long = torch.empty(2, 8, 256, 32), torch.empty(2, 2, 256, 32)                 # the training suite at L=256
-    assert not sdpa_short_attention.use_short_path(*long, sdpa._Host(8, False, False))
+    assert not sdpa_short.use_short_path(*long, sdpa.Host(8, False, False))
     meta = torch.empty(2, 8, 64, 32, device="meta"), torch.empty(2, 2, 64, 32, device="meta")
-    assert not sdpa_short_attention.use_short_path(*meta, sdpa._Host(8, False, False))
+    assert not sdpa_short.use_short_path(*meta, sdpa.Host(8, False, False))
 
 
 def test_short_prefix_parts_run_as_matmuls_on_cpu():
     def prefix_part(case):
-        q, k, v, pk, pv, index, lengths, mask, causal, _ = _canonical(make_inputs(case, seed=1, requires_grad=False))
-        return [p for p in sdpa._plan(q, k, v, pk, pv, index, lengths, mask, causal) if p.kind == "prefix"][0]
+        args = _canonical(make_inputs(case, seed=1, requires_grad=False))
+        return [p for p in sdpa._plan(*args[:10]) if p.kind == "prefix"][0]
 
     assert prefix_part(EXTRA_CASES[-1]).matmuls                 # P=8, D=32
     assert not prefix_part(EXTRA_CASES[6]).matmuls              # P=40
     assert not prefix_part(Case("long-d64", B=1, Hq=8, Hkv=2, L=2048, S=2048, P=8, D=64)).matmuls
 
 
-def test_eager_calls_take_the_path_their_size_selects():
+def test_eager_calls_take_the_path_their_size_selects(monkeypatch):
+    paths = []
+    short_forward, split_forward = sdpa_short.forward, sdpa._split_forward
+    monkeypatch.setattr(sdpa_short, "forward", lambda *args: paths.append("short") or short_forward(*args))
+    monkeypatch.setattr(sdpa, "_split_forward", lambda *args: paths.append("split") or split_forward(*args))
     small = make_inputs(EXTRA_CASES[-1], seed=1)
-    # the C++ op's autograd node where fastpeft._cpu is built, the Python Function's otherwise
-    assert "ShortPrefixAttention" in fastpeft.prefix_attention(**small).grad_fn.name()
+    # the short path (in C++ where fastpeft._cpu is built, in Python otherwise)
+    assert fastpeft.prefix_attention(**small).grad_fn is not None and paths == ["short"]
     large = make_inputs(EXTRA_CASES[6], seed=1)   # multiblock-gqa4: 2 * 8 * 300 * (40 + 300) scores
-    assert type(fastpeft.prefix_attention(**large).grad_fn).__name__ == "_SdpaPrefixAttentionBackward"
+    assert fastpeft.prefix_attention(**large).grad_fn is not None and paths == ["short", "split"]
 
 
 def test_backward_reuses_the_forward_plan(monkeypatch, cpu_path):
     # The plan's data-dependent reads (prefix lengths, key padding) happen once per forward + backward.
     calls = []
-    host_plan = sdpa._host_plan
-    monkeypatch.setattr(sdpa, "_host_plan", lambda *args: calls.append(1) or host_plan(*args))
+    host_plan = sdpa.host_plan
+    monkeypatch.setattr(sdpa, "host_plan", lambda *args: calls.append(1) or host_plan(*args))
     inputs = make_inputs(CASES[5], seed=1)
     fastpeft.prefix_attention(**inputs).sum().backward()
     assert len(calls) == 1
@@ -373,8 +372,7 @@ def test_plan_cache_is_reused_per_signature_and_changes_nothing(case, monkeypatc
     inputs = make_inputs(case, torch.float32, seed=4)
     dout = _dout(case, torch.float32)
     plans = []
-    canonicalize = dispatch._canonicalize
-    monkeypatch.setattr(dispatch, "_canonicalize", lambda *a, **k: plans.append(1) or canonicalize(*a, **k))
+    monkeypatch.setattr(dispatch, "canonicalize", lambda *a, **k: plans.append(1) or canonicalize(*a, **k))
     cache = {}
     expected = _results(lambda **args: _prevalidated(args, None), inputs, dout)
     plans.clear()
@@ -417,29 +415,30 @@ def test_custom_ops_pass_opcheck():
     case = Case("opcheck", B=2, Hq=4, Hkv=2, L=4, S=6, P=3, D=8, T=2, ragged=True, padding="left")
     args = _canonical(make_inputs(case, seed=2, requires_grad=False))
     fwd_args = tuple(t.clone().requires_grad_(i < 5) if torch.is_tensor(t) and t.is_floating_point() else t
-                     for i, t in enumerate(args)) + (False,)
-    torch.library.opcheck(sdpa._sdpa_fwd_op, fwd_args, test_utils=("test_schema", "test_faketensor",
-                                                                   "test_autograd_registration"))
+                     for i, t in enumerate(args)) + ("sdpa",)
+    torch.library.opcheck(library.prefix_attention_fwd, fwd_args, test_utils=("test_schema", "test_faketensor",
+                                                                               "test_autograd_registration"))
 
 
 def test_missing_aten_ops_fall_back_to_the_reference_with_one_warning(monkeypatch):
     monkeypatch.delenv("FASTPEFT_BACKEND")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(_sdpa_ops, "_missing_ops", lambda device_type: ("_scaled_dot_product_flash_attention_for_cpu",))
+    monkeypatch.setattr(aten_attention, "_missing_ops",
+                        lambda device_type: ("_scaled_dot_product_flash_attention_for_cpu",))
     monkeypatch.setattr(_backend, "_warned_messages", set())
     with pytest.warns(RuntimeWarning, match="reference path.*lacks aten::_scaled_dot_product_flash_attention"):
-        assert dispatch._select_backend(torch.device("cpu"), torch.float32, False) == "reference"
+        assert registry.select(torch.device("cpu"), torch.float32, False, False) == "reference"
     with warnings.catch_warnings():
         warnings.simplefilter("error")   # the second time: no warning
-        assert dispatch._select_backend(torch.device("cpu"), torch.float32, False) == "reference"
+        assert registry.select(torch.device("cpu"), torch.float32, False, False) == "reference"
     monkeypatch.setenv("FASTPEFT_BACKEND", "sdpa")
     with pytest.raises(ValueError, match="FASTPEFT_BACKEND=sdpa"):
-        dispatch._select_backend(torch.device("cpu"), torch.float32, False)
+        registry.select(torch.device("cpu"), torch.float32, False, False)
 
 
 def test_forced_sdpa_refuses_a_device_without_the_ops():
     with pytest.raises(ValueError, match="FASTPEFT_BACKEND=sdpa cannot run here"):
-        dispatch._select_backend(torch.device("meta"), torch.float32, False)
+        registry.select(torch.device("meta"), torch.float32, False, False)
 
 
 @pytest.mark.parametrize("Hq, Hkv, D, bias", [(4, 4, 64, False), (8, 2, 59, True), (2, 1, 256, True)])
@@ -450,9 +449,9 @@ def test_cuda_path_plumbing_on_meta_tensors(Hq, Hkv, D, bias):
     q = torch.empty(B, Hq, L, D, device="meta")
     k = v = torch.empty(B, Hkv, S, D, device="meta")
     mask = torch.empty(B, 1, 1, S, device="meta") if bias else None
-    out, lse = _sdpa_ops._cuda_attend(q, k, v, mask, True, 0.1)
+    out, lse = aten_attention._cuda_attend(q, k, v, mask, True, 0.1)
     assert out.shape == q.shape and lse.shape == (B, Hq, L) and lse.dtype == torch.float32
-    dq, dk, dv = _sdpa_ops._cuda_attend_backward(torch.empty_like(q), q, k, v, mask, out, lse, True, 0.1)
+    dq, dk, dv = aten_attention._cuda_attend_backward(torch.empty_like(q), q, k, v, mask, out, lse, True, 0.1)
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
 
 
@@ -507,8 +506,8 @@ def test_short_path_runs_the_cpu_extension_unless_switched_off(monkeypatch):
     if _backend.cpu_extension()[0] is None:
         pytest.skip(f"fastpeft._cpu: {_backend.cpu_extension()[1]}")
     calls = []
-    compiled = sdpa.compiled_short_attention
-    monkeypatch.setattr(sdpa, "compiled_short_attention", lambda *args: calls.append(1) or compiled(*args))
+    compiled = sdpa_short.cpp_forward
+    monkeypatch.setattr(sdpa_short, "cpp_forward", lambda *args: calls.append(1) or compiled(*args))
     inputs = make_inputs(EXTRA_CASES[-1], seed=1)
     fastpeft.prefix_attention(**inputs).sum().backward()
     assert calls == [1]

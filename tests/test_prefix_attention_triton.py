@@ -16,6 +16,8 @@ import torch
 
 import fastpeft
 
+from fastpeft.ops import registry
+
 dispatch = importlib.import_module("fastpeft.ops.prefix_attention")   # fastpeft.ops re-exports the function
 from tests.cases import CASES, GRAD_NAMES, Case, forward_and_grads, make_inputs
 from tests.lowp_reference import torch_lowp_attention
@@ -232,7 +234,7 @@ def test_dispatcher_runs_the_triton_kernels(monkeypatch):
             return launcher(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(dispatch, "reference_prefix_attention", no_reference)
+    monkeypatch.setattr(registry.get("reference"), "forward", no_reference)
     monkeypatch.setattr(kernels, "prefix_attention_fwd", counting(kernels.prefix_attention_fwd))
     monkeypatch.setattr(kernels, "prefix_attention_bwd", counting(kernels.prefix_attention_bwd))
     inputs = make_inputs(CASES[0], torch.float32, device=DEVICE, seed=9)

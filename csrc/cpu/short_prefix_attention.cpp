@@ -1,7 +1,7 @@
-// The sdpa backend's short-sequence CPU path (fastpeft/ops/sdpa_short_attention.py) in C++, with its autograd: one
-// op call per forward and no Python in the backward, instead of ~25 ATen calls from Python per direction.
+// The sdpa backend's short-sequence CPU path (fastpeft/ops/backends/sdpa_short.py) in C++: one op call per direction
+// instead of ~25 ATen calls from Python each.
 //
-// At the sizes this path takes (a whole score matrix of at most 2^18 elements), each ATen call costs a few
+// At the sizes this path takes (a whole score matrix of at most 2^20 elements), each ATen call costs a few
 // microseconds of Python and dispatch against tens of microseconds of arithmetic; issued from C++ the calls keep
 // their arithmetic and lose most of that (benchmarks/NOTES.md). Layout and formulas are the Python module's (its
 // docstring explains them):
@@ -10,20 +10,23 @@
 //   * base-2 scores (q scaled by softmax_scale * log2(e)), unnormalized exponentials saved for the backward.
 // Decoding without a gradient takes a per-query kernel instead (attend_each_query).
 //
-// Op (registered under torch.ops.fastpeft, CPU and Autograd keys; importing fastpeft._cpu loads it):
-//   short_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask?,
-//                          causal_bias?, softmax_scale, prefix_n, padded, ragged) -> out [B, Hq, L, D] in q's dtype
-//     canonical arguments (fastpeft.ops.prefix_attention._canonicalize) plus the host plan (prefix_n: entries
-//     attended, ragged: some row sees fewer, padded: key_padding_mask holds padding); causal_bias: the causal mask
-//     of the transposed folded key block [S, group * L] (0 / -inf), None when not causal or L == 1. Its backward
-//     gives q, k, v and the prefix gradients (summed per table entry) in the inputs' dtype.
+// Private kernel ops of the sdpa backend (CPU key; importing fastpeft._cpu registers them under torch.ops.fastpeft).
+// The backend's one autograd path (fastpeft/ops/prefix_attention.py) connects them; they record no graph themselves:
+//   _short_prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask?,
+//                               causal_bias?, softmax_scale, prefix_n, padded, ragged, keep_for_backward) -> Tensor[]
+//     canonical arguments (fastpeft.ops.arguments) plus the host plan (prefix_n: entries attended, ragged: some row
+//     sees fewer, padded: key_padding_mask holds padding); causal_bias: the causal mask of the transposed folded key
+//     block [S, group * L] (0 / -inf), None when not causal or L == 1. Returns [out [B, Hq, L, D] in q's dtype], and
+//     with keep_for_backward also lse [B, Hq, L] (natural log, float32/64, -inf for a query that sees nothing) and
+//     the 9 tensors the backward reads.
+//   _short_prefix_attention_bwd(dout, saved, prefix_k, prefix_index, softmax_scale) -> [dq, dk, dv, dprefix_k,
+//                               dprefix_v] in the inputs' dtype, the prefix gradients summed per table entry.
 // Arguments are validated by fastpeft.prefix_attention; the checks here only guard the layout.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <Python.h>
-#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -38,8 +41,8 @@ constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
-// Inside the op every ATen call skips autograd (ShortPrefixAttentionFunction owns the graph) and autocast (the
-// math runs in float32/64 whatever the ambient autocast; under it matmuls would run in bfloat16 and mix dtypes).
+// Inside the ops every ATen call skips autograd (the caller's autograd path owns the graph) and autocast (the math
+// runs in float32/64 whatever the ambient autocast; under it matmuls would run in bfloat16 and mix dtypes).
 struct PlainComputeGuard {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::DispatchKey::AutocastCPU};
@@ -244,6 +247,8 @@ std::vector<at::Tensor> short_prefix_attention_fwd(
     sp.sub_(shift).exp2_();
     total.add_(sp.sum(-2));
   }
+  // The log-sum-exp in natural log, before the blind queries' total is set to 1: log2(0) + 0 = -inf for them.
+  const at::Tensor lse = keep_for_backward ? total.log2().add_(m).mul_(kLn2) : at::Tensor();
   if (may_be_blind) {
     total.masked_fill_(total.eq(0), 1.0);
   }
@@ -259,7 +264,7 @@ std::vector<at::Tensor> short_prefix_attention_fwd(
       pk = pv = at::empty({1, Hkv, 0, D}, options);
       sp = at::empty({B, Hkv, 0, R}, options);
     }
-    result.insert(result.end(), {qs, kk, vv, pk, pv, sk, sp, out, inv});
+    result.insert(result.end(), {lse.view({B, Hq, L}), qs, kk, vv, pk, pv, sk, sp, out, inv});
   }
   return result;
 }
@@ -319,85 +324,18 @@ std::vector<at::Tensor> short_prefix_attention_bwd(const at::Tensor& dout, at::T
 
 }  // namespace
 
-namespace fastpeft {
-
-// The op with its autograd in C++: a training step's backward runs no Python at all, and the forward one op call
-// (the Python autograd.Function this replaces cost ~40 us per layer and direction at the training suite's shape).
-class ShortPrefixAttentionFunction : public torch::autograd::Function<ShortPrefixAttentionFunction> {
- public:
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
-                            const at::Tensor& v, const at::Tensor& prefix_k, const at::Tensor& prefix_v,
-                            const at::Tensor& prefix_index, const at::Tensor& prefix_lengths,
-                            const std::optional<at::Tensor>& key_padding_mask,
-                            const std::optional<at::Tensor>& causal_bias, double softmax_scale, int64_t prefix_n,
-                            bool padded, bool ragged) {
-    std::vector<at::Tensor> result =
-        short_prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
-                                   causal_bias, softmax_scale, prefix_n, padded, ragged, /*keep_for_backward=*/true);
-    result.push_back(prefix_k);
-    result.push_back(prefix_index);
-    ctx->save_for_backward(std::vector<at::Tensor>(result.begin() + 1, result.end()));
-    ctx->saved_data["softmax_scale"] = softmax_scale;
-    return result[0];
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grad_outputs) {
-    const std::vector<at::Tensor> saved = ctx->get_saved_variables();
-    const size_t forward_saved = saved.size() - 2;  // then prefix_k, prefix_index
-    std::vector<at::Tensor> grads = short_prefix_attention_bwd(
-        grad_outputs[0], at::TensorList(saved.data(), forward_saved), saved[forward_saved], saved[forward_saved + 1],
-        ctx->saved_data["softmax_scale"].toDouble());
-    grads.resize(13);  // no gradient for prefix_index .. ragged
-    return grads;
-  }
-};
-
-}  // namespace fastpeft
-
-namespace {
-
-// CPU key (reached below autograd, e.g. under inference mode): the forward alone, nothing saved.
-at::Tensor short_prefix_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                      const at::Tensor& prefix_k, const at::Tensor& prefix_v,
-                                      const at::Tensor& prefix_index, const at::Tensor& prefix_lengths,
-                                      const std::optional<at::Tensor>& key_padding_mask,
-                                      const std::optional<at::Tensor>& causal_bias, double softmax_scale,
-                                      int64_t prefix_n, bool padded, bool ragged) {
-  return short_prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
-                                    causal_bias, softmax_scale, prefix_n, padded, ragged, false)[0];
-}
-
-// Autograd key: through the Function when a gradient is needed, else the CPU kernel.
-at::Tensor short_prefix_attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                           const at::Tensor& prefix_k, const at::Tensor& prefix_v,
-                                           const at::Tensor& prefix_index, const at::Tensor& prefix_lengths,
-                                           const std::optional<at::Tensor>& key_padding_mask,
-                                           const std::optional<at::Tensor>& causal_bias, double softmax_scale,
-                                           int64_t prefix_n, bool padded, bool ragged) {
-  const bool needs_grad = at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() ||
-                                                         v.requires_grad() || prefix_k.requires_grad() ||
-                                                         prefix_v.requires_grad());
-  if (needs_grad) {
-    return fastpeft::ShortPrefixAttentionFunction::apply(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
-                                                         key_padding_mask, causal_bias, softmax_scale, prefix_n,
-                                                         padded, ragged);
-  }
-  return short_prefix_attention_cpu(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
-                                    causal_bias, softmax_scale, prefix_n, padded, ragged);
-}
-
-}  // namespace
-
 TORCH_LIBRARY_FRAGMENT(fastpeft, m) {
-  m.def("short_prefix_attention(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
+  m.def("_short_prefix_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
         "Tensor prefix_index, Tensor prefix_lengths, Tensor? key_padding_mask, Tensor? causal_bias, "
-        "float softmax_scale, int prefix_n, bool padded, bool ragged) -> Tensor");
+        "float softmax_scale, int prefix_n, bool padded, bool ragged, bool keep_for_backward) -> Tensor[]");
+  m.def("_short_prefix_attention_bwd(Tensor dout, Tensor[] saved, Tensor prefix_k, Tensor prefix_index, "
+        "float softmax_scale) -> Tensor[]");
 }
 
-TORCH_LIBRARY_IMPL(fastpeft, CPU, m) { m.impl("short_prefix_attention", &short_prefix_attention_cpu); }
-
-TORCH_LIBRARY_IMPL(fastpeft, Autograd, m) { m.impl("short_prefix_attention", &short_prefix_attention_autograd); }
+TORCH_LIBRARY_IMPL(fastpeft, CPU, m) {
+  m.impl("_short_prefix_attention_fwd", &short_prefix_attention_fwd);
+  m.impl("_short_prefix_attention_bwd", &short_prefix_attention_bwd);
+}
 
 // A Python module without functions: importing fastpeft._cpu loads the library, whose static initializers above
 // register the ops. (No pybind11: it would triple the compile time for nothing.)

@@ -113,10 +113,10 @@ def repeat_kv(x, groups):
 
 def fastpeft_provider(device):
     """(label, forward) for the fused op, labelled with the backend the dispatcher picks here."""
-    from ..ops.prefix_attention import _choose_backend, prefix_attention
+    from ..ops import prefix_attention
+    from ..ops.registry import select
 
-    probe = torch.empty(1, 1, 2, 1, device=device)
-    backend = _choose_backend(probe, needs_grad=True)
+    backend = select(torch.device(device), torch.float32, decode=False, bias=False)
 
     def forward(q, k, v, prefix_k, prefix_v):
         return prefix_attention(q, k, v, prefix_k, prefix_v, causal=True)

@@ -11,8 +11,8 @@ from . import common
 def add_parser(sub):
     info = sub.add_parser("info", help="versions, device and available backends",
                           description="Print library versions, the device, and which prefix-attention "
-                                      "backends (CUDA extension, Triton, PyTorch reference) can run here, and "
-                                      "why the others cannot.")
+                                      "backends (CUDA extension, Triton, sdpa, PyTorch reference) can run here, in "
+                                      "dispatch order, and why the others cannot.")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=run)
 
@@ -25,7 +25,7 @@ def collect_info():
 
     from .. import _backend
     from ..bench.harness import package_version
-    from ..ops.sdpa_prefix_attention import unavailable_reason as _sdpa_unavailable_reason
+    from ..ops import backend_table
 
     versions = {"fastpeft": common.package_version_string(), "python": sys.version.split()[0]}
     for package in ("torch", "triton", "transformers", "peft", "bitsandbytes"):
@@ -40,33 +40,11 @@ def collect_info():
                   "why_no_cuda": ("torch was built without CUDA" if torch.version.cuda is None
                                   else "no CUDA device visible")}
 
-    with warnings.catch_warnings():  # the lookup warns once when the extension is missing; we report it here
+    with warnings.catch_warnings():  # the lookups warn once when an extension is missing; we report it here
         warnings.simplefilter("ignore")
-        extension, extension_reason = _backend.cuda_extension()
+        backends = {name: {"available": available, "why": why}
+                    for name, available, why in backend_table(torch.device(device["type"]))}
         cpu_extension, cpu_extension_reason = _backend.cpu_extension()
-    triton_ok, triton_reason = _backend.triton_available()
-    kernels_present = importlib.util.find_spec("fastpeft.kernels.prefix_attention") is not None
-    backends = {}
-    if extension is None:
-        backends["cuda"] = {"available": False, "why": extension_reason}
-    elif device["type"] != "cuda":
-        backends["cuda"] = {"available": False, "why": "extension built, but no CUDA device here"}
-    else:
-        backends["cuda"] = {"available": True, "why": "fastpeft._C loaded (decode kernels)"}
-    if not triton_ok:
-        backends["triton"] = {"available": False, "why": triton_reason}
-    elif not kernels_present:
-        backends["triton"] = {"available": False, "why": "fastpeft.kernels.prefix_attention is not installed"}
-    elif device["type"] == "cuda":
-        backends["triton"] = {"available": True, "why": "CUDA tensors run the Triton kernels"}
-    elif _backend.triton_interpreting():
-        backends["triton"] = {"available": True, "why": "TRITON_INTERPRET=1: interpreted on CPU (slow)"}
-    else:
-        backends["triton"] = {"available": False,
-                              "why": "no CUDA device (set TRITON_INTERPRET=1 to interpret the kernels on CPU)"}
-    sdpa_missing = _sdpa_unavailable_reason(torch.device(device["type"]), torch.float32)
-    backends["sdpa"] = {"available": sdpa_missing is None,
-                        "why": sdpa_missing or "PyTorch's fused attention ops, parts merged by log-sum-exp"}
     if cpu_extension is None:
         short_cpu = {"available": False, "why": f"{cpu_extension_reason} (the Python path runs instead)"}
     elif not _backend.cpu_extension_enabled():
@@ -74,7 +52,6 @@ def collect_info():
     else:
         short_cpu = {"available": True, "why": "fastpeft._cpu loaded (the sdpa backend's short CPU path in C++)"}
     backends["sdpa"]["cpu_extension"] = short_cpu
-    backends["reference"] = {"available": True, "why": "PyTorch reference, always present"}
     forced = os.environ.get("FASTPEFT_BACKEND") or None
 
     features = {}

@@ -1,11 +1,11 @@
 """PyTorch's private fused-attention ops that return the log-sum-exp, behind one small interface.
 
-The ``sdpa`` backend (``fastpeft.ops.sdpa_prefix_attention``) needs, per device, an attention forward that
+The ``sdpa`` backend (``fastpeft.ops.backends.sdpa``) needs, per device, an attention forward that
 returns ``(out, lse)`` and a backward that takes ``(out, lse)`` back. PyTorch has them only as private aten ops,
 whose names and signatures may change between releases, so they are reached only through this module:
 
 * ``unavailable_reason(device_type, dtype)``: None when the ops exist in the installed torch for this device
-  and dtype, otherwise why not (the dispatcher then falls back to the reference with a one-time warning);
+  and dtype, otherwise why not (the registry then falls back to the reference with a one-time warning);
 * ``attend(q, k, v, bias, causal, scale) -> (out [B, Hq, Lq, D], lse [B, Hq, Lq] float32)``;
 * ``attend_backward(dout, q, k, v, bias, out, lse, causal, scale) -> (dq, dk, dv)``.
 

@@ -2,7 +2,7 @@
 score blocks with one softmax across them, for problems whose whole score matrix is small.
 
 At short lengths the fused CPU kernel's cost is its fixed cost per call and per query block (small GEMMs, per-row
-reductions), and the split (``sdpa_prefix_attention``) pays it twice plus a merge: at the training suite's shape
+reductions), and the split (``fastpeft.ops.backends.sdpa``) pays it twice plus a merge: at the training suite's shape
 (B=2, Hq=8, Hkv=2, L=64, P=8, D=32) the two fused calls cost more than PEFT's single call over the concatenation.
 Here the same math runs as a handful of batched matmuls and elementwise ops over the blocks, never concatenated::
 
@@ -23,20 +23,24 @@ then runs five matmuls and recomputes nothing::
 (per block; the prefix rows' gradients are summed per table entry like the split's). Computed in float32
 (float64 for float64 inputs); low-precision inputs are upcast, which at these sizes costs less than a fused call.
 
-The same math exists in C++ as one op with its autograd (``csrc/cpu/short_prefix_attention.cpp``, the extension
-``fastpeft._cpu``), plus a per-query kernel for decoding without a gradient: at these sizes each of the ~25 ATen
-calls per direction costs a few microseconds of Python and dispatch, as much as a fifth of the arithmetic.
-``compiled_short_ops`` returns it where the extension is built and not switched off (``FASTPEFT_CPU_EXTENSION=0``);
-the Python functions below are the fallback and the readable statement of the math.
+The same math exists in C++ as one forward and one backward kernel op (``csrc/cpu/short_prefix_attention.cpp``,
+the extension ``fastpeft._cpu``), plus a per-query kernel for decoding without a gradient: at these sizes each of the
+~25 ATen calls per direction costs a few microseconds of Python and dispatch, as much as a fifth of the arithmetic.
+``forward``/``backward`` run them where the extension is built and not switched off (``FASTPEFT_CPU_EXTENSION=0``);
+the Python functions below are the fallback and the readable statement of the math. Both also return the
+log-sum-exp of every query when a backward may follow, so that a backward without the kept blocks (the custom ops'
+under torch.compile) can run the split's from it.
 """
 
 import functools
 
 import torch
 
-from .. import _backend
+from ... import _backend
+from ..arguments import accumulation_dtype
+from ..masks import NEG_INF, additive, causal_visible, prefix_visible
+from ..prefix_table import gather_prefix, sum_prefix_grads
 
-_NEG_INF = float("-inf")
 _LOG2E = 1.4426950408889634   # log2(e)
 _LN2 = 0.6931471805599453     # ln(2)
 
@@ -68,58 +72,81 @@ def _own_precision(fn):
 
 @functools.lru_cache(maxsize=16)
 def _causal_bias(S, L, group, dtype, device):
-    """The causal mask of the transposed, folded key block as an additive bias ``[S, group * L]`` (0, or -inf where
-    key ``j`` is hidden from query ``i``: ``j > S - L + i``; column ``r`` of the fold is query ``r % L``). Cached:
-    the training step asks for the same one in every layer, and ``baddbmm`` adds it inside the score matmul."""
-    hidden = torch.full((S, L), _NEG_INF, dtype=dtype, device=device).tril_(L - S - 1)
+    """The causal mask of the transposed, folded key block as an additive bias ``[S, group * L]`` (column ``r`` of
+    the fold is query ``r % L``). Cached: the training step asks for the same one in every layer, and ``baddbmm``
+    adds it inside the score matmul."""
+    hidden = additive(causal_visible(L, S, device).T, dtype)                   # [S, L]
     return hidden[:, None, :].expand(S, group, L).reshape(S, group * L)
 
 
-def compiled_short_ops():
-    """``torch.ops.fastpeft`` with ``short_prefix_attention`` loaded, or None: the extension is not built (one
+def _cpu_kernels():
+    """``torch.ops.fastpeft`` with the C++ kernels of this path loaded, or None: the extension is not built (one
     warning, the first time) or ``FASTPEFT_CPU_EXTENSION=0``."""
     if not _backend.cpu_extension_enabled() or _backend.cpu_extension()[0] is None:
         return None
     return torch.ops.fastpeft
 
 
-def compiled_short_attention(ops, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
-                             causal, softmax_scale, host):
-    """The short path through the C++ op (forward, and its backward in C++ when a gradient is needed):
-    out ``[B, Hq, L, D]`` in q's dtype."""
+def compiled():
+    """Whether this path runs in C++ here (else in Python)."""
+    return _cpu_kernels() is not None
+
+
+def forward(args, host, for_backward, in_cpp):
+    """The short path on canonical arguments (``host``: the sdpa backend's host plan of them): ``(out [B, Hq, L, D] in
+    q's dtype, lse [B, Hq, L] or None, saved)`` as the backend contract's ``forward``; ``saved`` holds the blocks
+    ``backward`` reads (empty unless ``for_backward``). ``in_cpp``: through the C++ kernels (``compiled()``)."""
+    if in_cpp:
+        return cpp_forward(args, host, for_backward)
+    return short_forward(args.q, args.k, args.v, args.prefix_k, args.prefix_v, args.prefix_index, args.prefix_lengths,
+                         args.key_padding_mask, args.causal, args.softmax_scale, host, for_backward)
+
+
+def cpp_forward(args, host, for_backward):
+    """``forward`` through the C++ forward kernel."""
+    q, k = args.q, args.k
     Hq, L = q.shape[1], q.shape[2]
-    bias = None  # not causal, or one query (it sees every key)
-    if causal and L > 1:
-        bias = _causal_bias(k.shape[2], L, Hq // k.shape[1], _accumulation_dtype(q.dtype), q.device)
-    return ops.short_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
-                                      key_padding_mask if host.padded else None, bias, softmax_scale, host.prefix_n,
-                                      host.padded, host.ragged)
+    causal_bias = None  # not causal, or one query (it sees every key)
+    if args.causal and L > 1:
+        causal_bias = _causal_bias(k.shape[2], L, Hq // k.shape[1], accumulation_dtype(q.dtype), q.device)
+    results = torch.ops.fastpeft._short_prefix_attention_fwd(
+        q, k, args.v, args.prefix_k, args.prefix_v, args.prefix_index, args.prefix_lengths,
+        args.key_padding_mask if host.padded else None, causal_bias, args.softmax_scale, host.prefix_n, host.padded,
+        host.ragged, for_backward)
+    if not for_backward:
+        return results[0], None, ()
+    return results[0], results[1], tuple(results[2:])
 
 
-def _accumulation_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _prefix_rows(prefix, prefix_index, n, acc):
-    """``[T, Hkv, P, D]`` -> the rows' first ``n`` entries: ``[1, Hkv, n, D]`` for a shared prefix (broadcast by
-    the matmuls), else one gather ``[B, Hkv, n, D]``."""
-    prefix = prefix[:, :, :n].to(acc)
-    return prefix if prefix.shape[0] == 1 else prefix.index_select(0, prefix_index)
+def backward(dout, args, saved, in_cpp):
+    """``(dq, dk, dv, dprefix_k, dprefix_v)`` in the inputs' dtype from ``forward``'s ``saved`` (same ``in_cpp``)."""
+    if in_cpp:
+        return tuple(torch.ops.fastpeft._short_prefix_attention_bwd(dout, saved, args.prefix_k, args.prefix_index,
+                                                                     args.softmax_scale))
+    dq, dk, dv, dprefix = short_backward(dout, saved, args.softmax_scale)
+    prefix_k, prefix_v = args.prefix_k, args.prefix_v
+    if dprefix is None:  # no prefix entry visible to any row
+        dprefix_k, dprefix_v = torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
+    else:
+        dprefix_k = sum_prefix_grads(dprefix[0], prefix_k, args.prefix_index, args.deterministic).to(prefix_k.dtype)
+        dprefix_v = sum_prefix_grads(dprefix[1], prefix_v, args.prefix_index, args.deterministic).to(prefix_v.dtype)
+    dtype = dout.dtype  # one dtype for every input (canonical arguments)
+    return dq.to(dtype), dk.to(dtype), dv.to(dtype), dprefix_k, dprefix_v
 
 
 @_own_precision
 def short_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal, softmax_scale,
                   host, keep_for_backward):
-    """Canonical arguments (``host``: ``sdpa_prefix_attention._host_plan`` of them) -> ``(out [B, Hq, L, D] in q's
-    dtype, saved)``; ``saved`` holds what ``short_backward`` needs (None unless ``keep_for_backward``). A query
-    that sees no key gets zeros.
+    """Canonical arguments (``host``: the sdpa backend's host plan of them) -> ``(out [B, Hq, L, D] in q's dtype,
+    lse [B, Hq, L], saved)``; ``lse`` (natural log, ``-inf`` for a query that sees no key, whose output is zeros) and
+    ``saved`` (what ``short_backward`` needs) only with ``keep_for_backward``, else None and ``()``.
 
     Scores are in base 2 (q is scaled by ``softmax_scale * log2(e)`` once): ``exp2`` is about 3x faster than
     ``exp`` on CPU, and unlike ``exp`` it does not slow down on the underflowing entries far below the maximum."""
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     group = Hq // Hkv
-    acc = _accumulation_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     n = host.prefix_n
     qs = torch.empty(B, Hq, L, D, dtype=acc, device=q.device)
     torch.mul(q, softmax_scale * _LOG2E, out=qs)            # one pass: scaled, contiguous, folded by the view below
@@ -134,25 +161,28 @@ def short_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key
         sk = torch.matmul(kk, qt)                                              # [B, Hkv, S, R]
     if host.padded:
         sk.add_(torch.zeros(B, 1, S, 1, dtype=acc, device=q.device).masked_fill_(
-            ~key_padding_mask[:, None, :, None], _NEG_INF))
+            ~key_padding_mask[:, None, :, None], NEG_INF))
     m = sk.amax(-2)                                                            # [B, Hkv, R]
     pk = pv = sp = None
     if n > 0:
-        pk, pv = _prefix_rows(prefix_k, prefix_index, n, acc), _prefix_rows(prefix_v, prefix_index, n, acc)
+        # [1 or B, Hkv, n, D]: a shared prefix is broadcast by the matmuls
+        pk = gather_prefix(prefix_k, prefix_index, n).to(acc)
+        pv = gather_prefix(prefix_v, prefix_index, n).to(acc)
         sp = torch.matmul(pk, qt)                                              # [B, Hkv, n, R]
         if host.ragged:
-            visible = torch.arange(n, device=q.device)[None, :] < prefix_lengths.index_select(0, prefix_index)[:, None]
-            sp.masked_fill_(~visible[:, None, :, None], _NEG_INF)
+            sp.masked_fill_(~prefix_visible(prefix_index, prefix_lengths, n)[:, None, :, None], NEG_INF)
         m = torch.maximum(m, sp.amax(-2))
     may_be_blind = host.padded or host.ragged
     if may_be_blind:  # a query that sees nothing: every score -inf; with m = 0 every exp2 is 0
-        m = m.masked_fill(m == _NEG_INF, 0.0)
+        m = m.masked_fill(m == NEG_INF, 0.0)
     shift = m.unsqueeze(-2)
     sk = sk.sub_(shift).exp2_()
     total = sk.sum(-2)
     if sp is not None:
         sp = sp.sub_(shift).exp2_()
         total = total.add_(sp.sum(-2))
+    # natural log, before the blind queries' total is set to 1: log2(0) + 0 = -inf for them
+    lse = total.log2().add_(m).mul_(_LN2).view(B, Hq, L) if keep_for_backward else None
     if may_be_blind:
         total = total.masked_fill_(total == 0, 1.0)
     inv = total.reciprocal_()                                                  # [B, Hkv, R]
@@ -162,8 +192,8 @@ def short_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key
     if sp is not None:
         out = out.add_(torch.matmul(sp.transpose(-1, -2), pv))
     out = out.mul_(inv.unsqueeze(-1))
-    saved = (qs, kk, vv, pk, pv, sk, sp, out, inv) if keep_for_backward else None
-    return out.view(B, Hq, L, D).to(q.dtype), saved
+    saved = (qs, kk, vv, pk, pv, sk, sp, out, inv) if keep_for_backward else ()
+    return out.view(B, Hq, L, D).to(q.dtype), lse, saved
 
 
 @_own_precision
@@ -198,17 +228,17 @@ def short_backward(dout, saved, softmax_scale):
 
 @_own_precision
 def block_attend(q, k, v, bias, scale):
-    """``_sdpa_ops.attend`` (non-causal) as matmuls over a small key block: ``q [B, H, R, D]``, ``k, v
+    """``aten_attention.attend`` (non-causal) as matmuls over a small key block: ``q [B, H, R, D]``, ``k, v
     [B, H, n, D]``, ``bias`` None or ``[B, 1, 1, n]`` (0 / -inf) -> ``(out [B, H, R, D], lse [B, H, R])`` in
     float32/64; a query that sees no key gets output zeros (its lse, -inf here, is overridden by the caller)."""
-    acc = _accumulation_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     q, k, v = q.to(acc), k.to(acc), v.to(acc)
     s = torch.matmul(k, q.transpose(-1, -2))                                   # [B, H, n, R]
     if bias is not None:
         s = s.add_(bias.to(acc).transpose(-1, -2))
     m = s.amax(-2, keepdim=True)
     if bias is not None:
-        m = m.masked_fill_(m == _NEG_INF, 0.0)
+        m = m.masked_fill_(m == NEG_INF, 0.0)
     e = s.sub_(m).mul_(scale * _LOG2E).exp2_()
     total = e.sum(-2, keepdim=True)
     lse = total.log().add_(m, alpha=scale).squeeze(-2)
@@ -218,9 +248,9 @@ def block_attend(q, k, v, bias, scale):
 
 @_own_precision
 def block_attend_backward(dout, q, k, v, bias, out, lse, scale):
-    """``_sdpa_ops.attend_backward`` (non-causal) for ``block_attend``: ``(dq, dk, dv)`` of this block given the
+    """``aten_attention.attend_backward`` (non-causal) for ``block_attend``: ``(dq, dk, dv)`` of this block given the
     merged ``out``/``lse`` it is a part of (``lse = +inf`` for a query that sees nothing), in float32/64."""
-    acc = _accumulation_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     q, k, v, dout, out = q.to(acc), k.to(acc), v.to(acc), dout.to(acc), out.to(acc)
     s = torch.matmul(k, q.transpose(-1, -2))
     if bias is not None:
