@@ -326,9 +326,10 @@ def test_short_prefix_parts_run_as_matmuls_on_cpu():
 
 def test_eager_calls_take_the_path_their_size_selects(monkeypatch):
     paths = []
-    short_forward, split_forward = sdpa_short.forward, sdpa._split_forward
-    monkeypatch.setattr(sdpa_short, "forward", lambda *args: paths.append("short") or short_forward(*args))
-    monkeypatch.setattr(sdpa, "_split_forward", lambda *args: paths.append("split") or split_forward(*args))
+    for module, name, path in ((sdpa_short, "forward", "short"), (sdpa_short, "autograd_forward", "short"),
+                               (sdpa, "_split_forward", "split")):
+        function = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, _f=function, _path=path: paths.append(_path) or _f(*args))
     small = make_inputs(EXTRA_CASES[-1], seed=1)
     # the short path (in C++ where fastpeft._cpu is built, in Python otherwise)
     assert fastpeft.prefix_attention(**small).grad_fn is not None and paths == ["short"]
@@ -506,8 +507,8 @@ def test_short_path_runs_the_cpu_extension_unless_switched_off(monkeypatch):
     if _backend.cpu_extension()[0] is None:
         pytest.skip(f"fastpeft._cpu: {_backend.cpu_extension()[1]}")
     calls = []
-    compiled = sdpa_short.cpp_forward
-    monkeypatch.setattr(sdpa_short, "cpp_forward", lambda *args: calls.append(1) or compiled(*args))
+    compiled = sdpa_short.autograd_forward
+    monkeypatch.setattr(sdpa_short, "autograd_forward", lambda *args: calls.append(1) or compiled(*args))
     inputs = make_inputs(EXTRA_CASES[-1], seed=1)
     fastpeft.prefix_attention(**inputs).sum().backward()
     assert calls == [1]

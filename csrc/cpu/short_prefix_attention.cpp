@@ -10,23 +10,26 @@
 //   * base-2 scores (q scaled by softmax_scale * log2(e)), unnormalized exponentials saved for the backward.
 // Decoding without a gradient takes a per-query kernel instead (attend_each_query).
 //
-// Private kernel ops of the sdpa backend (CPU key; importing fastpeft._cpu registers them under torch.ops.fastpeft).
-// The backend's one autograd path (fastpeft/ops/prefix_attention.py) connects them; they record no graph themselves:
+// Private kernel ops of the sdpa backend (importing fastpeft._cpu registers them under torch.ops.fastpeft):
 //   _short_prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask?,
 //                               causal_bias?, softmax_scale, prefix_n, padded, ragged, keep_for_backward) -> Tensor[]
 //     canonical arguments (fastpeft.ops.arguments) plus the host plan (prefix_n: entries attended, ragged: some row
 //     sees fewer, padded: key_padding_mask holds padding); causal_bias: the causal mask of the transposed folded key
 //     block [S, group * L] (0 / -inf), None when not causal or L == 1. Returns [out [B, Hq, L, D] in q's dtype], and
 //     with keep_for_backward also lse [B, Hq, L] (natural log, float32/64, -inf for a query that sees nothing) and
-//     the 9 tensors the backward reads.
-//   _short_prefix_attention_bwd(dout, saved, prefix_k, prefix_index, softmax_scale) -> [dq, dk, dv, dprefix_k,
-//                               dprefix_v] in the inputs' dtype, the prefix gradients summed per table entry.
+//     the 9 tensors the backward reads. CPU key only: the forward of a call without a gradient, and of the public
+//     custom op's (whose backward runs the split's from this lse).
+//   _short_prefix_attention(<the same, without keep_for_backward>) -> out
+//     the forward with its backward in C++ (Autograd key; ShortPrefixAttentionFunction): what an eager call with a
+//     gradient runs, so that its backward runs no Python (an autograd.Function around the two kernels costs ~100 us
+//     per layer and training step at the training suite's shape, a tenth of the attention's time there).
 // Arguments are validated by fastpeft.prefix_attention; the checks here only guard the layout.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <Python.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -41,8 +44,9 @@ constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
-// Inside the ops every ATen call skips autograd (the caller's autograd path owns the graph) and autocast (the math
-// runs in float32/64 whatever the ambient autocast; under it matmuls would run in bfloat16 and mix dtypes).
+// Inside the ops every ATen call skips autograd (ShortPrefixAttentionFunction, or the caller, owns the graph) and
+// autocast (the math runs in float32/64 whatever the ambient autocast; under it matmuls would run in bfloat16 and mix
+// dtypes).
 struct PlainComputeGuard {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::DispatchKey::AutocastCPU};
@@ -324,18 +328,93 @@ std::vector<at::Tensor> short_prefix_attention_bwd(const at::Tensor& dout, at::T
 
 }  // namespace
 
+namespace fastpeft {
+
+// The forward with its backward in C++: a training step's backward runs no Python at all, and the forward is one op
+// call.
+class ShortPrefixAttentionFunction : public torch::autograd::Function<ShortPrefixAttentionFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+                            const at::Tensor& prefix_index, const at::Tensor& prefix_lengths,
+                            const std::optional<at::Tensor>& key_padding_mask,
+                            const std::optional<at::Tensor>& causal_bias, double softmax_scale, int64_t prefix_n,
+                            bool padded, bool ragged) {
+    std::vector<at::Tensor> result =
+        short_prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
+                                   causal_bias, softmax_scale, prefix_n, padded, ragged, /*keep_for_backward=*/true);
+    // [out, lse, the backward's 9], then prefix_k and prefix_index (the lse is for the custom op's backward only)
+    std::vector<at::Tensor> saved(result.begin() + 2, result.end());
+    saved.push_back(prefix_k);
+    saved.push_back(prefix_index);
+    ctx->save_for_backward(saved);
+    ctx->saved_data["softmax_scale"] = softmax_scale;
+    return result[0];
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    const std::vector<at::Tensor> saved = ctx->get_saved_variables();
+    const size_t forward_saved = saved.size() - 2;  // then prefix_k, prefix_index
+    std::vector<at::Tensor> grads = short_prefix_attention_bwd(
+        grad_outputs[0], at::TensorList(saved.data(), forward_saved), saved[forward_saved], saved[forward_saved + 1],
+        ctx->saved_data["softmax_scale"].toDouble());
+    grads.resize(13);  // no gradient for prefix_index .. ragged
+    return grads;
+  }
+};
+
+}  // namespace fastpeft
+
+namespace {
+
+// CPU key (reached below autograd, e.g. under inference mode): the forward alone, nothing saved.
+at::Tensor short_prefix_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+                                      const at::Tensor& prefix_index, const at::Tensor& prefix_lengths,
+                                      const std::optional<at::Tensor>& key_padding_mask,
+                                      const std::optional<at::Tensor>& causal_bias, double softmax_scale,
+                                      int64_t prefix_n, bool padded, bool ragged) {
+  return short_prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
+                                    causal_bias, softmax_scale, prefix_n, padded, ragged, false)[0];
+}
+
+// Autograd key: through the Function when a gradient is needed, else the CPU kernel.
+at::Tensor short_prefix_attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+                                           const at::Tensor& prefix_index, const at::Tensor& prefix_lengths,
+                                           const std::optional<at::Tensor>& key_padding_mask,
+                                           const std::optional<at::Tensor>& causal_bias, double softmax_scale,
+                                           int64_t prefix_n, bool padded, bool ragged) {
+  const bool needs_grad = at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() ||
+                                                         v.requires_grad() || prefix_k.requires_grad() ||
+                                                         prefix_v.requires_grad());
+  if (needs_grad) {
+    return fastpeft::ShortPrefixAttentionFunction::apply(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
+                                                         key_padding_mask, causal_bias, softmax_scale, prefix_n,
+                                                         padded, ragged);
+  }
+  return short_prefix_attention_cpu(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
+                                    causal_bias, softmax_scale, prefix_n, padded, ragged);
+}
+
+}  // namespace
+
 TORCH_LIBRARY_FRAGMENT(fastpeft, m) {
   m.def("_short_prefix_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
         "Tensor prefix_index, Tensor prefix_lengths, Tensor? key_padding_mask, Tensor? causal_bias, "
         "float softmax_scale, int prefix_n, bool padded, bool ragged, bool keep_for_backward) -> Tensor[]");
-  m.def("_short_prefix_attention_bwd(Tensor dout, Tensor[] saved, Tensor prefix_k, Tensor prefix_index, "
-        "float softmax_scale) -> Tensor[]");
+  m.def("_short_prefix_attention(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
+        "Tensor prefix_index, Tensor prefix_lengths, Tensor? key_padding_mask, Tensor? causal_bias, "
+        "float softmax_scale, int prefix_n, bool padded, bool ragged) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastpeft, CPU, m) {
   m.impl("_short_prefix_attention_fwd", &short_prefix_attention_fwd);
-  m.impl("_short_prefix_attention_bwd", &short_prefix_attention_bwd);
+  m.impl("_short_prefix_attention", &short_prefix_attention_cpu);
 }
+
+TORCH_LIBRARY_IMPL(fastpeft, Autograd, m) { m.impl("_short_prefix_attention", &short_prefix_attention_autograd); }
 
 // A Python module without functions: importing fastpeft._cpu loads the library, whose static initializers above
 // register the ops. (No pybind11: it would triple the compile time for nothing.)

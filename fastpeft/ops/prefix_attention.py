@@ -9,8 +9,9 @@ One op, the same layers for every backend:
   (``prefix_attention_prevalidated``'s ``plan_cache``);
 * autograd: under ``torch.compile`` the custom ops of ``fastpeft.ops.library`` (their fakes and registered autograd
   let it trace); in eager mode the ``autograd.Function`` below, which calls the same backend functions without the
-  custom ops' dispatch and keeps the backend's plan (and whatever its forward kept) for its backward. Without a
-  gradient no autograd is involved at all, and one query per row runs the backend's decode path. The reference
+  custom ops' dispatch and keeps the backend's plan (and whatever its forward kept) for its backward, unless the
+  backend has a kernel with its own autograd for the call (``forward_with_autograd``: the C++ short CPU path). Without
+  a gradient no autograd is involved at all, and one query per row runs the backend's decode path. The reference
   backend is plain differentiable PyTorch: ordinary autograd, traced by torch.compile as it is;
 * the backends (``fastpeft.ops.backends``) implement one host contract: ``forward``, ``backward``, ``decode``,
   ``supports``.
@@ -89,7 +90,8 @@ def _run(args, backend, plan=None, needs_grad=None):
     if plan is None:
         plan = implementation.plan(args)
     if needs_grad:
-        return _PrefixAttention.apply(implementation, plan, *args)
+        out = implementation.forward_with_autograd(args, plan)
+        return out if out is not None else _PrefixAttention.apply(implementation, plan, *args)
     if decode:
         return implementation.decode(args, plan)
     return implementation.forward(args, plan, for_backward=False)[0]

@@ -454,6 +454,11 @@ class SdpaBackend(Backend):
         short = sdpa_short.use_short_path(args.q, args.k, host)
         return SdpaPlan(host, short, short and sdpa_short.compiled(), None)
 
+    def forward_with_autograd(self, args, plan):
+        if plan is not None and plan.short and plan.in_cpp:
+            return sdpa_short.autograd_forward(args, plan.host)
+        return None
+
     def forward(self, args, plan, for_backward):
         q = args.q
         if q.numel() == 0:
@@ -473,5 +478,5 @@ class SdpaBackend(Backend):
         if plan is None:
             plan = self.plan(args)
         if saved:   # the short path's forward kept its blocks
-            return sdpa_short.backward(dout, args, saved, plan.in_cpp) + (None,)
+            return sdpa_short.backward(dout, args, saved) + (None,)
         return _split_backward(dout, args, out, lse, plan, bias_grad)

@@ -23,13 +23,14 @@ then runs five matmuls and recomputes nothing::
 (per block; the prefix rows' gradients are summed per table entry like the split's). Computed in float32
 (float64 for float64 inputs); low-precision inputs are upcast, which at these sizes costs less than a fused call.
 
-The same math exists in C++ as one forward and one backward kernel op (``csrc/cpu/short_prefix_attention.cpp``,
-the extension ``fastpeft._cpu``), plus a per-query kernel for decoding without a gradient: at these sizes each of the
-~25 ATen calls per direction costs a few microseconds of Python and dispatch, as much as a fifth of the arithmetic.
-``forward``/``backward`` run them where the extension is built and not switched off (``FASTPEFT_CPU_EXTENSION=0``);
-the Python functions below are the fallback and the readable statement of the math. Both also return the
-log-sum-exp of every query when a backward may follow, so that a backward without the kept blocks (the custom ops'
-under torch.compile) can run the split's from it.
+The same math exists in C++ (``csrc/cpu/short_prefix_attention.cpp``, the extension ``fastpeft._cpu``): a forward
+kernel op, plus a per-query kernel for decoding without a gradient, and an op that records its backward in C++
+(``autograd_forward``): at these sizes each of the ~25 ATen calls per direction costs a few microseconds of Python and
+dispatch, as much as a fifth of the arithmetic, and so would the autograd.Function around two kernel calls. They run
+where the extension is built and not switched off (``FASTPEFT_CPU_EXTENSION=0``); the Python functions below are the
+fallback and the readable statement of the math. Both forwards also return the log-sum-exp of every query when a
+backward may follow, so that a backward without the kept blocks (the custom ops' under torch.compile) can run the
+split's from it.
 """
 
 import functools
@@ -95,34 +96,35 @@ def compiled():
 def forward(args, host, for_backward, in_cpp):
     """The short path on canonical arguments (``host``: the sdpa backend's host plan of them): ``(out [B, Hq, L, D] in
     q's dtype, lse [B, Hq, L] or None, saved)`` as the backend contract's ``forward``; ``saved`` holds the blocks
-    ``backward`` reads (empty unless ``for_backward``). ``in_cpp``: through the C++ kernels (``compiled()``)."""
+    ``backward`` reads (empty unless ``for_backward``, and always from C++, whose backward is ``autograd_forward``'s).
+    ``in_cpp``: through the C++ kernels (``compiled()``)."""
     if in_cpp:
-        return cpp_forward(args, host, for_backward)
+        results = torch.ops.fastpeft._short_prefix_attention_fwd(*_cpp_arguments(args, host), for_backward)
+        return results[0], (results[1] if for_backward else None), ()
     return short_forward(args.q, args.k, args.v, args.prefix_k, args.prefix_v, args.prefix_index, args.prefix_lengths,
                          args.key_padding_mask, args.causal, args.softmax_scale, host, for_backward)
 
 
-def cpp_forward(args, host, for_backward):
-    """``forward`` through the C++ forward kernel."""
+def autograd_forward(args, host):
+    """The short path through the C++ op that records its own backward (C++ autograd: the backward runs no Python,
+    and the forward is one op call): out ``[B, Hq, L, D]`` in q's dtype."""
+    return torch.ops.fastpeft._short_prefix_attention(*_cpp_arguments(args, host))
+
+
+def _cpp_arguments(args, host):
+    """The C++ ops' arguments: the canonical ones, the causal mask of the folded key block, the host plan."""
     q, k = args.q, args.k
     Hq, L = q.shape[1], q.shape[2]
     causal_bias = None  # not causal, or one query (it sees every key)
     if args.causal and L > 1:
         causal_bias = _causal_bias(k.shape[2], L, Hq // k.shape[1], accumulation_dtype(q.dtype), q.device)
-    results = torch.ops.fastpeft._short_prefix_attention_fwd(
-        q, k, args.v, args.prefix_k, args.prefix_v, args.prefix_index, args.prefix_lengths,
-        args.key_padding_mask if host.padded else None, causal_bias, args.softmax_scale, host.prefix_n, host.padded,
-        host.ragged, for_backward)
-    if not for_backward:
-        return results[0], None, ()
-    return results[0], results[1], tuple(results[2:])
+    return (q, k, args.v, args.prefix_k, args.prefix_v, args.prefix_index, args.prefix_lengths,
+            args.key_padding_mask if host.padded else None, causal_bias, args.softmax_scale, host.prefix_n,
+            host.padded, host.ragged)
 
 
-def backward(dout, args, saved, in_cpp):
-    """``(dq, dk, dv, dprefix_k, dprefix_v)`` in the inputs' dtype from ``forward``'s ``saved`` (same ``in_cpp``)."""
-    if in_cpp:
-        return tuple(torch.ops.fastpeft._short_prefix_attention_bwd(dout, saved, args.prefix_k, args.prefix_index,
-                                                                     args.softmax_scale))
+def backward(dout, args, saved):
+    """``(dq, dk, dv, dprefix_k, dprefix_v)`` in the inputs' dtype from the Python ``forward``'s ``saved``."""
     dq, dk, dv, dprefix = short_backward(dout, saved, args.softmax_scale)
     prefix_k, prefix_v = args.prefix_k, args.prefix_v
     if dprefix is None:  # no prefix entry visible to any row
