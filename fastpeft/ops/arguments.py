@@ -112,7 +112,7 @@ def canonicalize(q, k, v, prefix_k, prefix_v, prefix_index=None, prefix_lengths=
     else:
         _check_integer("prefix_index", prefix_index, (B,), q.device)
         if check_values and B > 0:
-            lo, hi = int(prefix_index.min()), int(prefix_index.max())
+            lo, hi = (int(x) for x in torch.aminmax(prefix_index))
             if lo < 0 or hi >= T:
                 raise IndexError(f"prefix_index values must lie in [0, T={T}), got min {lo}, max {hi}")
         prefix_index = prefix_index.to(torch.int32)
@@ -122,7 +122,7 @@ def canonicalize(q, k, v, prefix_k, prefix_v, prefix_index=None, prefix_lengths=
     else:
         _check_integer("prefix_lengths", prefix_lengths, (T,), q.device)
         if check_values:
-            lo, hi = int(prefix_lengths.min()), int(prefix_lengths.max())
+            lo, hi = (int(x) for x in torch.aminmax(prefix_lengths))
             if lo < 0 or hi > P:
                 raise ValueError(f"prefix_lengths values must lie in [0, P={P}], got min {lo}, max {hi}")
         prefix_lengths = prefix_lengths.to(torch.int32)

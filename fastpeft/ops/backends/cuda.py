@@ -22,7 +22,7 @@ class CudaBackend(Backend):
 
     def unavailable(self, device, dtype):
         if device.type != "cuda":
-            return f"needs CUDA tensors, got {device.type}"
+            return "needs CUDA tensors"
         if dtype not in SUPPORTED_DTYPES:
             return f"the CUDA kernels take no {dtype} inputs"
         module, why = _backend.cuda_extension()   # (the first failed load warns once itself)

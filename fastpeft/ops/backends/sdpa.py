@@ -82,8 +82,9 @@ def host_plan(q, prefix_k, prefix_index, prefix_lengths, key_padding_mask):
     elif P > 0:  # cut the prefix to the longest row, mask only when rows differ
         lengths = row_lengths(prefix_index, prefix_lengths)  # [B]
         if lengths.numel():
-            n = min(int(lengths.max()), P)
-            ragged = bool((lengths < n).any())
+            shortest, longest = (int(x) for x in torch.aminmax(lengths))   # (one op: this runs once per call)
+            n = min(longest, P)
+            ragged = shortest < n
     padded = key_padding_mask is not None and not bool(key_padding_mask.all())
     return Host(n, ragged, padded)
 
@@ -458,6 +459,11 @@ class SdpaBackend(Backend):
         if plan is not None and plan.short and plan.in_cpp:
             return sdpa_short.autograd_forward(args, plan.host)
         return None
+
+    def decode(self, args, plan):
+        if plan is not None and plan.short:   # (the per-query C++ kernel where it is built)
+            return sdpa_short.forward(args, plan.host, False, plan.in_cpp)[0]
+        return self.forward(args, plan, for_backward=False)[0]
 
     def forward(self, args, plan, for_backward):
         q = args.q

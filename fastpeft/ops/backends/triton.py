@@ -21,7 +21,7 @@ class TritonBackend(Backend):
     def unavailable(self, device, dtype):
         # Device first: a plain CPU call must not pay for importing triton.
         if not (device.type == "cuda" or (device.type == "cpu" and _backend.triton_interpreting())):
-            return f"needs CUDA tensors (or TRITON_INTERPRET=1 to interpret the kernels on CPU), got {device.type}"
+            return "needs CUDA tensors (or TRITON_INTERPRET=1 to interpret the kernels on CPU)"
         if dtype == torch.float64:
             return "the Triton kernels take no float64 inputs"
         available, why = _backend.triton_available()
