@@ -56,6 +56,7 @@ def main():
         # Triton fixes its interpreter mode when first imported; fastpeft's own import does not import it.
         os.environ.setdefault("TRITON_INTERPRET", "1")
     from .ops import backend_table, prefix_attention, registry
+    from .ops.backends.base import Case
 
     print(f"prefix_attention backends for {device} tensors (dispatch order):")
     for name, available, why in backend_table(torch.device(device)):
@@ -63,15 +64,13 @@ def main():
     print()
 
     modes = {"training": (16, True), "decode": (1, False)}
-    runs = [("reference", device, torch.float32, mode) for mode in modes]
-    for dtype in (torch.float32, torch.bfloat16):
-        if registry.get("sdpa").unavailable(torch.device(device), dtype) is None:
-            runs += [("sdpa", device, dtype, mode) for mode in modes]
-    if registry.get("triton").unavailable(torch.device(device), torch.float32) is None:
-        dtypes = (torch.float32, torch.bfloat16) if device == "cuda" else (torch.float32,)
-        runs += [("triton", device, dtype, mode) for dtype in dtypes for mode in modes]
-    if registry.get("cuda").unavailable(torch.device(device), torch.float32) is None:
-        runs += [("cuda", device, dtype, "decode") for dtype in (torch.float32, torch.bfloat16)]
+    # Every backend on every case it supports here: float32, and bfloat16 where it is not interpreted.
+    runs = []
+    for name in registry.NAMES:
+        dtypes = (torch.float32,) if name == "reference" or (name == "triton" and device == "cpu") else (
+            torch.float32, torch.bfloat16)
+        runs += [(name, device, dtype, mode) for dtype in dtypes for mode, (L, grad) in modes.items()
+                 if registry.get(name).supports(Case(torch.device(device), dtype, decode=not grad, bias=False)) is None]
 
     os.environ["FASTPEFT_BACKEND"] = "reference"
     expected = {mode: _run(prefix_attention, _inputs("cpu", torch.float64, L), grad)

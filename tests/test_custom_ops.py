@@ -84,7 +84,7 @@ def _forward_args(backend, bias, requires_grad):
 
 def _bias_cases(backend):
     """Without and, where the backend takes one, with an attention bias."""
-    takes_bias = registry.get(backend).out_of_scope(Case(torch.device("cpu"), torch.float32, False, True)) is None
+    takes_bias = registry.get(backend).supports(Case(torch.device("cpu"), torch.float32, False, True)) is None
     return [False, True] if takes_bias else [False]
 
 

@@ -80,24 +80,17 @@ def _causal_bias(S, L, group, dtype, device):
     return hidden[:, None, :].expand(S, group, L).reshape(S, group * L)
 
 
-def _cpu_kernels():
-    """``torch.ops.fastpeft`` with the C++ kernels of this path loaded, or None: the extension is not built (one
-    warning, the first time) or ``FASTPEFT_CPU_EXTENSION=0``."""
-    if not _backend.cpu_extension_enabled() or _backend.cpu_extension()[0] is None:
-        return None
-    return torch.ops.fastpeft
-
-
 def compiled():
-    """Whether this path runs in C++ here (else in Python)."""
-    return _cpu_kernels() is not None
+    """Whether this path runs in C++ here: the extension is built (else one warning, the first time) and not switched
+    off (``FASTPEFT_CPU_EXTENSION=0``); otherwise it runs in Python."""
+    return _backend.cpu_extension_enabled() and _backend.cpu_extension()[0] is not None
 
 
 def forward(args, host, for_backward, in_cpp):
     """The short path on canonical arguments (``host``: the sdpa backend's host plan of them): ``(out [B, Hq, L, D] in
-    q's dtype, lse [B, Hq, L] or None, saved)`` as the backend contract's ``forward``; ``saved`` holds the blocks
-    ``backward`` reads (empty unless ``for_backward``, and always from C++, whose backward is ``autograd_forward``'s).
-    ``in_cpp``: through the C++ kernels (``compiled()``)."""
+    q's dtype, lse [B, Hq, L] or None, saved)`` as the backend contract's ``forward``. ``saved``: the blocks the Python
+    ``backward`` reads, with ``for_backward`` in Python (the C++ forward keeps none: its backward is
+    ``autograd_forward``'s). ``in_cpp``: through the C++ kernels (``compiled()``)."""
     if in_cpp:
         results = torch.ops.fastpeft._short_prefix_attention_fwd(*_cpp_arguments(args, host), for_backward)
         return results[0], (results[1] if for_backward else None), ()
