@@ -21,6 +21,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .. import observe
 from . import library, registry
 from .arguments import AttentionArgs, canonicalize
 
@@ -75,6 +76,7 @@ _EAGER_BIAS_INPUT = 10  # position of attn_bias among _PrefixAttention.forward's
 def _run(args, backend, plan=None, needs_grad=None):
     """Canonical arguments on the chosen backend -> out. ``plan``: the backend's plan of these arguments when the
     caller made it already (``prefix_attention_prevalidated``'s ``plan_cache``)."""
+    observe.record_attention_call(backend)
     implementation = registry.get(backend)
     if implementation.differentiable:   # the reference: ordinary autograd, traced as it is
         return implementation.forward(args, plan, for_backward=False)[0]

@@ -10,6 +10,7 @@ both blocks before the masks, as FlashAttention's / xformers' ``attn_bias``; it 
 
 import torch
 
+from .. import observe
 from .arguments import accumulation_dtype
 from .masks import causal_visible, prefix_visible
 from .prefix_table import gather_prefix
@@ -91,5 +92,8 @@ def reference_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, prefix
     models with attention dropout. ``attn_bias`` None or ``[1 or B, 1 or Hq, 1 or L, P + S]`` in q's dtype, added
     to the scaled scores over ``[prefix ; k]`` before masking. Returns ``[B, Hq, L, D]`` in q's dtype.
     """
+    # Calls of this function bypass the dispatch of ``fastpeft.prefix_attention`` (which counts the calls it runs,
+    # on the reference backend too, through ``reference_attention``): the integrations' attention-dropout path.
+    observe.record_attention_call("reference")
     return reference_attention(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal,
                                softmax_scale, dropout_p, attn_bias)[0]
