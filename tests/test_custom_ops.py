@@ -2,7 +2,8 @@
 through ``torch.library.opcheck`` (schema, fake implementation with its strides, autograd registration, AOT dispatch
 with dynamic shapes) on every backend that runs here: reference, sdpa (its split and its short path) and, on CPU, the
 Triton kernels under the interpreter; with the layouts models hand over (``[B, L, H, D]`` buffers viewed as
-``[B, H, L, D]``), a ragged prefix table, GQA, a cache before the queries, left padding and an attention bias. Then
+``[B, H, L, D]``), a ragged prefix table, GQA, a cache before the queries, left padding, an attention bias, and a
+power-of-two and an odd head size. Then
 ``torch.compile(fullgraph=True)`` of ``fastpeft.prefix_attention`` with the default compiler (inductor, which checks
 every output's strides against the fake's), forward and backward, equal to eager on each backend. The C++ kernel ops
 of the sdpa backend's short path are checked for their schema and autograd registration (they are never traced: no
@@ -20,7 +21,8 @@ from fastpeft.ops.backends.base import Case
 from tests.cases import GRAD_NAMES
 from tests.reference import assert_close
 
-B, Hq, Hkv, L, S, P, D, T = 2, 4, 2, 5, 7, 3, 16, 3
+B, Hq, Hkv, L, S, P, T = 2, 4, 2, 5, 7, 3, 3
+HEAD_SIZES = (16, 13)   # a power of two, and an odd size the kernels pad (and sdpa's fused ops take as it is)
 
 
 def _model_layout(*shape, generator):
@@ -29,10 +31,11 @@ def _model_layout(*shape, generator):
     return torch.randn(b, n, h, d, generator=generator).transpose(1, 2)
 
 
-def _inputs(queries=L, bias=False, seed=0):
+def _inputs(head_size, queries=L, bias=False, seed=0):
     g = torch.Generator().manual_seed(seed)
     mask = torch.ones(B, S, dtype=torch.bool)
     mask[1, :3] = False
+    D = head_size
     inputs = dict(q=_model_layout(B, Hq, queries, D, generator=g), k=_model_layout(B, Hkv, S, D, generator=g),
                   v=_model_layout(B, Hkv, S, D, generator=g), prefix_k=torch.randn(T, Hkv, P, D, generator=g),
                   prefix_v=torch.randn(T, Hkv, P, D, generator=g), prefix_index=torch.tensor([2, 0]),
@@ -75,8 +78,13 @@ def any_backend(request, monkeypatch):
     return _use(request.param, monkeypatch)
 
 
-def _forward_args(backend, bias, requires_grad):
-    args = canonicalize(**_inputs(bias=bias))
+@pytest.fixture(params=HEAD_SIZES, ids=lambda d: f"d{d}")
+def head_size(request):
+    return request.param
+
+
+def _forward_args(backend, head_size, bias, requires_grad):
+    args = canonicalize(**_inputs(head_size, bias=bias))
     tensors = [t.detach().requires_grad_(requires_grad) if t is not None and t.is_floating_point() else t
                for t in args[:9]]
     return (*tensors, *args[9:], backend)
@@ -88,31 +96,32 @@ def _bias_cases(backend):
     return [False, True] if takes_bias else [False]
 
 
-def test_forward_op_passes_opcheck(backend):
+def test_forward_op_passes_opcheck(backend, head_size):
     for bias in _bias_cases(backend):
-        torch.library.opcheck(library.prefix_attention_fwd, _forward_args(backend, bias, requires_grad=True))
+        torch.library.opcheck(library.prefix_attention_fwd,
+                              _forward_args(backend, head_size, bias, requires_grad=True))
 
 
-def test_backward_op_passes_opcheck(backend):
+def test_backward_op_passes_opcheck(backend, head_size):
     for bias in _bias_cases(backend):
-        fwd_args = _forward_args(backend, bias, requires_grad=False)
+        fwd_args = _forward_args(backend, head_size, bias, requires_grad=False)
         out, lse = library.prefix_attention_fwd(*fwd_args)
-        dout = torch.randn(B, L, Hq, D, generator=torch.Generator().manual_seed(5)).transpose(1, 2)
+        dout = torch.randn(B, L, Hq, head_size, generator=torch.Generator().manual_seed(5)).transpose(1, 2)
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, mask, attn_bias, causal, scale, det, _ = fwd_args
         torch.library.opcheck(library.prefix_attention_bwd,
                               (dout, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, mask, attn_bias, out,
                                lse, causal, scale, det, bias, backend))
 
 
-def test_decode_op_passes_opcheck(backend):
-    args = canonicalize(**_inputs(queries=1))
+def test_decode_op_passes_opcheck(backend, head_size):
+    args = canonicalize(**_inputs(head_size, queries=1))
     torch.library.opcheck(library.prefix_decode, (*args[:8], args.causal, args.softmax_scale, backend))
 
 
 def test_cpu_kernel_ops_keep_their_schema():
     if _backend.cpu_extension()[0] is None:
         pytest.skip(f"fastpeft._cpu: {_backend.cpu_extension()[1]}")
-    args = canonicalize(**_inputs())
+    args = canonicalize(**_inputs(HEAD_SIZES[0]))
     host = (P, True, True)   # every entry attended; ragged lengths; padding keys
     causal_bias = torch.zeros(S, Hq // Hkv * L)
     kernel_args = (*args[:8], causal_bias, args.softmax_scale, *host)
@@ -139,13 +148,13 @@ def _forward_and_grads(fn, inputs, dout):
     return out.detach(), {n: leaves[n].grad for n in grads}
 
 
-def test_compiled_forward_and_backward_equal_eager(any_backend):
+def test_compiled_forward_and_backward_equal_eager(any_backend, head_size):
     backend = any_backend
     torch._dynamo.reset()
     compiled = torch.compile(fastpeft.prefix_attention, fullgraph=True)
-    dout = torch.randn(B, L, Hq, D, generator=torch.Generator().manual_seed(7)).transpose(1, 2)
+    dout = torch.randn(B, L, Hq, head_size, generator=torch.Generator().manual_seed(7)).transpose(1, 2)
     for bias in _bias_cases(backend):
-        inputs = _inputs(bias=bias, seed=3)
+        inputs = _inputs(head_size, bias=bias, seed=3)
         out_c, grads_c = _forward_and_grads(compiled, inputs, dout)
         out_e, grads_e = _forward_and_grads(fastpeft.prefix_attention, inputs, dout)
         assert_close(out_c, out_e, 1e-6, f"compiled out (bias={bias})")
@@ -153,9 +162,9 @@ def test_compiled_forward_and_backward_equal_eager(any_backend):
             assert_close(grads_c[name], grad, 1e-6, f"compiled d{name} (bias={bias})")
 
 
-def test_compiled_decode_equals_eager(any_backend):
+def test_compiled_decode_equals_eager(any_backend, head_size):
     torch._dynamo.reset()
     compiled = torch.compile(fastpeft.prefix_attention, fullgraph=True)
-    inputs = _inputs(queries=1, seed=4)
+    inputs = _inputs(head_size, queries=1, seed=4)
     with torch.no_grad():
         assert_close(compiled(**inputs), fastpeft.prefix_attention(**inputs), 1e-6, "compiled decode")

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import fastpeft
-
 from fastpeft.ops import registry
 
 dispatch = importlib.import_module("fastpeft.ops.prefix_attention")   # fastpeft.ops re-exports the function
