@@ -46,7 +46,7 @@ def _spy_attention_calls(monkeypatch):
 @pytest.mark.parametrize("family", ["llama", "bert"])
 def test_prefix_is_fused_not_expanded(family, monkeypatch):
     """The encoder runs once per step; every layer gets shared [Hkv, P, D] prefix K/V; keys are the real tokens
-    only; the mask is 2-D."""
+    only; the mask is the key padding mask [B, 1, 1, L], no 4-D causal mask."""
     peft_model = fastpeft.accelerate(make_peft_model(family, "prefix_projection"))
     ids, mask, labels = batch_and_labels(family)
     calls = _spy_attention_calls(monkeypatch)
@@ -62,14 +62,16 @@ def test_prefix_is_fused_not_expanded(family, monkeypatch):
     assert len(calls) == config.num_layers
     for key_length, attention_mask, spec in calls:
         assert key_length == ids.shape[1]
-        assert attention_mask is not None and attention_mask.shape == ids.shape
+        assert attention_mask is not None and attention_mask.shape == (ids.shape[0], 1, 1, ids.shape[1])
+        assert torch.equal(attention_mask[:, 0, 0], mask.bool())
         assert all(k.shape == (config.num_attention_heads, NUM_VIRTUAL_TOKENS, head_dim) for k in spec.keys)
         assert spec.prefix_index is None
 
 
 @pytest.mark.parametrize("method", ["prompt", "p_tuning"])
-def test_prompt_learning_attention_gets_a_2d_mask(method, monkeypatch):
-    """Virtual tokens are part of the sequence: keys cover P + L, padding arrives as a [B, P + L] mask."""
+def test_prompt_learning_attention_gets_a_key_padding_mask(method, monkeypatch):
+    """Virtual tokens are part of the sequence: keys cover P + L, padding arrives as a [B, 1, 1, P + L] key padding
+    mask."""
     peft_model = fastpeft.accelerate(make_peft_model("qwen2", method))
     ids, mask, labels = batch_and_labels("qwen2")
     calls = _spy_attention_calls(monkeypatch)
@@ -78,9 +80,9 @@ def test_prompt_learning_attention_gets_a_2d_mask(method, monkeypatch):
     for key_length, attention_mask, spec in calls:
         assert key_length == NUM_VIRTUAL_TOKENS + ids.shape[1]
         assert spec is None
-        assert attention_mask.shape == (ids.shape[0], key_length)
-        assert attention_mask[:, :NUM_VIRTUAL_TOKENS].all() and torch.equal(
-            attention_mask[:, NUM_VIRTUAL_TOKENS:], mask.bool())
+        assert attention_mask.shape == (ids.shape[0], 1, 1, key_length)
+        assert attention_mask[:, 0, 0, :NUM_VIRTUAL_TOKENS].all() and torch.equal(
+            attention_mask[:, 0, 0, NUM_VIRTUAL_TOKENS:], mask.bool())
 
 
 def test_prefix_keys_values_are_peft_layout():
@@ -184,15 +186,16 @@ def test_refuses_non_peft_and_non_prompt_learning():
 
 
 def test_strict_refuses_unsupported_family():
-    """Falcon's attention is hand-written (it bypasses transformers' attention interface): with strict=True
-    refused, untouched (the default fallback is tested in test_accelerate_families.py)."""
-    import transformers as tf
+    """A model whose attention is hand-written (it bypasses transformers' attention interface, as Falcon's did up to
+    transformers 5.24): with strict=True refused, untouched (the default fallback is tested in
+    test_accelerate_families.py)."""
     from peft import get_peft_model
 
-    config = tf.FalconConfig(vocab_size=128, hidden_size=128, num_hidden_layers=2, num_attention_heads=4)
+    from tests.model_bypassing_attention_interface import tiny_handwritten_attention_model
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        peft_model = get_peft_model(tf.FalconForCausalLM(config), peft_config("prompt", "falcon"))
+        peft_model = get_peft_model(tiny_handwritten_attention_model(), peft_config("prompt", "llama"))
     with pytest.raises(ValueError, match="attention interface"):
         fastpeft.accelerate(peft_model, strict=True)
     assert peft_model.config._attn_implementation != attention.ATTN_IMPLEMENTATION
@@ -430,7 +433,7 @@ def test_strict_refuses_softcapped_family():
 
 def test_mask_function_accepts_both_transformers_call_styles():
     """Recent transformers call mask functions with q_length/q_offset, older ones with cache_position; either way
-    the result is the 2-D boolean key padding mask over the last kv_length keys."""
+    the result is the boolean key padding mask [B, 1, 1, kv_length] over the last kv_length keys."""
     from transformers.masking_utils import causal_mask_function
 
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
@@ -439,7 +442,7 @@ def test_mask_function_accepts_both_transformers_call_styles():
     old_style = attention.fastpeft_mask(batch_size=2, cache_position=torch.arange(2, 4), kv_length=4, kv_offset=0,
                                         mask_function=causal_mask_function, attention_mask=mask)
     for result in (new_style, old_style):
-        assert result.dtype == torch.bool and torch.equal(result, mask[:, -4:].bool())
+        assert result.dtype == torch.bool and torch.equal(result, mask[:, None, None, -4:].bool())
     assert attention.fastpeft_mask(batch_size=2, cache_position=torch.arange(4), kv_length=4,
                                    mask_function=causal_mask_function, attention_mask=None) is None
     # On CPU a mask without padding among the keys attention sees is no mask (every layer skips its handling).

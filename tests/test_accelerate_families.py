@@ -231,7 +231,7 @@ def test_gemma3_sliding_window_shorter_than_prefix_and_sequence_matches_peft(mon
     assert_close(torch.stack(out.logits), reference_logits, 1e-5, "gemma3 window 8 step logits")
 
 
-def _assert_fallback(peft_model, match, task="causal", family="falcon"):
+def _assert_fallback(peft_model, match, task="causal", family="llama"):
     """accelerate() on a backbone fastpeft cannot compute: a FallbackWarning naming why, the model untouched and
     giving PEFT's own loss and prompt gradients; strict=True raises with the same reason; restore() undoes it."""
     ids, mask, labels = batch(family, task)
@@ -254,13 +254,13 @@ def _assert_fallback(peft_model, match, task="causal", family="falcon"):
 
 
 def test_model_bypassing_the_attention_interface_falls_back():
-    """Falcon computes attention by hand (no _supports_attention_backend): PEFT's path, with the reason."""
-    import transformers as tf
+    """A model that computes attention by hand (no _supports_attention_backend, no attention-interface lookup in its
+    module; Falcon up to transformers 5.24): PEFT's path, with the reason."""
     from peft import PromptTuningConfig, get_peft_model
 
-    torch.manual_seed(0)
-    config = tf.FalconConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB)
-    peft_model = get_peft_model(tf.FalconForCausalLM(config).eval(),
+    from tests.model_bypassing_attention_interface import tiny_handwritten_attention_model
+
+    peft_model = get_peft_model(tiny_handwritten_attention_model(vocab_size=VOCAB),
                                 PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
     _assert_fallback(peft_model, "attention interface")
 
