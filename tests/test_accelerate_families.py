@@ -213,6 +213,30 @@ def test_feature_extraction_matches_peft(family, method):
         assert_close(grads[name], grad, 1e-5, f"{family}/{method} grad {name}")
 
 
+@pytest.mark.parametrize("method", ["prefix", "prefix_projection"])
+def test_roberta_prefix_tuning_of_padded_ids_without_a_mask_is_the_all_ones_mask(method):
+    """RoBERTa numbers pads padding_idx and restarts its count after them; fastpeft hands the backbone those
+    positions (plus P). transformers 5.25 reads restarting position ids without an attention mask as packed
+    sequences; PEFT hands no position ids there, so its attention sees every key: without a mask the accelerated model
+    gives what an all-ones mask gives (feature extraction: also PEFT's own forward without a mask), on every release."""
+    ids, _, _ = batch("roberta", task="features")
+    assert (ids == 1).any(), "the batch must hold pad ids for the check to mean anything"
+    ones = torch.ones_like(ids)
+    features = make("roberta", method, task="features")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = features(input_ids=ids).last_hidden_state
+        fastpeft.accelerate(features, strict=True)
+        hidden = features(input_ids=ids).last_hidden_state
+        assert_close(hidden, features(input_ids=ids, attention_mask=ones).last_hidden_state, 1e-6, "no mask vs ones")
+    assert_close(hidden, expected, 1e-5, f"{method} hidden states vs PEFT without a mask")
+
+    classifier = fastpeft.accelerate(make("roberta", method, task="seq_cls"), strict=True)
+    with torch.no_grad():
+        logits = classifier(input_ids=ids).logits
+        assert_close(logits, classifier(input_ids=ids, attention_mask=ones).logits, 1e-6, "classifier logits")
+
+
 # ----- refusals ------------------------------------------------------------------------------------------------
 
 

@@ -392,6 +392,21 @@ def _kv_sharing_sources(peft_model):
     return state.kv_sharing_sources
 
 
+def _check_padding_with_prefixless_layers(spec, attention_mask, model_name):
+    """Raise ValueError for a padded batch (``attention_mask`` ``[B, S]`` with a 0) when some layer sees no prefix
+    (``_gemma_layer_prefixes``). PEFT extends the attention mask by P ones for its prefix cache, but transformers
+    builds such a layer's mask for its own, prefix-less keys from the first columns of that extended mask: in PEFT
+    its padding is read shifted by P, which fastpeft does not reproduce. Costs one read of the mask (a device sync)
+    per call, for these layouts only."""
+    if attention_mask is None or all(keys is not None for keys in spec.keys) or bool(attention_mask.all()):
+        return
+    skipped = [layer for layer, keys in enumerate(spec.keys) if keys is None]
+    raise ValueError(f"PEFT's prefix skips layers {skipped} of {model_name} (their KV shape does not fit the "
+                     "prefix); in PEFT those layers then read a padded batch's attention mask shifted by the prefix "
+                     "length, which fastpeft does not reproduce. Pass batches without padding, or size the prefix "
+                     "for every layer (PrefixTuningConfig's token_dim and num_attention_heads)")
+
+
 def _prefix_positions(spec, num_virtual_tokens):
     """How many tokens PEFT's prefix cache puts before the real ones where the backbone counts its positions: its
     first layer's cache length (transformers numbers tokens after ``cache.get_seq_length()``, which reads layer 0).
@@ -509,6 +524,7 @@ def _accelerated_forward(self, input_ids=None, attention_mask=None, inputs_embed
     start = config.num_virtual_tokens + past_length
     queries = torch.arange(start, start + reference.shape[1], device=reference.device)[None]
     spec = dataclasses.replace(prefix_spec(self), query_positions=queries)
+    _check_padding_with_prefixless_layers(spec, attention_mask, type(base).__name__)
     scheme, user_positions = _position_scheme(self), kwargs.get("position_ids")
     kwargs["position_ids"] = _prefix_position_ids(scheme, user_positions, config.num_virtual_tokens, past_length,
                                                   input_ids, attention_mask, reference,
@@ -697,6 +713,7 @@ def _accelerated_generate(self, *args, **kwargs):
     scheme = _position_scheme(self)
     with torch.no_grad():
         spec = prefix_spec(self) if prefix_tuning else _virtual_token_prefix_spec(self)
+    _check_padding_with_prefixless_layers(spec, kwargs.get("attention_mask"), type(base).__name__)
     steps = attention.GenerationStepChecks(type(base).__name__, "the prefix" if prefix_tuning
                                            else "the virtual tokens' keys and values")
     cached_prefix = _prefix_positions(spec, num_virtual_tokens)
