@@ -11,7 +11,8 @@ import fastpeft
 from fastpeft.integration import attention
 from tests.accelerate_helpers import (METHODS, NUM_VIRTUAL_TOKENS, assert_same_step, assert_within_own_error,
                                       batch_and_labels, forbid_framework_attention, greedy, interpreted_triton,
-                                      make_peft_model, peft_config, reference_greedy, training_step)
+                                      make_peft_model, peft_config, randomize_prompt_parameters, reference_greedy,
+                                      training_step)
 from tests.models import ALL_FAMILIES, tiny_model
 from tests.reference import assert_close
 
@@ -199,6 +200,30 @@ def test_strict_refuses_unsupported_family():
     with pytest.raises(ValueError, match="attention interface"):
         fastpeft.accelerate(peft_model, strict=True)
     assert peft_model.config._attn_implementation != attention.ATTN_IMPLEMENTATION
+
+
+def test_hub_kernels_leave_fastpeft_attention_in_place(tmp_path):
+    """transformers >= 5.25 kernelizes models that from_pretrained loads (USE_HUB_KERNELS, on by default): hub
+    kernels replace layers such as RMSNorm and rotary embeddings (on CUDA; on CPU none applies), never the attention
+    function, which accelerate sets per instance. Switching train/eval re-kernelizes: fastpeft's attention stays, and
+    the accelerated step equals PEFT's on the kernelized model."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    tiny_model("llama").save_pretrained(tmp_path)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path)
+    if not getattr(base, "use_kernels", False):
+        pytest.skip("this transformers release (or its environment) does not kernelize from_pretrained models")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(base, peft_config("prefix", "llama"))
+    randomize_prompt_parameters(peft_model, 3)
+    ids, mask, labels = batch_and_labels("llama")
+    expected = training_step(peft_model, ids, mask, labels)  # switches train -> eval: re-kernelized twice
+    fastpeft.accelerate(peft_model, strict=True)
+    peft_model.train()
+    assert peft_model.get_base_model().config._attn_implementation == attention.ATTN_IMPLEMENTATION
+    assert_same_step(training_step(peft_model, ids, mask, labels), expected, what="kernelized llama")
 
 
 def test_encoder_decoder_prefix_tuning_without_shiftable_positions_is_refused_by_name():
