@@ -286,7 +286,9 @@ def passes_kwargs_to_attention(model):
     sets it on model classes whose attention goes through the attention interface (``ALL_ATTENTION_FUNCTIONS``)
     *and* which hand the forward's keyword arguments down to every attention call. fastpeft's prefix tuning needs
     both (the prefix travels as the ``fastpeft_prefix`` keyword). Classes with hand-written attention leave it False
-    (GPT-J on 5.17, Falcon, DeBERTa), and so do some that use the interface without declaring it (BART, T5)."""
+    (GPT-J on 5.17, Falcon up to 5.24, DeBERTa), and so do some that use the interface without declaring it (BART, T5,
+    Falcon on 5.25). A class may declare it while a layer drops the keyword anyway: every call also checks that each
+    layer's attention took its prefix (``attention.PrefixSpec.check_consumed``)."""
     cls = model if isinstance(model, type) else type(model)
     return bool(getattr(cls, "_supports_attention_backend", False))
 

@@ -15,9 +15,11 @@
 * hand-written attention of a family in ``handwritten`` (DeBERTa's disentangled attention; GPT-J's on transformers
   5.17) is computed through an instance patch of its attention modules (``handwritten.patch``), which ``restore``
   undoes;
-* a backbone whose attention fastpeft cannot compute (other hand-written attention such as Falcon's, or a feature
-  the kernels lack) is left untouched on PEFT's own path with a ``FallbackWarning`` naming why (``strict=True``
-  raises);
+* a backbone whose attention fastpeft cannot compute (other hand-written attention such as Falcon's up to
+  transformers 5.24, or a feature the kernels lack) is left untouched on PEFT's own path with a ``FallbackWarning``
+  naming why (``strict=True`` raises); a layer whose attention turns out not to take its prefix at a call (it drops
+  keyword arguments although its class declares that it passes them) makes that call raise
+  (``attention.PrefixSpec.check_consumed``);
 * PEFT's refusal of prefix tuning under gradient checkpointing (``_setup_prompt_encoder``, peft#869/#2191) is
   lifted for this instance: with the prefix outside the cache, checkpoint recomputation is correct.
 
@@ -189,8 +191,8 @@ def accelerate(peft_model, *, strict=False):
     Arguments:
         peft_model: a ``peft.PeftModelForCausalLM``, ``PeftModelForSequenceClassification`` or
             ``PeftModelForFeatureExtraction`` whose backbone computes attention through transformers' attention
-            interface with plain softmax attention (Llama, Mistral, Qwen2/3, GPT-2, OPT, GPT-J, Gemma 3, Phi,
-            GPT-NeoX, BERT, RoBERTa, ...; see ``attention.check_supported_model``) or by hand in a family fastpeft
+            interface with plain softmax attention (Llama, Mistral, Qwen2/3, GPT-2, OPT, GPT-J, Gemma 3, Gemma 4,
+            Phi, GPT-NeoX, BERT, RoBERTa, ...; see ``attention.check_supported_model``) or by hand in a family fastpeft
             patches per instance (``handwritten_gptj``: GPT-J on transformers 5.17), and whose adapters are
             PREFIX_TUNING (with or without ``prefix_projection``), PROMPT_TUNING, P_TUNING or CPT; or a
             ``PeftModelForSeq2SeqLM`` with PROMPT_TUNING / P_TUNING adapters (BART; T5 and MT5, whose relative
@@ -200,10 +202,10 @@ def accelerate(peft_model, *, strict=False):
             disentangled attention (``handwritten_deberta``); PEFT's prefix tuning never reaches their attention
             (they take no KV cache), so such adapters fall back.
         strict: what to do with a backbone whose attention fastpeft cannot compute (hand-written attention that
-            bypasses the attention interface outside the ``handwritten`` families, such as Falcon's, or a feature
-            the kernels lack, named in the message). False (default): warn once with a ``FallbackWarning`` naming
-            why and leave the model on PEFT's own path, untouched (same numbers, PEFT's speed; ``is_accelerated`` is
-            False, ``restore`` is a no-op). True: raise ``ValueError`` instead.
+            bypasses the attention interface outside the ``handwritten`` families, such as Falcon's up to
+            transformers 5.24, or a feature the kernels lack, named in the message). False (default): warn once with
+            a ``FallbackWarning`` naming why and leave the model on PEFT's own path, untouched (same numbers, PEFT's
+            speed; ``is_accelerated`` is False, ``restore`` is a no-op). True: raise ``ValueError`` instead.
 
     Returns:
         the same object, accelerated in place: forward outputs (logits, loss), prompt-parameter gradients,
