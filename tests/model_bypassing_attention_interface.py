@@ -10,7 +10,8 @@ This module must therefore never name that lookup.
 
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GenerationMixin, LlamaConfig, LlamaModel, LlamaPreTrainedModel
+from transformers.modeling_outputs import CausalLMOutput
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from fastpeft.integration import compat
@@ -55,15 +56,30 @@ class HandwrittenSelfAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1)), None
 
 
-class HandwrittenAttentionLlamaForCausalLM(LlamaForCausalLM):
-    """Llama with ``HandwrittenSelfAttention`` in every layer, declaring no ``_supports_attention_backend``."""
+class HandwrittenAttentionLlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
+    """A causal LM over Llama's decoder with ``HandwrittenSelfAttention`` in every layer, declaring no
+    ``_supports_attention_backend``. Not a subclass of ``LlamaForCausalLM``: transformers caches its source heuristic
+    on the class it ran for, and a subclass would inherit ``LlamaForCausalLM``'s cached answer."""
 
     _supports_attention_backend = False
 
     def __init__(self, config):
         super().__init__(config)
+        self.model = LlamaModel(config)
         for index, layer in enumerate(self.model.layers):
             layer.self_attn = HandwrittenSelfAttention(config, index)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                            **kwargs).last_hidden_state
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                               ignore_index=-100)
+        return CausalLMOutput(loss=loss, logits=logits)
 
 
 def tiny_handwritten_attention_model(seed=0, vocab_size=128):
