@@ -19,8 +19,8 @@ prefix and give silently different numbers. A Python set per call; no device wor
 
 The mask function hands the attention function the key padding mask ``[B, 1, 1, S]`` (bool, broadcast over heads and
 queries; None when the model got no attention mask) instead of a causal 4-D mask: causality and padding are applied
-inside the kernels. It is 4-D so that models which slice their masks along the query axis (Gemma 4 on transformers
-5.25 before its KV-sharing layers) can; a 2-D ``[B, S]`` mask is taken too. T5's relative
+inside the kernels. It is 4-D so that models which slice their masks along the query axis (Gemma 4 before its
+KV-sharing layers, transformers >= 5.24) can; a 2-D ``[B, S]`` mask is taken too. T5's relative
 position bias (the ``position_bias`` keyword, which does not hold the mask) reaches the kernels as their additive
 ``attn_bias``.
 """
@@ -416,7 +416,6 @@ def fastpeft_attention_forward(module, query, key, value, attention_mask, dropou
     if spec is not None:
         spec = spec.for_module(module)
     position_bias = kwargs.get("position_bias")
-    prefix_k = None
     if spec is not None:
         prefix_k, prefix_v = spec.layer(getattr(module, "layer_idx", None))
         if prefix_k is None:  # a layer the prefix skips (PEFT's prefix tuning of Gemma models)

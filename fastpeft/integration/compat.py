@@ -21,6 +21,7 @@ import contextlib
 import functools
 import inspect
 import re
+import weakref
 from importlib import metadata
 
 import torch
@@ -234,13 +235,37 @@ def config_attribute(config, name, default=None):
                               name, per_layer=False) from None
 
 
+# layer_attribute_values' answers: (id(config), name) -> (weak reference to config, _config_fingerprint, values).
+_LAYER_VALUES = {}
+_LAYER_VALUES_LIMIT = 256
+_SCALAR_TYPES = frozenset((int, float, str, bool, type(None)))
+
+
+def _config_fingerprint(config):
+    """What a configuration's per-layer view depends on, read without its attribute hooks: every attribute's value
+    where it is a scalar, its object's identity otherwise (transformers replaces its per-layer overrides, rather than
+    mutating them, when they are set). ~30 us for Gemma 4's, against ~10 ms for reading 35 layers' views."""
+    return tuple(item if type(item[1]) in _SCALAR_TYPES else (item[0], id(item[1])) for item in vars(config).items())
+
+
 def layer_attribute_values(config, name, default=None):
     """``name`` of each layer's configuration (transformers' ``config.per_layer_config`` view, which applies the
-    per-layer overrides), as a tuple; None where the configuration offers no per-layer view or it cannot be read."""
+    per-layer overrides), as a tuple; None where the configuration offers no per-layer view or it cannot be read.
+
+    The view copies the whole configuration per layer: answers are kept per configuration object and recomputed when
+    any of its attributes changed (PEFT reads them at every forward, and users change them between forwards)."""
+    key, fingerprint = (id(config), name), _config_fingerprint(config)
+    known = _LAYER_VALUES.get(key)
+    if known is not None and known[0]() is config and known[1] == fingerprint:
+        return known[2]
     try:
-        return tuple(getattr(layer, name, default) for layer in config.per_layer_config)
-    except Exception:  # noqa: BLE001 (a description for an error message: no view is an answer, not a failure)
-        return None
+        values = tuple(getattr(layer, name, default) for layer in config.per_layer_config)
+    except Exception:  # noqa: BLE001 (no per-layer view is an answer here, not a failure)
+        values = None
+    if len(_LAYER_VALUES) >= _LAYER_VALUES_LIMIT:
+        _LAYER_VALUES.clear()
+    _LAYER_VALUES[key] = (weakref.ref(config), fingerprint, values)
+    return values
 
 
 def kv_sharing_sources(model):

@@ -90,8 +90,8 @@ def _check_peft_config(peft_model, adapter_name):
     if encoder_decoder:
         _check_encoder_decoder_prefix_config(peft_model, adapter_name)
     base = peft_model.get_base_model()
-    geometry = BaseGeometry.of(base.config)
-    num_layers, kv_heads, head_dim = geometry.num_layers, geometry.num_kv_heads, geometry.head_dim
+    text_config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    num_layers = compat.config_attribute(text_config, "num_hidden_layers")
     if config.num_layers != num_layers:
         raise ValueError(f"prefix-tuning adapter {adapter_name!r} has num_layers={config.num_layers} but the "
                          f"backbone has {num_layers} attention layers")
@@ -100,8 +100,10 @@ def _check_peft_config(peft_model, adapter_name):
                          f"of num_attention_heads={config.num_attention_heads}")
     if _peft_sizes_prefix_per_layer(base):
         return  # each layer's share of the prefix is sized at every call, as PEFT does: _gemma_layer_prefixes
+    geometry = BaseGeometry.of(text_config)
     geometry.require_uniform(f"prefix-tuning adapter {adapter_name!r} (PEFT slices a prefix per layer only for "
                              "Gemma models)")
+    kv_heads, head_dim = geometry.num_kv_heads, geometry.head_dim
     if config.num_attention_heads != kv_heads or config.token_dim != kv_heads * head_dim:
         raise ValueError(
             f"prefix-tuning adapter {adapter_name!r} stores its prefix as num_attention_heads="
@@ -652,6 +654,8 @@ def _virtual_token_prefix_spec(peft_model):
     The prompts are PEFT's: ``embedding.weight`` in inference mode, else the encoder over the ``(1, P)`` ids (the
     p-tuning MLP/LSTM reads the whole sequence), cast to the word embeddings' dtype.
     """
+    from transformers import DynamicCache
+
     adapter = peft_model.active_adapter
     config = peft_model.peft_config[adapter]
     encoder = peft_model.prompt_encoder[adapter]
@@ -664,8 +668,6 @@ def _virtual_token_prefix_spec(peft_model):
         prompts = encoder(tokens)
     prompts = prompts.to(peft_model.word_embeddings.weight.dtype)
     base = peft_model.get_base_model()
-    from transformers import DynamicCache
-
     # A cache of full layers, built without the model's config: a sliding-window layer's own cache would keep only
     # the last window - 1 virtual tokens, and every later query that the window lets see the others needs them all.
     output = base(inputs_embeds=prompts, use_cache=True, **compat.cache_kwargs(base, DynamicCache()))
