@@ -202,6 +202,44 @@ def test_strict_refuses_unsupported_family():
     assert peft_model.config._attn_implementation != attention.ATTN_IMPLEMENTATION
 
 
+def test_backbone_outside_transformers_falls_back_before_reading_its_config(tmp_path):
+    """PEFT runs prefix tuning on any nn.Module with a config (its own suite saves and loads one whose config has
+    only vocab_size). accelerate cannot compute such a module's attention: a FallbackWarning, decided before any
+    transformers attribute is read, leaves PEFT's path untouched (saving and loading included); strict raises."""
+    from peft import PeftModel, PrefixTuningConfig, get_peft_model
+
+    from fastpeft.integration.peft import fallback_reason
+
+    class DictConfig(dict):
+        def __getattr__(self, name):
+            if name in self:
+                return self[name]
+            raise AttributeError(name)
+
+    class NotATransformersModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = DictConfig(vocab_size=10)
+            self.device = "cpu"
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(10, 10) for _ in range(2)])
+
+        def prepare_inputs_for_generation(self):
+            pass
+
+    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5, num_layers=2, token_dim=10,
+                                num_attention_heads=2)
+    peft_model = get_peft_model(NotATransformersModel(), config)
+    with pytest.raises(attention.UnsupportedModelError, match="no transformers PreTrainedModel"):
+        fastpeft.accelerate(peft_model, strict=True)
+    with pytest.warns(fastpeft.FallbackWarning, match="NotATransformersModel: it holds no transformers"):
+        fastpeft.accelerate(peft_model)
+    assert "no transformers PreTrainedModel" in fallback_reason(peft_model)
+    peft_model.prompt_encoder.default.embedding.weight.data.fill_(1.0)
+    peft_model.save_pretrained(tmp_path)
+    loaded = fastpeft.accelerate(PeftModel.from_pretrained(NotATransformersModel(), tmp_path))
+    assert torch.equal(loaded.prompt_encoder.default.embedding.weight, torch.ones(5, 2 * 2 * 10))
+
+
 def test_hub_kernels_leave_fastpeft_attention_in_place(tmp_path):
     """transformers >= 5.25 kernelizes models that from_pretrained loads (USE_HUB_KERNELS, on by default): hub
     kernels replace layers such as RMSNorm and rotary embeddings (on CUDA; on CPU none applies), never the attention

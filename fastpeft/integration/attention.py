@@ -236,6 +236,11 @@ def check_supported_model(model, user, prefix_kwargs=True, handwritten_families=
     its family takes the prefix (or ``prefix_kwargs`` is False)."""
     from . import compat, handwritten
 
+    if not any(compat.is_pretrained_model(module) for module in model.modules()):
+        # PEFT runs prompt learning on any nn.Module with a config; fastpeft computes attention only where
+        # transformers' attention interface hands it over.
+        raise UnsupportedModelError(f"{user} cannot run {type(model).__name__}: it holds no transformers "
+                                    "PreTrainedModel, whose attention interface fastpeft replaces")
     for module in model.modules():
         if not compat.is_pretrained_model(module):
             continue

@@ -73,14 +73,20 @@ def _supported_peft_classes():
             PeftModelForSeq2SeqLM)
 
 
-def _check_peft_config(peft_model, adapter_name):
-    """Raise ValueError for an adapter configuration fastpeft cannot run with PEFT's exact numbers."""
+def _check_adapter_type(peft_model, adapter_name):
     types = _peft_types()
-    prefix_tuning = types[0]
     config = peft_model.peft_config[adapter_name]
     if config.peft_type not in types:
         raise ValueError(f"fastpeft.accelerate supports {', '.join(t.value for t in types)} adapters; "
                          f"adapter {adapter_name!r} is {config.peft_type.value}")
+
+
+def _check_peft_config(peft_model, adapter_name):
+    """Raise ValueError for an adapter configuration fastpeft cannot run with PEFT's exact numbers on this
+    backbone."""
+    _check_adapter_type(peft_model, adapter_name)
+    prefix_tuning = _peft_types()[0]
+    config = peft_model.peft_config[adapter_name]
     encoder_decoder = getattr(peft_model.get_base_model().config, "is_encoder_decoder", False)
     if config.peft_type != prefix_tuning:
         if not encoder_decoder and getattr(config, "num_transformer_submodules", 1) not in (None, 1):
@@ -230,7 +236,9 @@ def accelerate(peft_model, *, strict=False):
                          f"{', '.join(cls.__name__ for cls in _supported_peft_classes())}, "
                          f"got {type(peft_model).__name__}")
     for adapter_name in peft_model.peft_config:
-        _check_peft_config(peft_model, adapter_name)
+        _check_adapter_type(peft_model, adapter_name)
+    # The backbone before the adapters' shapes: those are read from a transformers config, which a backbone
+    # fastpeft leaves to PEFT (any nn.Module with a config) need not have.
     try:
         _check_backbone(peft_model)
     except attention.UnsupportedModelError as error:
@@ -241,6 +249,8 @@ def accelerate(peft_model, *, strict=False):
                       "raises instead)", FallbackWarning, stacklevel=2)
         setattr(peft_model, FALLBACK_ATTR, str(error))
         return peft_model
+    for adapter_name in peft_model.peft_config:
+        _check_peft_config(peft_model, adapter_name)
 
     previous = attention.use_fastpeft_attention(peft_model.get_base_model())
     undo_handwritten = handwritten.patch(peft_model.get_base_model())
