@@ -22,9 +22,15 @@ The CUDA extension ``fastpeft._C`` (``csrc/*.cu`` + ``csrc/*.cpp``) is built whe
 
 ``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures (default ``8.0+PTX;9.0a``); ``MAX_JOBS`` caps parallel
 nvcc jobs (default: one per 4 GiB of available memory, at most the core count).
+
+Both extensions compile with the C++ standard that the torch in the build requires (``torch_cxx_standard``: C++17
+up to torch 2.13, C++20 from 2.14). Their sources (``csrc/``) ship in the sdist through MANIFEST.in, whether or not
+torch is importable when the sdist is made; a source tree that lacks them skips the extension with a warning
+naming the missing files (an error where FASTPEFT_BUILD_*=1 asked for the extension).
 """
 
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -35,6 +41,13 @@ ROOT = Path(__file__).parent.resolve()
 # sm_80 code runs on every 8.x GPU, its PTX lets newer GPUs JIT it; sm_90a is the Hopper build.
 DEFAULT_ARCH_LIST = "8.0+PTX;9.0a"
 MEMORY_PER_JOB = 4 << 30  # peak of one nvcc job on the templated kernels, with margin
+CPU_SOURCES = ("csrc/cpu/*.cpp",)
+CUDA_SOURCES = ("csrc/*.cu", "csrc/*.cpp")
+# The headers of torch that the extensions include and that state the C++ standard torch needs, as
+# `#error C++20 or later compatible compiler is required to use PyTorch.` under an `#if __cplusplus < ...` guard.
+TORCH_HEADERS_WITH_STANDARD = ("torch/csrc/api/include/torch/all.h", "ATen/ATen.h")
+STANDARD_STATEMENT = re.compile(r"#error C\+\+(\d+) or later compatible compiler is required")
+LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
 
 
 def _build_flag(environ, name):
@@ -52,7 +65,31 @@ def _torch_importable():
     return True
 
 
-def build_cpu_decision(environ=None):
+def missing_source_files(root, patterns):
+    """What an extension's build needs but the source tree at ``root`` lacks: each pattern that matches no file, and
+    each ``#include "..."`` of a matched file (looked up beside it) that is not there. An sdist made without
+    MANIFEST.in lacked all of csrc/, or its headers only."""
+    missing = []
+    for pattern in patterns:
+        sources = sorted(Path(root).glob(pattern))
+        if not sources:
+            missing.append(pattern)
+        for source in sources:
+            for included in LOCAL_INCLUDE.findall(source.read_text(errors="replace")):
+                if not (source.parent / included).exists():
+                    missing.append((source.parent / included).relative_to(root).as_posix())
+    return sorted(set(missing))
+
+
+def _missing_sources_reason(root, patterns):
+    missing = missing_source_files(root, patterns)
+    if not missing:
+        return None
+    return (f"its sources are missing from {root} ({', '.join(missing)}): build from a git checkout or from "
+            "an sdist that carries csrc/")
+
+
+def build_cpu_decision(environ=None, root=ROOT):
     """``(build, forced, reason)`` for ``fastpeft._cpu``, as ``build_cuda_decision`` for the CUDA extension."""
     environ = os.environ if environ is None else environ
     flag = _build_flag(environ, "FASTPEFT_BUILD_CPU")
@@ -64,10 +101,15 @@ def build_cpu_decision(environ=None):
             raise RuntimeError("FASTPEFT_BUILD_CPU=1 but torch is not importable in the build environment; "
                                "install torch first and use `pip install --no-build-isolation`.")
         return False, False, "torch is not importable in the build environment (use --no-build-isolation)"
+    missing = _missing_sources_reason(root, CPU_SOURCES)
+    if missing:
+        if forced:
+            raise RuntimeError(f"FASTPEFT_BUILD_CPU=1 but the CPU extension cannot be built: {missing}.")
+        return False, False, missing
     return True, forced, "FASTPEFT_BUILD_CPU=1" if forced else "torch importable"
 
 
-def build_cuda_decision(environ=None):
+def build_cuda_decision(environ=None, root=ROOT):
     """``(build, forced, reason)``: whether to build ``fastpeft._C``, whether the user demanded it, and why.
 
     Raises RuntimeError only when ``FASTPEFT_BUILD_CUDA=1`` asks for a build that cannot happen.
@@ -85,6 +127,11 @@ def build_cuda_decision(environ=None):
             raise RuntimeError("FASTPEFT_BUILD_CUDA=1 but torch is not importable in the build environment; "
                                "install torch first and use `pip install --no-build-isolation`.") from None
         return False, False, "torch is not importable in the build environment (use --no-build-isolation)"
+    missing = _missing_sources_reason(root, CUDA_SOURCES)
+    if missing:
+        if forced:
+            raise RuntimeError(f"FASTPEFT_BUILD_CUDA=1 but the CUDA extension cannot be built: {missing}.")
+        return False, False, missing
     nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")))
     if forced:
         if not nvcc:
@@ -116,8 +163,29 @@ def default_max_jobs():
     return max(1, min(os.cpu_count() or 1, available // MEMORY_PER_JOB))
 
 
-def _sources(pattern):
-    return sorted(str(p.relative_to(ROOT)) for p in ROOT.glob(pattern))
+def torch_cxx_standard(include_dir):
+    """The ``-std`` value (``"c++17"``, ``"c++20"``) for the extensions: the highest standard that the torch headers
+    under ``include_dir`` (torch's ``include/`` folder) demand, i.e. the lowest standard they compile under, which
+    keeps older host compilers and nvcc working where torch allows them. None where no header states one: then
+    torch's BuildExtension adds its own default ``-std`` to the C++ and the nvcc flags."""
+    stated = []
+    for header in TORCH_HEADERS_WITH_STANDARD:
+        path = Path(include_dir) / header
+        if path.exists():
+            stated += [int(year) for year in STANDARD_STATEMENT.findall(path.read_text(errors="replace"))]
+    return f"c++{max(stated)}" if stated else None
+
+
+def _standard_flags():
+    """``["-std=c++NN"]`` for the installed torch (the cxx and the nvcc flags alike), or [] for torch's default."""
+    import torch  # only the build needs it, and only here
+
+    standard = torch_cxx_standard(Path(torch.__file__).parent / "include")
+    return [f"-std={standard}"] if standard else []
+
+
+def _sources(patterns):
+    return sorted(str(p.relative_to(ROOT)) for pattern in patterns for p in ROOT.glob(pattern))
 
 
 def _cpu_extension():
@@ -130,10 +198,11 @@ def _cpu_extension():
         return None, False
     from torch.utils.cpp_extension import CppExtension
 
-    return CppExtension(name="fastpeft._cpu", sources=_sources("csrc/cpu/*.cpp"),
+    return CppExtension(name="fastpeft._cpu", sources=_sources(CPU_SOURCES),
                         # OpenMP as torch's own CPU kernels: at::parallel_for and `omp simd` (vectorized reductions)
                         # need it in this translation unit; the runtime is the libgomp torch has loaded already.
-                        extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"]), forced
+                        extra_compile_args=["-O3", "-fopenmp", *_standard_flags()],
+                        extra_link_args=["-fopenmp"]), forced
 
 
 def _cuda_extension():
@@ -144,20 +213,18 @@ def _cuda_extension():
             warnings.warn(f"fastpeft: not building the CUDA extension ({why}); the Triton and PyTorch paths "
                           "still work.", stacklevel=1)
         return None, False
-    sources = _sources("csrc/*.cu") + _sources("csrc/*.cpp")
-    if not sources:
-        raise RuntimeError(f"no CUDA sources under {ROOT / 'csrc'}")
     from torch.utils.cpp_extension import CUDAExtension
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
     os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
+    standard = _standard_flags()
     extension = CUDAExtension(
         name="fastpeft._C",
-        sources=sources,
+        sources=_sources(CUDA_SOURCES),
         include_dirs=[str(ROOT / "csrc")],
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+            "cxx": ["-O3", *standard],
+            "nvcc": ["-O3", *standard, "--use_fast_math", "-lineinfo",
                      "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"],
         },
     )

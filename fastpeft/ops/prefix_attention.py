@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from .. import _backend
+from .. import _backend, observe
 from . import sdpa_bias_attention as _sdpa_bias
 from . import sdpa_prefix_attention as _sdpa
 from ._autograd import register_prefix_attention_autograd
@@ -328,6 +328,7 @@ def _run_biased(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_p
     if _select_bias_backend(q.device, q.dtype) == "reference":
         return reference_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
                                           key_padding_mask, causal, softmax_scale, attn_bias=attn_bias)
+    observe.record_attention_call("sdpa")  # the reference records its own calls
     return _sdpa_bias.sdpa_bias_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
                                                  key_padding_mask, attn_bias, causal, softmax_scale, deterministic)
 
@@ -350,6 +351,7 @@ def _run(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_
     if backend == "reference":
         return reference_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
                                           key_padding_mask, causal, softmax_scale)
+    observe.record_attention_call(backend)  # the reference records its own calls
     if backend == "sdpa":
         return _sdpa.sdpa_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
                                            key_padding_mask, causal, softmax_scale, deterministic, host=host)

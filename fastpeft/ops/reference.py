@@ -10,6 +10,8 @@ is added to both blocks before the masks, as FlashAttention's / xformers' ``attn
 
 import torch
 
+from .. import observe
+
 
 def visible_masks(B, L, S, P, device, prefix_index, prefix_lengths, key_padding_mask, causal):
     """Boolean visibility of the prefix entries ``[B, 1, P]`` and of the sequence keys ``[B, L, S]``.
@@ -39,6 +41,7 @@ def reference_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index, prefix
     models with attention dropout. ``attn_bias`` None or ``[1 or B, 1 or Hq, 1 or L, P + S]`` in q's dtype, added
     to the scaled scores over ``[prefix ; k]`` before masking. Returns ``[B, Hq, L, D]`` in q's dtype.
     """
+    observe.record_attention_call("reference")
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     T, P = prefix_k.shape[0], prefix_k.shape[2]

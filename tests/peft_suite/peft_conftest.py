@@ -1,30 +1,38 @@
 """pytest conftest for running PEFT's own test files (from its source distribution) against fastpeft.
 
 ``.ci/run-peft-suite`` copies this file as ``conftest.py`` into the unpacked ``peft-X.Y.Z/tests/`` (PEFT's own conftest
-lives only in its git repository) and runs a selection of PEFT's tests there. It is not named ``conftest.py`` here so
-that ``python -m pytest tests`` never loads it (it patches transformers and PEFT process-wide).
+lives only in its git repository) and runs PEFT's test files there. It is not named ``conftest.py`` here so that
+``python -m pytest tests`` never loads it (it patches transformers and PEFT process-wide).
 
 What it does:
+* Selection (``pytest_collection_modifyitems``): only PEFT's tests of the prompt-learning methods fastpeft accelerates
+  (prefix tuning, prompt tuning, p-tuning, CPT) run, the others are deselected. A test parametrized with PEFT configs
+  runs when one of them is of those four classes (``PROMPT_LEARNING_CONFIGS``; PEFT's shared test matrices); any
+  other test runs when its name or its file's name names one of the methods (``_METHOD``:
+  ``test_prefix_tuning_gemma4_works``, ``test_training_prompt_learning_tasks``, every test of ``test_cpt.py``).
 * Hub model ids PEFT's tests use are replaced by tiny random models of the same architecture built from configs
-  (``TINY_CONFIGS``): deterministic per id (seeded by a hash of the id), hidden sizes divisible by 64, no network.
-  ``AutoTokenizer.from_pretrained`` on those ids returns fastpeft's local byte-level tokenizer. Any other hub id
-  raises ``OSError`` (HF_HUB_OFFLINE is set): no download ever happens.
+  (``TINY_CONFIGS``): deterministic per id (seeded by a hash of the id), no network. ``AutoTokenizer.from_pretrained``
+  on those ids returns fastpeft's local byte-level tokenizer. Any other hub id raises ``OSError`` (HF_HUB_OFFLINE is
+  set): no download ever happens.
 * ``FASTPEFT_PEFT_SUITE=accelerated`` (the default) wraps ``peft.get_peft_model`` and ``PeftModel.from_pretrained`` so
-  that every prompt-learning model (prefix tuning, prompt tuning, p-tuning, CPT) comes back through
-  ``fastpeft.accelerate``; a refusal raises and the test fails (refusals count as failures). Where ``accelerate``
-  leaves a model on PEFT's own path (``FallbackWarning``: a backbone whose attention fastpeft cannot compute), the
-  test's JUnit record gets a ``fastpeft_fallback`` property with the reason, so the summary can count the tests that
-  ran fastpeft's attention apart from those that passed on PEFT's path.
-* ``FASTPEFT_PEFT_SUITE=strict``: the same with ``accelerate(model, strict=True)``: every fallback is a refusal.
-  ``FASTPEFT_PEFT_SUITE=baseline`` leaves PEFT alone: the same tests on plain PEFT, for the comparison.
+  that every prompt-learning model comes back through ``fastpeft.accelerate``; a refusal raises and the test fails
+  (refusals count as failures). ``FASTPEFT_PEFT_SUITE=strict``: the same with ``accelerate(model, strict=True)``:
+  every fallback is a refusal. ``FASTPEFT_PEFT_SUITE=baseline`` leaves PEFT alone: the same tests on plain PEFT.
+* What each test did with fastpeft goes into its JUnit record as properties, observed, not inferred from its
+  config: ``fastpeft_attention`` (fastpeft's attention calls by backend, ``fastpeft.observe.attention_calls``, e.g.
+  ``sdpa=24,reference=4``; absent when none ran), ``fastpeft_models`` (how many models went through
+  ``accelerate``) and ``fastpeft_fallback`` (the reason of the first ``FallbackWarning``: a model ``accelerate``
+  left on PEFT's own path). ``summarize.py`` reads them.
 * Test-only dependencies PEFT's test modules import at module level but prompt-learning tests never use
-  (``diffusers``, ``datasets``) are stubbed when not installed.
+  (``diffusers``, ``datasets``) are stubbed when not installed: any of their names imports, using one raises
+  ``OSError``.
 """
 
 import functools
 import importlib
 import importlib.machinery
 import os
+import re
 import sys
 import types
 import zlib
@@ -46,17 +54,6 @@ VOCAB = 512  # >= the byte-level tokenizer's 259 ids
 # ----- stubs for test-only imports --------------------------------------------------------------------------------
 
 
-def _stub_if_missing(name, **attributes):
-    try:
-        importlib.import_module(name)
-    except ImportError:
-        module = types.ModuleType(name)
-        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
-        module.__dict__.update(attributes)
-        module.__fastpeft_stub__ = True
-        sys.modules[name] = module
-
-
 def _unavailable(what):
     def call(*args, **kwargs):
         raise OSError(f"{what} is not available in the fastpeft PEFT-suite harness (offline, not installed)")
@@ -64,12 +61,30 @@ def _unavailable(what):
     return call
 
 
-class _StubPipeline:
-    from_pretrained = staticmethod(_unavailable("diffusers"))
+def _stub_if_missing(name):
+    """Install a stand-in for the module ``name`` when it is not installed: every name imports from it (PEFT's test
+    modules import e.g. ``datasets.Audio`` and read ``diffusers.__version__`` at module level); calling or
+    instantiating one raises ``OSError``."""
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        module = types.ModuleType(name)
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        module.__version__ = "0.0.0"
+        module.__fastpeft_stub__ = True
+
+        def stand_in(attribute):
+            if attribute.startswith("__"):  # probes such as __path__ or __file__: a plain module has none
+                raise AttributeError(attribute)
+            return type(attribute, (), {"__new__": _unavailable(f"{name}.{attribute}"),
+                                        "from_pretrained": staticmethod(_unavailable(f"{name}.{attribute}"))})
+
+        module.__getattr__ = stand_in
+        sys.modules[name] = module
 
 
-_stub_if_missing("diffusers", StableDiffusionPipeline=_StubPipeline)
-_stub_if_missing("datasets", load_dataset=_unavailable("datasets.load_dataset"))
+_stub_if_missing("diffusers")
+_stub_if_missing("datasets")
 
 
 # ----- tiny models for the hub ids --------------------------------------------------------------------------------
@@ -114,6 +129,17 @@ TINY_CONFIGS = {
     "hf-internal-testing/tiny-random-MistralForCausalLM": lambda tf: tf.MistralConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=512, sliding_window=4096, **_common()),
+    "trl-internal-testing/tiny-Qwen3ForCausalLM": lambda tf: tf.Qwen3Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, max_position_embeddings=512, **_common()),
+    # Gemma 4 as PEFT's tests need it (peft#3201, #3205): sliding and full-attention layers of different head sizes
+    # (16 and global_head_dim 32), and the last two layers reusing the K/V of the first two (num_kv_shared_layers).
+    "peft-internal-testing/tiny-random-gemma4-E2B": lambda tf: tf.Gemma4TextConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, global_head_dim=32, num_kv_shared_layers=2,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=16, max_position_embeddings=512,
+        sliding_window=512, **_common()),
     "hf-internal-testing/tiny-random-Gemma3ForCausalLM": lambda tf: tf.Gemma3TextConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         head_dim=16, max_position_embeddings=512, sliding_window=512, **_common()),
@@ -233,7 +259,10 @@ def _install_tiny_models():
 # ----- fastpeft.accelerate on every prompt-learning model ---------------------------------------------------------
 
 
-_fallbacks_in_current_test = []  # reasons, filled by _maybe_accelerate, recorded and emptied per test
+class _CurrentTest:
+    """What the running test did with fastpeft.accelerate, filled by _maybe_accelerate, emptied per test."""
+    accelerated_models = 0
+    fallback_reasons = []
 
 
 def _maybe_accelerate(model):
@@ -242,18 +271,26 @@ def _maybe_accelerate(model):
     from peft import PeftModel
 
     if isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning:
+        _CurrentTest.accelerated_models += 1
         fastpeft.accelerate(model, strict=MODE == "strict")
         if fallback_reason(model) is not None:
-            _fallbacks_in_current_test.append(fallback_reason(model))
+            _CurrentTest.fallback_reasons.append(fallback_reason(model))
     return model
 
 
 @pytest.fixture(autouse=True)
-def _record_fastpeft_fallbacks(record_property):
-    _fallbacks_in_current_test.clear()
-    yield
-    if _fallbacks_in_current_test:
-        record_property("fastpeft_fallback", _fallbacks_in_current_test[0][:200])
+def _record_fastpeft_use(record_property):
+    """The test's JUnit properties (see the module docstring): observed over its fixtures and its body."""
+    from fastpeft.observe import attention_calls
+
+    _CurrentTest.accelerated_models, _CurrentTest.fallback_reasons = 0, []
+    with attention_calls() as calls:
+        yield
+    record_property("fastpeft_models", _CurrentTest.accelerated_models)
+    if calls:
+        record_property("fastpeft_attention", ",".join(f"{backend}={n}" for backend, n in sorted(calls.items())))
+    if _CurrentTest.fallback_reasons:
+        record_property("fastpeft_fallback", _CurrentTest.fallback_reasons[0][:200])
 
 
 def _install_accelerate_hooks():
@@ -287,12 +324,65 @@ if MODE != "baseline":
     _install_accelerate_hooks()
 
 
+# ----- which tests run --------------------------------------------------------------------------------------------
+
+
+PROMPT_LEARNING_CONFIGS = ("PrefixTuningConfig", "PromptTuningConfig", "PromptEncoderConfig", "CPTConfig")
+# The methods' names as they appear in PEFT's test names: a test whose name has one as whole words of its snake_case
+# (not as multitask prompt tuning, a method fastpeft does not accelerate), or a file named for one, is about them.
+_METHOD = r"(?:prefix_tuning|prompt_tuning|p_tuning|prompt_encoder|prompt_learning|cpt)"
+_METHOD_IN_TEST_NAME = re.compile(rf"(?:^|_)(?<!multitask_){_METHOD}(?:_|$)")
+_METHOD_TEST_FILE = re.compile(rf"test_{_METHOD}")
+
+
+def _peft_configs_of(item):
+    """The PEFT config classes (or instances' classes) a parametrized test runs with."""
+    from peft.config import PeftConfigMixin
+
+    values = getattr(getattr(item, "callspec", None), "params", {}).values()
+    classes = [value if isinstance(value, type) else type(value) for value in values]
+    return [cls for cls in classes if issubclass(cls, PeftConfigMixin)]
+
+
+def is_prompt_learning_test(item):
+    """Whether PEFT's test ``item`` tests prefix tuning, prompt tuning, p-tuning or CPT (see the module docstring).
+    Config classes are compared exactly: MultitaskPromptTuningConfig subclasses PromptTuningConfig, and
+    multitask prompt tuning is not one of the four methods."""
+    import peft
+
+    configs = _peft_configs_of(item)
+    if configs:
+        return any(cls in {getattr(peft, name) for name in PROMPT_LEARNING_CONFIGS} for cls in configs)
+    module = os.path.splitext(os.path.basename(str(item.path)))[0]
+    return bool(_METHOD_IN_TEST_NAME.search(item.originalname) or _METHOD_TEST_FILE.fullmatch(module))
+
+
+def pytest_collection_modifyitems(config, items):
+    selected, deselected = [], []
+    for item in items:
+        (selected if is_prompt_learning_test(item) else deselected).append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = selected
+
+
 def pytest_configure(config):
     # PEFT's pyproject turns transformers' DeprecationWarning/FutureWarning into errors, and PEFT 0.21 itself trips
     # the deprecations of newer transformers releases (``is_gradient_checkpointing`` on 5.24): that says nothing
     # about fastpeft, so both modes report them as warnings (later filter lines take precedence).
     for category in ("DeprecationWarning", "FutureWarning"):
         config.addinivalue_line("filterwarnings", f"default::{category}:transformers")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _record_versions(record_testsuite_property):
+    """The run's versions and mode in the JUnit XML's suite properties, which ``summarize.py`` reads."""
+    import peft
+    import transformers
+
+    for name, module in (("transformers", transformers), ("peft", peft), ("torch", torch)):
+        record_testsuite_property(f"{name}_version", module.__version__)
+    record_testsuite_property("fastpeft_peft_suite_mode", MODE)
 
 
 def pytest_report_header(config):
