@@ -33,8 +33,8 @@ import torch
 
 from .adapters import PREFIX_TUNING, BaseGeometry, check_compatible, load_prompt_adapter, prefix_key_values
 from .integration import compat
-from .integration.attention import (ATTN_IMPLEMENTATION, PREFIX_KWARG, PrefixSpec, check_supported_model,
-                                    use_fastpeft_attention)
+from .integration.attention import (ATTN_IMPLEMENTATION, PREFIX_KWARG, GenerationStepChecks, PrefixSpec,
+                                    check_supported_model, use_fastpeft_attention)
 
 NO_ADAPTER_SLOT = 0
 # transformers' global defaults for sampling arguments that neither the caller nor the generation config sets.
@@ -88,6 +88,7 @@ class AdapterBank:
                              "AdapterBank keeps its prefix tables on one device and needs the model on it")
         self.model = base_model
         self.geometry = BaseGeometry.of(base_model.config)
+        self.geometry.require_uniform("AdapterBank")  # one table layout for every layer
         embedding = base_model.get_input_embeddings().weight
         # Hidden states (hence q/k/v) take the embeddings' dtype, also when the linear layers are quantized.
         self.device, self.dtype = embedding.device, embedding.dtype
@@ -257,6 +258,7 @@ class AdapterBank:
         self.model(inputs_embeds=inputs_embeds, attention_mask=torch.ones(1, P, dtype=torch.long, device=self.device),
                    position_ids=torch.arange(P, device=self.device).unsqueeze(0), use_cache=True,
                    **compat.cache_kwargs(self.model, cache), **{PREFIX_KWARG: no_prefix}, **extra)
+        no_prefix.check_consumed(type(self.model).__name__, "the bank's (empty) prefix")
         layers = [compat.cache_layer_key_values(cache, i) for i in range(self.geometry.num_layers)]
         return torch.stack([keys[0] for keys, _ in layers]), torch.stack([values[0] for _, values in layers])
 
@@ -333,6 +335,7 @@ class AdapterBank:
 
         B = input_ids.shape[0]
         specs = {}  # by the number of rows per input row (beams, return sequences): the prefix index repeated
+        steps = GenerationStepChecks(type(self.model).__name__, "the adapters' prefixes")
 
         def add_prefixes(model_inputs):
             # transformers numbers positions pad-aware, cumsum(mask) - 1, as the bank does; a row's adapter adds P.
@@ -346,7 +349,7 @@ class AdapterBank:
                                  offsets.repeat_interleave(copies).unsqueeze(1))
             spec, row_offsets = specs[copies]
             model_inputs["position_ids"] = position_ids + row_offsets
-            model_inputs[PREFIX_KWARG] = spec
+            model_inputs[PREFIX_KWARG] = steps.next(spec)
             return model_inputs
 
         # transformers continues every row from its last column: move right padding (or any pad not at the left) to
@@ -359,6 +362,7 @@ class AdapterBank:
             ids, mask = input_ids.gather(1, order), attention_mask.gather(1, order)
         with torch.inference_mode(), _drawing_from(generator), compat.generation_step_hook(self.model, add_prefixes):
             out = self.model.generate(input_ids=ids, attention_mask=mask, **generate_kwargs)
+        steps.finish()
         if left_aligned:
             return out
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
@@ -420,6 +424,7 @@ class AdapterBank:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=cache is not None, **compat.cache_kwargs(self.model, cache),
                          **{PREFIX_KWARG: spec}, **extra)
+        spec.check_consumed(type(self.model).__name__, "the adapters' prefixes")
         return out.logits
 
     def _sampling_settings(self, temperature, top_k, top_p):

@@ -194,6 +194,7 @@ class MultiPrefixTrainer:
 
         # The layout the kernels read a prefix in (PEFT sizes a prefix per KV head): adapters must match it.
         geometry = BaseGeometry.of(model.config)
+        geometry.require_uniform("MultiPrefixTrainer")
         self.num_layers, self.num_kv_heads, self.head_dim = (geometry.num_layers, geometry.num_kv_heads,
                                                              geometry.head_dim)
         self.token_dim = self.num_kv_heads * self.head_dim
@@ -429,6 +430,7 @@ class MultiPrefixTrainer:
             # packed sequences.
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              use_cache=False, **{PREFIX_KWARG: spec})
+            spec.check_consumed(type(self.model).__name__, "the adapters' prefixes")
         logits = out.logits
         if labels is None:
             return MultiPrefixOutput(logits=logits)

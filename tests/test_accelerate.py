@@ -11,7 +11,8 @@ import fastpeft
 from fastpeft.integration import attention
 from tests.accelerate_helpers import (METHODS, NUM_VIRTUAL_TOKENS, assert_same_step, assert_within_own_error,
                                       batch_and_labels, forbid_framework_attention, greedy, interpreted_triton,
-                                      make_peft_model, peft_config, reference_greedy, training_step)
+                                      make_peft_model, peft_config, randomize_prompt_parameters, reference_greedy,
+                                      training_step)
 from tests.models import ALL_FAMILIES, tiny_model
 from tests.reference import assert_close
 
@@ -46,7 +47,7 @@ def _spy_attention_calls(monkeypatch):
 @pytest.mark.parametrize("family", ["llama", "bert"])
 def test_prefix_is_fused_not_expanded(family, monkeypatch):
     """The encoder runs once per step; every layer gets shared [Hkv, P, D] prefix K/V; keys are the real tokens
-    only; the mask is 2-D."""
+    only; the mask is the key padding mask [B, 1, 1, L], no 4-D causal mask."""
     peft_model = fastpeft.accelerate(make_peft_model(family, "prefix_projection"))
     ids, mask, labels = batch_and_labels(family)
     calls = _spy_attention_calls(monkeypatch)
@@ -62,14 +63,16 @@ def test_prefix_is_fused_not_expanded(family, monkeypatch):
     assert len(calls) == config.num_layers
     for key_length, attention_mask, spec in calls:
         assert key_length == ids.shape[1]
-        assert attention_mask is not None and attention_mask.shape == ids.shape
+        assert attention_mask is not None and attention_mask.shape == (ids.shape[0], 1, 1, ids.shape[1])
+        assert torch.equal(attention_mask[:, 0, 0], mask.bool())
         assert all(k.shape == (config.num_attention_heads, NUM_VIRTUAL_TOKENS, head_dim) for k in spec.keys)
         assert spec.prefix_index is None
 
 
 @pytest.mark.parametrize("method", ["prompt", "p_tuning"])
-def test_prompt_learning_attention_gets_a_2d_mask(method, monkeypatch):
-    """Virtual tokens are part of the sequence: keys cover P + L, padding arrives as a [B, P + L] mask."""
+def test_prompt_learning_attention_gets_a_key_padding_mask(method, monkeypatch):
+    """Virtual tokens are part of the sequence: keys cover P + L, padding arrives as a [B, 1, 1, P + L] key padding
+    mask."""
     peft_model = fastpeft.accelerate(make_peft_model("qwen2", method))
     ids, mask, labels = batch_and_labels("qwen2")
     calls = _spy_attention_calls(monkeypatch)
@@ -78,9 +81,9 @@ def test_prompt_learning_attention_gets_a_2d_mask(method, monkeypatch):
     for key_length, attention_mask, spec in calls:
         assert key_length == NUM_VIRTUAL_TOKENS + ids.shape[1]
         assert spec is None
-        assert attention_mask.shape == (ids.shape[0], key_length)
-        assert attention_mask[:, :NUM_VIRTUAL_TOKENS].all() and torch.equal(
-            attention_mask[:, NUM_VIRTUAL_TOKENS:], mask.bool())
+        assert attention_mask.shape == (ids.shape[0], 1, 1, key_length)
+        assert attention_mask[:, 0, 0, :NUM_VIRTUAL_TOKENS].all() and torch.equal(
+            attention_mask[:, 0, 0, NUM_VIRTUAL_TOKENS:], mask.bool())
 
 
 def test_prefix_keys_values_are_peft_layout():
@@ -184,18 +187,81 @@ def test_refuses_non_peft_and_non_prompt_learning():
 
 
 def test_strict_refuses_unsupported_family():
-    """Falcon's attention is hand-written (it bypasses transformers' attention interface): with strict=True
-    refused, untouched (the default fallback is tested in test_accelerate_families.py)."""
-    import transformers as tf
+    """A model whose attention is hand-written (it bypasses transformers' attention interface, as Falcon's did up to
+    transformers 5.24): with strict=True refused, untouched (the default fallback is tested in
+    test_accelerate_families.py)."""
     from peft import get_peft_model
 
-    config = tf.FalconConfig(vocab_size=128, hidden_size=128, num_hidden_layers=2, num_attention_heads=4)
+    from tests.model_bypassing_attention_interface import tiny_handwritten_attention_model
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        peft_model = get_peft_model(tf.FalconForCausalLM(config), peft_config("prompt", "falcon"))
+        peft_model = get_peft_model(tiny_handwritten_attention_model(), peft_config("prompt", "llama"))
     with pytest.raises(ValueError, match="attention interface"):
         fastpeft.accelerate(peft_model, strict=True)
     assert peft_model.config._attn_implementation != attention.ATTN_IMPLEMENTATION
+
+
+def test_backbone_outside_transformers_falls_back_before_reading_its_config(tmp_path):
+    """PEFT runs prefix tuning on any nn.Module with a config (its own suite saves and loads one whose config has
+    only vocab_size). accelerate cannot compute such a module's attention: a FallbackWarning, decided before any
+    transformers attribute is read, leaves PEFT's path untouched (saving and loading included); strict raises."""
+    from peft import PeftModel, PrefixTuningConfig, get_peft_model
+
+    from fastpeft.integration.peft import fallback_reason
+
+    class DictConfig(dict):
+        def __getattr__(self, name):
+            if name in self:
+                return self[name]
+            raise AttributeError(name)
+
+    class NotATransformersModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = DictConfig(vocab_size=10)
+            self.device = "cpu"
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(10, 10) for _ in range(2)])
+
+        def prepare_inputs_for_generation(self):
+            pass
+
+    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5, num_layers=2, token_dim=10,
+                                num_attention_heads=2)
+    peft_model = get_peft_model(NotATransformersModel(), config)
+    with pytest.raises(attention.UnsupportedModelError, match="no transformers PreTrainedModel"):
+        fastpeft.accelerate(peft_model, strict=True)
+    with pytest.warns(fastpeft.FallbackWarning, match="NotATransformersModel: it holds no transformers"):
+        fastpeft.accelerate(peft_model)
+    assert "no transformers PreTrainedModel" in fallback_reason(peft_model)
+    peft_model.prompt_encoder.default.embedding.weight.data.fill_(1.0)
+    peft_model.save_pretrained(tmp_path)
+    loaded = fastpeft.accelerate(PeftModel.from_pretrained(NotATransformersModel(), tmp_path))
+    assert torch.equal(loaded.prompt_encoder.default.embedding.weight, torch.ones(5, 2 * 2 * 10))
+
+
+def test_hub_kernels_leave_fastpeft_attention_in_place(tmp_path):
+    """transformers >= 5.25 kernelizes models that from_pretrained loads (USE_HUB_KERNELS, on by default): hub
+    kernels replace layers such as RMSNorm and rotary embeddings (on CUDA; on CPU none applies), never the attention
+    function, which accelerate sets per instance. Switching train/eval re-kernelizes: fastpeft's attention stays, and
+    the accelerated step equals PEFT's on the kernelized model."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    tiny_model("llama").save_pretrained(tmp_path)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path)
+    if not getattr(base, "use_kernels", False):
+        pytest.skip("this transformers release (or its environment) does not kernelize from_pretrained models")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(base, peft_config("prefix", "llama"))
+    randomize_prompt_parameters(peft_model, 3)
+    ids, mask, labels = batch_and_labels("llama")
+    expected = training_step(peft_model, ids, mask, labels)  # switches train -> eval: re-kernelized twice
+    fastpeft.accelerate(peft_model, strict=True)
+    peft_model.train()
+    assert peft_model.get_base_model().config._attn_implementation == attention.ATTN_IMPLEMENTATION
+    assert_same_step(training_step(peft_model, ids, mask, labels), expected, what="kernelized llama")
 
 
 def test_encoder_decoder_prefix_tuning_without_shiftable_positions_is_refused_by_name():
@@ -430,7 +496,7 @@ def test_strict_refuses_softcapped_family():
 
 def test_mask_function_accepts_both_transformers_call_styles():
     """Recent transformers call mask functions with q_length/q_offset, older ones with cache_position; either way
-    the result is the 2-D boolean key padding mask over the last kv_length keys."""
+    the result is the boolean key padding mask [B, 1, 1, kv_length] over the last kv_length keys."""
     from transformers.masking_utils import causal_mask_function
 
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
@@ -439,7 +505,7 @@ def test_mask_function_accepts_both_transformers_call_styles():
     old_style = attention.fastpeft_mask(batch_size=2, cache_position=torch.arange(2, 4), kv_length=4, kv_offset=0,
                                         mask_function=causal_mask_function, attention_mask=mask)
     for result in (new_style, old_style):
-        assert result.dtype == torch.bool and torch.equal(result, mask[:, -4:].bool())
+        assert result.dtype == torch.bool and torch.equal(result, mask[:, None, None, -4:].bool())
     assert attention.fastpeft_mask(batch_size=2, cache_position=torch.arange(4), kv_length=4,
                                    mask_function=causal_mask_function, attention_mask=None) is None
     # On CPU a mask without padding among the keys attention sees is no mask (every layer skips its handling).

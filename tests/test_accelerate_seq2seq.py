@@ -270,23 +270,30 @@ def test_disable_adapter_and_restore():
     assert torch.equal(restored, expected)
 
 
-def test_prefix_that_reaches_no_decoder_self_attention_is_an_error(monkeypatch):
-    """Were the keyword to stop reaching the decoder's self-attention (a transformers release that stops passing
-    keyword arguments down), the forward raises instead of returning the numbers of the model without its prefix."""
+@pytest.mark.parametrize("dropping", [(0, 1), (1,)])
+def test_prefix_that_misses_a_decoder_self_attention_is_an_error(dropping, monkeypatch):
+    """Were the keyword to stop reaching the decoder's self-attention of some layers (a transformers release that stops
+    passing keyword arguments down), forward and generate raise, naming those layers, instead of returning the numbers
+    of the model without their prefix."""
     from fastpeft.integration.attention import PREFIX_KWARG
 
     peft_model = fastpeft.accelerate(make("prefix"))
-    for layer in peft_model.get_base_model().get_decoder().layers:
-        forward = layer.forward
+    layers = peft_model.get_base_model().get_decoder().layers
+    for index in dropping:
+        forward = layers[index].forward
 
         def forward_dropping_the_prefix(*args, forward=forward, **kwargs):
             kwargs.pop(PREFIX_KWARG, None)
             return forward(*args, **kwargs)
 
-        monkeypatch.setattr(layer, "forward", forward_dropping_the_prefix)
+        monkeypatch.setattr(layers[index], "forward", forward_dropping_the_prefix)
     ids, mask, decoder_ids, _ = inputs()
-    with pytest.raises(ValueError, match="did not reach"):
+    message = (rf"reached the attention of {2 - len(dropping)} of BartForConditionalGeneration's 2 layers in this "
+               rf"call, not layers \[{', '.join(map(str, dropping))}\]")
+    with pytest.raises(ValueError, match=message):
         peft_model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids)
+    with pytest.raises(ValueError, match=message):
+        greedy_seq2seq(peft_model, ids, mask, max_new_tokens=2)
 
 
 @pytest.mark.parametrize("bart_kwargs, message", [

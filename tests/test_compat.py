@@ -132,3 +132,54 @@ def test_info_reports_tested_versions(capsys):
     for package, entry in tested.items():
         assert entry["status"] == compat.version_status(package)[1]
         assert entry["tested"] == " to ".join(compat.TESTED_VERSIONS[package])
+
+
+class _UnreadableConfig:
+    """A configuration whose attributes raise something other than AttributeError, as transformers' heterogeneous
+    configurations do for per-layer attributes."""
+
+    model_type = "unreadable"
+    num_hidden_layers, hidden_size, num_attention_heads = 2, 64, 4
+
+    @property
+    def num_key_value_heads(self):
+        raise RuntimeError("computed from a broken sub-config")
+
+
+def test_config_attributes_that_cannot_be_read_are_named_value_errors():
+    """Another library's exception while reading a configuration attribute becomes a ValueError naming the attribute;
+    a missing attribute is the default, as with getattr."""
+    from fastpeft.adapters import BaseGeometry
+
+    config = _UnreadableConfig()
+    assert compat.config_attribute(config, "head_dim", 7) == 7
+    with pytest.raises(compat.ConfigReadError, match=r"config.num_key_value_heads of 'unreadable' cannot be read "
+                                                     r"\(RuntimeError: computed from a broken sub-config\)") as error:
+        compat.config_attribute(config, "num_key_value_heads")
+    assert isinstance(error.value, ValueError) and not error.value.per_layer
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        BaseGeometry.of(config)
+    config.num_hidden_layers = None
+    with pytest.raises(ValueError, match="no positive integer num_hidden_layers"):
+        BaseGeometry.of(config)
+
+
+def test_kv_sharing_sources_come_from_the_modules():
+    """Layers that reuse another layer's K/V map to the last non-sharing layer of their type; a sharing layer whose
+    provider cannot be told apart is refused by name."""
+    import torch
+
+    def attention_module(layer_idx, layer_type, shared=False, store=False):
+        module = torch.nn.Module()
+        module.layer_idx, module.layer_type = layer_idx, layer_type
+        module.is_kv_shared_layer, module.store_full_length_kv = shared, store
+        return module
+
+    model = torch.nn.ModuleList([attention_module(0, "sliding"), attention_module(1, "full", store=True),
+                                 attention_module(2, "sliding", store=True), attention_module(3, "sliding", shared=True),
+                                 attention_module(4, "full", shared=True)])
+    assert compat.kv_sharing_sources(model) == {3: 2, 4: 1}
+    assert compat.kv_sharing_sources(torch.nn.Linear(2, 2)) == {}
+    model.append(attention_module(5, "sliding", store=True))
+    with pytest.raises(ValueError, match="layer 3 reuses another layer's keys and values"):
+        compat.kv_sharing_sources(model)

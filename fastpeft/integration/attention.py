@@ -12,8 +12,15 @@ every attention call, so each layer's attention function picks its own K/V out o
 self-attention only). Keyword arguments (rather than state on the modules) survive gradient checkpointing, whose
 recomputation runs after the forward has returned, and concurrent models sharing one backbone.
 
-The mask function hands the attention function the 2-D key padding mask ``[B, S]`` (bool, or None when the model
-got no attention mask) instead of a 4-D mask: causality and padding are applied inside the kernels. T5's relative
+Every layer whose attention takes a prefix records it in the spec (``PrefixSpec.consumed``), and the caller checks
+after each forward or generation step that every layer did (``PrefixSpec.check_consumed``): a layer whose attention
+bypasses the interface or drops keyword arguments on some transformers release would otherwise run without its
+prefix and give silently different numbers. A Python set per call; no device work.
+
+The mask function hands the attention function the key padding mask ``[B, 1, 1, S]`` (bool, broadcast over heads and
+queries; None when the model got no attention mask) instead of a causal 4-D mask: causality and padding are applied
+inside the kernels. It is 4-D so that models which slice their masks along the query axis (Gemma 4 before its
+KV-sharing layers, transformers >= 5.24) can; a 2-D ``[B, S]`` mask is taken too. T5's relative
 position bias (the ``position_bias`` keyword, which does not hold the mask) reaches the kernels as their additive
 ``attn_bias``.
 """
@@ -36,7 +43,9 @@ class PrefixSpec:
     """Per-layer prefix K/V for one forward call.
 
     keys, values: one tensor per decoder layer (indexed by the attention module's ``layer_idx``), either
-        ``[Hkv, P, D]`` shared by every row or ``[T, Hkv, P, D]`` a table read through ``prefix_index``.
+        ``[Hkv, P, D]`` shared by every row or ``[T, Hkv, P, D]`` a table read through ``prefix_index``; or None for
+        a layer that sees no prefix (PEFT's prefix tuning of Gemma models skips layers whose KV shape the prefix does
+        not fit). Layers may differ in Hkv and D (Gemma 4).
     prefix_index: ``[B]`` integer, the table entry of each row (required for tables).
     prefix_lengths: ``[T]`` integer, valid length of each entry (ragged tables); default P.
     query_positions: ``[1 or B, L]`` integer, where the call's queries sit in the cache of the computation fastpeft
@@ -59,6 +68,9 @@ class PrefixSpec:
     # planned by the first layer, reused by the others. Per object (``dataclasses.replace`` starts a new one), so
     # per forward call; the index, lengths and mask tensors must keep their values while the object is in use.
     plan_cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
+    # The layer_idx of every attention call that took its entry (``layer``) since the spec was made or last checked:
+    # ``check_consumed`` compares it with the layers the spec covers.
+    consumed: set = field(default_factory=set, init=False, compare=False, repr=False)
 
     @classmethod
     def build(cls, keys, values, prefix_index=None, prefix_lengths=None, check_values=True):
@@ -67,11 +79,18 @@ class PrefixSpec:
         keys, values = tuple(keys), tuple(values)
         if len(keys) != len(values) or not keys:
             raise ValueError(f"keys and values must hold one tensor per layer, got {len(keys)} and {len(values)}")
-        table = keys[0].dim() == 4
+        if any((k is None) != (v is None) for k, v in zip(keys, values)):
+            raise ValueError("a layer without a prefix has None for both its keys and its values")
+        present = [k for k in keys if k is not None]
+        if not present:
+            raise ValueError("a PrefixSpec needs a prefix for at least one layer")
+        table = present[0].dim() == 4
+        if any(k.dim() != present[0].dim() for k in present):
+            raise ValueError("every layer's prefix must be shared [Hkv, P, D], or every layer's a table [T, Hkv, P, D]")
         if table:
             if prefix_index is None:
                 raise ValueError("prefix_index is required with per-layer prefix tables [T, Hkv, P, D]")
-            T, P = keys[0].shape[0], keys[0].shape[2]
+            T, P = present[0].shape[0], present[0].shape[2]
             if check_values and prefix_index.numel() and (
                     int(prefix_index.min()) < 0 or int(prefix_index.max()) >= T):
                 raise IndexError(f"prefix_index values must lie in [0, T={T})")
@@ -81,15 +100,55 @@ class PrefixSpec:
         return cls(keys, values, prefix_index, prefix_lengths)
 
     def layer(self, layer_idx):
+        """``(keys, values)`` of layer ``layer_idx`` (``(None, None)``: that layer sees no prefix), recorded in
+        ``consumed``. Raises ValueError for a layer the spec does not cover."""
         if layer_idx is None or not 0 <= layer_idx < len(self.keys):
             raise ValueError(f"the attention module's layer_idx={layer_idx} has no prefix in this PrefixSpec "
                              f"({len(self.keys)} layers)")
+        self.consumed.add(layer_idx)
         return self.keys[layer_idx], self.values[layer_idx]
+
+    def check_consumed(self, model_name, what="the prefix"):
+        """Raise ValueError unless the attention of every layer the spec covers took its entry since the spec was
+        made or last checked, then start counting afresh (a spec reused over generation steps is checked per step).
+        ``model_name`` and ``what`` name the model and the K/V in the message."""
+        consumed, expected = self.consumed, len(self.keys)
+        if len(consumed) == expected:
+            consumed.clear()
+            return
+        missing = sorted(set(range(expected)) - consumed)
+        consumed.clear()
+        raise ValueError(f"{what} reached the attention of {expected - len(missing)} of {model_name}'s {expected} "
+                         f"layers in this call, not layers {missing}: their attention does not take fastpeft's "
+                         f"{PREFIX_KWARG} keyword on this transformers release (it bypasses the attention interface "
+                         "or drops keyword arguments), so the output would silently lack their prefix. fastpeft "
+                         "cannot run this model (fastpeft.restore gives PEFT's own path back)")
 
     def for_module(self, module):
         """The spec that applies to attention ``module``: this one, whole (every attention layer of a decoder-only
         model or an encoder reads its prefix by ``layer_idx``)."""
         return self
+
+
+class GenerationStepChecks:
+    """``PrefixSpec.check_consumed`` for every step of a ``generate``: each step's model inputs get their spec
+    through ``next`` (in the generation-step hook, before the step's forward), which first checks the spec of the
+    step before; ``finish`` checks the last one after ``generate`` returned. transformers runs one forward per
+    prepared step."""
+
+    def __init__(self, model_name, what="the prefix"):
+        self.model_name, self.what = model_name, what
+        self.pending = None
+
+    def next(self, spec):
+        self.finish()
+        self.pending = spec
+        return spec
+
+    def finish(self):
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.check_consumed(self.model_name, self.what)
 
 
 def is_decoder_self_attention(module):
@@ -105,13 +164,13 @@ class DecoderSelfAttentionPrefix:
     by the decoder layer's ``layer_idx``); the encoder's self-attention and the cross-attention read none (PEFT hands
     the prefix over as the self-attention half of an ``EncoderDecoderCache`` and empties its cross-attention half).
 
-    ``reached`` collects the ``layer_idx`` of every decoder self-attention call that took the prefix, so that the
-    caller can check after the forward that the keyword reached attention at all: encoder-decoders (BART, T5) do not
-    declare ``_supports_attention_backend``, so that is verified per call rather than trusted per class.
+    Every decoder self-attention call that takes the prefix records its layer in ``prefix.consumed``, which the
+    caller checks after the call (``PrefixSpec.check_consumed``): encoder-decoders (BART, T5) do not declare
+    ``_supports_attention_backend``, so that the keyword reaches every decoder layer is verified per call rather than
+    trusted per class.
     """
 
     prefix: PrefixSpec
-    reached: set = field(default_factory=set, compare=False, repr=False)
     # The decoder's relative-position-bias module (T5's first decoder self-attention, ``compat.decoder_relative_bias``)
     # or None. PEFT's prefix sits in T5's cache, so T5 computes its position bias over the prefix too; without a cache
     # fastpeft computes those columns with it (``_prefix_position_bias``). A module reference in the keyword, not a
@@ -119,11 +178,13 @@ class DecoderSelfAttentionPrefix:
     relative_bias: Optional[torch.nn.Module] = field(default=None, compare=False, repr=False)
 
     def for_module(self, module):
-        """``prefix`` for a decoder self-attention module (recorded in ``reached``), None for any other."""
+        """``prefix`` for a decoder self-attention module, None for any other."""
         if not is_decoder_self_attention(module):
             return None
-        self.reached.add(module.layer_idx)
         return self.prefix
+
+    def check_consumed(self, model_name, what="the prefix"):
+        self.prefix.check_consumed(model_name, what)
 
 
 class UnsupportedModelError(ValueError):
@@ -175,6 +236,11 @@ def check_supported_model(model, user, prefix_kwargs=True, handwritten_families=
     its family takes the prefix (or ``prefix_kwargs`` is False)."""
     from . import compat, handwritten
 
+    if not any(compat.is_pretrained_model(module) for module in model.modules()):
+        # PEFT runs prompt learning on any nn.Module with a config; fastpeft computes attention only where
+        # transformers' attention interface hands it over.
+        raise UnsupportedModelError(f"{user} cannot run {type(model).__name__}: it holds no transformers "
+                                    "PreTrainedModel, whose attention interface fastpeft replaces")
     for module in model.modules():
         if not compat.is_pretrained_model(module):
             continue
@@ -199,15 +265,31 @@ def check_supported_model(model, user, prefix_kwargs=True, handwritten_families=
         configs.append(model.config.get_text_config())
     for config in configs:
         for attribute, feature, computed_for in UNSUPPORTED_CONFIG_FEATURES:
-            if getattr(config, attribute, None) and getattr(config, "model_type", None) not in computed_for:
+            value = _feature_setting(config, attribute)
+            if value and getattr(config, "model_type", None) not in computed_for:
                 raise UnsupportedModelError(
                     f"{user} cannot run {type(model).__name__} (model type {getattr(config, 'model_type', None)!r}): "
-                    f"its attention uses {feature} (config.{attribute}={getattr(config, attribute)!r}), which "
-                    "fastpeft's kernels do not compute")
+                    f"its attention uses {feature} (config.{attribute}={value!r}), which fastpeft's kernels do not "
+                    "compute")
     for name, _ in model.named_parameters():
         if name.rsplit(".", 1)[-1] in ("sinks", "s_aux"):
             raise UnsupportedModelError(f"{user} cannot run {type(model).__name__}: its attention has attention "
                                         f"sinks ({name}), which fastpeft's kernels do not compute")
+
+
+def _feature_setting(config, attribute):
+    """``config.<attribute>``, or, where it differs between layers (``compat.config_attribute``), the layers' values
+    that switch it on (a tuple, empty when no layer does). A configuration that cannot give it at all is refused."""
+    from . import compat
+
+    try:
+        return compat.config_attribute(config, attribute)
+    except compat.ConfigReadError as error:
+        values = compat.layer_attribute_values(config, attribute) if error.per_layer else None
+        if values is None:
+            raise UnsupportedModelError(f"fastpeft cannot read the model configuration's {attribute}, which decides "
+                                        f"whether its attention is one the kernels compute: {error}") from None
+        return tuple(value for value in values if value)
 
 
 def _no_prefix(key, columns=1):
@@ -304,16 +386,32 @@ def _pad_keys_to_queries(key, value, attention_mask, attn_bias, length):
     return torch.nn.functional.pad(key, pad), torch.nn.functional.pad(value, pad), padded_mask, attn_bias
 
 
+def _key_padding_mask(attention_mask):
+    """The ``[B, S]`` bool key padding mask (or None) of what a model hands its attention function: ``fastpeft_mask``'s
+    ``[B, 1, 1, S]`` (possibly sliced along its query axis by the model), or ``[B, S]``. A 4-D boolean mask of one
+    query row says which keys every query may see, which is what the kernels take with the module's causality;
+    anything else (an additive float mask, one row per query: a custom 4-D mask) is refused."""
+    if attention_mask is None:
+        return None
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool:
+        if attention_mask.dim() == 2:
+            return attention_mask
+        if attention_mask.dim() == 4 and attention_mask.shape[1] == 1 and attention_mask.shape[2] == 1:
+            return attention_mask[:, 0, 0]
+    raise ValueError("fastpeft attention takes a boolean key padding mask [B, 1, 1, S] or [B, S]; this model passed "
+                     f"a {getattr(attention_mask, 'dtype', type(attention_mask).__name__)} mask of shape "
+                     f"{tuple(getattr(attention_mask, 'shape', ()))} (a custom 4-D mask is not supported)")
+
+
 def fastpeft_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                                is_causal=None, **kwargs):
     """transformers attention function. query ``[B, Hq, L, D]``, key/value ``[B, Hkv, S, D]`` (the cache
-    included), attention_mask ``[B, S]`` bool or None (from ``fastpeft_mask``). Returns ``([B, L, Hq, D], None)``.
+    included), attention_mask ``[B, 1, 1, S]`` bool or None (from ``fastpeft_mask``; ``[B, S]`` too). Returns
+    ``([B, L, Hq, D], None)``.
     ``position_bias`` (T5: ``[1 or B, H, L, S]``, the mask not folded in) is added to the ``scaling``-scaled scores
     before the mask, as T5's own attention does; ``scaling`` None means ``1/sqrt(D)``, T5 passes 1.0.
     """
-    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
-        raise ValueError("fastpeft attention takes a 2-D key padding mask [B, S]; this model passed a "
-                         f"{getattr(attention_mask, 'dim', lambda: '?')()}-D mask (a custom 4-D mask is not supported)")
+    attention_mask = _key_padding_mask(attention_mask)
     unsupported = [name for name in UNSUPPORTED_ATTENTION_KWARGS if kwargs.get(name) is not None]
     if unsupported:
         raise ValueError(f"{type(module).__name__} passes {', '.join(unsupported)} to its attention function; "
@@ -323,10 +421,13 @@ def fastpeft_attention_forward(module, query, key, value, attention_mask, dropou
     if spec is not None:
         spec = spec.for_module(module)
     position_bias = kwargs.get("position_bias")
+    if spec is not None:
+        prefix_k, prefix_v = spec.layer(getattr(module, "layer_idx", None))
+        if prefix_k is None:  # a layer the prefix skips (PEFT's prefix tuning of Gemma models)
+            spec = None
     if spec is None:
         prefix_k, prefix_v, prefix_index, prefix_lengths = _no_prefix(key, 0 if position_bias is not None else 1)
     else:
-        prefix_k, prefix_v = spec.layer(getattr(module, "layer_idx", None))
         prefix_index, prefix_lengths = spec.prefix_index, spec.prefix_lengths
         if prefix_k.dtype != query.dtype or prefix_k.device != query.device:
             # The prefix is built once in the model's dtype on its first device; activations can differ (a
@@ -381,8 +482,9 @@ def fastpeft_attention_forward(module, query, key, value, attention_mask, dropou
 
 def fastpeft_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None,
                   attention_mask=None, config=None, cache_position=None, **kwargs):
-    """transformers mask function: the 2-D key padding mask ``[B, kv_length]`` (bool), or None when the model got no
-    attention_mask (or, on CPU, one without padding). Causality is the kernels' job. Mask patterns the kernels cannot express are refused, never ignored.
+    """transformers mask function: the key padding mask ``[B, 1, 1, kv_length]`` (bool, broadcast over heads and
+    queries), or None when the model got no attention_mask (or, on CPU, one without padding). Causality is the
+    kernels' job. Mask patterns the kernels cannot express are refused, never ignored.
 
     Only ``kv_length``, ``mask_function``, ``attention_mask`` and ``config`` matter. transformers calls mask
     functions by keyword, with ``q_length``/``q_offset`` in recent releases and ``cache_position`` (the query
@@ -394,7 +496,7 @@ def fastpeft_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offs
     plain = mask_function in (None, causal_mask_function, bidirectional_mask_function)
     # Sliding-window layers pass a composed mask function; fastpeft_attention_forward applies the window from its
     # ``sliding_window`` keyword (``_sliding_window_bias``) where it cuts into prefix + sequence.
-    if not plain and getattr(config, "sliding_window", None) is None:
+    if not plain and not _feature_setting(config, "sliding_window"):
         raise ValueError("fastpeft attention supports causal and bidirectional masks with padding; this call "
                          "uses another mask pattern (packed sequences via position_ids, or a custom mask function)")
     if attention_mask is None:
@@ -408,7 +510,7 @@ def fastpeft_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offs
     # reads. On CPU the test is a plain read, once per forward, and spares every layer its mask handling.
     if attention_mask.device.type == "cpu" and bool(attention_mask.all()):
         return None
-    return attention_mask
+    return attention_mask[:, None, None, :]
 
 
 def register():

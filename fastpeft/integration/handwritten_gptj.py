@@ -178,7 +178,7 @@ def _prefix_of(plan, module):
         return None, None
     spec = spec.for_module(module)
     prefix_k, prefix_v = spec.layer(module.layer_idx)
-    if prefix_k.dim() != 3:
+    if prefix_k is not None and prefix_k.dim() != 3:
         raise ValueError("GPT-J's hand-written attention takes fastpeft.accelerate's shared prefix [Hkv, P, D]; "
                          f"got a prefix table of shape {tuple(prefix_k.shape)}")
     return prefix_k, prefix_v

@@ -15,9 +15,11 @@
 * hand-written attention of a family in ``handwritten`` (DeBERTa's disentangled attention; GPT-J's on transformers
   5.17) is computed through an instance patch of its attention modules (``handwritten.patch``), which ``restore``
   undoes;
-* a backbone whose attention fastpeft cannot compute (other hand-written attention such as Falcon's, or a feature
-  the kernels lack) is left untouched on PEFT's own path with a ``FallbackWarning`` naming why (``strict=True``
-  raises);
+* a backbone whose attention fastpeft cannot compute (other hand-written attention such as Falcon's up to
+  transformers 5.24, or a feature the kernels lack) is left untouched on PEFT's own path with a ``FallbackWarning``
+  naming why (``strict=True`` raises); a layer whose attention turns out not to take its prefix at a call (it drops
+  keyword arguments although its class declares that it passes them) makes that call raise
+  (``attention.PrefixSpec.check_consumed``);
 * PEFT's refusal of prefix tuning under gradient checkpointing (``_setup_prompt_encoder``, peft#869/#2191) is
   lifted for this instance: with the prefix outside the cache, checkpoint recomputation is correct.
 
@@ -53,6 +55,7 @@ class _AccelerationState:
         self.position_scheme = None  # compat.position_scheme of the backbone, found at the first forward
         self.decoder_layers = None  # an encoder-decoder's decoder layer count, found at the first prefix forward
         self.checkpointable = None  # the backbone's modules with a gradient_checkpointing flag, ditto
+        self.kv_sharing_sources = None  # compat.kv_sharing_sources of the backbone, ditto
 
 
 def _peft_types():
@@ -70,14 +73,20 @@ def _supported_peft_classes():
             PeftModelForSeq2SeqLM)
 
 
-def _check_peft_config(peft_model, adapter_name):
-    """Raise ValueError for an adapter configuration fastpeft cannot run with PEFT's exact numbers."""
+def _check_adapter_type(peft_model, adapter_name):
     types = _peft_types()
-    prefix_tuning = types[0]
     config = peft_model.peft_config[adapter_name]
     if config.peft_type not in types:
         raise ValueError(f"fastpeft.accelerate supports {', '.join(t.value for t in types)} adapters; "
                          f"adapter {adapter_name!r} is {config.peft_type.value}")
+
+
+def _check_peft_config(peft_model, adapter_name):
+    """Raise ValueError for an adapter configuration fastpeft cannot run with PEFT's exact numbers on this
+    backbone."""
+    _check_adapter_type(peft_model, adapter_name)
+    prefix_tuning = _peft_types()[0]
+    config = peft_model.peft_config[adapter_name]
     encoder_decoder = getattr(peft_model.get_base_model().config, "is_encoder_decoder", False)
     if config.peft_type != prefix_tuning:
         if not encoder_decoder and getattr(config, "num_transformer_submodules", 1) not in (None, 1):
@@ -86,11 +95,21 @@ def _check_peft_config(peft_model, adapter_name):
         return
     if encoder_decoder:
         _check_encoder_decoder_prefix_config(peft_model, adapter_name)
-    geometry = BaseGeometry.of(peft_model.get_base_model().config)
-    num_layers, kv_heads, head_dim = geometry.num_layers, geometry.num_kv_heads, geometry.head_dim
+    base = peft_model.get_base_model()
+    text_config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    num_layers = compat.config_attribute(text_config, "num_hidden_layers")
     if config.num_layers != num_layers:
         raise ValueError(f"prefix-tuning adapter {adapter_name!r} has num_layers={config.num_layers} but the "
                          f"backbone has {num_layers} attention layers")
+    if config.token_dim % config.num_attention_heads:
+        raise ValueError(f"prefix-tuning adapter {adapter_name!r} has token_dim={config.token_dim}, not a multiple "
+                         f"of num_attention_heads={config.num_attention_heads}")
+    if _peft_sizes_prefix_per_layer(base):
+        return  # each layer's share of the prefix is sized at every call, as PEFT does: _gemma_layer_prefixes
+    geometry = BaseGeometry.of(text_config)
+    geometry.require_uniform(f"prefix-tuning adapter {adapter_name!r} (PEFT slices a prefix per layer only for "
+                             "Gemma models)")
+    kv_heads, head_dim = geometry.num_kv_heads, geometry.head_dim
     if config.num_attention_heads != kv_heads or config.token_dim != kv_heads * head_dim:
         raise ValueError(
             f"prefix-tuning adapter {adapter_name!r} stores its prefix as num_attention_heads="
@@ -150,9 +169,16 @@ def _check_backbone(peft_model):
     prefix = any(config.peft_type == _peft_types()[0] for config in peft_model.peft_config.values())
     encoder_decoder = getattr(base.config, "is_encoder_decoder", False)
     # Encoder-decoders (BART, T5) hand keyword arguments to attention without declaring it: the prefix's arrival at
-    # the decoder self-attention is checked at every call instead (DecoderSelfAttentionPrefix.reached).
+    # every decoder self-attention is checked at every call instead (PrefixSpec.check_consumed).
     attention.check_supported_model(base, "fastpeft.accelerate", prefix_kwargs=prefix and not encoder_decoder,
                                     handwritten_families=True)
+    for name in ("layerdrop", "decoder_layerdrop") if prefix else ():
+        rate = compat.config_attribute(base.config, name)
+        if rate:
+            raise attention.UnsupportedModelError(
+                f"fastpeft.accelerate cannot run prefix tuning on {type(base).__name__} with LayerDrop "
+                f"(config.{name}={rate}): a layer skipped at random in training takes no prefix, which the check "
+                "that every layer's attention received its prefix cannot tell from a layer that drops it")
     if prefix and encoder_decoder:
         if compat.decoder_position_embedding(base) is None and compat.decoder_relative_bias(base) is None:
             raise attention.UnsupportedModelError(
@@ -173,8 +199,8 @@ def accelerate(peft_model, *, strict=False):
     Arguments:
         peft_model: a ``peft.PeftModelForCausalLM``, ``PeftModelForSequenceClassification`` or
             ``PeftModelForFeatureExtraction`` whose backbone computes attention through transformers' attention
-            interface with plain softmax attention (Llama, Mistral, Qwen2/3, GPT-2, OPT, GPT-J, Gemma 3, Phi,
-            GPT-NeoX, BERT, RoBERTa, ...; see ``attention.check_supported_model``) or by hand in a family fastpeft
+            interface with plain softmax attention (Llama, Mistral, Qwen2/3, GPT-2, OPT, GPT-J, Gemma 3, Gemma 4,
+            Phi, GPT-NeoX, BERT, RoBERTa, ...; see ``attention.check_supported_model``) or by hand in a family fastpeft
             patches per instance (``handwritten_gptj``: GPT-J on transformers 5.17), and whose adapters are
             PREFIX_TUNING (with or without ``prefix_projection``), PROMPT_TUNING, P_TUNING or CPT; or a
             ``PeftModelForSeq2SeqLM`` with PROMPT_TUNING / P_TUNING adapters (BART; T5 and MT5, whose relative
@@ -184,10 +210,10 @@ def accelerate(peft_model, *, strict=False):
             disentangled attention (``handwritten_deberta``); PEFT's prefix tuning never reaches their attention
             (they take no KV cache), so such adapters fall back.
         strict: what to do with a backbone whose attention fastpeft cannot compute (hand-written attention that
-            bypasses the attention interface outside the ``handwritten`` families, such as Falcon's, or a feature
-            the kernels lack, named in the message). False (default): warn once with a ``FallbackWarning`` naming
-            why and leave the model on PEFT's own path, untouched (same numbers, PEFT's speed; ``is_accelerated`` is
-            False, ``restore`` is a no-op). True: raise ``ValueError`` instead.
+            bypasses the attention interface outside the ``handwritten`` families, such as Falcon's up to
+            transformers 5.24, or a feature the kernels lack, named in the message). False (default): warn once with
+            a ``FallbackWarning`` naming why and leave the model on PEFT's own path, untouched (same numbers, PEFT's
+            speed; ``is_accelerated`` is False, ``restore`` is a no-op). True: raise ``ValueError`` instead.
 
     Returns:
         the same object, accelerated in place: forward outputs (logits, loss), prompt-parameter gradients,
@@ -210,7 +236,9 @@ def accelerate(peft_model, *, strict=False):
                          f"{', '.join(cls.__name__ for cls in _supported_peft_classes())}, "
                          f"got {type(peft_model).__name__}")
     for adapter_name in peft_model.peft_config:
-        _check_peft_config(peft_model, adapter_name)
+        _check_adapter_type(peft_model, adapter_name)
+    # The backbone before the adapters' shapes: those are read from a transformers config, which a backbone
+    # fastpeft leaves to PEFT (any nn.Module with a config) need not have.
     try:
         _check_backbone(peft_model)
     except attention.UnsupportedModelError as error:
@@ -221,6 +249,8 @@ def accelerate(peft_model, *, strict=False):
                       "raises instead)", FallbackWarning, stacklevel=2)
         setattr(peft_model, FALLBACK_ATTR, str(error))
         return peft_model
+    for adapter_name in peft_model.peft_config:
+        _check_peft_config(peft_model, adapter_name)
 
     previous = attention.use_fastpeft_attention(peft_model.get_base_model())
     undo_handwritten = handwritten.patch(peft_model.get_base_model())
@@ -294,7 +324,108 @@ def prefix_spec(peft_model):
     if dtype is not None:
         flat = flat.to(dtype)
     keys, values = split_prefix(flat, config.num_layers, kv_heads, config.token_dim // kv_heads)
+    if _peft_sizes_prefix_per_layer(peft_model.get_base_model()):
+        keys, values = _gemma_layer_prefixes(peft_model, keys, values)
     return attention.PrefixSpec.build(keys, values)
+
+
+# The model types whose prefix PEFT 0.21 (get_prompt, peft#3205) fits to each layer: a substring of the backbone's
+# config.model_type, as PEFT tests it.
+_PER_LAYER_PREFIX_MODEL_TYPES = ("gemma2", "gemma3_text", "gemma4")
+
+
+def _peft_sizes_prefix_per_layer(base):
+    """Whether PEFT's prefix tuning fits the prefix to each layer of the backbone ``base`` (``_gemma_layer_prefixes``)
+    rather than handing every layer the whole of its slot."""
+    model_type = getattr(base.config, "model_type", None) or ""
+    return any(name in model_type for name in _PER_LAYER_PREFIX_MODEL_TYPES)
+
+
+def _gemma_layer_prefixes(peft_model, keys, values):
+    """Each layer's prefix as PEFT 0.21's ``get_prompt`` hands it to a Gemma model, from the per-layer slots ``keys`` /
+    ``values`` (``[Hkv, P, D]`` sized by the adapter's ``num_attention_heads`` x ``token_dim / num_attention_heads``,
+    which PEFT provisions for the largest layer). Returns the per-layer ``(keys, values)`` for ``PrefixSpec.build``,
+    None for a layer that sees no prefix.
+
+    As PEFT, read from the configuration at every call: the last ``num_kv_shared_layers`` layers get no prefix of
+    their own; another layer whose KV heads or head size (``per_layer_config``: Gemma 4's sliding and full-attention
+    layers differ) exceed the slot's gets none either; the others get the first heads and the first dimensions of
+    each head of their slot. PEFT warns, with its own message, when it skips any layer and raises ValueError when it
+    skips every one. A layer that reuses another layer's keys and values (``compat.kv_sharing_sources``) attends over
+    that layer's prefix: PEFT's prefix reaches it through that layer's cache.
+    """
+    config = peft_model.active_peft_config
+    base = peft_model.get_base_model()
+    text_config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    heads, head_dim = config.num_attention_heads, config.token_dim // config.num_attention_heads
+    num_layers = len(keys)
+    shared = compat.config_attribute(text_config, "num_kv_shared_layers", 0) or 0
+    first_shared = (compat.config_attribute(text_config, "num_hidden_layers", config.num_layers) or 0) - shared
+    # PEFT sizes layers only where the configuration has layer types (Gemma 2 to 4 do).
+    shapes = None
+    if compat.config_attribute(text_config, "layer_types"):
+        geometry = BaseGeometry.of(base.config)
+        shapes = geometry.layer_kv_shapes or [(geometry.num_kv_heads, geometry.head_dim)] * geometry.num_layers
+    layer_keys, layer_values = [None] * num_layers, [None] * num_layers
+    injected, skipped = [], []
+    for layer in range(num_layers):
+        if shared > 0 and layer >= first_shared:
+            skipped.append(layer)
+            continue
+        layer_k, layer_v = keys[layer], values[layer]
+        if shapes is not None:
+            layer_heads, layer_dim = shapes[layer]
+            if layer_heads > heads or layer_dim > head_dim:
+                skipped.append(layer)
+                continue
+            if (layer_heads, layer_dim) != (heads, head_dim):
+                # One copy per call (differentiable), so that the kernels read a contiguous prefix.
+                layer_k = layer_k[:layer_heads, :, :layer_dim].contiguous()
+                layer_v = layer_v[:layer_heads, :, :layer_dim].contiguous()
+        layer_keys[layer], layer_values[layer] = layer_k, layer_v
+        injected.append(layer)
+    if not injected:
+        raise ValueError(
+            "Prefix tuning skipped every layer because no layer's KV shape matched the provisioned prefix "
+            f"(num_attention_heads={config.num_attention_heads}, head_dim={head_dim}). Override `token_dim` and "
+            "`num_attention_heads` in `PrefixTuningConfig` to match a layer that should receive the prefix.")
+    if skipped:
+        warnings.warn(f"Prefix tuning injected into layers {injected}; skipped {skipped} due to KV shape mismatch or "
+                      "shared-KV layers.")
+    for layer, source in _kv_sharing_sources(peft_model).items():
+        if layer < num_layers:
+            layer_keys[layer], layer_values[layer] = layer_keys[source], layer_values[source]
+    return layer_keys, layer_values
+
+
+def _kv_sharing_sources(peft_model):
+    """The backbone's ``compat.kv_sharing_sources``, found once per accelerated model (the modules keep it)."""
+    state = getattr(peft_model, STATE_ATTR)
+    if state.kv_sharing_sources is None:
+        state.kv_sharing_sources = compat.kv_sharing_sources(peft_model.get_base_model())
+    return state.kv_sharing_sources
+
+
+def _check_padding_with_prefixless_layers(spec, attention_mask, model_name):
+    """Raise ValueError for a padded batch (``attention_mask`` ``[B, S]`` with a 0) when some layer sees no prefix
+    (``_gemma_layer_prefixes``). PEFT extends the attention mask by P ones for its prefix cache, but transformers
+    builds such a layer's mask for its own, prefix-less keys from the first columns of that extended mask: in PEFT
+    its padding is read shifted by P, which fastpeft does not reproduce. Costs one read of the mask (a device sync)
+    per call, for these layouts only."""
+    if attention_mask is None or all(keys is not None for keys in spec.keys) or bool(attention_mask.all()):
+        return
+    skipped = [layer for layer, keys in enumerate(spec.keys) if keys is None]
+    raise ValueError(f"PEFT's prefix skips layers {skipped} of {model_name} (their KV shape does not fit the "
+                     "prefix); in PEFT those layers then read a padded batch's attention mask shifted by the prefix "
+                     "length, which fastpeft does not reproduce. Pass batches without padding, or size the prefix "
+                     "for every layer (PrefixTuningConfig's token_dim and num_attention_heads)")
+
+
+def _prefix_positions(spec, num_virtual_tokens):
+    """How many tokens PEFT's prefix cache puts before the real ones where the backbone counts its positions: its
+    first layer's cache length (transformers numbers tokens after ``cache.get_seq_length()``, which reads layer 0).
+    That is P, except for a Gemma model whose first layer PEFT gave no prefix (``_gemma_layer_prefixes``): 0."""
+    return num_virtual_tokens if spec.keys[0] is not None else 0
 
 
 def encoder_decoder_prefix_spec(peft_model):
@@ -319,15 +450,6 @@ def encoder_decoder_prefix_spec(peft_model):
                                                 relative_bias=compat.decoder_relative_bias(peft_model.get_base_model()))
 
 
-def _check_prefix_reached(spec, base):
-    """Raise ValueError when no decoder self-attention took the encoder-decoder prefix ``spec`` during the call just
-    made: the keyword did not reach attention, and the output is that of the model without its prefix."""
-    if not spec.reached:
-        raise ValueError(f"the prefix did not reach {type(base).__name__}'s decoder self-attention: this "
-                         "transformers release does not hand keyword arguments down to its attention functions, so "
-                         "fastpeft cannot run prefix tuning on it")
-
-
 def _position_scheme(peft_model):
     """The backbone's ``compat.position_scheme``, found once per accelerated model."""
     state = getattr(peft_model, STATE_ATTR)
@@ -336,9 +458,11 @@ def _position_scheme(peft_model):
     return state.position_scheme
 
 
-def _prefix_position_ids(scheme, position_ids, num_virtual_tokens, past_length, input_ids, attention_mask, reference):
+def _prefix_position_ids(scheme, position_ids, num_virtual_tokens, past_length, input_ids, attention_mask, reference,
+                         cached_prefix_length=None):
     """PEFT's forward positions: user ``position_ids + P``; else the positions the backbone gives its tokens when a
-    cache of ``P + past`` tokens precedes them (PEFT hands the prefix over as that cache), by the backbone's
+    cache of ``P + past`` tokens precedes them (PEFT hands the prefix over as that cache; ``cached_prefix_length``,
+    default P, is how many of the P the backbone counts, ``_prefix_positions``), by the backbone's
     ``compat.position_scheme``:
 
     * ``cache`` (most models): ``P + past .. P + past + L - 1`` for every row, not pad-aware;
@@ -350,14 +474,14 @@ def _prefix_position_ids(scheme, position_ids, num_virtual_tokens, past_length, 
     if position_ids is not None:
         return position_ids + num_virtual_tokens
     kind, padding_idx = scheme
-    start = num_virtual_tokens + past_length
+    start = (num_virtual_tokens if cached_prefix_length is None else cached_prefix_length) + past_length
     (batch, length), device = reference.shape[:2], reference.device
     if kind == "mask":
         if attention_mask is None:
             attention_mask = torch.ones(batch, past_length + length, device=device, dtype=torch.long)
         full = torch.cat([attention_mask.new_ones(attention_mask.shape[0], num_virtual_tokens), attention_mask], 1)
         full = full.long()
-        return (full.cumsum(1) * full - 1)[:, start:]
+        return (full.cumsum(1) * full - 1)[:, num_virtual_tokens + past_length:]
     if kind == "input_ids":
         if input_ids is None:
             return None
@@ -410,18 +534,30 @@ def _accelerated_forward(self, input_ids=None, attention_mask=None, inputs_embed
     reference = input_ids if input_ids is not None else inputs_embeds
     past_length = compat.cache_length(compat.cache_in(kwargs))
     base = self.get_base_model()
-    kwargs["position_ids"] = _prefix_position_ids(_position_scheme(self), kwargs.get("position_ids"),
-                                                  config.num_virtual_tokens, past_length, input_ids, attention_mask,
-                                                  reference)
     # For sliding-window layers: the queries' indices in PEFT's cache (prefix, earlier tokens, padding included).
     start = config.num_virtual_tokens + past_length
     queries = torch.arange(start, start + reference.shape[1], device=reference.device)[None]
-    kwargs[attention.PREFIX_KWARG] = dataclasses.replace(prefix_spec(self), query_positions=queries)
+    spec = dataclasses.replace(prefix_spec(self), query_positions=queries)
+    _check_padding_with_prefixless_layers(spec, attention_mask, type(base).__name__)
+    scheme, user_positions = _position_scheme(self), kwargs.get("position_ids")
+    kwargs["position_ids"] = _prefix_position_ids(scheme, user_positions, config.num_virtual_tokens, past_length,
+                                                  input_ids, attention_mask, reference,
+                                                  _prefix_positions(spec, config.num_virtual_tokens))
+    if attention_mask is None and user_positions is None and scheme[0] == "input_ids" and \
+            kwargs["position_ids"] is not None:
+        # RoBERTa-style positions restart at padding_idx on every pad. transformers >= 5.25 reads position ids that
+        # restart, given without an attention mask, as packed sequences and masks each apart; PEFT hands the backbone
+        # no position ids here, so its attention sees every key. A mask of ones says so.
+        attention_mask = torch.ones(reference.shape[0], past_length + reference.shape[1], dtype=torch.long,
+                                    device=reference.device)
+    kwargs[attention.PREFIX_KWARG] = spec
     if labels is not None or compat.takes_argument(type(self).forward, "labels"):
         kwargs["labels"] = labels  # a feature-extraction backbone takes none (PEFT's forward passes none)
-    return base(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                return_dict=return_dict, **kwargs)
+    output = base(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                  output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                  return_dict=return_dict, **kwargs)
+    spec.check_consumed(type(base).__name__)
+    return output
 
 
 def _accelerated_seq2seq_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None,
@@ -458,7 +594,7 @@ def _accelerated_seq2seq_forward(self, input_ids=None, attention_mask=None, inpu
     spec = encoder_decoder_prefix_spec(self)
     with compat.decoder_positions_shifted(base, config.num_virtual_tokens):
         output = base(**arguments, **{attention.PREFIX_KWARG: spec}, **kwargs)
-    _check_prefix_reached(spec, base)
+    spec.check_consumed(type(base).__name__)
     return output
 
 
@@ -480,14 +616,16 @@ def _accelerated_seq2seq_generate(self, **kwargs):
     with torch.no_grad():
         spec = encoder_decoder_prefix_spec(self)
 
+    steps = attention.GenerationStepChecks(type(base).__name__)
+
     def add_prefix(model_inputs):
-        model_inputs[attention.PREFIX_KWARG] = spec
+        model_inputs[attention.PREFIX_KWARG] = steps.next(spec)
         return model_inputs
 
     with compat.generation_step_hook(base, add_prefix), \
             compat.decoder_positions_shifted(base, config.num_virtual_tokens):
         output = base.generate(**kwargs)
-    _check_prefix_reached(spec, base)
+    steps.finish()
     return output
 
 
@@ -526,6 +664,8 @@ def _virtual_token_prefix_spec(peft_model):
     The prompts are PEFT's: ``embedding.weight`` in inference mode, else the encoder over the ``(1, P)`` ids (the
     p-tuning MLP/LSTM reads the whole sequence), cast to the word embeddings' dtype.
     """
+    from transformers import DynamicCache
+
     adapter = peft_model.active_adapter
     config = peft_model.peft_config[adapter]
     encoder = peft_model.prompt_encoder[adapter]
@@ -537,12 +677,26 @@ def _virtual_token_prefix_spec(peft_model):
         tokens = peft_model.prompt_tokens[adapter].unsqueeze(0).to(encoder.embedding.weight.device)
         prompts = encoder(tokens)
     prompts = prompts.to(peft_model.word_embeddings.weight.dtype)
-    cache = compat.cache_of(peft_model.get_base_model()(inputs_embeds=prompts, use_cache=True))
+    base = peft_model.get_base_model()
+    # A cache of full layers, built without the model's config: a sliding-window layer's own cache would keep only
+    # the last window - 1 virtual tokens, and every later query that the window lets see the others needs them all.
+    output = base(inputs_embeds=prompts, use_cache=True, **compat.cache_kwargs(base, DynamicCache()))
+    cache = compat.cache_of(output)
     if cache is None:  # transformers drops the cache when gradient checkpointing is on in training mode
         raise ValueError("generate with prompt tuning / p-tuning needs the backbone's KV cache for the virtual "
                          "tokens; with gradient checkpointing enabled, call model.eval() before generate")
-    layers = [compat.cache_layer_key_values(cache, i) for i in range(len(cache))]
-    return attention.PrefixSpec.build([keys[0] for keys, _ in layers], [values[0] for _, values in layers])
+    # Layers that reuse another layer's K/V (Gemma 4) keep no cache of their own: they see their source's.
+    sources = _kv_sharing_sources(peft_model)
+    num_layers = max(len(cache), 1 + max(sources, default=-1))
+    keys, values = [], []
+    for layer in range(num_layers):
+        layer_k, layer_v = compat.cache_layer_key_values(cache, sources.get(layer, layer))
+        if layer_k is None or layer_k.shape[-2] != config.num_virtual_tokens:
+            raise ValueError(f"{type(base).__name__}'s layer {layer} kept no keys for the {config.num_virtual_tokens} "
+                             "virtual tokens in its cache; fastpeft cannot serve them to that layer in generate")
+        keys.append(layer_k[0])
+        values.append(layer_v[0])
+    return attention.PrefixSpec.build(keys, values)
 
 
 def _accelerated_generate(self, *args, **kwargs):
@@ -573,6 +727,10 @@ def _accelerated_generate(self, *args, **kwargs):
     scheme = _position_scheme(self)
     with torch.no_grad():
         spec = prefix_spec(self) if prefix_tuning else _virtual_token_prefix_spec(self)
+    _check_padding_with_prefixless_layers(spec, kwargs.get("attention_mask"), type(base).__name__)
+    steps = attention.GenerationStepChecks(type(base).__name__, "the prefix" if prefix_tuning
+                                           else "the virtual tokens' keys and values")
+    cached_prefix = _prefix_positions(spec, num_virtual_tokens)
 
     def add_prefix(model_inputs):
         if prefix_tuning:
@@ -580,7 +738,8 @@ def _accelerated_generate(self, *args, **kwargs):
             if position_ids is None:
                 raise ValueError(f"{type(base).__name__} generate passed no position_ids; fastpeft needs them to "
                                  "place the real tokens after the prefix")
-            position_ids = position_ids + num_virtual_tokens
+            queries = position_ids + num_virtual_tokens
+            position_ids = position_ids + cached_prefix
         else:
             past_length = compat.cache_length(compat.cache_in(model_inputs))
             new_tokens = compat.step_new_tokens(model_inputs)
@@ -592,14 +751,17 @@ def _accelerated_generate(self, *args, **kwargs):
             else:
                 start = num_virtual_tokens + past_length
                 position_ids = torch.arange(start, start + new_tokens.shape[1], device=new_tokens.device)[None]
+            queries = position_ids
         model_inputs["position_ids"] = position_ids
         # Sliding-window layers count the window over PEFT's positions, prefix first: generate's are pad-aware for
         # prefix tuning (each row as PEFT runs it alone) and number the concatenation for prompt tuning.
-        model_inputs[attention.PREFIX_KWARG] = dataclasses.replace(spec, query_positions=position_ids)
+        model_inputs[attention.PREFIX_KWARG] = steps.next(dataclasses.replace(spec, query_positions=queries))
         return model_inputs
 
     with compat.generation_step_hook(base, add_prefix):
-        return base.generate(*args, **kwargs)
+        output = base.generate(*args, **kwargs)
+    steps.finish()
+    return output
 
 
 def _setup_prompt_encoder_allowing_checkpointing(self, adapter_name):
