@@ -32,7 +32,7 @@ LARGE_CASES = [
 def _compiled_triton(monkeypatch):
     import fastpeft.kernels.prefix_attention as kernels
 
-    if kernels._INTERPRETING:
+    if kernels.INTERPRETING:
         pytest.skip("fastpeft.kernels.prefix_attention was imported under TRITON_INTERPRET=1 in this process; "
                     "run the gpu tests in a separate process")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
