@@ -189,11 +189,13 @@ at::Tensor attend_each_query(const at::Tensor& q, const at::Tensor& k, const at:
   return out;
 }
 
-std::vector<at::Tensor> short_prefix_attention_fwd(
+// The forward; with keep_for_backward also the lse (undefined unless with_lse) and the backward's 9 tensors. The C++
+// autograd Function reads only the 9 (its lse would cost ~9 us a call at the training suite's size, for nothing).
+std::vector<at::Tensor> attend_short(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
     const at::Tensor& prefix_v, const at::Tensor& prefix_index, const at::Tensor& prefix_lengths,
     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& causal_bias,
-    double softmax_scale, int64_t prefix_n, bool padded, bool ragged, bool keep_for_backward) {
+    double softmax_scale, int64_t prefix_n, bool padded, bool ragged, bool keep_for_backward, bool with_lse) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && prefix_k.dim() == 4,
               "short_prefix_attention_fwd: expects canonical q [B, Hq, L, D], k/v [B, Hkv, S, D], "
               "prefix_k/prefix_v [T, Hkv, P, D]");
@@ -252,7 +254,7 @@ std::vector<at::Tensor> short_prefix_attention_fwd(
     total.add_(sp.sum(-2));
   }
   // The log-sum-exp in natural log, before the blind queries' total is set to 1: log2(0) + 0 = -inf for them.
-  const at::Tensor lse = keep_for_backward ? total.log2().add_(m).mul_(kLn2) : at::Tensor();
+  const at::Tensor lse = keep_for_backward && with_lse ? total.log2().add_(m).mul_(kLn2) : at::Tensor();
   if (may_be_blind) {
     total.masked_fill_(total.eq(0), 1.0);
   }
@@ -268,9 +270,19 @@ std::vector<at::Tensor> short_prefix_attention_fwd(
       pk = pv = at::empty({1, Hkv, 0, D}, options);
       sp = at::empty({B, Hkv, 0, R}, options);
     }
-    result.insert(result.end(), {lse.view({B, Hq, L}), qs, kk, vv, pk, pv, sk, sp, out, inv});
+    result.insert(result.end(), {with_lse ? lse.view({B, Hq, L}) : lse, qs, kk, vv, pk, pv, sk, sp, out, inv});
   }
   return result;
+}
+
+// The op _short_prefix_attention_fwd: with keep_for_backward, the lse too.
+std::vector<at::Tensor> short_prefix_attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
+    const at::Tensor& prefix_v, const at::Tensor& prefix_index, const at::Tensor& prefix_lengths,
+    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& causal_bias,
+    double softmax_scale, int64_t prefix_n, bool padded, bool ragged, bool keep_for_backward) {
+  return attend_short(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal_bias,
+                      softmax_scale, prefix_n, padded, ragged, keep_for_backward, /*with_lse=*/keep_for_backward);
 }
 
 // Per-row prefix gradients [B|1, Hkv, n, D] -> [T, Hkv, P, D] summed per table entry, in the prefix's dtype.
@@ -341,9 +353,9 @@ class ShortPrefixAttentionFunction : public torch::autograd::Function<ShortPrefi
                             const std::optional<at::Tensor>& causal_bias, double softmax_scale, int64_t prefix_n,
                             bool padded, bool ragged) {
     std::vector<at::Tensor> result =
-        short_prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
-                                   causal_bias, softmax_scale, prefix_n, padded, ragged, /*keep_for_backward=*/true);
-    // [out, lse, the backward's 9], then prefix_k and prefix_index (the lse is for the custom op's backward only)
+        attend_short(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal_bias,
+                     softmax_scale, prefix_n, padded, ragged, /*keep_for_backward=*/true, /*with_lse=*/false);
+    // [out, lse (undefined), the backward's 9], then prefix_k and prefix_index
     std::vector<at::Tensor> saved(result.begin() + 2, result.end());
     saved.push_back(prefix_k);
     saved.push_back(prefix_index);
