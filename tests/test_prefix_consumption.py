@@ -48,6 +48,34 @@ def test_prefix_tuning_forward_and_generate_raise_when_a_layer_drops_the_prefix(
         greedy(peft_model, ids, mask, max_new_tokens=3)
 
 
+def test_forward_replaced_by_a_test_double_is_not_checked_unless_a_layer_took_the_prefix(monkeypatch):
+    """PEFT's own suite replaces the backbone's forward on the instance by a stub that records the position ids it
+    gets and runs no attention (``test_prefix_tuning_offsets_position_ids_in_forward``): the accelerated forward
+    hands it PEFT's ids (offset by the prefix) and does not raise. A replacement that runs the model's layers is
+    checked as usual: one of them dropping the prefix raises."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    peft_model = make_peft_model("llama", "prefix", base=tiny_keyword_dropping_model((1,)))
+    fastpeft.accelerate(peft_model, strict=True)
+    base = peft_model.get_base_model()
+    ids, mask, _ = batch_and_labels("llama")
+    positions = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
+    class_forward = base.forward
+    received = {}
+
+    def stub(*args, **kwargs):
+        received["position_ids"] = kwargs["position_ids"]
+        return CausalLMOutputWithPast(logits=torch.zeros(*ids.shape, base.config.vocab_size))
+
+    monkeypatch.setattr(base, "forward", stub)
+    peft_model(input_ids=ids, position_ids=positions)
+    assert torch.equal(received["position_ids"], positions + peft_model.active_peft_config.num_virtual_tokens)
+
+    monkeypatch.setattr(base, "forward", lambda *args, **kwargs: class_forward(*args, **kwargs))
+    with pytest.raises(ValueError, match="the prefix " + DROPPED.format(1, r"\[1\]")):
+        peft_model(input_ids=ids, attention_mask=mask)
+
+
 def test_prompt_tuning_generate_raises_when_a_layer_drops_the_virtual_tokens():
     """Prompt tuning's forward hands attention nothing but the sequence (PEFT's own forward: it runs and equals
     PEFT); its generate serves the virtual tokens' K/V as a prefix, which layer 1 would drop: it raises."""

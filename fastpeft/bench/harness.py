@@ -28,6 +28,8 @@ import time
 
 import torch
 
+from ..version import installed_version
+
 SCHEMA = "fastpeft-bench/1"
 QUANTILES = (0.5, 0.2, 0.8)
 CPU_NOTE = "CPU smoke figures, not kernel claims"
@@ -210,15 +212,6 @@ def relative_error(x, ref):
 # environment and results
 
 
-def package_version(name):
-    """The installed version of distribution ``name``, None when it is not installed."""
-    from importlib import metadata
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def device_info(device):
     """Name and properties of the device the run measures."""
     if device.type == "cuda":
@@ -250,7 +243,7 @@ def device_slug(info):
 def new_run(device, quick, suites):
     """The JSON document of one run, with an empty ``results`` list."""
     info = device_info(device)
-    versions = {name: package_version(name) for name in
+    versions = {name: installed_version(name) for name in
                 ("fastpeft", "torch", "triton", "transformers", "peft", "bitsandbytes")}
     return {
         "schema": SCHEMA,

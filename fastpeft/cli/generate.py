@@ -4,6 +4,7 @@
 import json
 import os
 
+from .. import loading
 from . import common
 
 
@@ -136,9 +137,9 @@ def run(args):
         raise common.CLIError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.do_sample and not (args.temperature > 0 and 0 < args.top_p <= 1):
         raise common.CLIError("sampling needs --temperature > 0 and 0 < --top-p <= 1")
-    from ..bench.harness import package_version
+    from ..version import installed_version
 
-    if (args.load_in_4bit or args.load_in_8bit) and package_version("bitsandbytes") is None:
+    if (args.load_in_4bit or args.load_in_8bit) and installed_version("bitsandbytes") is None:
         raise common.CLIError("--load-in-4bit/--load-in-8bit need bitsandbytes (pip install bitsandbytes)")
     adapter_configs = {name: common.read_json(os.path.join(path, "adapter_config.json"), f"adapter {name!r}")
                        for name, path in adapters.items()}
@@ -158,7 +159,7 @@ def run(args):
     else:
         flag = "--model"
     common.require_model_dir(model_dir, flag)
-    common.prepare_transformers()
+    loading.prepare_transformers()
     from transformers import AutoConfig
 
     from ..adapters import BaseGeometry
@@ -175,7 +176,7 @@ def run(args):
 
     import torch
     device = common.resolve_device(args.device)
-    model, tokenizer = common.load_base(model_dir, device, common.resolve_dtype(args.dtype, device), args.load_in_4bit,
+    model, tokenizer = loading.load_base(model_dir, device, common.resolve_dtype(args.dtype, device), args.load_in_4bit,
                                   args.load_in_8bit)
     model.eval()
     torch.manual_seed(args.seed)

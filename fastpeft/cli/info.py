@@ -24,12 +24,12 @@ def collect_info():
     import torch
 
     from .. import _backend
-    from ..bench.harness import package_version
     from ..ops import backend_table
+    from ..version import installed_version
 
     versions = {"fastpeft": common.package_version_string(), "python": sys.version.split()[0]}
     for package in ("torch", "triton", "transformers", "peft", "bitsandbytes"):
-        versions[package] = package_version(package)
+        versions[package] = installed_version(package)
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         device = {"type": "cuda", "name": props.name, "capability": f"{props.major}.{props.minor}",

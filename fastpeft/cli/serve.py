@@ -3,6 +3,7 @@ continuous batching (``fastpeft.serve``). Without ``--model``: the built-in mode
 
 import os
 
+from .. import loading
 from . import common
 
 
@@ -55,7 +56,7 @@ def run(args):
         raise common.CLIError(f"--adapters {args.adapters}: no such directory")
     if args.model is not None:
         common.require_model_dir(args.model)
-    common.prepare_transformers()
+    loading.prepare_transformers()
     from .. import tiny
     from ..serve import adapter_dirs, build_server
 
@@ -65,7 +66,7 @@ def run(args):
         model, tokenizer = tiny.build_model(dtype=dtype).to(device), tiny.build_tokenizer()
         base_name = args.served_model_name or "fastpeft-tiny"
     else:
-        model, tokenizer = common.load_base(args.model, device, dtype)
+        model, tokenizer = loading.load_base(args.model, device, dtype)
         base_name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     if args.ray_replicas is not None:
         return _run_ray(args, device)

@@ -8,6 +8,7 @@ import shutil
 import tempfile
 import time
 
+from .. import loading
 from . import common, demo
 
 DEFAULT_LR = 1e-2
@@ -99,9 +100,9 @@ def _validate_train_args(args):
         raise common.CLIError(f"--out {args.out} exists and is not a directory")
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         raise common.CLIError(f"--out {args.out} exists and is not empty; pass --overwrite to replace it")
-    from ..bench.harness import package_version
+    from ..version import installed_version
 
-    if (args.load_in_4bit or args.load_in_8bit) and package_version("bitsandbytes") is None:
+    if (args.load_in_4bit or args.load_in_8bit) and installed_version("bitsandbytes") is None:
         raise common.CLIError("--load-in-4bit/--load-in-8bit need bitsandbytes (pip install bitsandbytes)")
     if args.gradient_checkpointing and args.no_accelerate and args.method.startswith("prefix"):
         raise common.CLIError("PEFT refuses gradient checkpointing with prefix tuning; drop --no-accelerate "
@@ -219,7 +220,7 @@ def _train(args, examples, tasks, staging):
 
     from .. import data as data_module
 
-    common.prepare_transformers()
+    loading.prepare_transformers()
     from peft import get_peft_model
 
     device = common.resolve_device(args.device)
@@ -232,7 +233,7 @@ def _train(args, examples, tasks, staging):
         load_dir = model_dir = os.path.abspath(args.model)
     # model_dir is recorded in adapter_config.json as the base model (what `fastpeft generate` loads)
 
-    model, tokenizer = common.load_base(load_dir, device, dtype, args.load_in_4bit, args.load_in_8bit)
+    model, tokenizer = loading.load_base(load_dir, device, dtype, args.load_in_4bit, args.load_in_8bit)
     rows, dropped = data_module.encode(examples, tokenizer, args.max_length)
     if not rows:
         raise common.CLIError(f"no example keeps a completion token within --max-length {args.max_length}")

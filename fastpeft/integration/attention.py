@@ -183,6 +183,10 @@ class DecoderSelfAttentionPrefix:
             return None
         return self.prefix
 
+    @property
+    def consumed(self):
+        return self.prefix.consumed
+
     def check_consumed(self, model_name, what="the prefix"):
         self.prefix.check_consumed(model_name, what)
 

@@ -22,11 +22,11 @@ import functools
 import inspect
 import re
 import weakref
-from importlib import metadata
 
 import torch
 
 from .. import _backend
+from ..version import installed_version
 
 # (oldest, newest) release the whole test suite passes on; pyproject's ranges start at the oldest. Update both
 # with `.ci/run-latest` when a new release passes.
@@ -444,13 +444,6 @@ def _release(version):
         if digits != part:  # "0rc1": the tag ends the release
             break
     return tuple(numbers)
-
-
-def installed_version(package):
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def version_status(package):

@@ -65,16 +65,16 @@ class TenantReplica:
 
     def __init__(self, adapters_dir, model_dir=None, base_name=None, max_batch=16, max_len=512, max_queue=64,
                  max_tokens_limit=256, default_temperature=1.0, max_adapters_per_replica=16):
-        from ..cli import common
+        from .. import loading
         from . import build_server
 
-        common.prepare_transformers()
+        loading.prepare_transformers()
         if model_dir is None:
             from .. import tiny
 
             model, tokenizer = tiny.build_model(), tiny.build_tokenizer()
         else:
-            model, tokenizer = common.load_base(model_dir, "cpu", None)
+            model, tokenizer = loading.load_base(model_dir, "cpu")
         self.adapters_dir = adapters_dir
         self.server = build_server(model, tokenizer, {}, base_name=base_name or _base_name(model_dir),
                                    max_batch=max_batch, max_len=max_len, max_queue=max_queue,
