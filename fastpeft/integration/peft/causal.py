@@ -10,7 +10,7 @@ import torch
 
 from .. import attention, compat
 from .checks import (active_is_prefix_tuning, check_no_reentrant_checkpointing, check_padding_with_prefixless_layers,
-                     check_prefix_consumed)
+                     check_prefix_consumed, check_prefix_not_passed)
 from .prefix import prefix_positions, prefix_spec
 from .state import checkpointable_modules, position_scheme
 
@@ -37,8 +37,7 @@ def accelerated_forward(self, input_ids=None, attention_mask=None, inputs_embeds
         # As PEFT's causal-LM and feature-extraction forwards (_adjust_prompt_learning_kwargs).
         warnings.warn("Token type ids are not supported for parameter efficient tuning. Ignoring token type ids")
         kwargs["token_type_ids"] = None
-    if attention.PREFIX_KWARG in kwargs:
-        raise ValueError(f"{attention.PREFIX_KWARG} is set by the accelerated model itself; do not pass it")
+    check_prefix_not_passed(kwargs)
     if isinstance(self, PeftModelForSequenceClassification) and return_dict is None:
         # PEFT's sequence-classification forward resolves the default itself: the config's return_dict, never
         # in torchscript mode.

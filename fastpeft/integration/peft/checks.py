@@ -156,6 +156,13 @@ def active_is_prefix_tuning(peft_model):
     return config.peft_type == peft_types()[0]
 
 
+def check_prefix_not_passed(kwargs):
+    """Raise ValueError if the caller's keyword arguments ``kwargs`` carry the prefix keyword: an accelerated model
+    sets it itself, from its adapter."""
+    if attention.PREFIX_KWARG in kwargs:
+        raise ValueError(f"{attention.PREFIX_KWARG} is set by the accelerated model itself; do not pass it")
+
+
 def check_no_reentrant_checkpointing(base, modules):
     """Reentrant checkpointing recomputes each layer inside its own ``backward`` call, which would traverse the
     prompt encoder's graph (shared by all layers) once per layer: refuse it with the fix, rather than fail deep in

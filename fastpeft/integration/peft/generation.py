@@ -8,7 +8,7 @@ import dataclasses
 import torch
 
 from .. import attention, compat
-from .checks import active_is_prefix_tuning, check_padding_with_prefixless_layers
+from .checks import active_is_prefix_tuning, check_padding_with_prefixless_layers, check_prefix_not_passed
 from .prefix import encoder_decoder_prefix_spec, prefix_positions, prefix_spec, virtual_token_prefix_spec
 from .state import position_scheme
 
@@ -25,8 +25,7 @@ def accelerated_generate(self, *args, **kwargs):
     concatenation, not pad-aware: ``P + cached tokens + arange(new tokens)``. Inside ``disable_adapter()`` it is the
     backbone's own generate (through fastpeft attention, without a prefix), as PEFT's.
     """
-    if attention.PREFIX_KWARG in kwargs:
-        raise ValueError(f"{attention.PREFIX_KWARG} is set by the accelerated model itself; do not pass it")
+    check_prefix_not_passed(kwargs)
     base = self.get_base_model()
     # As PEFT's generate: the PeftModel's generation config drives the backbone's generate.
     if hasattr(base, "model"):
@@ -88,8 +87,7 @@ def accelerated_seq2seq_generate(self, **kwargs):
         return type(self).generate(self, **kwargs)
     if "input_ids" not in kwargs:  # as PEFT's generate
         raise ValueError("input_ids must be provided for Peft model generation")
-    if attention.PREFIX_KWARG in kwargs:
-        raise ValueError(f"{attention.PREFIX_KWARG} is set by the accelerated model itself; do not pass it")
+    check_prefix_not_passed(kwargs)
     config = self.active_peft_config
     self._adjust_prompt_learning_kwargs(config, kwargs=kwargs)
     base = self.get_base_model()

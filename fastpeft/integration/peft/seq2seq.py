@@ -5,7 +5,8 @@ self-attention as a keyword, the decoder's positions shifted after it, as PEFT n
 import torch
 
 from .. import attention, compat
-from .checks import active_is_prefix_tuning, check_no_reentrant_checkpointing, check_prefix_consumed
+from .checks import (active_is_prefix_tuning, check_no_reentrant_checkpointing, check_prefix_consumed,
+                     check_prefix_not_passed)
 from .prefix import encoder_decoder_prefix_spec
 from .state import checkpointable_modules
 
@@ -32,8 +33,7 @@ def accelerated_seq2seq_forward(self, input_ids=None, attention_mask=None, input
                      return_dict=return_dict)
     if not active_is_prefix_tuning(self):
         return type(self).forward(self, **arguments, task_ids=task_ids, **kwargs)
-    if attention.PREFIX_KWARG in kwargs:
-        raise ValueError(f"{attention.PREFIX_KWARG} is set by the accelerated model itself; do not pass it")
+    check_prefix_not_passed(kwargs)
     for name in self.special_peft_forward_args:  # PEFT ignores these for prompt learning
         kwargs.pop(name, None)
     config = self.active_peft_config
