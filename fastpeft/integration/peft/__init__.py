@@ -32,7 +32,7 @@ rotated; in ``forward`` the real tokens get the positions the backbone gives the
 The modules, by concern: ``api`` (``accelerate``, ``restore``, ``FallbackWarning``), ``checks`` (what a model,
 adapter or call must satisfy), ``state`` (what ``accelerate`` keeps on the model), ``prefix`` (the ``PrefixSpec``
 built from an adapter), ``causal`` (the forward of one-stack models), ``seq2seq`` (the encoder-decoder forward) and
-``generation`` (both ``generate``\ s).
+``generation`` (both ``generate`` methods).
 """
 
 from .api import FallbackWarning, accelerate, fallback_reason, is_accelerated, restore
