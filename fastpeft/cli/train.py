@@ -110,7 +110,7 @@ def _validate_train_args(args):
     if not args.no_accelerate:
         import importlib.util
         if importlib.util.find_spec("fastpeft.integration.peft") is None:
-            raise common.CLIError("fastpeft.accelerate is not in this install (fastpeft/integration/peft.py is "
+            raise common.CLIError("fastpeft.accelerate is not in this install (fastpeft/integration/peft/ is "
                            "missing); pass --no-accelerate to train with plain PEFT")
 
 

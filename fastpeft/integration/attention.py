@@ -445,11 +445,9 @@ def fastpeft_attention_forward(module, query, key, value, attention_mask, dropou
                 prefix_lengths = prefix_lengths.to(query.device)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
 
-    device_type = query.device.type
-    if torch.is_autocast_enabled(device_type):
-        # Under autocast RoPE's fp32 cos/sin promote q and k to fp32 while v leaves its autocast matmul in
-        # bf16/fp16: compute in the autocast dtype, as SDPA and eager attention's matmuls do.
-        dtype = torch.get_autocast_dtype(device_type)
+    dtype = autocast_dtype(query.device.type)
+    if dtype is not None:
+        # RoPE's fp32 cos/sin promote q and k to fp32 while v leaves its autocast matmul in bf16/fp16.
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
         prefix_k, prefix_v = prefix_k.to(dtype), prefix_v.to(dtype)
     attn_bias = _attention_bias(module, position_bias, query, key, prefix_k.shape[-2], relative)
@@ -462,26 +460,46 @@ def fastpeft_attention_forward(module, query, key, value, attention_mask, dropou
         window = _sliding_window_bias(sliding_window, spec, prefix_k, query, key)
         attn_bias = window if attn_bias is None else attn_bias + window
 
-    if dropout and module.training:
-        # The kernels have no attention dropout; the reference path applies it to the probabilities as eager
-        # attention does, so training with dropout stays correct, only unfused.
-        _backend.warn_once(f"attention dropout p={dropout} is not fused; {type(module).__name__} uses the "
-                           "unfused PyTorch path while training (set the model's attention dropout to 0 for speed)")
-        if prefix_k.dim() == 3:
-            prefix_k, prefix_v = prefix_k.unsqueeze(0), prefix_v.unsqueeze(0)
-            prefix_index = None
-        B, T, P = query.shape[0], prefix_k.shape[0], prefix_k.shape[2]
-        index = prefix_index if prefix_index is not None else torch.zeros(B, dtype=torch.long, device=query.device)
-        lengths = prefix_lengths if prefix_lengths is not None else torch.full((T,), P, device=query.device)
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        out = reference_prefix_attention(query, key, value, prefix_k, prefix_v, index, lengths, attention_mask,
-                                         bool(causal), scale, dropout_p=dropout, attn_bias=attn_bias)
-    else:
-        out = prefix_attention_prevalidated(query, key, value, prefix_k, prefix_v, prefix_index=prefix_index,
-                                            prefix_lengths=prefix_lengths, key_padding_mask=attention_mask,
-                                            causal=bool(causal), softmax_scale=scaling, attn_bias=attn_bias,
-                                            plan_cache=None if spec is None else spec.plan_cache)
+    out = prefix_attention_with_dropout(module, query, key, value, prefix_k, prefix_v, prefix_index, prefix_lengths,
+                                        attention_mask, bool(causal), scaling, attn_bias,
+                                        dropout if module.training else 0.0,
+                                        plan_cache=None if spec is None else spec.plan_cache)
     return out.transpose(1, 2), None
+
+
+def autocast_dtype(device_type, default=None):
+    """The dtype autocast runs matmuls in on ``device_type`` while it is enabled there, else ``default``. Under
+    autocast an attention's q, k and v can arrive in different dtypes (fp32 rotary tables or biases promote some of
+    them, the projections' autocast matmuls leave the others in bf16/fp16): the fastpeft attention computes in this
+    dtype, as SDPA's and eager attention's autocast matmuls do."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else default
+
+
+def prefix_attention_with_dropout(module, query, key, value, prefix_k, prefix_v, prefix_index, prefix_lengths,
+                                  key_padding_mask, causal, softmax_scale, attn_bias, dropout, plan_cache=None):
+    """One attention call of ``module`` (a transformers attention module or a hand-written family's) with attention
+    dropout ``dropout`` (the probability; 0 outside training). Arguments as ``prefix_attention_prevalidated``'s,
+    ``softmax_scale`` None meaning ``1/sqrt(D)``. Returns ``[B, Hq, L, D]``.
+
+    Without dropout, the kernels. The kernels have no attention dropout: with it, the reference path, which applies
+    it to the probabilities as eager attention does, so training with dropout stays correct, only unfused (warned
+    once per module class and rate)."""
+    if not dropout:
+        return prefix_attention_prevalidated(query, key, value, prefix_k, prefix_v, prefix_index=prefix_index,
+                                             prefix_lengths=prefix_lengths, key_padding_mask=key_padding_mask,
+                                             causal=causal, softmax_scale=softmax_scale, attn_bias=attn_bias,
+                                             plan_cache=plan_cache)
+    _backend.warn_once(f"attention dropout p={dropout} is not fused; {type(module).__name__} uses the "
+                       "unfused PyTorch path while training (set the model's attention dropout to 0 for speed)")
+    if prefix_k.dim() == 3:  # a prefix shared by every row: the reference path takes a one-entry table
+        prefix_k, prefix_v = prefix_k.unsqueeze(0), prefix_v.unsqueeze(0)
+        prefix_index = None
+    B, T, P = query.shape[0], prefix_k.shape[0], prefix_k.shape[2]
+    index = prefix_index if prefix_index is not None else torch.zeros(B, dtype=torch.long, device=query.device)
+    lengths = prefix_lengths if prefix_lengths is not None else torch.full((T,), P, device=query.device)
+    scale = softmax_scale if softmax_scale is not None else query.shape[-1] ** -0.5
+    return reference_prefix_attention(query, key, value, prefix_k, prefix_v, index, lengths, key_padding_mask, causal,
+                                      scale, dropout_p=dropout, attn_bias=attn_bias)
 
 
 def fastpeft_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None,

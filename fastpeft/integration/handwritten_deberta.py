@@ -18,8 +18,8 @@ with the module; ``restore`` pops it from the module's ``__dict__``) that comput
   uniformly to all S keys, padding included, and outputs the mean of the values. fastpeft folds the mask into
   ``attn_bias`` as ``-inf`` (the kernels return zeros for such rows) and writes the mean of the values into the fully
   masked rows afterwards (``_attend``);
-* attention dropout as the module's ``dropout`` (training only) on the unfused reference path, as
-  ``fastpeft_attention_forward`` does; the uniform rows get it too.
+* attention dropout as the module's ``dropout`` (training only) on the unfused reference path
+  (``attention.prefix_attention_with_dropout``, as ``fastpeft_attention_forward``); the uniform rows get it too.
 
 Calls the kernels do not compute run the class's own forward for that call: ``output_attentions=True`` (the kernels
 never materialize the probabilities), DeBERTa's ``query_states`` (its own code for it transposes a 2-D tensor and
@@ -36,11 +36,8 @@ import torch
 from transformers.models.deberta import modeling_deberta
 from transformers.models.deberta_v2 import modeling_deberta_v2
 
-from .. import _backend
-from ..ops.prefix_attention import prefix_attention_prevalidated
-from ..ops.reference import reference_prefix_attention
 from . import handwritten
-from .attention import _no_prefix
+from .attention import _no_prefix, autocast_dtype, prefix_attention_with_dropout
 
 # The parameters of both releases' DisentangledSelfAttention.forward, which the patched forwards take (and honour).
 _FORWARD_PARAMETERS = ("self", "hidden_states", "attention_mask", "output_attentions", "query_states", "relative_pos",
@@ -82,11 +79,10 @@ def _attend(module, query, key, value, attention_mask, rel_bias):
     B, H, L, D = query.shape
     S = key.shape[2]
     visible = _visible(attention_mask, (B, H, L, S))
-    device_type = query.device.type
-    if torch.is_autocast_enabled(device_type):
-        # Under autocast the projections come out in the autocast dtype but adding DeBERTa's float32 q_bias / v_bias
-        # promotes q and v to float32: compute in the autocast dtype, as the module's autocast matmuls do.
-        dtype = torch.get_autocast_dtype(device_type)
+    dtype = autocast_dtype(query.device.type)
+    if dtype is not None:
+        # The projections come out in the autocast dtype but adding DeBERTa's float32 q_bias / v_bias promotes q and v
+        # to float32.
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     neg_inf = torch.tensor(float("-inf"), dtype=query.dtype, device=query.device)
     seen = query.new_zeros(()) if rel_bias is None else rel_bias.to(query.dtype)
@@ -94,17 +90,11 @@ def _attend(module, query, key, value, attention_mask, rel_bias):
     attn_bias = attn_bias.expand(*attn_bias.shape[:3], S)  # a mask broadcast along the keys: the kernels take S columns
     prefix_k, prefix_v, prefix_index, prefix_lengths = _no_prefix(key, 0)
     dropout = module.dropout.p if module.training else 0.0
-    if dropout:
-        # The kernels have no attention dropout: the reference path applies it to the probabilities, as the module.
-        _backend.warn_once(f"attention dropout p={dropout} is not fused; {type(module).__name__} uses the unfused "
-                           "PyTorch path while training (set the model's attention dropout to 0 for speed)")
-        out = reference_prefix_attention(query, key, value, prefix_k, prefix_v, prefix_index, prefix_lengths, None,
-                                         False, 1.0, dropout_p=dropout, attn_bias=attn_bias)
+    out = prefix_attention_with_dropout(module, query, key, value, prefix_k, prefix_v, prefix_index, prefix_lengths,
+                                        None, False, 1.0, attn_bias, dropout)
+    if dropout:  # the uniform rows are dropped out too, as the module drops out every row
         uniform = torch.nn.functional.dropout(value.new_full((B, H, L, S), 1.0 / S), dropout) @ value
     else:
-        out = prefix_attention_prevalidated(query, key, value, prefix_k, prefix_v, prefix_index=prefix_index,
-                                            prefix_lengths=prefix_lengths, causal=False, softmax_scale=1.0,
-                                            attn_bias=attn_bias)
         uniform = value.mean(2, keepdim=True)
     return torch.where(visible.any(-1, keepdim=True), out, uniform)
 

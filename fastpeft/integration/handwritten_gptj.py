@@ -43,7 +43,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import compat, handwritten
-from .attention import PREFIX_KWARG, _no_prefix
+from .attention import PREFIX_KWARG, _no_prefix, autocast_dtype
 from ..ops.prefix_attention import prefix_attention_prevalidated
 
 # GPTJAttention._attn's parameters on the releases this patch reproduces (4.x added head_mask).
@@ -211,8 +211,7 @@ def _fastpeft_attn(module, state, query, key, value, attention_mask=None):
         return _unfused(module, query, key, value, attention_mask, prefix_k, prefix_v)
 
     # GPT-J computes the scores in float32 "to avoid overflow"; under autocast its matmuls run in the autocast dtype.
-    device_type = query.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else torch.float32
+    dtype = autocast_dtype(query.device.type, default=torch.float32)
     out_dtype = value.dtype
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     if prefix_k is None:
