@@ -36,3 +36,17 @@ def backend_env(monkeypatch):
         monkeypatch.setenv("FASTPEFT_BACKEND", name)
 
     return set_backend
+
+
+@pytest.fixture(scope="session")
+def setup_module():
+    """setup.py as a module: imported under another name than __main__, it defines its helpers without calling
+    setup()."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("fastpeft_setup_under_test",
+                                                  Path(__file__).resolve().parent.parent / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -16,15 +16,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def setup_module():
-    # Imported under another name than __main__, setup.py defines its helpers without calling setup().
-    spec = importlib.util.spec_from_file_location("fastpeft_setup_under_test", ROOT / "setup.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_build_cuda_0_never_builds(setup_module):
     assert setup_module.build_cuda_decision({"FASTPEFT_BUILD_CUDA": "0"}) == (False, False, "FASTPEFT_BUILD_CUDA=0")
 

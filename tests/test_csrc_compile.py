@@ -12,15 +12,22 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 CUDA_SOURCES = sorted(CSRC.glob("*.cu"))
 
 
+def _cxx_standard(setup_module):
+    """The -std flag setup.py gives the compilers for the installed torch (C++20 from torch 2.14)."""
+    import torch
+
+    return f"-std={setup_module.torch_cxx_standard(Path(torch.__file__).parent / 'include') or 'c++17'}"
+
+
 def test_csrc_has_cuda_sources():
     assert CUDA_SOURCES, f"no .cu files under {CSRC}"
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
 @pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda p: p.name)
-def test_cuda_source_compiles_for_sm90a(source, tmp_path):
+def test_cuda_source_compiles_for_sm90a(source, tmp_path, setup_module):
     # The flags setup.py gives nvcc, minus torch's; ptxas reports spills and local memory as warnings.
-    command = ["nvcc", "-c", "-std=c++17", "-O3", "--use_fast_math", "-gencode=arch=compute_90a,code=sm_90a",
+    command = ["nvcc", "-c", _cxx_standard(setup_module), "-O3", "--use_fast_math", "-gencode=arch=compute_90a,code=sm_90a",
                "-Xptxas=-warn-spills,-warn-lmem-usage", f"-I{CSRC}", str(source),
                "-o", str(tmp_path / (source.stem + ".o"))]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
@@ -47,7 +54,7 @@ def _cuda_include_dir():
 
 @pytest.mark.skipif(shutil.which("g++") is None or _cuda_include_dir() is None,
                     reason="needs g++ and the CUDA toolkit headers")
-def test_bindings_parse_against_installed_torch_headers(tmp_path):
+def test_bindings_parse_against_installed_torch_headers(tmp_path, setup_module):
     # The binding is only built on a CUDA machine; a syntax-only compile against this torch's headers catches
     # API mistakes earlier. A CPU-only torch wheel ships the c10/cuda headers but not the one CMake generates
     # (it only declares the shared-library build), so a stand-in is provided for those wheels.
@@ -61,7 +68,7 @@ def test_bindings_parse_against_installed_torch_headers(tmp_path):
     includes = [*include_paths(), str(_cuda_include_dir()), sysconfig.get_paths()["include"], str(CSRC)]
     if not any((Path(p) / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").exists() for p in include_paths()):
         includes.append(str(tmp_path))
-    command = ["g++", "-std=c++17", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
+    command = ["g++", _cxx_standard(setup_module), "-fsyntax-only", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
                *[f"-I{p}" for p in includes], str(CSRC / "bindings.cpp")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
