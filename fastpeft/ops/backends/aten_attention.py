@@ -58,7 +58,7 @@ def unavailable_reason(device_type, dtype):
         return (f"torch {torch.__version__} lacks aten::{', aten::'.join(missing)} (the sdpa backend's "
                 f"fused attention ops for {device_type})")
     if dtype == torch.float64 and device_type != "cpu":
-        return "float64 inputs"
+        return f"PyTorch's fused attention ops for {device_type} take no float64 inputs"
     return None
 
 
