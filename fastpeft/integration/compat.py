@@ -25,7 +25,7 @@ import weakref
 
 import torch
 
-from .. import _backend
+from ..ops import environment
 from ..version import installed_version
 
 # (oldest, newest) release the whole test suite passes on; pyproject's ranges start at the oldest. Update both
@@ -466,7 +466,7 @@ def warn_if_untested(user):
     for package, (oldest, newest) in TESTED_VERSIONS.items():
         installed, status = version_status(package)
         if status == "newer than tested":
-            _backend.warn_once(f"{package} {installed} is newer than the newest release fastpeft was tested with "
+            environment.warn_once(f"{package} {installed} is newer than the newest release fastpeft was tested with "
                                f"({newest}; tested {oldest} to {newest}). {user} should work, but check its outputs "
                                "against plain PEFT (`bash .ci/run-latest` runs the suite on the newest releases), "
                                "or install the tested set: `pip install -c constraints.txt ...` (see the README)")
