@@ -110,7 +110,7 @@ def _stream(server, path, body):
 def _wait_idle(server, timeout=TIMEOUT_S):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        engine = server.serve_config.engine
+        engine = server.engine
         if engine.running == 0 and engine.waiting == 0:
             return
         time.sleep(0.02)
@@ -130,7 +130,7 @@ def test_concurrent_tenants_same_prompt_each_equal_peft_alone(setup):
     jobs = [("tenant-a", "hello world", 24), ("tenant-b", "hello world", 24), (BASE, "hello world", 24),
             ("tenant-a", "a longer prompt, joining later", 8), ("tenant-b", "hi", 12), ("tenant-a", "hello world", 5)]
     results = [None] * len(jobs)
-    before = dict(server.serve_config.engine.stats)
+    before = dict(server.engine.stats)
 
     def client(i, model, prompt, max_tokens):
         time.sleep(0.01 * i)
@@ -142,7 +142,7 @@ def test_concurrent_tenants_same_prompt_each_equal_peft_alone(setup):
         thread.start()
     for thread in threads:
         thread.join(TIMEOUT_S)
-    stats = server.serve_config.engine.stats
+    stats = server.engine.stats
     assert stats["max_rows"] >= 2 and stats["prefills"] - before["prefills"] >= 2, stats
     for (model, prompt, max_tokens), (status, body) in zip(jobs, results):
         assert status == 200, body
@@ -251,7 +251,7 @@ def test_bad_requests(setup):
 
 def test_full_queue_answers_429(setup):
     server = setup["server"]
-    engine = server.serve_config.engine
+    engine = server.engine
     _wait_idle(server)
     engine.pause()
     results = []
@@ -279,10 +279,10 @@ def test_full_queue_answers_429(setup):
 
 def test_client_disconnect_mid_stream_frees_its_slot(setup):
     server = setup["server"]
-    engine = server.serve_config.engine
+    engine = server.engine
     _wait_idle(server)
     cancelled = engine.stats["cancelled"]
-    host, port = server.server_address[:2]
+    host, port = server.address
     body = json.dumps({"model": "tenant-a", "prompt": "go", "max_tokens": 200, "stream": True,
                        "ignore_eos": True}).encode()
     with socket.create_connection((host, port), timeout=TIMEOUT_S) as sock:
@@ -299,10 +299,10 @@ def test_client_disconnect_mid_stream_frees_its_slot(setup):
 
 def test_client_disconnect_while_queued_for_a_whole_response_drops_the_request(setup):
     server = setup["server"]
-    engine = server.serve_config.engine
+    engine = server.engine
     _wait_idle(server)
     cancelled, tokens = engine.stats["cancelled"], engine.stats["tokens"]
-    host, port = server.server_address[:2]
+    host, port = server.address
     body = json.dumps({"model": "tenant-b", "prompt": "go", "max_tokens": 200, "ignore_eos": True}).encode()
     engine.pause()
     try:
@@ -350,7 +350,7 @@ def test_removing_an_adapter_ends_its_running_requests(setup):
     from fastpeft.serve import GenerationRequest
 
     server = setup["server"]
-    engine = server.serve_config.engine
+    engine = server.engine
     engine.add_adapter("temp", setup["tenants"]["tenant-a"])
     request = engine.submit(GenerationRequest(prompt_ids=[tiny.BOS_ID, 65, 66], adapter="temp", max_tokens=200,
                                                     ignore_eos=True))
@@ -369,7 +369,7 @@ def test_joining_rows_prefill_together_and_decode_with_running_ones(setup):
     from fastpeft.serve import GenerationRequest
 
     server, tenants = setup["server"], setup["tenants"]
-    engine = server.serve_config.engine
+    engine = server.engine
     tokenizer = tiny.build_tokenizer()
     _wait_idle(server)
     prefills = engine.stats["prefills"]
@@ -407,7 +407,7 @@ def test_rows_move_down_when_a_lower_slot_frees_and_keep_their_tokens(setup):
     from fastpeft.serve import GenerationRequest
 
     server, tenants = setup["server"], setup["tenants"]
-    engine = server.serve_config.engine
+    engine = server.engine
     tokenizer = tiny.build_tokenizer()
     _wait_idle(server)
     engine.pause()
