@@ -45,6 +45,9 @@ from .protocol import (AddAdapterRequest, AdapterDeleted, APIError, AssistantMes
 MAX_BODY_BYTES = 1 << 20
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 SSE_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache", "x-accel-buffering": "no"}
+# A refused body (413, or 503 while draining) is read and dropped up to this size before the answer; past it the
+# connection is closed unread (the client sees a reset).
+REFUSED_BODY_READ_LIMIT = 64 << 20
 CLIENT_CLOSED = 499  # the status a request whose client went away is counted under in /metrics (nginx's)
 
 
@@ -91,12 +94,27 @@ async def _send_error(send, error):
     await send({"type": "http.response.body", "body": response.body})
 
 
+async def _discard_body(receive, limit=REFUSED_BODY_READ_LIMIT):
+    """Read and drop the rest of a refused request's body (at most ``limit`` bytes). A client that sends its whole
+    body before reading the answer (Python's urllib, which also asks to close the connection) must find the body
+    read: a server that closes with unread bytes resets the connection, and the client sees a broken pipe instead of
+    the 413 or 503."""
+    read = 0
+    while read <= limit:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        read += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
 class _RequestGate:
     """Pure ASGI middleware in front of every route: refuses new requests while draining (503; ``/metrics`` still
-    answers), refuses bodies over ``max_body_bytes`` (413: at once when ``Content-Length`` says so, without reading
-    the body, which the server then reads and discards so that a client that sends the whole body before reading
-    gets the 413 rather than a broken pipe; a chunked body when its bytes pass the limit), counts requests in flight
-    for the drain, and counts generation requests by adapter and status for /metrics."""
+    answers), refuses bodies over ``max_body_bytes`` (413: before any route runs when ``Content-Length`` says so;
+    for a chunked body once its bytes pass the limit), counts requests in flight for the drain, and counts
+    generation requests by adapter and status for /metrics. A refused body is read and dropped before the answer
+    (``_discard_body``), unless the client waits for ``100 Continue`` and so sends no body at all."""
 
     def __init__(self, app, drain, metrics, max_body_bytes):
         self.app, self.drain, self.metrics, self.max_body_bytes = app, drain, metrics, max_body_bytes
@@ -104,11 +122,19 @@ class _RequestGate:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.drain.draining and scope["path"] != "/metrics":
-            return await _send_error(send, APIError(503, "the server is shutting down; retry on another replica"))
-        declared = dict(scope["headers"]).get(b"content-length", b"0")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
-            return await _send_error(send, self._too_large())
+        headers = dict(scope["headers"])
+        waits_for_continue = headers.get(b"expect", b"").lower() == b"100-continue"
+        declared = headers.get(b"content-length", b"0")
+        refusal = (APIError(503, "the server is shutting down; retry on another replica")
+                   if self.drain.draining and scope["path"] != "/metrics" else
+                   self._too_large() if declared.isdigit() and int(declared) > self.max_body_bytes else None)
+        if refusal is not None:
+            if not waits_for_continue:
+                await _discard_body(receive)
+            await _send_error(send, refusal)
+            if scope["path"] in GENERATION_PATHS:
+                self.metrics.requests.labels("", str(refusal.status)).inc()
+            return
         received, status = 0, None
 
         async def limited_receive():
@@ -117,6 +143,8 @@ class _RequestGate:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
+                    if message.get("more_body", False):
+                        await _discard_body(receive)
                     raise self._too_large()
             return message
 
@@ -164,7 +192,10 @@ def _validation_error(exc):
         return APIError(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'syntax')})")
     if not location:
         return APIError(400, "the request body must be a JSON object")
-    return APIError(400, f"{'.'.join(location)}: {first.get('msg', 'invalid')}", param=location[0])
+    message = first.get("msg", "invalid")
+    if not message.startswith(location[0]):  # a message of protocol.py names its field already
+        message = f"{'.'.join(location)}: {message}"
+    return APIError(400, message, param=location[0])
 
 
 def _stop_strings(stop):

@@ -9,7 +9,8 @@ implement (``user``, ``presence_penalty``, ...) still work. A new request field 
 
 from typing import Annotated, Any, List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 
 # OpenAI's error types by status; anything else >= 500 is a "server_error".
@@ -38,6 +39,18 @@ def _omitted_when_none(value):
     return value is None
 
 
+def _one_of(message):
+    """A validator for a union field whose refusal is ``message`` (rather than one error per form it may take)."""
+
+    def validate(value, handler):
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError("union_type", message) from None
+
+    return WrapValidator(validate)
+
+
 NonEmptyString = Annotated[str, Field(min_length=1)]
 TokenIds = Annotated[List[int], Field(min_length=1)]
 # Integers torch.Generator.manual_seed accepts (OpenAI's seed is an int64 too).
@@ -61,7 +74,8 @@ class GenerationSettings(_Strict):
     top_p: Optional[float] = Field(None, gt=0, le=1)
     n: Optional[int] = Field(None, ge=1, le=1, description="continuations per prompt (only 1)")
     seed: Optional[Seed] = Field(None, description="makes sampled output reproducible")
-    stop: Union[NonEmptyString, Annotated[List[NonEmptyString], Field(max_length=4)], None] = Field(
+    stop: Annotated[Union[NonEmptyString, Annotated[List[NonEmptyString], Field(max_length=4)], None],
+                    _one_of("stop must be a non-empty string or a list of at most 4 of them")] = Field(
         None, description="up to 4 strings that end the completion (left out of its text)")
     stream: Optional[bool] = Field(False, description="server-sent events, one chunk per piece of text")
     stream_options: Optional[StreamOptions] = None
@@ -72,7 +86,9 @@ class GenerationSettings(_Strict):
 
 
 class CompletionRequest(GenerationSettings):
-    prompt: Union[str, Annotated[List[str], Field(min_length=1, max_length=1)], TokenIds] = Field(
+    prompt: Annotated[Union[str, Annotated[List[str], Field(min_length=1, max_length=1)], TokenIds],
+                      _one_of("prompt must be a string, a list of one string or a list of token ids (one prompt per "
+                              "request)")] = Field(
         description="a string, a list of one string, or a list of token ids (one prompt per request)")
 
 
