@@ -48,6 +48,7 @@ SSE_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache",
 # A refused body (413, or 503 while draining) is read and dropped up to this size before the answer; past it the
 # connection is closed unread (the client sees a reset).
 REFUSED_BODY_READ_LIMIT = 64 << 20
+SAMPLING_EPS = 1e-5  # a temperature below this is greedy decoding
 CLIENT_CLOSED = 499  # the status a request whose client went away is counted under in /metrics (nginx's)
 
 
@@ -285,6 +286,8 @@ class OpenAIServing:
             raise APIError(400, f"{param}={max_tokens} exceeds this server's limit of {config.max_tokens_limit}",
                            param=param)
         temperature = config.default_temperature if body.temperature is None else body.temperature
+        if temperature < SAMPLING_EPS:  # greedy, as vLLM: dividing logits by a tinier one overflows float32
+            temperature = 0.0
         return {"prompt_ids": self._chat_ids(body.messages) if chat else self._prompt_ids(body.prompt),
                 "adapter": adapter, "max_tokens": max_tokens, "temperature": float(temperature),
                 "top_p": 1.0 if body.top_p is None else body.top_p, "seed": body.seed,

@@ -70,7 +70,7 @@ class GenerationSettings(_Strict):
 
     model: str = Field(description="the base model's served name (no adapter) or an adapter's name (GET /v1/models)")
     max_tokens: Optional[int] = Field(None, ge=1, description="tokens to generate at most (default: the server's)")
-    temperature: Optional[float] = Field(None, ge=0, le=2, description="0: greedy (default: the server's)")
+    temperature: Optional[float] = Field(None, ge=0, le=2, description="below 1e-5: greedy (default: the server's)")
     top_p: Optional[float] = Field(None, gt=0, le=1)
     n: Optional[int] = Field(None, ge=1, le=1, description="continuations per prompt (only 1)")
     seed: Optional[Seed] = Field(None, description="makes sampled output reproducible")
@@ -80,12 +80,17 @@ class GenerationSettings(_Strict):
     stream: Optional[bool] = Field(False, description="server-sent events, one chunk per piece of text")
     stream_options: Optional[StreamOptions] = None
     top_k: Optional[int] = Field(None, ge=-1, description="vLLM's: sample among the k likeliest tokens (0, -1: all)")
-    repetition_penalty: Optional[float] = Field(None, gt=0, le=10, description="vLLM's: 1 is off")
+    # Not below 0.01: the processor divides positive logits by it, and a penalty that underflows float32 makes them
+    # infinite (sampling then fails).
+    repetition_penalty: Optional[float] = Field(None, ge=0.01, le=10, description="vLLM's: 1 is off")
     ignore_eos: Optional[bool] = Field(False, description="vLLM's: generate past end-of-sequence tokens")
     return_token_ids: Optional[bool] = Field(False, description="vLLM's: each choice also lists its token ids")
 
 
 class CompletionRequest(GenerationSettings):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"model": "fastpeft-tiny", "prompt": "Hello", "max_tokens": 4, "temperature": 0}]})
+
     prompt: Annotated[Union[str, Annotated[List[str], Field(min_length=1, max_length=1)], TokenIds],
                       _one_of("prompt must be a string, a list of one string or a list of token ids (one prompt per "
                               "request)")] = Field(
@@ -98,6 +103,10 @@ class ChatMessage(_Strict):
 
 
 class ChatCompletionRequest(GenerationSettings):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"model": "fastpeft-tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4,
+         "stream": True}]})
+
     messages: Annotated[List[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Optional[int] = Field(None, ge=1, description="OpenAI's newer name of max_tokens "
                                                                          "(preferred when both are given)")
