@@ -303,7 +303,7 @@ class OpenAIServing:
         self.metrics.prompt_tokens.labels(body.model).inc(len(fields["prompt_ids"]))
         reply = _Reply(self, body, chat, stream, len(fields["prompt_ids"]))
         if body.stream:
-            return StreamingResponse(reply.events(request.receive), headers=SSE_HEADERS)
+            return StreamingResponse(reply.events(request.receive), headers={**SSE_HEADERS, **reply.headers})
         return await reply.whole(request.receive)
 
     def decode(self, ids):
@@ -319,6 +319,8 @@ class _Reply:
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.generated = 0
+        # which replica generates (Ray), for operators tracing a reply
+        self.headers = {"x-fastpeft-replica": stream.served_by} if stream.served_by else {}
 
     async def pieces(self):
         """Yield ``(ids so far, text so far, finish_reason or None)`` per token, then the final one; a stop string
@@ -365,7 +367,6 @@ class _Reply:
         if reason == "cancelled":  # the client went away: nobody reads this
             return Response(status_code=CLIENT_CLOSED)
         token_ids = list(ids) if self.body.return_token_ids else None
-        headers = {"x-fastpeft-replica": self.stream.served_by} if self.stream.served_by else None
         if self.chat:
             choice = ChatChoice(index=0, message=AssistantMessage(content=text), finish_reason=reason,
                                 token_ids=token_ids)
@@ -375,7 +376,7 @@ class _Reply:
             choice = CompletionChoice(index=0, text=text, finish_reason=reason, token_ids=token_ids)
             reply = Completion(id=self.id, created=self.created, model=self.body.model, choices=[choice],
                                usage=self._usage())
-        return Response(reply.model_dump_json(), media_type="application/json", headers=headers)
+        return Response(reply.model_dump_json(), media_type="application/json", headers=self.headers)
 
     def _chunk(self, text, reason=None, token_ids=None, first=False):
         token_ids = token_ids if self.body.return_token_ids else None
