@@ -618,6 +618,30 @@ def test_drain_finishes_requests_in_flight_and_refuses_new_ones_with_503():
         server.close()
 
 
+def test_a_drain_past_its_timeout_ends_what_is_left_with_503():
+    from fastpeft.serve import build_server
+
+    server = build_server(_model(), tiny.build_tokenizer(), {}, base_name=BASE, max_batch=1, max_len=64,
+                          default_temperature=0.0, drain_timeout=0.3).start()
+    engine = server.engine
+    try:
+        engine.pause()  # the request below waits for ever
+        result = []
+        client = threading.Thread(target=lambda: result.append(
+            _call(server, "POST", "/v1/completions", {"model": BASE, "prompt": "stuck", "max_tokens": 4})))
+        client.start()
+        deadline = time.monotonic() + TIMEOUT_S
+        while engine.waiting < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        server.drain()
+        client.join(TIMEOUT_S)
+        status, body = result[0]
+        assert status == 503 and "shutting down" in body["error"]["message"]
+        assert server.wait(TIMEOUT_S)
+    finally:
+        server.close()
+
+
 def test_serve_command_help(capsys):
     from fastpeft import cli
 

@@ -10,7 +10,8 @@ Routes (the OpenAPI schema is at ``/openapi.json``, browsable at ``/docs``):
     POST   /admin/adapters          ``{"name", "path"}``: load a PEFT adapter directory (bearer token)
     DELETE /admin/adapters/{name}   remove it (bearer token); its running requests end with 409
 
-A request's ``model`` names its adapter; the base model's name means no adapter. ``temperature`` 0 is greedy;
+A request's ``model`` names its adapter; the base model's name means no adapter. ``temperature`` 0 (or below
+``SAMPLING_EPS``) is greedy;
 sampling, ``top_k`` and ``repetition_penalty`` go through transformers' logits processors in the engine. ``stop``
 strings cut the text and end the request. Errors use OpenAI's shape ``{"error": {"message", "type", "param",
 "code"}}``: 400 bad request (pydantic's validation errors included), 401 bad token, 403 admin off, 404 unknown model
@@ -38,7 +39,7 @@ from starlette.exceptions import HTTPException
 
 from ..version import __version__
 from .metrics import ServeMetrics
-from .protocol import (AddAdapterRequest, AdapterDeleted, APIError, AssistantMessage, ChatChoice, ChatChunkChoice,
+from .protocol import (ONE_OF_ERROR, AddAdapterRequest, AdapterDeleted, APIError, AssistantMessage, ChatChoice, ChatChunkChoice,
                        ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatDelta, Completion,
                        CompletionChoice, CompletionRequest, ErrorResponse, ModelCard, ModelList, Usage)
 
@@ -177,7 +178,8 @@ class _JSONBodyRoute(APIRoute):
 
         async def as_json(request):
             headers = request.scope["headers"]
-            if (b"content-type", b"application/json") not in headers:
+            content_type = dict(headers).get(b"content-type")
+            if content_type is not None and not content_type.split(b";")[0].strip().endswith(b"json"):
                 request.scope["headers"] = [(k, v) for k, v in headers if k != b"content-type"] + [
                     (b"content-type", b"application/json")]
             return await handler(request)
@@ -194,7 +196,7 @@ def _validation_error(exc):
     if not location:
         return APIError(400, "the request body must be a JSON object")
     message = first.get("msg", "invalid")
-    if not message.startswith(location[0]):  # a message of protocol.py names its field already
+    if first.get("type") != ONE_OF_ERROR:  # protocol.py's own messages name their field already
         message = f"{'.'.join(location)}: {message}"
     return APIError(400, message, param=location[0])
 

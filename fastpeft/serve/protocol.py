@@ -39,6 +39,9 @@ def _omitted_when_none(value):
     return value is None
 
 
+ONE_OF_ERROR = "fastpeft_one_of"  # the error type of _one_of's refusals
+
+
 def _one_of(message):
     """A validator for a union field whose refusal is ``message`` (rather than one error per form it may take)."""
 
@@ -46,7 +49,7 @@ def _one_of(message):
         try:
             return handler(value)
         except ValidationError:
-            raise PydanticCustomError("union_type", message) from None
+            raise PydanticCustomError(ONE_OF_ERROR, message) from None
 
     return WrapValidator(validate)
 
