@@ -130,10 +130,9 @@ class TenantReplica:
 class _RayStream:
     """``GenerationStream``'s interface over a ``TenantReplica.generate`` handle generator."""
 
-    def __init__(self, response, replica):
-        self.response, self.served_by = response, replica
+    def __init__(self, response, replica, submitted_at):
+        self.response, self.served_by, self.submitted_at = response, replica, submitted_at
         self.finish_reason = None
-        self.submitted_at = time.monotonic()
 
     def cancel(self):
         if self.finish_reason is None:
@@ -175,13 +174,18 @@ class RayEngineClient:
         return list(adapter_dirs(self.adapters_dir))  # read per request: adapters added to the folder appear
 
     async def open(self, fields):
+        submitted_at = time.monotonic()
         handle = self.replicas.options(stream=True, multiplexed_model_id=fields["adapter"] or "")
         response = handle.generate.remote(fields)
-        first = await response.__anext__()
+        try:
+            first = await response.__anext__()
+        except BaseException:  # cancelled (the client went away) or the replica failed: stop its generator
+            response.cancel()
+            raise
         if first[0] == "refused":
             _, status, message, param = first
             raise APIError(status, message, param=param)
-        return _RayStream(response, first[1])
+        return _RayStream(response, first[1], submitted_at)
 
     async def add_adapter(self, name, path):
         raise self._admin_off()
