@@ -107,7 +107,7 @@ def run_server(paths, requests, clients, max_tokens):
             results = list(pool.map(one, requests))
         wall = time.perf_counter() - start
         rss_after = rss_bytes()
-        stats = dict(server.serve_config.engine.stats)
+        stats = dict(server.engine.stats)
     finally:
         server.close()
     return wall, results, rss_before, rss_after, stats

@@ -1,4 +1,5 @@
-"""``fastpeft serve`` on loopback: OpenAI-compatible endpoints over the continuous-batching engine.
+"""``fastpeft serve`` on loopback: OpenAI-compatible endpoints (the FastAPI app on uvicorn) over the
+continuous-batching engine, spoken to with the standard library's HTTP clients.
 
 One server (127.0.0.1, ephemeral port) on a tiny Llama with the built-in byte tokenizer serves a prefix-tuning and
 a prompt-tuning tenant. Greedy responses are compared with PEFT's forward looped without a cache for that tenant
@@ -6,8 +7,10 @@ alone (``generate_without_cache``; never a ``generate``), also when requests of 
 run in one batch and join it at different steps. Every HTTP call has a timeout.
 """
 
+import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -110,7 +113,7 @@ def _stream(server, path, body):
 def _wait_idle(server, timeout=TIMEOUT_S):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        engine = server.serve_config.engine
+        engine = server.engine
         if engine.running == 0 and engine.waiting == 0:
             return
         time.sleep(0.02)
@@ -130,7 +133,7 @@ def test_concurrent_tenants_same_prompt_each_equal_peft_alone(setup):
     jobs = [("tenant-a", "hello world", 24), ("tenant-b", "hello world", 24), (BASE, "hello world", 24),
             ("tenant-a", "a longer prompt, joining later", 8), ("tenant-b", "hi", 12), ("tenant-a", "hello world", 5)]
     results = [None] * len(jobs)
-    before = dict(server.serve_config.engine.stats)
+    before = dict(server.engine.stats)
 
     def client(i, model, prompt, max_tokens):
         time.sleep(0.01 * i)
@@ -142,7 +145,7 @@ def test_concurrent_tenants_same_prompt_each_equal_peft_alone(setup):
         thread.start()
     for thread in threads:
         thread.join(TIMEOUT_S)
-    stats = server.serve_config.engine.stats
+    stats = server.engine.stats
     assert stats["max_rows"] >= 2 and stats["prefills"] - before["prefills"] >= 2, stats
     for (model, prompt, max_tokens), (status, body) in zip(jobs, results):
         assert status == 200, body
@@ -251,7 +254,7 @@ def test_bad_requests(setup):
 
 def test_full_queue_answers_429(setup):
     server = setup["server"]
-    engine = server.serve_config.engine
+    engine = server.engine
     _wait_idle(server)
     engine.pause()
     results = []
@@ -279,10 +282,10 @@ def test_full_queue_answers_429(setup):
 
 def test_client_disconnect_mid_stream_frees_its_slot(setup):
     server = setup["server"]
-    engine = server.serve_config.engine
+    engine = server.engine
     _wait_idle(server)
     cancelled = engine.stats["cancelled"]
-    host, port = server.server_address[:2]
+    host, port = server.address
     body = json.dumps({"model": "tenant-a", "prompt": "go", "max_tokens": 200, "stream": True,
                        "ignore_eos": True}).encode()
     with socket.create_connection((host, port), timeout=TIMEOUT_S) as sock:
@@ -299,10 +302,10 @@ def test_client_disconnect_mid_stream_frees_its_slot(setup):
 
 def test_client_disconnect_while_queued_for_a_whole_response_drops_the_request(setup):
     server = setup["server"]
-    engine = server.serve_config.engine
+    engine = server.engine
     _wait_idle(server)
     cancelled, tokens = engine.stats["cancelled"], engine.stats["tokens"]
-    host, port = server.server_address[:2]
+    host, port = server.address
     body = json.dumps({"model": "tenant-b", "prompt": "go", "max_tokens": 200, "ignore_eos": True}).encode()
     engine.pause()
     try:
@@ -312,7 +315,7 @@ def test_client_disconnect_while_queued_for_a_whole_response_drops_the_request(s
             deadline = time.monotonic() + TIMEOUT_S
             while engine.waiting == 0 and time.monotonic() < deadline:
                 time.sleep(0.005)
-        time.sleep(1.0)  # the handler notices within DISCONNECT_POLL_S
+        time.sleep(1.0)  # the server hears http.disconnect on the ASGI receive channel and cancels
     finally:
         engine.resume()
     _wait_idle(server)
@@ -350,7 +353,7 @@ def test_removing_an_adapter_ends_its_running_requests(setup):
     from fastpeft.serve import GenerationRequest
 
     server = setup["server"]
-    engine = server.serve_config.engine
+    engine = server.engine
     engine.add_adapter("temp", setup["tenants"]["tenant-a"])
     request = engine.submit(GenerationRequest(prompt_ids=[tiny.BOS_ID, 65, 66], adapter="temp", max_tokens=200,
                                                     ignore_eos=True))
@@ -369,7 +372,7 @@ def test_joining_rows_prefill_together_and_decode_with_running_ones(setup):
     from fastpeft.serve import GenerationRequest
 
     server, tenants = setup["server"], setup["tenants"]
-    engine = server.serve_config.engine
+    engine = server.engine
     tokenizer = tiny.build_tokenizer()
     _wait_idle(server)
     prefills = engine.stats["prefills"]
@@ -407,7 +410,7 @@ def test_rows_move_down_when_a_lower_slot_frees_and_keep_their_tokens(setup):
     from fastpeft.serve import GenerationRequest
 
     server, tenants = setup["server"], setup["tenants"]
-    engine = server.serve_config.engine
+    engine = server.engine
     tokenizer = tiny.build_tokenizer()
     _wait_idle(server)
     engine.pause()
@@ -426,6 +429,217 @@ def test_rows_move_down_when_a_lower_slot_frees_and_keep_their_tokens(setup):
     expected, _ = generate_without_cache(tenants["tenant-b"], ids, max_new_tokens=12)
     assert long.generated == expected[0, ids.shape[1]:].tolist()
     assert all(float(keys[1].abs().sum()) == 0 for keys in engine.cache.keys)
+
+
+# ----- the HTTP layer: body limit, keep-alive, schema, validation, metrics, drain ----------------------------------
+
+def test_a_body_over_the_limit_gets_413_even_when_the_client_sends_it_all_first(setup):
+    """urllib writes the whole 4 MiB body before it reads anything (and asks to close the connection): the server
+    must read and drop the body, then answer 413 in OpenAI's shape, not reset the connection."""
+    server = setup["server"]
+    status, body = _call(server, "POST", "/v1/completions", raw=b"x" * (4 << 20))
+    assert status == 413 and body["error"]["code"] == 413 and "exceeds" in body["error"]["message"]
+    connection = http.client.HTTPConnection(*server.address, timeout=TIMEOUT_S)
+    try:  # a chunked body (no Content-Length) is cut when its bytes pass the limit
+        connection.request("POST", "/v1/completions", body=iter([b"x" * (1 << 16)] * 40), encode_chunked=True)
+        response = connection.getresponse()
+        assert response.status == 413 and json.load(response)["error"]["code"] == 413
+    finally:
+        connection.close()
+    assert _call(server, "GET", "/v1/models")[0] == 200
+
+
+def test_http11_keep_alive_serves_several_requests_on_one_connection(setup):
+    server = setup["server"]
+    connection = http.client.HTTPConnection(*server.address, timeout=TIMEOUT_S)
+    try:
+        sockets = []
+        for stream in (False, True, False):
+            connection.request("POST", "/v1/completions", headers={"Content-Type": "application/json"},
+                               body=json.dumps({"model": BASE, "prompt": "hi", "max_tokens": 3, "stream": stream}))
+            response = connection.getresponse()
+            payload = response.read()
+            assert response.status == 200 and response.version == 11
+            assert payload.endswith(b"data: [DONE]\n\n") if stream else json.loads(payload)["choices"]
+            sockets.append(connection.sock)  # http.client opens a new socket when the server closed the last one
+        assert sockets[0] is not None and all(sock is sockets[0] for sock in sockets)
+    finally:
+        connection.close()
+
+
+def test_openapi_schema_describes_the_routes_and_models(setup):
+    status, schema = _call(setup["server"], "GET", "/openapi.json")
+    assert status == 200 and schema["openapi"].startswith("3.")
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/metrics", "/admin/adapters"} <= set(
+        schema["paths"])
+    request = schema["components"]["schemas"]["CompletionRequest"]
+    assert {"model", "prompt"} <= set(request["required"])
+    assert {"max_tokens", "temperature", "stop", "stream", "top_k", "return_token_ids"} <= set(request["properties"])
+    error = schema["paths"]["/v1/completions"]["post"]["responses"]["429"]["content"]["application/json"]["schema"]
+    assert error["$ref"].endswith("/ErrorResponse")
+
+
+def test_validation_errors_are_openai_400s_naming_the_field(setup):
+    """pydantic's 422 becomes OpenAI's 400; ``param`` is the top-level field at fault."""
+    server = setup["server"]
+    cases = [({"model": BASE, "prompt": "x", "max_tokens": 1.5}, "max_tokens"),
+             ({"model": BASE, "prompt": "x", "max_tokens": True}, "max_tokens"),
+             ({"model": BASE, "prompt": []}, "prompt"),
+             ({"model": BASE, "prompt": [1, "a"]}, "prompt"),
+             ({"model": BASE, "prompt": [tiny.VOCAB_SIZE]}, "prompt"),
+             ({"model": BASE, "prompt": "x", "n": 2}, "n"),
+             ({"model": BASE, "prompt": "x", "top_p": 0}, "top_p"),
+             ({"model": BASE, "prompt": "x", "seed": 2 ** 64}, "seed"),
+             ({"model": BASE, "prompt": "x", "temperature": 1, "repetition_penalty": 1e-300}, "repetition_penalty"),
+             ({"prompt": "x"}, "model")]
+    for body, param in cases:
+        status, answer = _call(server, "POST", "/v1/completions", body)
+        assert status == 400 and answer["error"]["param"] == param, (body, answer)
+        assert answer["error"]["type"] == "invalid_request_error" and answer["error"]["code"] == 400
+    status, answer = _call(server, "POST", "/v1/chat/completions",
+                           {"model": BASE, "messages": [{"role": "user", "content": 3}]})
+    assert status == 400 and answer["error"]["param"] == "messages"
+    status, answer = _call(server, "POST", "/v1/completions", raw=b"[1, 2]")
+    assert status == 400 and "JSON object" in answer["error"]["message"]
+    status, answer = _call(server, "GET", "/v1/completions")
+    assert status == 405 and answer["error"]["code"] == 405
+
+
+def test_a_temperature_that_underflows_float32_decodes_greedily(setup):
+    """5e-324 is a valid temperature for the schema; dividing float32 logits by it would give NaN probabilities (and
+    a failed step for every running request): below 1e-5 the server decodes greedily, as vLLM does."""
+    body = {"model": "tenant-a", "prompt": "hello world", "max_tokens": 8, "return_token_ids": True}
+    status, tiny_temperature = _call(setup["server"], "POST", "/v1/completions", {**body, "temperature": 5e-324})
+    assert status == 200
+    assert tiny_temperature["choices"][0]["token_ids"] == _reference(setup["tenants"]["tenant-a"], "hello world", 8)
+
+
+def test_a_json_body_is_read_whatever_its_content_type(setup):
+    """``curl -d`` labels its body application/x-www-form-urlencoded."""
+    status, body = _call(setup["server"], "POST", "/v1/completions",
+                         {"model": BASE, "prompt": "hi", "max_tokens": 2},
+                         headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 200 and body["usage"]["completion_tokens"] >= 1
+
+
+def _metrics(server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(server.url + "/metrics", timeout=TIMEOUT_S) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_metrics_count_requests_tokens_latencies_and_kv_use(setup):
+    from fastpeft.serve import GenerationRequest
+
+    server = setup["server"]
+    engine = server.engine
+    _wait_idle(server)
+    before = _metrics(server)
+    status, body = _call(server, "POST", "/v1/completions", {"model": "tenant-a", "prompt": "hello", "max_tokens": 6,
+                                                             "ignore_eos": True})
+    assert status == 200
+    assert _call(server, "POST", "/v1/completions", {"model": "nobody", "prompt": "x"})[0] == 404
+    after = _metrics(server)
+
+    def grew(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert grew("fastpeft_requests_total", adapter="tenant-a", status="200") == 1
+    assert grew("fastpeft_requests_total", adapter="", status="404") == 1
+    assert grew("fastpeft_prompt_tokens_total", adapter="tenant-a") == body["usage"]["prompt_tokens"]
+    assert grew("fastpeft_completion_tokens_total", adapter="tenant-a") == 6
+    assert grew("fastpeft_time_to_first_token_seconds_count") == 1
+    assert grew("fastpeft_inter_token_latency_seconds_count") == 5
+    assert after[("fastpeft_kv_bytes_total", ())] == engine.cache.nbytes
+    assert after[("fastpeft_kv_blocks_total", ())] == engine.max_batch
+    assert after[("fastpeft_kv_blocks_in_use", ())] == 0 and after[("fastpeft_requests_running", ())] == 0
+    # a running request holds a block (a slot) and its bytes; queued ones show as waiting
+    running = engine.submit(GenerationRequest(prompt_ids=[tiny.BOS_ID, 65], adapter="tenant-b", max_tokens=200,
+                                              ignore_eos=True))
+    assert running.events.get(timeout=TIMEOUT_S)[0] == "token"
+    engine.pause()
+    try:
+        queued = engine.submit(GenerationRequest(prompt_ids=[tiny.BOS_ID, 66], max_tokens=2))
+        during = _metrics(server)
+    finally:
+        running.cancel()
+        engine.resume()
+    _wait_idle(server)
+    assert queued.finish_reason is not None
+    assert during[("fastpeft_requests_running", ())] == 1 and during[("fastpeft_requests_waiting", ())] == 1
+    assert during[("fastpeft_kv_blocks_in_use", ())] == 1
+    assert during[("fastpeft_kv_bytes_in_use", ())] == engine.cache.nbytes // engine.max_batch
+
+
+def test_drain_finishes_requests_in_flight_and_refuses_new_ones_with_503():
+    """What SIGTERM starts (``server.drain()``): requests in flight, queued or streaming, finish in full; a new one
+    gets 503 in OpenAI's shape; once none is in flight the server stops listening by itself."""
+    from fastpeft.serve import build_server
+
+    server = build_server(_model(), tiny.build_tokenizer(), {}, base_name=BASE, max_batch=2, max_len=128,
+                          default_temperature=0.0).start()
+    engine = server.engine
+    try:
+        status, answer = _call(server, "POST", "/admin/adapters", {"name": "x", "path": "/x"})
+        assert status == 403 and answer["error"]["type"] == "permission_error"  # started without an admin token
+        engine.pause()
+        results = {}
+        body = {"model": BASE, "prompt": "drain", "max_tokens": 12, "ignore_eos": True, "return_token_ids": True}
+        clients = [threading.Thread(target=lambda: results.update(whole=_call(server, "POST", "/v1/completions",
+                                                                               body))),
+                   threading.Thread(target=lambda: results.update(stream=_stream(server, "/v1/completions", body)))]
+        for client in clients:
+            client.start()
+        deadline = time.monotonic() + TIMEOUT_S
+        while engine.waiting < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        server.drain()
+        while _call(server, "GET", "/health")[0] != 503 and time.monotonic() < deadline:
+            time.sleep(0.02)  # the drain begins at uvicorn's next tick (0.1 s)
+        status, refused = _call(server, "POST", "/v1/completions", {"model": BASE, "prompt": "late"})
+        assert status == 503 and refused["error"]["code"] == 503
+        assert refused["error"]["type"] == "service_unavailable_error"
+        engine.resume()
+        for client in clients:
+            client.join(TIMEOUT_S)
+        status, whole = results["whole"]
+        assert status == 200 and len(whole["choices"][0]["token_ids"]) == 12
+        streamed = [t for chunk in results["stream"] for t in chunk["choices"][0].get("token_ids", [])]
+        assert streamed == whole["choices"][0]["token_ids"]
+        assert server.wait(TIMEOUT_S)  # stopped by itself once idle
+        with pytest.raises(OSError):
+            socket.create_connection(server.address, timeout=TIMEOUT_S).close()
+    finally:
+        server.close()
+
+
+def test_a_drain_past_its_timeout_ends_what_is_left_with_503():
+    from fastpeft.serve import build_server
+
+    server = build_server(_model(), tiny.build_tokenizer(), {}, base_name=BASE, max_batch=1, max_len=64,
+                          default_temperature=0.0, drain_timeout=0.3).start()
+    engine = server.engine
+    try:
+        engine.pause()  # the request below waits for ever
+        result = []
+        client = threading.Thread(target=lambda: result.append(
+            _call(server, "POST", "/v1/completions", {"model": BASE, "prompt": "stuck", "max_tokens": 4})))
+        client.start()
+        deadline = time.monotonic() + TIMEOUT_S
+        while engine.waiting < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        server.drain()
+        client.join(TIMEOUT_S)
+        status, body = result[0]
+        assert status == 503 and "shutting down" in body["error"]["message"]
+        assert server.wait(TIMEOUT_S)
+    finally:
+        server.close()
 
 
 def test_serve_command_help(capsys):
@@ -447,7 +661,8 @@ def test_serve_command_refuses_bad_arguments(tmp_path, capsys):
 
 
 def test_serve_command_end_to_end(tmp_path):
-    """``python -m fastpeft serve`` on the built-in model with an adapter folder, as a user starts it."""
+    """``python -m fastpeft serve`` on the built-in model with an adapter folder, as a user starts it; SIGTERM then
+    drains it: the stream in flight ends in full, and the process exits 0."""
     from peft import PrefixTuningConfig, get_peft_model
 
     with torch.random.fork_rng(devices=[]):
@@ -458,7 +673,8 @@ def test_serve_command_end_to_end(tmp_path):
     for name in ("FASTPEFT_DEBUG", "FASTPEFT_BACKEND", "TRITON_INTERPRET"):
         env.pop(name, None)
     process = subprocess.Popen([sys.executable, "-m", "fastpeft", "serve", "--adapters", str(tmp_path / "adapters"),
-                                "--port", "0", "--default-temperature", "0"], cwd=tmp_path, env=env,
+                                "--port", "0", "--default-temperature", "0", "--max-tokens-limit", "200"],
+                               cwd=tmp_path, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = process.stdout.readline()
@@ -473,6 +689,24 @@ def test_serve_command_end_to_end(tmp_path):
         with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
             body = json.load(response)
         assert body["usage"]["completion_tokens"] == 4 and body["choices"][0]["finish_reason"] == "length"
+        request = urllib.request.Request(url + "/v1/completions", headers={"Content-Type": "application/json"},
+                                         data=json.dumps({"model": "support", "prompt": "Hi", "max_tokens": 200,
+                                                          "ignore_eos": True, "stream": True,
+                                                          "return_token_ids": True}).encode())
+        chunks = []
+        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+            for line in response:
+                if line.startswith(b"data: {"):
+                    chunks.append(json.loads(line[len(b"data: "):]))
+                    if len(chunks) == 1:
+                        process.send_signal(signal.SIGTERM)  # 199 tokens still to come
+                elif line.startswith(b"data: [DONE]"):
+                    break
+        assert sum(len(chunk["choices"][0]["token_ids"]) for chunk in chunks) == 200
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        out, err = process.communicate(timeout=TIMEOUT_S)
+        assert process.returncode == 0 and "fastpeft serve: stopped" in out, (out, err)
     finally:
-        process.terminate()
-        process.communicate(timeout=TIMEOUT_S)
+        if process.poll() is None:
+            process.terminate()
+            process.communicate(timeout=TIMEOUT_S)

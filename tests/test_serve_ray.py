@@ -1,9 +1,10 @@
 """The Ray Serve application of ``fastpeft serve`` (``fastpeft.serve.ray_serve``), started locally on CPU, on loopback.
 
-Two ``TenantReplica`` replicas of the built-in model behind the ``OpenAIIngress``; three tenants' adapters in a
-folder, loaded on demand by Ray's model multiplexing. Greedy responses are compared with PEFT's forward looped
-without a cache for that tenant alone (never a ``generate``). Skipped where Ray Serve is not installed
-(``pip install "ray[serve]"``: it is not among the test extras, being large and optional).
+Two ``TenantReplica`` replicas of the built-in model (each running the engine in-process) behind the
+``OpenAIIngress`` (the single-machine FastAPI app); three tenants' adapters in a folder, loaded on demand by Ray's
+model multiplexing. Greedy responses are compared with PEFT's forward looped without a cache for that tenant alone
+(never a ``generate``). Skipped where Ray Serve is not installed (``pip install "fastpeft[ray]"``: it is not among
+the test extras, being large and optional).
 """
 
 import json
@@ -126,7 +127,7 @@ def test_every_tenant_gets_peft_tokens_and_sticks_to_a_replica(app):
 
 
 def test_streamed_equals_whole(app):
-    _, _, whole = _complete(app, "tenant-b", "Say hi", max_tokens=6)
+    _, headers, whole = _complete(app, "tenant-b", "Say hi", max_tokens=6)
     request = urllib.request.Request(app["url"] + "/v1/completions", method="POST",
                                      headers={"Content-Type": "application/json"},
                                      data=json.dumps(dict(model="tenant-b", prompt="Say hi", max_tokens=6,
@@ -134,6 +135,7 @@ def test_streamed_equals_whole(app):
     text = ""
     with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
         assert response.headers["Content-Type"].startswith("text/event-stream")
+        assert response.headers["x-fastpeft-replica"]  # the stream came back through a replica's handle generator
         for line in response:
             line = line.decode().strip()
             if line.startswith("data: ") and line != "data: [DONE]":
@@ -151,3 +153,18 @@ def test_bad_requests_are_answered_by_the_ingress(app):
     assert status == 400 and body["error"]["param"] == "max_tokens"
     status, _, _ = _call(app, "GET", "/v1/nothing")
     assert status == 404
+
+
+def test_the_ingress_is_the_single_machine_app(app):
+    """The same FastAPI app: its OpenAPI schema, pydantic's 400s, /metrics counting by adapter, admin off (403)."""
+    status, _, schema = _call(app, "GET", "/openapi.json")
+    assert status == 200 and "/v1/chat/completions" in schema["paths"]
+    status, _, body = _call(app, "POST", "/v1/completions", {"model": "tenant-c", "prompt": "Hi", "top_p": 0})
+    assert status == 400 and body["error"]["param"] == "top_p"
+    status, _, body = _call(app, "POST", "/v1/chat/completions", {"model": "tenant-c", "max_tokens": 4,
+                                                                  "messages": [{"role": "user", "content": "Hi"}]})
+    assert status == 200 and body["object"] == "chat.completion" and body["usage"]["completion_tokens"] >= 1
+    status, _, text = _call(app, "GET", "/metrics")
+    assert status == 200 and 'fastpeft_requests_total{adapter="tenant-c",status="200"}' in text
+    status, _, body = _call(app, "POST", "/admin/adapters", {"name": "x", "path": "/x"})
+    assert status == 403 and body["error"]["type"] == "permission_error"

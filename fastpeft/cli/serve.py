@@ -34,6 +34,9 @@ def add_parser(sub):
     serve.add_argument("--default-temperature", type=float, default=1.0,
                        help="temperature of requests that give none (OpenAI's default 1.0; 0 = greedy)")
     serve.add_argument("--log-requests", action="store_true", help="print an access log line per request")
+    serve.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
+                       help="on SIGTERM or Ctrl-C, answer new requests 503 and let those in flight finish for up to "
+                            "S seconds before stopping (30); a second signal stops at once")
     serve.add_argument("--ray-replicas", type=int, metavar="N",
                        help="serve through Ray Serve with N replicas of this server (needs ray[serve] and --adapters; "
                             "joins the cluster at $RAY_ADDRESS, else starts a local one): each adapter's requests are "
@@ -47,7 +50,8 @@ def add_parser(sub):
 
 def run(args):
     for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-len", args.max_len, 2),
-                             ("--max-queue", args.max_queue, 0), ("--max-tokens-limit", args.max_tokens_limit, 1)):
+                             ("--max-queue", args.max_queue, 0), ("--max-tokens-limit", args.max_tokens_limit, 1),
+                             ("--drain-timeout", args.drain_timeout, 0)):
         if value < low:
             raise common.CLIError(f"{flag} must be at least {low}, got {value}")
     if not 0 <= args.port < 65536:
@@ -72,18 +76,23 @@ def run(args):
         return _run_ray(args, device)
     adapters = adapter_dirs(args.adapters) if args.adapters else {}
     token = args.admin_token or os.environ.get("FASTPEFT_ADMIN_TOKEN") or None
-    server = build_server(model, tokenizer, adapters, base_name=base_name, host=args.host, port=args.port,
-                          admin_token=token, max_batch=args.max_batch, max_len=args.max_len,
-                          max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
-                          default_temperature=args.default_temperature, log_requests=args.log_requests)
+    try:
+        server = build_server(model, tokenizer, adapters, base_name=base_name, host=args.host, port=args.port,
+                              admin_token=token, max_batch=args.max_batch, max_len=args.max_len,
+                              max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
+                              default_temperature=args.default_temperature, log_requests=args.log_requests,
+                              drain_timeout=args.drain_timeout)
+    except ImportError as error:
+        raise common.CLIError(str(error)) from error
     print(f"fastpeft serve: {base_name} + {len(adapters)} adapter(s) on {server.url}/v1 "
           f"(admin endpoints {'on' if token else 'off'})", flush=True)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
+        server.serve_forever()  # returns after the drain that SIGTERM or Ctrl-C starts
+    except KeyboardInterrupt:  # a second Ctrl-C during the drain
         pass
     finally:
         server.close()
+    print("fastpeft serve: stopped", flush=True)
     return 0
 
 

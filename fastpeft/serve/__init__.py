@@ -1,17 +1,17 @@
 """``fastpeft serve``: many soft-prompt tenants behind an OpenAI-compatible HTTP API, continuously batched.
 
 ``build_server`` puts the pieces together for a loaded base model: an ``AdapterBank`` holding every adapter of a
-folder, the continuous-batching ``Engine`` (``engine.py``) and the HTTP ``Server`` (``server.py``, standard library
-only). The model is touched by the engine's thread alone.
+folder, the continuous-batching ``Engine`` (``engine.py``), its asyncio client (``engine_client.py``), the FastAPI
+app (``app.py``, models in ``protocol.py``, ``/metrics`` in ``metrics.py``) and uvicorn (``server.py``). The model is
+touched by the engine's thread alone. The HTTP parts need the ``serve`` extra (``pip install "fastpeft[serve]"``):
+they are imported when ``build_server`` runs, so ``Engine`` works without them.
 """
 
 import os
 
-from .engine import Engine, GenerationRequest, QueueFull, SlotCache
-from .server import Server, ServeConfig
+from .engine import Engine, GenerationRequest, KVUsage, QueueFull, SlotCache
 
-__all__ = ["Engine", "GenerationRequest", "QueueFull", "SlotCache", "Server", "ServeConfig", "build_server",
-           "adapter_dirs"]
+__all__ = ["Engine", "GenerationRequest", "KVUsage", "QueueFull", "SlotCache", "build_server", "adapter_dirs"]
 
 
 def adapter_dirs(folder):
@@ -26,20 +26,28 @@ def adapter_dirs(folder):
 
 def build_server(model, tokenizer, adapters=None, base_name="base", host="127.0.0.1", port=0, admin_token=None,
                  max_batch=16, max_len=512, max_queue=64, max_tokens_limit=256, default_max_tokens=16,
-                 default_temperature=1.0, log_requests=False):
-    """A started engine and an HTTP ``Server`` bound to ``host:port`` (0: an ephemeral port), not yet serving:
+                 default_temperature=1.0, log_requests=False, drain_timeout=30.0):
+    """A started engine and a ``server.Server`` bound to ``host:port`` (0: an ephemeral port), not yet serving:
     call ``server.start()`` (background thread) or ``server.serve_forever()``; ``server.close()`` stops both.
 
     ``adapters``: ``{name: PEFT adapter directory or PeftModel}`` loaded into a new ``AdapterBank`` on ``model``.
     """
     from ..bank import AdapterBank
 
+    try:
+        from .app import ServeConfig, create_app
+        from .engine_client import EngineClient
+        from .server import Server
+    except ImportError as error:
+        raise ImportError(f'fastpeft serve needs the serve extra: pip install "fastpeft[serve]" ({error})') from error
+
     bank = AdapterBank(model)
     for name, source in (adapters or {}).items():
         if name == base_name:
             raise ValueError(f"adapter name {name!r} is the base model's served name")
         bank.add(name, source)
-    engine = Engine(bank, max_batch=max_batch, max_len=max_len, max_queue=max_queue).start()
-    config = ServeConfig(engine, tokenizer, base_name, admin_token=admin_token, max_tokens_limit=max_tokens_limit,
+    client = EngineClient(Engine(bank, max_batch=max_batch, max_len=max_len, max_queue=max_queue).start())
+    config = ServeConfig(tokenizer, base_name, admin_token=admin_token, max_tokens_limit=max_tokens_limit,
                          default_max_tokens=default_max_tokens, default_temperature=default_temperature)
-    return Server((host, port), config, log_requests=log_requests)
+    return Server(create_app(config, client), client, host=host, port=port, log_requests=log_requests,
+                  drain_timeout=drain_timeout)

@@ -45,6 +45,19 @@ class AdapterRemoved(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class KVUsage:
+    """How much of the engine's KV storage running requests hold (``Engine.kv_usage``): ``blocks_in_use`` of
+    ``blocks_total`` blocks of ``block_tokens`` token positions each, and the bytes those blocks take. For the slot
+    cache a block is one slot (``max_len`` positions), held by one request from admission to its end."""
+
+    blocks_in_use: int
+    blocks_total: int
+    block_tokens: int
+    bytes_in_use: int
+    bytes_total: int
+
+
 @dataclass
 class GenerationRequest:
     """One completion. ``adapter`` is a bank adapter name or None (the base model). Events arrive on ``events``:
@@ -163,6 +176,14 @@ class Engine:
     @property
     def running(self):
         return len(self._rows)
+
+    def kv_usage(self):
+        """A ``KVUsage`` snapshot of the KV storage held by running requests (safe to read from any thread)."""
+        with self._lock:
+            in_use = self.max_batch - len(self._free_slots)
+        slot_bytes = self.cache.nbytes // self.max_batch
+        return KVUsage(blocks_in_use=in_use, blocks_total=self.max_batch, block_tokens=self.max_len,
+                       bytes_in_use=in_use * slot_bytes, bytes_total=self.cache.nbytes)
 
     @property
     def waiting(self):
