@@ -9,6 +9,8 @@ reads PEFT's layer ``2i mod num_layers`` and numbers its tokens after its own P 
 T5's relative bias over its own prefix columns), also for beams."""
 
 import os
+import subprocess
+import sys
 import warnings
 from types import SimpleNamespace
 
@@ -156,6 +158,61 @@ def test_mixed_batch_equals_peft_per_row(setups, family, side):
     generated = s.bank.generate(ids, attention_mask=mask, adapters=ROW_ADAPTERS, max_new_tokens=NEW_TOKENS)
     assert generated.shape[0] == len(s.rows) and generated.shape[1] <= 1 + NEW_TOKENS
     assert_rows_match_peft(s, logits, generated, f"{family}/{side}")
+
+
+_TRITON_SERVING_SCRIPT = """
+import importlib, sys
+import torch
+import transformers.models.bart.modeling_bart as modeling_bart
+from fastpeft.bank import AdapterBank
+from tests.test_bank_seq2seq import tiny_seq2seq
+
+def forbidden(*args, **kwargs):
+    raise AssertionError("a non-kernel attention path ran")
+
+torch.nn.functional.scaled_dot_product_attention = forbidden
+modeling_bart.eager_attention_forward = forbidden
+importlib.import_module("fastpeft.ops.backends.reference").reference_attention = forbidden
+
+request = torch.load(sys.argv[1])
+bank = AdapterBank(tiny_seq2seq("bart"))
+for name, directory in request["dirs"].items():
+    bank.add(name, directory)
+logits = bank(request["ids"], attention_mask=request["mask"], adapters=request["adapters"],
+              decoder_input_ids=request["decoder_ids"]).logits
+generated = bank.generate(request["ids"], attention_mask=request["mask"], adapters=request["adapters"],
+                          max_new_tokens=request["new_tokens"])
+torch.save({"logits": logits, "generated": generated}, sys.argv[2])
+"""
+
+
+def test_triton_kernels_serve_bart_without_framework_attention(setups, tmp_path):
+    """With FASTPEFT_BACKEND=triton (TRITON_INTERPRET=1 on CPU) BART's encoder (rows of ragged virtual tokens, padded),
+    decoder self-attention (the prefix tables, per-row positions) and cross-attention all run on the Triton kernels:
+    SDPA, BART's eager attention and fastpeft's PyTorch reference are made to raise. A fresh interpreter: Triton
+    fixes the interpreter mode when it is first imported."""
+    pytest.importorskip("triton")
+    s = setups("bart")
+    dirs = {}
+    for kind, peft_model in s.peft_models.items():
+        dirs[kind] = str(tmp_path / kind)
+        peft_model.save_pretrained(dirs[kind])
+    ids, mask = pad_rows(s.rows, "left", pad_id=s.base.config.pad_token_id)
+    new_tokens = 2
+    torch.save(dict(dirs=dirs, ids=ids, mask=mask, adapters=list(ROW_ADAPTERS), decoder_ids=s.decoder_ids,
+                    new_tokens=new_tokens), tmp_path / "request.pt")
+    env = dict(os.environ, TRITON_INTERPRET="1", FASTPEFT_BACKEND="triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", _TRITON_SERVING_SCRIPT, str(tmp_path / "request.pt"),
+                          str(tmp_path / "result.pt")], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = torch.load(tmp_path / "result.pt")
+    for b, name in enumerate(ROW_ADAPTERS):
+        ref_logits, ref_sequence = s.references[b]
+        assert relative_error(result["logits"][b], ref_logits) < 1e-5, f"row {b} ({name!r})"
+        length = min(len(ref_sequence), 1 + new_tokens)
+        assert torch.equal(result["generated"][b, :length], ref_sequence[:length]), f"row {b} ({name!r})"
 
 
 def test_the_encoder_runs_once_per_request_on_rows_as_wide_as_the_longest(setups):
