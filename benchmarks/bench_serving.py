@@ -1,6 +1,6 @@
 """Generated tokens/s with fastpeft.AdapterBank for 1, 8 and 64 distinct tenants in batches of 64 rows,
-vs one shared tenant and vs PEFT serving the same requests grouped by adapter; plus the decode kernel's
-achieved bandwidth against the measured device-copy bandwidth.
+vs one shared tenant and vs PEFT serving the same requests grouped by adapter; a mixed batch of 8 T5 tenants vs PEFT
+one tenant at a time; plus the decode kernel's achieved bandwidth against the measured device-copy bandwidth.
 
     python benchmarks/bench_serving.py [--quick] [--out DIR]
 

@@ -166,17 +166,22 @@ def _read_peft_model(peft_model, adapter_name):
     return config, embeddings
 
 
-def check_compatible(adapter, geometry, task_type="CAUSAL_LM"):
+def check_compatible(adapter, geometry, task_type="CAUSAL_LM", encoder_decoder=False):
     """Raise ``ValueError`` naming every difference between ``adapter`` (a ``PromptAdapter``) and ``geometry``
     (``BaseGeometry`` of the base model): task type, layers, KV heads, head size, hidden size, weight shape. A base
-    model whose layers differ in KV heads or head size is refused (``BaseGeometry.require_uniform``)."""
+    model whose layers differ in KV heads or head size is refused (``BaseGeometry.require_uniform``).
+
+    ``encoder_decoder``: the base model is an encoder-decoder, whose ``geometry`` is what PEFT sizes adapters by (the
+    encoder's layers and heads), and whose adapters PEFT gives ``num_transformer_submodules`` 2 by default (a prompt's
+    embedding then holds ``P * submodules`` rows, of which the encoder reads the first P; how a prefix's submodules
+    and the decoder must fit is ``integration.peft.checks.check_encoder_decoder_prefix``'s to say)."""
     geometry.require_uniform(f"adapter {adapter.source} ({adapter.peft_type})")
     config, P = adapter.config, adapter.num_virtual_tokens
     problems = []
     if task_type is not None and adapter.task_type != task_type:
         problems.append(f"task_type {adapter.task_type!r} (expected {task_type!r})")
     submodules = config.get("num_transformer_submodules") or 1
-    if submodules != 1:
+    if submodules != 1 and not encoder_decoder:
         problems.append(f"num_transformer_submodules {submodules} (a decoder-only model has 1)")
 
     def compare(what, adapter_value, base_value):
@@ -217,6 +222,18 @@ def prefix_key_values(adapter, geometry):
     check_compatible(adapter, geometry, task_type=None)
     keys, values = split_prefix(adapter.embeddings, geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
     return list(keys), list(values)
+
+
+def encoder_decoder_prefix_layers(num_layers, decoder_layers):
+    """Which of a prefix-tuning adapter's ``num_layers`` per-layer K/V (``split_prefix``) each of an encoder-decoder's
+    ``decoder_layers`` self-attention layers reads in PEFT: decoder layer i reads layer ``2i mod num_layers``.
+
+    PEFT's ``get_prompt`` (``num_transformer_submodules=2``) views the prefix as ``[P, 2 NL, H, D]``, concatenates
+    that slot axis with itself (``4 NL`` slots) and splits it in groups of 4, each decoder layer's (self K, self V,
+    cross K, cross V) of an ``EncoderDecoderCache``, whose cross-attention half it then empties. Decoder layer i thus
+    reads slots ``4i mod 2NL`` and ``4i+1 mod 2NL``: layer ``2i mod NL``'s keys and values (with NL=2 both decoder
+    layers read layer 0's, and layer 1's half of the prefix is never used). Returns the list of layer indices."""
+    return [2 * i % num_layers for i in range(decoder_layers)]
 
 
 def split_prefix(flat, num_layers, num_kv_heads, head_dim):

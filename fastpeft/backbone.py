@@ -22,20 +22,25 @@ class FrozenBackbone:
         model: a transformers ``PreTrainedModel`` decoder-only causal LM (full precision or bitsandbytes 4/8-bit),
             not a ``PeftModel`` (``peft_hint`` says what to pass instead).
         eval_mode: put the model in eval mode while held (serving); ``restore`` puts its training mode back.
+        encoder_decoder: the model is an encoder-decoder LM (T5, MT5, BART) instead. Its classes do not declare that
+            keyword arguments reach their attention functions (``_supports_attention_backend``): that the prefix
+            reached every decoder layer is checked at every call instead (``PrefixSpec.check_consumed``).
 
-    ``geometry`` is the model's attention layout (one for every layer); ``device`` and ``dtype`` those of its input
+    ``geometry`` is the model's attention layout (one for every layer; an encoder-decoder's: what PEFT sizes its
+    adapters by, the encoder's layers and heads); ``device`` and ``dtype`` those of its input
     embeddings: hidden states, hence q/k/v and the prefix tables, take that dtype also when the linear layers are
     quantized.
     """
 
-    def __init__(self, model, user, peft_hint, eval_mode):
+    def __init__(self, model, user, peft_hint, eval_mode, encoder_decoder=False):
         if hasattr(model, "peft_config"):
             raise ValueError(f"{user} takes the base transformers model, not a PeftModel: {peft_hint}")
         if not hasattr(model, "config") or not hasattr(model, "get_input_embeddings"):
             raise ValueError(f"{user} takes a transformers PreTrainedModel, got {type(model).__name__}")
-        if getattr(model.config, "is_encoder_decoder", False) or not model.can_generate():
-            raise ValueError(f"{user} runs decoder-only causal LMs; got {type(model).__name__}")
-        check_supported_model(model, user)
+        if bool(getattr(model.config, "is_encoder_decoder", False)) != encoder_decoder or not model.can_generate():
+            kind = "encoder-decoder LMs" if encoder_decoder else "decoder-only causal LMs"
+            raise ValueError(f"{user} runs {kind}; got {type(model).__name__}")
+        check_supported_model(model, user, prefix_kwargs=not encoder_decoder)
         compat.warn_if_untested(user)
         self.geometry = BaseGeometry.of(model.config)
         self.geometry.require_uniform(user)  # one prefix-table layout for every layer

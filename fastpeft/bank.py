@@ -18,10 +18,11 @@ Generation is transformers' own ``generate`` (greedy, sampling, beam search, log
 streamers), with every step's inputs extended by the rows' prefixes and positions. The cache (transformers'
 ``DynamicCache``) holds only the rows' own tokens; every step reads the prefixes from the bank through
 ``prefix_index`` (for L == 1 the dispatcher picks the split-KV decode kernels).
+
+Encoder-decoders (T5, MT5, BART): ``AdapterBank(model)`` builds the subclass of ``fastpeft.bank_seq2seq`` for them,
+whose prompts go through the encoder with each row and whose prefixes reach the decoder's self-attention.
 """
 
-import contextlib
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,7 @@ from .backbone import FrozenBackbone
 from .integration.attention import PREFIX_KWARG, generating_with_prefix
 from .integration.virtual_tokens import virtual_token_key_values
 from .prefix_tables import NO_ADAPTER_SLOT, PrefixTables, Routing, pad_aware_positions
-from .sampling import resolve_sampling
+from .sampling import drawing_from, resolve_sampling
 
 __all__ = ["AdapterBank", "BankOutput", "NO_ADAPTER_SLOT", "Routing"]
 
@@ -44,7 +45,8 @@ class BankOutput:
 
 
 class AdapterBank:
-    """Serve PEFT prefix-tuning, prompt-tuning and p-tuning adapters of one frozen causal LM, one adapter per row.
+    """Serve PEFT prefix-tuning, prompt-tuning and p-tuning adapters of one frozen causal LM, one adapter per row
+    (of an encoder-decoder LM: ``bank_seq2seq.EncoderDecoderAdapterBank``, which ``AdapterBank(model)`` builds then).
 
     ``AdapterBank(base_model)`` switches ``base_model`` (a transformers causal LM instance, full precision or
     bitsandbytes 4/8-bit) to the ``"fastpeft"`` attention implementation and to eval mode for as long as the bank
@@ -66,7 +68,27 @@ class AdapterBank:
         tokens = bank.generate(input_ids, attention_mask=mask, adapters=[...], max_new_tokens=32)
     """
 
+    # What a row without an adapter reads (``route``): the empty table entry.
+    _NO_ADAPTER = NO_ADAPTER_SLOT
+
+    def __new__(cls, base_model, *args, **kwargs):
+        # One public class: an encoder-decoder base model (T5, MT5, BART) gets the bank whose prompts go through the
+        # encoder with each row and whose prefixes reach the decoder's self-attention (fastpeft.bank_seq2seq).
+        if cls is AdapterBank and getattr(getattr(base_model, "config", None), "is_encoder_decoder", False):
+            from .bank_seq2seq import EncoderDecoderAdapterBank
+
+            cls = EncoderDecoderAdapterBank
+        return super().__new__(cls)
+
     def __init__(self, base_model, initial_capacity=4):
+        self._hold(base_model, initial_capacity, encoder_decoder=False)
+        g = self.geometry
+        self._tables = PrefixTables(g.num_layers, g.num_kv_heads, g.head_dim, initial_capacity, self.device,
+                                    self.dtype)
+
+    def _hold(self, base_model, initial_capacity, encoder_decoder):
+        """Check ``base_model`` and ``initial_capacity`` and take the model (``FrozenBackbone``): the state every
+        bank starts from, without its tables."""
         devices = set((getattr(base_model, "hf_device_map", None) or {}).values())
         if len(devices) > 1:
             raise ValueError(f"the base model is split over several devices ({sorted(map(str, devices))}); "
@@ -74,14 +96,11 @@ class AdapterBank:
         if not isinstance(initial_capacity, int) or initial_capacity < 1:
             raise ValueError(f"initial_capacity must be a positive integer, got {initial_capacity!r}")
         self._backbone = FrozenBackbone(
-            base_model, "AdapterBank", eval_mode=True,
+            base_model, "AdapterBank", eval_mode=True, encoder_decoder=encoder_decoder,
             peft_hint="pass peft_model.get_base_model() and add the PeftModel to the bank with bank.add(name, "
                       "peft_model)")
         self.model, self.geometry = base_model, self._backbone.geometry
         self.device, self.dtype = self._backbone.device, self._backbone.dtype
-        g = self.geometry
-        self._tables = PrefixTables(g.num_layers, g.num_kv_heads, g.head_dim, initial_capacity, self.device,
-                                    self.dtype)
         self._slot_by_name = {}
         self._closed = False
 
@@ -117,8 +136,8 @@ class AdapterBank:
         ``adapter`` is a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``) or an
         in-memory ``PeftModel`` (its adapter ``adapter_name``, default the active one; a prefix with projection is
         evaluated once). A pickle-only directory (``adapter_model.bin``) is refused unless ``allow_pickle=True``.
-        The adapter must be a causal-LM prefix-tuning, prompt-tuning or p-tuning adapter for this base model's
-        layout; otherwise ``ValueError`` names what differs. Names are unique (``ValueError`` for a duplicate).
+        The adapter must be a causal-LM (encoder-decoders: ``SEQ_2_SEQ_LM``) prefix-tuning, prompt-tuning or
+        p-tuning adapter for this base model's layout; otherwise ``ValueError`` names what differs. Names are unique (``ValueError`` for a duplicate).
         Nothing changes if it raises. Prompt tuning and p-tuning run their virtual tokens through the model here,
         once.
         """
@@ -128,22 +147,29 @@ class AdapterBank:
         if name in self._slot_by_name:
             raise ValueError(f"the bank already holds an adapter named {name!r}; remove it first to replace it")
         loaded = load_prompt_adapter(adapter, allow_pickle=allow_pickle, adapter_name=adapter_name)
-        check_compatible(loaded, self.geometry)
         with torch.inference_mode():
-            if loaded.peft_type == PREFIX_TUNING:
-                keys, values = prefix_key_values(loaded, self.geometry)
-            else:
-                # A prefixless forward: the bank's model runs fastpeft attention, plain causal without the keyword.
-                prompts = loaded.embeddings.to(self.device, self.dtype).unsqueeze(0)
-                keys, values = virtual_token_key_values(self.model, prompts)
-            self._slot_by_name[name] = self._tables.store(torch.stack(keys), torch.stack(values))
+            self._slot_by_name[name] = self._store(loaded)
+
+    def _store(self, loaded):
+        """Check ``loaded`` (a ``PromptAdapter``) against the model, store it and return its slot."""
+        check_compatible(loaded, self.geometry)
+        if loaded.peft_type == PREFIX_TUNING:
+            keys, values = prefix_key_values(loaded, self.geometry)
+        else:
+            # A prefixless forward: the bank's model runs fastpeft attention, plain causal without the keyword.
+            prompts = loaded.embeddings.to(self.device, self.dtype).unsqueeze(0)
+            keys, values = virtual_token_key_values(self.model, prompts)
+        return self._tables.store(torch.stack(keys), torch.stack(values))
 
     def remove(self, name):
         """Remove adapter ``name`` (``KeyError`` if absent); its table entry is zeroed and reused by later adds."""
         self._check_open(runs_model=False)
         if name not in self._slot_by_name:
             raise KeyError(f"no adapter named {name!r} in the bank (it holds {sorted(self._slot_by_name)})")
-        self._tables.free(self._slot_by_name.pop(name))
+        self._free(self._slot_by_name.pop(name))
+
+    def _free(self, slot):
+        self._tables.free(slot)
 
     def __contains__(self, name):
         return name in self._slot_by_name
@@ -221,31 +247,11 @@ class AdapterBank:
         Greedy tokens of each row equal those of PEFT's forward looped over that row alone, unpadded
         (``fastpeft.integration.reference_generate``).
         """
-        self._check_open()
-        input_ids, attention_mask = self._check_inputs(input_ids, attention_mask)
-        reserved = sorted({"position_ids", "past_key_values", "cache", "inputs_embeds", PREFIX_KWARG}
-                          & set(generate_kwargs))
-        if reserved:
-            raise ValueError(f"AdapterBank.generate sets {', '.join(reserved)} itself; do not pass it")
-        max_new_tokens = generate_kwargs.setdefault("max_new_tokens", 20)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-        if generate_kwargs.get("do_sample"):
-            resolve_sampling(getattr(self.model, "generation_config", None), generate_kwargs.get("temperature"),
-                             generate_kwargs.get("top_k"), generate_kwargs.get("top_p"))
-        empty_rows = (attention_mask.sum(-1) == 0).nonzero().flatten().tolist()
-        if empty_rows:
-            raise ValueError(f"attention_mask: rows {empty_rows} have no real token to continue from")
-        routing = self.route(adapters, input_ids.shape[0])
-        if max_new_tokens == 0:
+        input_ids, attention_mask, routing = self._check_generation(input_ids, attention_mask, adapters,
+                                                                    generate_kwargs, ("position_ids", "inputs_embeds"))
+        if generate_kwargs["max_new_tokens"] == 0:
             return input_ids.clone()
-        if generate_kwargs.get("eos_token_id") == []:
-            # transformers reads None as "the generation config's eos": a config without one says "never stop".
-            # The other generation parameters go into that config too: transformers deprecates passing both.
-            config = copy.deepcopy(generate_kwargs.pop("generation_config", None) or self.model.generation_config)
-            del generate_kwargs["eos_token_id"]
-            generate_kwargs = dict(config.update(**generate_kwargs), generation_config=config)
-            config.eos_token_id = None
+        generate_kwargs = self._eos_list_resolved(generate_kwargs)
 
         B = input_ids.shape[0]
         steps = {}  # by the number of rows per input row (beams, return sequences): (spec, position offsets)
@@ -272,7 +278,7 @@ class AdapterBank:
         else:
             order = torch.argsort(attention_mask, dim=1, stable=True)
             ids, mask = input_ids.gather(1, order), attention_mask.gather(1, order)
-        with torch.inference_mode(), _drawing_from(generator), \
+        with torch.inference_mode(), drawing_from(generator), \
                 generating_with_prefix(self.model, add_prefixes, "the adapters' prefixes"):
             out = self.model.generate(input_ids=ids, attention_mask=mask, **generate_kwargs)
         if left_aligned:
@@ -291,6 +297,10 @@ class AdapterBank:
         """The ``Routing`` of ``batch_size`` rows with ``adapters`` (one name or None per row; None = no adapter for
         every row): each row's table entry and position offset (its adapter's number of virtual tokens). Raises
         ``KeyError`` naming unknown adapters."""
+        return self._tables.routing(self._row_slots(adapters, batch_size))
+
+    def _row_slots(self, adapters, batch_size):
+        """Each row's slot (``_NO_ADAPTER`` for None) of ``route``'s arguments, checked."""
         self._check_open(runs_model=False)
         if adapters is None:
             adapters = [None] * batch_size
@@ -302,7 +312,7 @@ class AdapterBank:
         unknown = sorted({repr(a) for a in adapters if a is not None and a not in self._slot_by_name})
         if unknown:
             raise KeyError(f"unknown adapter name(s) {', '.join(unknown)}; the bank holds {sorted(self._slot_by_name)}")
-        return self._tables.routing([NO_ADAPTER_SLOT if a is None else self._slot_by_name[a] for a in adapters])
+        return [self._NO_ADAPTER if a is None else self._slot_by_name[a] for a in adapters]
 
     def forward(self, input_ids, attention_mask, position_ids, prefix_index, cache=None, logits_to_keep=0):
         """One forward of the model with the bank's prefixes: the serving step, for callers that manage their own
@@ -321,6 +331,39 @@ class AdapterBank:
                                       logits_to_keep=logits_to_keep)
 
     # ----- helpers ---------------------------------------------------------------------------------------------
+
+    def _check_generation(self, input_ids, attention_mask, adapters, generate_kwargs, reserved):
+        """Check ``generate``'s arguments and return ``(input_ids, attention_mask, routing)``; ``generate_kwargs``
+        gets ``max_new_tokens`` (default 20). ``reserved`` names what the bank's ``generate`` sets itself, besides
+        the cache and the prefix keyword: passing it raises."""
+        self._check_open()
+        input_ids, attention_mask = self._check_inputs(input_ids, attention_mask)
+        refused = sorted({"past_key_values", "cache", PREFIX_KWARG, *reserved} & set(generate_kwargs))
+        if refused:
+            raise ValueError(f"AdapterBank.generate sets {', '.join(refused)} itself; do not pass it")
+        max_new_tokens = generate_kwargs.setdefault("max_new_tokens", 20)
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        if generate_kwargs.get("do_sample"):
+            resolve_sampling(getattr(self.model, "generation_config", None), generate_kwargs.get("temperature"),
+                             generate_kwargs.get("top_k"), generate_kwargs.get("top_p"))
+        self._check_rows_not_empty(attention_mask)
+        return input_ids, attention_mask, self.route(adapters, input_ids.shape[0])
+
+    @staticmethod
+    def _check_rows_not_empty(attention_mask):
+        empty_rows = (attention_mask.sum(-1) == 0).nonzero().flatten().tolist()
+        if empty_rows:
+            raise ValueError(f"attention_mask: rows {empty_rows} have no real token to continue from")
+
+    @staticmethod
+    def _eos_list_resolved(generate_kwargs):
+        """``generate_kwargs`` as transformers' ``generate`` takes them: ``eos_token_id=[]`` (rows never end early)
+        becomes ``eos_token_id=None`` passed explicitly. transformers fills a generation config's None from the
+        model's generation config (whose eos id would end the rows), while a keyword argument outranks both."""
+        if generate_kwargs.get("eos_token_id") == []:
+            generate_kwargs["eos_token_id"] = None
+        return generate_kwargs
 
     def _check_inputs(self, input_ids, attention_mask):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -341,23 +384,3 @@ class AdapterBank:
         if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
             raise ValueError("attention_mask must hold only 0 and 1")
         return input_ids, attention_mask
-
-@contextlib.contextmanager
-def _drawing_from(generator):
-    """For the block, torch's global generator of ``generator``'s device draws what ``generator`` would (its state
-    is loaded), and ``generator`` then holds the state the draws left; transformers' sampling knows only the global
-    generator. A no-op for None."""
-    if generator is None:
-        yield
-        return
-    device = generator.device
-    cuda = device.type == "cuda"
-    with torch.random.fork_rng(devices=[device] if cuda else [], device_type="cuda" if cuda else "cpu"):
-        if cuda:
-            torch.cuda.set_rng_state(generator.get_state(), device)
-        else:
-            torch.set_rng_state(generator.get_state())
-        try:
-            yield
-        finally:
-            generator.set_state(torch.cuda.get_rng_state(device) if cuda else torch.get_rng_state())

@@ -1,8 +1,13 @@
-"""Sampling settings and the logits processors they mean, the way transformers' ``generate`` applies them.
+"""Sampling settings and the logits processors they mean, the way transformers' ``generate`` applies them, and
+a ``torch.Generator`` for transformers' sampling, which knows only the global one (``drawing_from``).
 
 One copy for everything in fastpeft that picks tokens by itself (the serving engine, the cache-free reference
 generator); ``AdapterBank.generate`` runs transformers' own ``generate`` and only checks its arguments here.
 """
+
+import contextlib
+
+import torch
 
 # transformers' global defaults for sampling arguments that neither the caller nor the generation config sets.
 SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
@@ -48,3 +53,24 @@ def logits_processors(do_sample, temperature=1.0, top_k=0, top_p=1.0, repetition
         if top_p < 1.0:
             processors.append(TopPLogitsWarper(top_p))
     return processors
+
+
+@contextlib.contextmanager
+def drawing_from(generator):
+    """For the block, torch's global generator of ``generator``'s device draws what ``generator`` would (its state
+    is loaded), and ``generator`` then holds the state the draws left; transformers' sampling knows only the global
+    generator. A no-op for None."""
+    if generator is None:
+        yield
+        return
+    device = generator.device
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else [], device_type="cuda" if cuda else "cpu"):
+        if cuda:
+            torch.cuda.set_rng_state(generator.get_state(), device)
+        else:
+            torch.set_rng_state(generator.get_state())
+        try:
+            yield
+        finally:
+            generator.set_state(torch.cuda.get_rng_state(device) if cuda else torch.get_rng_state())

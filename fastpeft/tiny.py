@@ -1,4 +1,5 @@
-"""The built-in small model: a seeded Llama-style causal LM and a byte-level tokenizer, built locally.
+"""The built-in small models: a seeded Llama-style causal LM (and a T5 encoder-decoder, ``build_t5_model``) and a
+byte-level tokenizer, built locally.
 
 Every CLI subcommand runs without network access; without ``--model`` it uses this model. It has the
 features the kernels care about (grouped-query attention, rotary positions, several layers) at a size that
@@ -88,6 +89,41 @@ def build_model(seed=0, dtype=torch.float32):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = PAD_ID
+    return model.to(dtype).eval()
+
+
+TINY_T5_CONFIG = dict(
+    vocab_size=VOCAB_SIZE,
+    d_model=256,
+    d_kv=64,
+    d_ff=688,
+    num_layers=2,
+    num_decoder_layers=2,
+    num_heads=4,
+    dropout_rate=0.0,
+    pad_token_id=PAD_ID,
+    eos_token_id=EOS_ID,
+    decoder_start_token_id=PAD_ID,
+)
+"""Keyword arguments of the ``T5Config`` of the built-in encoder-decoder (the byte tokenizer's vocabulary; its pad
+token starts the decoder, as T5's does)."""
+
+
+def build_t5_model(seed=0, dtype=torch.float32, **config_overrides):
+    """A ``T5ForConditionalGeneration`` of ``TINY_T5_CONFIG`` (``config_overrides`` replace entries: another shape)
+    with weights drawn from ``seed`` (the global RNG is left untouched). Its matrices are drawn from N(0, 1/d_model)
+    rather than T5's init, under which a random T5 greedily repeats one token (its pad) whatever its input."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(**{**TINY_T5_CONFIG, **config_overrides})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = T5ForConditionalGeneration(config)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.dim() > 1:
+                    parameter.normal_(0, config.d_model ** -0.5)
+    model.generation_config.pad_token_id = config.pad_token_id
     return model.to(dtype).eval()
 
 

@@ -178,6 +178,23 @@ def test_greedy_stops_at_eos_and_pads_finished_rows(setups):
     assert torch.equal(stopped[:, ids.shape[1]:], expected[:, :max(ends)])
 
 
+def test_empty_eos_list_outranks_the_generation_configs_eos(setups):
+    """``eos_token_id=[]``: no row ends early, also when the model's generation config names an eos id a row produces
+    (transformers fills a generation config's None from the model's, so the bank passes None explicitly)."""
+    s = setups("llama")
+    ids, mask = pad_rows(s.rows, "left")
+    kwargs = dict(attention_mask=mask, adapters=ROW_ADAPTERS, max_new_tokens=NEW_TOKENS, eos_token_id=[])
+    free = s.bank.generate(ids, **kwargs)
+    generation = s.bank.model.generation_config
+    eos = generation.eos_token_id
+    generation.eos_token_id = int(free[2, ids.shape[1] + 1])  # row 2's second token
+    try:
+        again = s.bank.generate(ids, **kwargs)
+    finally:
+        generation.eos_token_id = eos
+    assert torch.equal(again, free)
+
+
 def test_sampling_is_seeded_and_degenerates_to_greedy(setups):
     s = setups("llama")
     ids, mask = pad_rows(s.rows[:4], "left")

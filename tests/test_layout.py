@@ -17,6 +17,7 @@ FORBIDDEN = {
     "fastpeft.serve": ("cli", "bench"),
     "fastpeft.bench": ("cli", "serve"),
     "fastpeft.bank": ("serve", "cli", "bench", "multi"),
+    "fastpeft.bank_seq2seq": ("serve", "cli", "bench", "multi"),
     "fastpeft.multi": ("serve", "cli", "bench", "bank"),
     # adapter files in PEFT's format know nothing of models, kernels or their users
     "fastpeft.adapters": ("ops", "integration", "bank", "multi", "serve", "cli", "bench", "backbone"),

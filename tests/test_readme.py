@@ -25,3 +25,4 @@ def test_readme_python_blocks_run_in_order(tmp_path):
         assert result.returncode == 0, f"README python block {number} failed:\n{block}\n{result.stderr[-3000:]}"
     assert (tmp_path / "fp-readme-prefix" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "fp-readme-tenants" / "legal" / "adapter_config.json").is_file()
+    assert (tmp_path / "fp-readme-t5" / "translate" / "adapter_config.json").is_file()

@@ -1,4 +1,5 @@
-"""Randomly initialized Llama-style models built from a config, for the training and serving suites.
+"""Randomly initialized Llama-style models (and a T5 for the encoder-decoder serving case) built from a config, for
+the training and serving suites.
 
 No weights are downloaded: speed and memory depend on the shapes, not on the values. The GPU model has the
 shape of TinyLlama-1.1B (hidden 2048, 22 layers, 32 query / 4 kv heads of size 64, vocabulary 32000); the
@@ -45,6 +46,25 @@ def build_causal_lm(device, dtype, seed=0):
     model.generation_config.pad_token_id = 0
     parameters = sum(p.numel() for p in model.parameters())
     return model, f"{description}, {parameters / 1e6:,.0f}M parameters"
+
+
+# t5-base's shape (on CUDA); the CPU runs use the built-in small T5 of ``fastpeft.tiny``.
+T5_BASE_CONFIG = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_decoder_layers=12,
+                      num_heads=12, pad_token_id=0, decoder_start_token_id=0)
+
+
+def build_seq2seq_lm(device, dtype, seed=0):
+    """(model, description): a random T5 (``tiny.build_t5_model``: matrices drawn so that greedy tokens depend on
+    the input), of t5-base's shape on CUDA, the built-in small one on CPU; eval mode, frozen, no end-of-sequence
+    token (every row generates ``max_new_tokens``)."""
+    from .. import tiny
+
+    overrides = T5_BASE_CONFIG if device.type == "cuda" else {}
+    model = tiny.build_t5_model(seed, dtype, eos_token_id=None, **overrides).to(device).requires_grad_(False)
+    model.generation_config.eos_token_id = None
+    description = ("T5 (t5-base shape)" if device.type == "cuda" else "fastpeft.tiny's T5 (d_model 256, 2+2 layers)")
+    parameters = sum(p.numel() for p in model.parameters())
+    return model, f"{description}, random init, {parameters / 1e6:,.0f}M parameters"
 
 
 def random_batch(vocab_size, B, L, device, seed=0):

@@ -13,6 +13,12 @@ prefix-tuning adapters (``T`` = 1, 8, 64; rows assigned round-robin), greedy, a 
 Throughput counts generated tokens only (prefill included in the time). Parity: the fraction of rows whose
 greedy tokens from the bank equal PEFT's (bfloat16 may legitimately flip near-ties).
 
+Encoder-decoder (a random T5: t5-base's shape on GPU, a small one on CPU): 8 tenants, one row each, their adapters
+mixed (prefix tuning, prompt tuning, p-tuning; 8..15 virtual tokens), greedy. ``fastpeft-bank``: the 8 rows in one
+``AdapterBank.generate`` call (the encoder once, each row with its own virtual tokens; the decoder reading each row's
+prefix); ``peft-per-tenant``: PEFT generating one tenant's row at a time (its own ``generate``, the adapter set per
+call). ``speedup`` is their time ratio, from the same run.
+
 Decode kernel (``prefix_attention`` with L = 1, no grad, a prefix table read through ``prefix_index``):
 achieved bandwidth = the bytes a decode step must move (``harness.decode_bytes``: q, the KV cache, each distinct
 prefix entry once, the output) / time, and its fraction of the measured device-copy bandwidth. ``peft-concat``
@@ -28,7 +34,7 @@ import torch.nn.functional as F
 
 from . import harness
 from .kernel import repeat_kv
-from .models import build_causal_lm, random_batch
+from .models import build_causal_lm, build_seq2seq_lm, random_batch
 
 SUITE = "serving"
 
@@ -172,6 +178,115 @@ def _end_to_end(recorder, device, quick):
             bank.close()
 
 
+def seq2seq_settings(device, quick):
+    if device.type == "cuda":
+        return dict(tenants=8, prompt=128, new=8 if quick else 32, P=8, dtype="bfloat16", reps=1 if quick else 3)
+    return dict(tenants=8, prompt=16, new=4 if quick else 8, P=8, dtype="float32", reps=1 if quick else 5)
+
+
+# The encoder-decoder tenants' adapter kinds, in turn.
+_SEQ2SEQ_KINDS = ("prefix", "prompt", "p-tuning")
+
+
+def _make_seq2seq_adapters(base, count, P, directory):
+    """Save ``count`` SEQ_2_SEQ_LM adapters of ``base`` under ``directory``, the kinds in turn, tenant i with
+    ``P + i`` virtual tokens and prompt parameters drawn from seed i; returns {name: path}."""
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
+
+    configs = {"prefix": lambda n: PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=n),
+               "prompt": lambda n: PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=n),
+               "p-tuning": lambda n: PromptEncoderConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=n,
+                                                         encoder_hidden_size=128)}
+    paths = {}
+    for i in range(count):
+        peft_model = get_peft_model(copy.deepcopy(base), configs[_SEQ2SEQ_KINDS[i % len(_SEQ2SEQ_KINDS)]](P + i))
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for parameter in peft_model.parameters():
+                if parameter.requires_grad:
+                    parameter.copy_(torch.randn(parameter.shape, generator=g) * parameter.shape[-1] ** -0.5)
+        paths[f"tenant-{i}"] = os.path.join(directory, f"tenant-{i}")
+        peft_model.save_pretrained(paths[f"tenant-{i}"])
+    return paths
+
+
+def _seq2seq_tenants(recorder, device, quick):
+    """A mixed batch of 8 T5 tenants in one bank call against PEFT one tenant at a time (see the module docstring)."""
+    from peft import PeftModel
+
+    from ..integration.reference_generate import generate_seq2seq_without_cache
+
+    cfg = seq2seq_settings(device, quick)
+    base, description = build_seq2seq_lm(device, getattr(torch, cfg["dtype"]))
+    rows, new_tokens = cfg["tenants"], cfg["new"]
+    recorder.log(f"[serving] {description}; {rows} tenants x 1 row x {cfg['prompt']} prompt tokens, {new_tokens} new, "
+                 f"P={cfg['P']}..{cfg['P'] + rows - 1}, kinds {', '.join(_SEQ2SEQ_KINDS)} in turn")
+    input_ids, attention_mask = random_batch(base.config.vocab_size, rows, cfg["prompt"], device, seed=2)
+    names = [f"tenant-{i}" for i in range(rows)]
+    case = f"T5: {rows} tenants (prefix, prompt, p-tuning) / {rows} rows"
+    shape = {"model": description, "rows": rows, "prompt_tokens": cfg["prompt"], "new_tokens": new_tokens,
+             "P": f"{cfg['P']}..{cfg['P'] + rows - 1}", "tenants": rows, "dtype": cfg["dtype"]}
+    with tempfile.TemporaryDirectory(prefix="fastpeft-bench-seq2seq-") as directory:
+        paths = _make_seq2seq_adapters(base, rows, cfg["P"], directory)
+        # PEFT holds adapters of one type per model: one PeftModel per kind, each tenant's adapter loaded in its kind's.
+        peft_of = {}
+        for row, name in enumerate(names):
+            kind = _SEQ2SEQ_KINDS[row % len(_SEQ2SEQ_KINDS)]
+            if kind not in peft_of:
+                peft_of[kind] = PeftModel.from_pretrained(copy.deepcopy(base), paths[name], adapter_name=name).eval()
+            else:
+                peft_of[kind].load_adapter(paths[name], adapter_name=name)
+            peft_of[name] = peft_of[kind]
+
+        def peft_per_tenant():
+            out = []
+            with torch.inference_mode():
+                for row, name in enumerate(names):
+                    peft_model = peft_of[name]
+                    peft_model.set_adapter(name)
+                    out.append(peft_model.generate(input_ids=input_ids[row:row + 1],
+                                                   attention_mask=attention_mask[row:row + 1],
+                                                   max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                                   do_sample=False)[0, -new_tokens:])
+            return torch.stack(out)
+
+        peft_timing = harness.time_calls(peft_per_tenant, device, warmup=1, reps=cfg["reps"])
+        recorder.add_time(SUITE, case, shape, "peft-per-tenant", peft_timing)
+        recorder.add(SUITE, case, shape, "peft-per-tenant", "throughput",
+                     rows * new_tokens / (peft_timing.median_ms * 1e-3), "tokens/s")
+        try:
+            import fastpeft
+
+            bank = fastpeft.AdapterBank(copy.deepcopy(base))
+            for name in names:
+                bank.add(name, paths[name])
+
+            def bank_generate():
+                return bank.generate(input_ids, attention_mask=attention_mask, adapters=names, eos_token_id=[],
+                                     max_new_tokens=new_tokens, do_sample=False)[:, -new_tokens:]
+            timing = harness.time_calls(bank_generate, device, warmup=1, reps=cfg["reps"])
+        except Exception as exc:  # report, keep PEFT's numbers
+            recorder.note(f"fastpeft-bank on {case}: {exc.__class__.__name__}: {str(exc).strip()[:300]}")
+            return
+        recorder.add_time(SUITE, case, shape, "fastpeft-bank", timing)
+        recorder.add(SUITE, case, shape, "fastpeft-bank", "throughput", rows * new_tokens / (timing.median_ms * 1e-3),
+                     "tokens/s")
+        recorder.add(SUITE, case, shape, "fastpeft-bank", "speedup", peft_timing.median_ms / timing.median_ms, "x",
+                     reference="peft-per-tenant, same run")
+        checked = min(CHECKED_ROWS, rows)
+        expected = []
+        for row, name in enumerate(names[:checked]):
+            peft_model = peft_of[name]
+            peft_model.set_adapter(name)
+            tokens, _ = generate_seq2seq_without_cache(peft_model, input_ids[row:row + 1],
+                                                       attention_mask[row:row + 1], max_new_tokens=new_tokens)
+            expected.append(tokens[0, -new_tokens:])
+        agreement = (bank_generate()[:checked] == torch.stack(expected)).all(dim=1).float().mean()
+        recorder.add(SUITE, case, shape, "fastpeft-bank", "token_agreement", agreement, "fraction",
+                     reference=f"PEFT's forward looped without a cache, greedy, first {checked} rows")
+        bank.close()
+
+
 def _decode_kernel(recorder, device, quick, copy_gbps):
     from ..ops.prefix_attention import prefix_attention
 
@@ -219,8 +334,10 @@ def _decode_kernel(recorder, device, quick, copy_gbps):
 
 
 def run(recorder, device, quick=False, copy_gbps=None):
-    """End-to-end multi-tenant generation, then the decode kernel's bandwidth (needs the copy ceiling)."""
+    """End-to-end multi-tenant generation (a causal LM, then a T5), then the decode kernel's bandwidth (needs the copy
+    ceiling)."""
     _end_to_end(recorder, device, quick)
+    _seq2seq_tenants(recorder, device, quick)
     if copy_gbps is None:
         from .ceilings import measure_copy, sizes
         copy_gbps = measure_copy(device, sizes(device, quick)[0], quick)[1]

@@ -331,21 +331,34 @@ def _no_prefix(key, columns=1):
     return empty, empty, index, lengths
 
 
-def _prefix_position_bias(relative, query_length, key_length, prefix_length):
+def _prefix_position_bias(relative, query_length, key_length, prefix_length, row_lengths=None):
     """The position bias ``[1, H, L, P]`` of the P prefix columns as T5 computes it when the prefix is a cache of P
     tokens before the ``key_length`` keys (PEFT's prefix tuning): its own ``compute_bias`` with the prefix entries at
-    positions ``0 .. P-1`` and query i (of the L last keys' positions) at ``P + key_length - L + i``."""
-    return relative.compute_bias(query_length, prefix_length,
-                                 past_seen_tokens=prefix_length + key_length - query_length)
+    positions ``0 .. P-1`` and query i (of the L last keys' positions) at ``P + key_length - L + i``.
+
+    ``row_lengths`` ``[B]``: each row's own prefix length ``n <= P`` (a ragged prefix table read through
+    ``prefix_index``: ``AdapterBank``), a cache of n tokens in PEFT. Row b's entry p then sits ``n - p`` before its
+    keys, as column ``p + P - n`` of the P-token cache does: its columns are those, shifted (the ones past n, hidden by
+    the row's length, repeat the last). Returns ``[B, H, L, P]`` then."""
+    columns = relative.compute_bias(query_length, prefix_length,
+                                    past_seen_tokens=prefix_length + key_length - query_length)
+    if row_lengths is None:
+        return columns
+    rows = row_lengths.shape[0]
+    shifted = torch.arange(prefix_length, device=columns.device) + (prefix_length - row_lengths.to(columns.device)
+                                                                     .long())[:, None]
+    index = shifted.clamp(max=prefix_length - 1)[:, None, None, :].expand(rows, *columns.shape[1:])
+    return columns.expand(rows, *columns.shape[1:]).gather(3, index)
 
 
-def _attention_bias(module, position_bias, query, key, prefix_columns, relative=None):
+def _attention_bias(module, position_bias, query, key, prefix_columns, relative=None, row_lengths=None):
     """T5's ``position_bias`` ``[1 or B, H, L, S]`` as the kernels' ``attn_bias`` over ``[prefix ; keys]``, in the
     query's dtype (differentiably: a model that trains its relative attention bias gets its gradient), or None.
 
     T5 computes it over the keys it sees. A prefix outside the cache (fastpeft's prefix tuning) needs its columns too,
     as T5 computes them over a cache of P tokens: from ``relative`` (``DecoderSelfAttentionPrefix.relative_bias``)
-    where given; a bias without them is refused otherwise."""
+    where given, for each row's own prefix length ``row_lengths`` ``[B]`` where the prefix is a ragged table; a bias
+    without them is refused otherwise."""
     if position_bias is None:
         return None
     model_type = getattr(getattr(module, "config", None), "model_type", None)
@@ -360,9 +373,11 @@ def _attention_bias(module, position_bias, query, key, prefix_columns, relative=
                          f"{tuple(getattr(position_bias, 'shape', ()))}; fastpeft attention takes one "
                          f"[1 or B, H, L, S={S}] over the keys")
     if position_bias.shape[-1] != prefix_columns + S and relative is not None:
-        columns = _prefix_position_bias(relative, query.shape[2], S, prefix_columns).to(position_bias.dtype)
-        columns = columns.expand(position_bias.shape[0], *columns.shape[1:])
-        position_bias = torch.cat([columns, position_bias], dim=-1)
+        columns = _prefix_position_bias(relative, query.shape[2], S, prefix_columns,
+                                        row_lengths).to(position_bias.dtype)
+        rows = max(columns.shape[0], position_bias.shape[0])
+        position_bias = torch.cat([columns.expand(rows, *columns.shape[1:]),
+                                   position_bias.expand(rows, *position_bias.shape[1:])], dim=-1)
     if position_bias.shape[-1] != prefix_columns + S:
         raise ValueError(f"{type(module).__name__}'s position_bias covers its {S} keys but not the {prefix_columns} "
                          "prefix columns: a relative position bias over a prefix held outside the cache is not "
@@ -472,7 +487,11 @@ def fastpeft_attention_forward(module, query, key, value, attention_mask, dropou
         # RoPE's fp32 cos/sin promote q and k to fp32 while v leaves its autocast matmul in bf16/fp16.
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
         prefix_k, prefix_v = prefix_k.to(dtype), prefix_v.to(dtype)
-    attn_bias = _attention_bias(module, position_bias, query, key, prefix_k.shape[-2], relative)
+    # A ragged prefix table (AdapterBank) gives each row its own prefix length, which T5's bias columns depend on.
+    row_lengths = None
+    if relative is not None and spec is not None and spec.prefix_index is not None and prefix_lengths is not None:
+        row_lengths = prefix_lengths[prefix_index.long()]
+    attn_bias = _attention_bias(module, position_bias, query, key, prefix_k.shape[-2], relative, row_lengths)
     if not causal and key.shape[2] < query.shape[2]:
         key, value, attention_mask, attn_bias = _pad_keys_to_queries(key, value, attention_mask, attn_bias,
                                                                      query.shape[2])

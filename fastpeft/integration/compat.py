@@ -387,14 +387,20 @@ def decoder_positions_shifted(model, offset):
     a KV cache of ``offset`` more tokens precedes them (PEFT's prefix tuning hands its prefix to an encoder-decoder
     as such a cache, and the decoders take no position ids to say it without one).
 
-    A forward pre-hook on ``decoder_position_embedding(model)`` that adds ``offset`` to the ``position_ids`` the
-    decoder computed (or to the cache length, where it passes none); removed when the block ends, so a model outside
-    the block, ``fastpeft.restore`` and a deep copy see no trace of it. Not for two threads running one model at once
-    (neither is PEFT's own generate, which sets instance attributes for its duration). A decoder that numbers its
-    positions in a relative attention bias (T5, ``decoder_relative_bias``) needs nothing here: its keys' bias does not
-    move with a shift of queries and keys alike, and the prefix's columns are computed in attention
-    (``attention.DecoderSelfAttentionPrefix.relative_bias``). Raises ValueError when the decoder has neither or calls
-    its position embedding in a way this does not know."""
+    ``offset`` is an int, or a ``[B]`` integer tensor with each row's own offset (``AdapterBank``: each row's prefix
+    has its own length); a call with ``k * B`` rows (beams, return sequences: transformers puts row b's copies at
+    ``b*k .. b*k+k-1``) gives each copy its row's offset. Per-row offsets need the decoder's ``input_ids`` in the
+    call (the rows are counted from them).
+
+    Forward hooks on ``decoder_position_embedding(model)``: a pre-hook adds the offset to the ``position_ids`` the
+    decoder computed (or to the cache length, where it passes none); per-row offsets become ``[B, L]`` position ids
+    and a forward hook gives the embeddings the decoder's ``[B, L, hidden]`` shape. Removed when the block ends, so a
+    model outside the block, ``fastpeft.restore`` and a deep copy see no trace of them. Not for two threads running
+    one model at once (neither is PEFT's own generate, which sets instance attributes for its duration). A decoder
+    that numbers its positions in a relative attention bias (T5, ``decoder_relative_bias``) needs nothing here: its
+    keys' bias does not move with a shift of queries and keys alike, and the prefix's columns are computed in
+    attention (``attention.DecoderSelfAttentionPrefix.relative_bias``). Raises ValueError when the decoder has neither
+    or calls its position embedding in a way this does not know."""
     module = decoder_position_embedding(model)
     if module is None:
         if decoder_relative_bias(model) is None:
@@ -404,6 +410,11 @@ def decoder_positions_shifted(model, offset):
         yield
         return
 
+    def unknown_call():
+        return ValueError(f"{type(module).__name__} was called without position ids or a cache length in the places "
+                          "fastpeft shifts (this transformers release calls the decoder's position embedding "
+                          "differently)")
+
     def shift(module, args, kwargs):
         if kwargs.get("position_ids") is not None:
             return args, {**kwargs, "position_ids": kwargs["position_ids"] + offset}
@@ -411,15 +422,42 @@ def decoder_positions_shifted(model, offset):
             return (*args[:2], args[2] + offset, *args[3:]), kwargs
         if len(args) > 1 and isinstance(args[1], int):
             return (args[0], args[1] + offset, *args[2:]), kwargs
-        raise ValueError(f"{type(module).__name__} was called without position ids or a cache length in the "
-                         "places fastpeft shifts (this transformers release calls the decoder's position embedding "
-                         "differently)")
+        raise unknown_call()
 
-    handle = module.register_forward_pre_hook(shift, with_kwargs=True)
+    rows_of_call = []  # (B, L) of the call in flight, for the per-row forward hook
+
+    def shift_rows(module, args, kwargs):
+        input_ids = args[0] if args else kwargs.get("input_ids")
+        if input_ids is None:
+            raise ValueError(f"per-row decoder position offsets need the decoder's input_ids; {type(model).__name__}"
+                             "'s decoder was called without them (decoder_inputs_embeds)")
+        rows, length = input_ids.shape[:2]
+        if kwargs.get("position_ids") is not None:
+            positions = kwargs["position_ids"]
+        elif len(args) > 2 and args[2] is not None:
+            positions = args[2]
+        elif len(args) > 1 and isinstance(args[1], int):
+            positions = torch.arange(args[1], args[1] + length, device=input_ids.device)
+        else:
+            raise unknown_call()
+        row_offsets = offset.to(input_ids.device).repeat_interleave(rows // offset.shape[0])
+        rows_of_call.append((rows, length))
+        return args[:2], {**kwargs, "position_ids": positions.reshape(-1, length) + row_offsets[:, None]}
+
+    def row_shaped(module, args, output):
+        rows, length = rows_of_call.pop()
+        return output.reshape(rows, length, output.shape[-1])
+
+    if isinstance(offset, torch.Tensor):
+        handles = [module.register_forward_pre_hook(shift_rows, with_kwargs=True),
+                   module.register_forward_hook(row_shaped)]
+    else:
+        handles = [module.register_forward_pre_hook(shift, with_kwargs=True)]
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 # ----- PEFT ------------------------------------------------------------------------------------------------------

@@ -44,7 +44,8 @@ def check_peft_config(peft_model, adapter_name):
                              f"{config.num_transformer_submodules}, for an encoder-decoder; the backbone has one")
         return
     if encoder_decoder:
-        _check_encoder_decoder_prefix_config(peft_model, adapter_name)
+        check_encoder_decoder_prefix(f"prefix-tuning adapter {adapter_name!r}", config.num_transformer_submodules,
+                                     config.num_layers, config.num_attention_heads, peft_model.get_base_model())
     base = peft_model.get_base_model()
     text_config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
     num_layers = compat.config_attribute(text_config, "num_hidden_layers")
@@ -68,28 +69,25 @@ def check_peft_config(peft_model, adapter_name):
             "per-KV-head keys and values")
 
 
-def _check_encoder_decoder_prefix_config(peft_model, adapter_name):
-    """The encoder-decoder prefix-tuning configurations PEFT runs (``prefix.encoder_decoder_prefix_spec``): its cache
-    has ``num_transformer_submodules=2`` (self- and cross-attention halves), ``num_layers`` self-attention layers of
-    ``num_attention_heads`` heads, which the decoder's layers must not outnumber (PEFT fails with an IndexError) and
-    whose head count the decoder's self-attention must have (PEFT fails concatenating the cache). Raise ValueError
-    naming the mismatch."""
-    config = peft_model.peft_config[adapter_name]
-    base = peft_model.get_base_model()
-    if config.num_transformer_submodules != 2:
-        raise ValueError(f"prefix-tuning adapter {adapter_name!r} of the encoder-decoder {type(base).__name__} has "
-                         f"num_transformer_submodules={config.num_transformer_submodules}; PEFT's encoder-decoder "
+def check_encoder_decoder_prefix(adapter_label, num_transformer_submodules, num_layers, num_attention_heads, base):
+    """The encoder-decoder prefix-tuning configurations PEFT runs (``prefix.encoder_decoder_prefix_spec``,
+    ``AdapterBank``): its cache has ``num_transformer_submodules=2`` (self- and cross-attention halves),
+    ``num_layers`` self-attention layers of ``num_attention_heads`` heads, which the decoder's layers of ``base`` must
+    not outnumber (PEFT fails with an IndexError) and whose head count the decoder's self-attention must have (PEFT
+    fails concatenating the cache). Raise ValueError naming the mismatch; ``adapter_label`` names the adapter."""
+    if num_transformer_submodules != 2:
+        raise ValueError(f"{adapter_label} of the encoder-decoder {type(base).__name__} has "
+                         f"num_transformer_submodules={num_transformer_submodules}; PEFT's encoder-decoder "
                          "prefix (a self- and a cross-attention cache) has 2")
     decoder_layers = getattr(base.config, "decoder_layers", None) or getattr(base.config, "num_decoder_layers", None)
-    if decoder_layers is not None and decoder_layers > config.num_layers:
-        raise ValueError(f"prefix-tuning adapter {adapter_name!r} has num_layers={config.num_layers} but the decoder "
-                         f"of {type(base).__name__} has {decoder_layers} layers: PEFT's prefix covers num_layers "
-                         "decoder layers (it fails on the others)")
+    if decoder_layers is not None and decoder_layers > num_layers:
+        raise ValueError(f"{adapter_label} has num_layers={num_layers} but the decoder of {type(base).__name__} has "
+                         f"{decoder_layers} layers: PEFT's prefix covers num_layers decoder layers (it fails on the "
+                         "others)")
     decoder_heads = getattr(base.config, "decoder_attention_heads", None)
-    if decoder_heads is not None and decoder_heads != config.num_attention_heads:
-        raise ValueError(f"prefix-tuning adapter {adapter_name!r} stores its prefix in num_attention_heads="
-                         f"{config.num_attention_heads} heads but the decoder of {type(base).__name__} has "
-                         f"{decoder_heads} (PEFT fails on that too)")
+    if decoder_heads is not None and decoder_heads != num_attention_heads:
+        raise ValueError(f"{adapter_label} stores its prefix in num_attention_heads={num_attention_heads} heads but "
+                         f"the decoder of {type(base).__name__} has {decoder_heads} (PEFT fails on that too)")
 
 
 # The model types whose prefix PEFT 0.21 (get_prompt, peft#3205) fits to each layer: a substring of the backbone's
@@ -142,12 +140,19 @@ def check_backbone(peft_model):
                 f"(config.{name}={rate}): a layer skipped at random in training takes no prefix, which the check "
                 "that every layer's attention received its prefix cannot tell from a layer that drops it")
     if prefix and encoder_decoder:
-        if compat.decoder_position_embedding(base) is None and compat.decoder_relative_bias(base) is None:
-            raise attention.UnsupportedModelError(
-                f"fastpeft.accelerate cannot run prefix tuning on {type(base).__name__}: PEFT numbers the decoder's "
-                "positions after its prefix cache, and this decoder has no position embedding "
-                "(decoder.embed_positions) or relative attention bias (T5's) fastpeft can shift without one")
+        check_decoder_positions_shiftable(base, "fastpeft.accelerate")
         decoder_self_attention_layers(base)
+
+
+def check_decoder_positions_shiftable(base, user):
+    """Raise ``attention.UnsupportedModelError`` unless fastpeft can number the decoder's tokens of the
+    encoder-decoder ``base`` after a prefix held outside the cache, as PEFT's prefix cache numbers them
+    (``compat.decoder_positions_shifted``); ``user`` names the caller."""
+    if compat.decoder_position_embedding(base) is None and compat.decoder_relative_bias(base) is None:
+        raise attention.UnsupportedModelError(
+            f"{user} cannot run prefix tuning on {type(base).__name__}: PEFT numbers the decoder's positions after "
+            "its prefix cache, and this decoder has no position embedding (decoder.embed_positions) or relative "
+            "attention bias (T5's) fastpeft can shift without one")
 
 
 def active_is_prefix_tuning(peft_model):

@@ -5,7 +5,7 @@ virtual tokens' K/V of prompt tuning / p-tuning.
 
 import warnings
 
-from ...adapters import split_prefix
+from ...adapters import encoder_decoder_prefix_layers, split_prefix
 from ..geometry import BaseGeometry
 from .. import attention, compat
 from ..virtual_tokens import virtual_token_key_values
@@ -107,19 +107,15 @@ def encoder_decoder_prefix_spec(peft_model):
     """The active prefix-tuning adapter of a ``PeftModelForSeq2SeqLM`` as PEFT applies it: a
     ``DecoderSelfAttentionPrefix`` whose decoder layer i reads ``[Hkv, P, D]`` K/V, differentiably.
 
-    PEFT's ``get_prompt`` (``num_transformer_submodules=2``) views the encoder output as ``[P, 2 NL, H, D]``,
-    concatenates that slot axis with itself (``4 NL`` slots) and splits it in groups of 4, each layer's (self K,
-    self V, cross K, cross V) of an ``EncoderDecoderCache``, whose cross-attention half it then replaces by an empty
-    cache. Decoder layer i therefore reads slots ``4i mod 2NL`` and ``4i+1 mod 2NL``: PEFT layer ``2i mod NL``'s K/V
-    in the decoder-only layout of ``prefix_spec`` (with NL=2 both decoder layers read layer 0's and layer 1's half
-    of the prefix is never used: its gradient is zero in PEFT too). Encoder and cross-attention get no prefix.
+    Decoder layer i reads PEFT layer ``2i mod NL``'s K/V in the decoder-only layout of ``prefix_spec``
+    (``adapters.encoder_decoder_prefix_layers``: with NL=2 layer 1's half of the prefix is never used, and its
+    gradient is zero in PEFT too). Encoder and cross-attention get no prefix.
     """
     full = prefix_spec(peft_model)
     state = getattr(peft_model, STATE_ATTR)
     if state.decoder_layers is None:
         state.decoder_layers = len(decoder_self_attention_layers(peft_model.get_base_model()))
-    num_layers = len(full.keys)
-    order = [2 * i % num_layers for i in range(state.decoder_layers)]
+    order = encoder_decoder_prefix_layers(len(full.keys), state.decoder_layers)
     prefix = attention.PrefixSpec.build([full.keys[j] for j in order], [full.values[j] for j in order])
     return attention.DecoderSelfAttentionPrefix(prefix,
                                                 relative_bias=compat.decoder_relative_bias(peft_model.get_base_model()))
