@@ -1,16 +1,18 @@
-"""The frozen backbone behind ``AdapterBank`` and ``MultiPrefixTrainer``: checked once, switched to fastpeft's
-attention for as long as its owner holds it, and given back as it was.
+"""The frozen backbone behind ``AdapterBank`` and ``MultiPrefixModel`` (``MultiPrefixTrainer``'s model): checked
+once, switched to fastpeft's attention for as long as its owner holds it, and given back as it was.
 
 Both own a transformers ``PreTrainedModel`` instance for a while and run it with a prefix keyword on every forward.
 ``FrozenBackbone`` is that ownership: the refusals (a ``PeftModel``, a model fastpeft's kernels do not reproduce, a
 layout whose layers differ), the switch to the ``"fastpeft"`` attention implementation (an instance change, undone
-by ``restore``), and one forward that hands the prefix over and checks that every layer read it.
+by ``restore``), for serving eval mode, for training frozen parameters and activation checkpointing, and one
+forward that hands the prefix over and checks that every layer read it.
 """
 
 import inspect
 
 from .integration.geometry import BaseGeometry
 from .integration import compat
+from .integration.checkpointing import is_checkpointing, set_checkpointing
 from .integration.attention import (ATTN_IMPLEMENTATION, PREFIX_KWARG, check_supported_model,
                                     use_fastpeft_attention)
 
@@ -22,13 +24,17 @@ class FrozenBackbone:
         model: a transformers ``PreTrainedModel`` decoder-only causal LM (full precision or bitsandbytes 4/8-bit),
             not a ``PeftModel`` (``peft_hint`` says what to pass instead).
         eval_mode: put the model in eval mode while held (serving); ``restore`` puts its training mode back.
+        freeze: set ``requires_grad=False`` on every parameter (training prefixes: only they get gradients). Not
+            undone by ``restore``: the model stays frozen.
+        gradient_checkpointing: turn the model's activation checkpointing on, non-reentrant (training); ``restore``
+            turns it off again unless it was on before.
 
     ``geometry`` is the model's attention layout (one for every layer); ``device`` and ``dtype`` those of its input
     embeddings: hidden states, hence q/k/v and the prefix tables, take that dtype also when the linear layers are
     quantized.
     """
 
-    def __init__(self, model, user, peft_hint, eval_mode):
+    def __init__(self, model, user, peft_hint, eval_mode, freeze=False, gradient_checkpointing=False):
         if hasattr(model, "peft_config"):
             raise ValueError(f"{user} takes the base transformers model, not a PeftModel: {peft_hint}")
         if not hasattr(model, "config") or not hasattr(model, "get_input_embeddings"):
@@ -47,6 +53,11 @@ class FrozenBackbone:
         self._was_training = model.training
         if eval_mode:
             model.eval()
+        if freeze:
+            model.requires_grad_(False)
+        self._checkpointing_switched_on = gradient_checkpointing and not is_checkpointing(model)
+        if gradient_checkpointing:  # also when already on: the reentrant kind would drop the prefix keyword
+            set_checkpointing(model, True)
         self.restored = False
 
     def restore(self):
@@ -55,6 +66,8 @@ class FrozenBackbone:
             return
         compat.set_attn_implementation(self.model, self._previous_attn_implementation)
         self.model.train(self._was_training)
+        if self._checkpointing_switched_on:
+            set_checkpointing(self.model, False)
         self.restored = True
 
     def check_attention(self):
