@@ -13,6 +13,7 @@ _LAZY = {
     "FallbackWarning": ("fastpeft.integration.peft", "FallbackWarning"),
     "AdapterBank": ("fastpeft.bank", "AdapterBank"),
     "MultiPrefixTrainer": ("fastpeft.multi", "MultiPrefixTrainer"),
+    "MultiPrefixModel": ("fastpeft.multi", "MultiPrefixModel"),
 }
 
 __all__ = ["prefix_attention", "__version__", *_LAZY]

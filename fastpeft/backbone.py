@@ -1,16 +1,18 @@
-"""The frozen backbone behind ``AdapterBank`` and ``MultiPrefixTrainer``: checked once, switched to fastpeft's
-attention for as long as its owner holds it, and given back as it was.
+"""The frozen backbone behind ``AdapterBank`` and ``MultiPrefixModel`` (``MultiPrefixTrainer``'s model): checked
+once, switched to fastpeft's attention for as long as its owner holds it, and given back as it was.
 
 Both own a transformers ``PreTrainedModel`` instance for a while and run it with a prefix keyword on every forward.
 ``FrozenBackbone`` is that ownership: the refusals (a ``PeftModel``, a model fastpeft's kernels do not reproduce, a
 layout whose layers differ), the switch to the ``"fastpeft"`` attention implementation (an instance change, undone
-by ``restore``), and one forward that hands the prefix over and checks that every layer read it.
+by ``restore``), for serving eval mode, for training frozen parameters and activation checkpointing, and one
+forward that hands the prefix over and checks that every layer read it.
 """
 
 import inspect
 
 from .integration.geometry import BaseGeometry
 from .integration import compat
+from .integration.checkpointing import is_checkpointing, set_checkpointing
 from .integration.attention import (ATTN_IMPLEMENTATION, PREFIX_KWARG, check_supported_model,
                                     use_fastpeft_attention)
 
@@ -25,6 +27,10 @@ class FrozenBackbone:
         encoder_decoder: the model is an encoder-decoder LM (T5, MT5, BART) instead. Its classes do not declare that
             keyword arguments reach their attention functions (``_supports_attention_backend``): that the prefix
             reached every decoder layer is checked at every call instead (``PrefixSpec.check_consumed``).
+        freeze: set ``requires_grad=False`` on every parameter (training prefixes: only they get gradients). Not
+            undone by ``restore``: the model stays frozen.
+        gradient_checkpointing: turn the model's activation checkpointing on, non-reentrant (training); ``restore``
+            turns it off again unless it was on before.
 
     ``geometry`` is the model's attention layout (one for every layer; an encoder-decoder's: what PEFT sizes its
     adapters by, the encoder's layers and heads); ``device`` and ``dtype`` those of its input
@@ -32,7 +38,8 @@ class FrozenBackbone:
     quantized.
     """
 
-    def __init__(self, model, user, peft_hint, eval_mode, encoder_decoder=False):
+    def __init__(self, model, user, peft_hint, eval_mode, encoder_decoder=False, freeze=False,
+                 gradient_checkpointing=False):
         if hasattr(model, "peft_config"):
             raise ValueError(f"{user} takes the base transformers model, not a PeftModel: {peft_hint}")
         if not hasattr(model, "config") or not hasattr(model, "get_input_embeddings"):
@@ -52,6 +59,11 @@ class FrozenBackbone:
         self._was_training = model.training
         if eval_mode:
             model.eval()
+        if freeze:
+            model.requires_grad_(False)
+        self._checkpointing_switched_on = gradient_checkpointing and not is_checkpointing(model)
+        if gradient_checkpointing:  # also when already on: the reentrant kind would drop the prefix keyword
+            set_checkpointing(model, True)
         self.restored = False
 
     def restore(self):
@@ -60,6 +72,8 @@ class FrozenBackbone:
             return
         compat.set_attn_implementation(self.model, self._previous_attn_implementation)
         self.model.train(self._was_training)
+        if self._checkpointing_switched_on:
+            set_checkpointing(self.model, False)
         self.restored = True
 
     def check_attention(self):

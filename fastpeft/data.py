@@ -1,4 +1,6 @@
-"""Training data for ``fastpeft train``: loading text / JSONL files, tokenizing, and padded batches.
+"""Training data: loading text / JSONL files and tokenizing them (``fastpeft train``), and the one collate every
+training path batches with (``fastpeft train``, ``MultiPrefixTrainer.train``, and ``AdapterBatchCollator`` for
+``transformers.Trainer`` / a ``DataLoader`` over a ``MultiPrefixModel``).
 
 Accepted files (one example per line, blank lines skipped):
 
@@ -16,6 +18,7 @@ it means alone.
 import json
 import os
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -113,26 +116,102 @@ def encode(examples, tokenizer, max_length):
     return rows, dropped
 
 
-def right_pad(sequences, pad_token_id):
-    """Right-pad ``(input_ids, labels)`` pairs (equal-length integer sequences: lists or 1-D tensors) into
-    ``input_ids`` (``pad_token_id`` on padding), ``attention_mask`` (1 = real token) and ``labels``
-    (``IGNORE_INDEX`` on padding), each a ``[B, max_len]`` long tensor, returned in that order."""
-    width = max(len(ids) for ids, _ in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, (row_ids, row_labels) in enumerate(sequences):
+def _field(record, name):
+    """``record[name]`` for mappings, ``record.name`` for objects (dataclasses such as ``EncodedExample``); None when
+    absent."""
+    if isinstance(record, Mapping):
+        return record.get(name)
+    return getattr(record, name, None)
+
+
+def collate(records, pad_token_id, max_length=None):
+    """Right-pad records into ``input_ids`` (``pad_token_id`` on padding), ``attention_mask`` (1 = real token) and
+    ``labels`` (``IGNORE_INDEX`` on padding), each a ``[B, max_len]`` long tensor, returned as a dict.
+
+    A record is a mapping or an object (``EncodedExample``, any dataclass) with ``input_ids`` (list of ints or 1-D
+    tensor) and optional ``labels`` of the same length (``IGNORE_INDEX`` = no loss; absent or None: loss on every
+    token). ``max_length`` cuts longer records to their first tokens. Raises ValueError for a record without
+    ``input_ids``, without tokens, or with labels of another length."""
+    rows = []
+    for record in records:
+        ids = _field(record, "input_ids")
+        if ids is None:
+            raise ValueError("every record needs input_ids")
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        labels = _field(record, "labels")
+        labels = ids.clone() if labels is None else torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        if labels.shape != ids.shape:
+            raise ValueError(f"a record's labels ({labels.numel()}) and input_ids ({ids.numel()}) differ in length")
+        if max_length is not None:
+            ids, labels = ids[:max_length], labels[:max_length]
+        if ids.numel() == 0:
+            raise ValueError("a record has no tokens")
+        rows.append((ids, labels))
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row_ids, row_labels) in enumerate(rows):
         n = len(row_ids)
-        input_ids[i, :n] = torch.as_tensor(row_ids, dtype=torch.long)
-        labels[i, :n] = torch.as_tensor(row_labels, dtype=torch.long)
+        input_ids[i, :n] = row_ids
+        labels[i, :n] = row_labels
         attention_mask[i, :n] = 1
-    return input_ids, attention_mask, labels
-
-
-def collate(rows, pad_token_id):
-    """Right-pad rows into ``input_ids``, ``attention_mask`` and ``labels`` tensors, each ``[B, max_len]``."""
-    input_ids, attention_mask, labels = right_pad([(row.input_ids, row.labels) for row in rows], pad_token_id)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class AdapterBatchCollator:
+    """Batches of records that belong to different adapters of a ``fastpeft.multi.MultiPrefixModel``: ``collate``
+    plus ``adapter_ids [B]`` (long), each row's index in ``adapters`` (the model's ``adapters`` list). It is the
+    ``data_collator`` to give ``transformers.Trainer`` (or a ``DataLoader``'s ``collate_fn``), and what
+    ``MultiPrefixTrainer.train`` batches with.
+
+    A record names its adapter by index under ``adapter_ids`` (an int: the key survives Trainer's
+    ``remove_unused_columns``, which drops every field the model's forward does not take) or by name under
+    ``adapter_field`` (default ``"task"``; with Trainer, pass ``remove_unused_columns=False`` to keep it).
+    Raises KeyError for a name not in ``adapters``, IndexError for an index out of range, ValueError for a record
+    naming none.
+    """
+
+    def __init__(self, adapters, pad_token_id=0, adapter_field="task", max_length=None):
+        self.adapters = list(adapters)
+        self.pad_token_id, self.adapter_field, self.max_length = pad_token_id, adapter_field, max_length
+        self._index = {name: i for i, name in enumerate(self.adapters)}
+
+    def adapter_id(self, record):
+        """The adapter index ``record`` names (see the class docstring)."""
+        index = _field(record, "adapter_ids")
+        if index is not None:
+            index = int(index)
+            if not 0 <= index < len(self.adapters):
+                raise IndexError(f"a record's adapter_ids={index} is not an index into the {len(self.adapters)} "
+                                 f"adapters {self.adapters}")
+            return index
+        name = _field(record, self.adapter_field)
+        if name is None:
+            raise ValueError(f"a record names no adapter: give it adapter_ids (an index into {self.adapters}) or "
+                             f"the adapter's name under {self.adapter_field!r}")
+        if name not in self._index:
+            raise KeyError(f"a record names adapter {name!r} (field {self.adapter_field!r}), not one of "
+                           f"{self.adapters}")
+        return self._index[name]
+
+    def check_records(self, records):
+        """Raise KeyError naming every adapter the records name that is not in ``adapters`` (and IndexError for an
+        index out of range) before any batch is made."""
+        unknown = set()
+        for record in records:
+            try:
+                self.adapter_id(record)
+            except (KeyError, ValueError):
+                unknown.add(str(_field(record, self.adapter_field)))
+        if unknown:
+            raise KeyError(f"records name adapters that were not added (field {self.adapter_field!r}): "
+                           f"{sorted(unknown)}; adapters: {self.adapters}")
+
+    def __call__(self, records):
+        batch = collate(records, self.pad_token_id, self.max_length)
+        batch["adapter_ids"] = torch.tensor([self.adapter_id(record) for record in records], dtype=torch.long)
+        return batch
 
 
 def batches(rows, batch_size, pad_token_id, seed):

@@ -8,10 +8,14 @@ permanently empty (length 0): rows without an adapter point at it. ``T`` grows b
 entry ever stored (it never shrinks; the kernels read only each entry's valid length); a freed entry is zeroed and
 reused by the next ``store``.
 
-Positions (``pad_aware_positions``). A row whose entry holds P virtual tokens has its real tokens at
-``P + cumsum(mask) - 1``; a row without one at ``cumsum(mask) - 1``. That is what PEFT does for one unpadded row
-(prefix tuning: real tokens at ``P .. P+L-1``; prompt tuning: the same over the concatenation), so each padded row
-of a mixed batch gets what PEFT gives it alone.
+Positions. Two rules, PEFT's two numberings of a row whose entry holds P virtual tokens:
+
+- ``pad_aware_positions`` (serving, PEFT's ``generate``): real tokens at ``P + cumsum(mask) - 1``, a row without an
+  entry at ``cumsum(mask) - 1``. That is what PEFT does for one unpadded row (prefix tuning: real tokens at
+  ``P .. P+L-1``; prompt tuning: the same over the concatenation), so each padded row of a mixed batch gets what
+  PEFT gives it alone.
+- ``offset_positions`` (training, PEFT's ``forward``): ``P .. P+L-1`` whatever the padding, ``arange(L) + P``, as
+  PEFT's prefix-tuning forward numbers every row of a batch (its cache of P prefix tokens precedes each row).
 """
 
 from typing import NamedTuple
@@ -40,6 +44,13 @@ def pad_aware_positions(attention_mask, position_offsets):
     its outputs unused, it only needs a valid position)."""
     positions = position_offsets.unsqueeze(1) + attention_mask.cumsum(-1) - 1
     return positions.masked_fill(attention_mask == 0, 0)
+
+
+def offset_positions(sequence_length, position_offsets):
+    """Position ids ``[B, L]``: ``offset + arange(L)`` per row, padding included (PEFT's forward numbering, not
+    pad-aware)."""
+    steps = torch.arange(sequence_length, device=position_offsets.device)
+    return position_offsets.to(torch.long).unsqueeze(1) + steps.unsqueeze(0)
 
 
 class PrefixTables:

@@ -25,6 +25,11 @@ FORBIDDEN = {
     "fastpeft.backbone": ("bank", "multi", "serve", "cli", "bench"),
     "fastpeft.prefix_tables": ("bank", "multi", "serve", "cli", "bench"),
     "fastpeft.sampling": ("integration", "bank", "multi", "serve", "cli", "bench"),
+    # the one training loop (the trainer, the CLI and the benchmarks step through it) and the shared data path
+    "fastpeft.training_loop": ("ops", "integration", "adapters", "bank", "multi", "serve", "cli", "bench",
+                               "backbone", "prefix_tables", "data"),
+    "fastpeft.data": ("ops", "integration", "adapters", "bank", "multi", "serve", "cli", "bench", "backbone",
+                      "prefix_tables", "training_loop"),
 }
 
 

@@ -24,6 +24,7 @@ import torch
 
 from . import harness
 from ..integration.checkpointing import set_checkpointing
+from ..training_loop import Updater, optimizer_step
 from .models import build_causal_lm, random_batch
 
 SUITE = "training"
@@ -66,15 +67,14 @@ def _prefix_model(device, dtype, P):
 
 
 def _stepper(model, batch):
-    """One training step (forward, backward, AdamW) of ``model``'s trainable parameters."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    """One training step (forward, backward, AdamW: ``training_loop.optimizer_step``) of ``model``'s trainable
+    parameters."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    updater = Updater(parameters, torch.optim.AdamW(parameters, lr=1e-3))
 
     def step():
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
+        output, _ = optimizer_step(lambda: model(**batch), [updater])
+        return output.loss
     return step
 
 

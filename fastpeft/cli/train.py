@@ -151,34 +151,42 @@ def _load_training_examples(args):
 
 
 def _run_steps(total_steps, stream, step_fn, description, device):
-    """Drive ``total_steps`` training steps with a progress bar showing the loss and tokens/s.
+    """Drive ``total_steps`` training steps (``training_loop.run_steps``) with a progress bar showing the loss and
+    tokens/s.
 
     ``step_fn(batch, tasks) -> (loss, extra)`` runs one optimizer step on a batch already on ``device``; returns
     the per-step log records and the totals ``(tokens, seconds)``. Tokens are real (non-padding) tokens."""
     import torch
     from tqdm.auto import tqdm
 
-    records, total_tokens, total_seconds = [], 0, 0.0
+    from ..training_loop import run_steps
+
+    totals = {"tokens": 0, "seconds": 0.0}
     bar = tqdm(total=total_steps, desc=description, unit="step", dynamic_ncols=True)
-    for step in range(1, total_steps + 1):
-        epoch, batch, tasks = next(stream)
+
+    def timed_step(batch_and_tasks):
+        batch, tasks = batch_and_tasks
         batch = {key: value.to(device) for key, value in batch.items()}
         start = time.perf_counter()
         loss, extra = step_fn(batch, tasks)  # loss is a float: the device has finished the step
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-        if loss != loss:  # NaN
-            raise common.CLIError(f"the loss became NaN at step {step}; lower --lr")
         tokens = int(batch["attention_mask"].sum())
-        total_tokens += tokens
-        total_seconds += seconds
-        records.append({"step": step, "epoch": epoch, "loss": loss, **extra, "tokens": tokens,
-                        "seconds": seconds, "tokens_per_s": tokens / seconds})
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{total_tokens / total_seconds:,.0f}")
+        totals["tokens"] += tokens
+        totals["seconds"] += seconds
+        return {"loss": loss, **extra, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+    def show(record):
+        if record["loss"] != record["loss"]:  # NaN
+            raise common.CLIError(f"the loss became NaN at step {record['step']}; lower --lr")
+        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{totals['tokens'] / totals['seconds']:,.0f}")
         bar.update(1)
+
+    records = run_steps(((epoch, (batch, tasks)) for epoch, batch, tasks in stream), timed_step,
+                        max_steps=total_steps, callback=show)
     bar.close()
-    return records, total_tokens, total_seconds
+    return records, totals["tokens"], totals["seconds"]
 
 
 @contextlib.contextmanager
@@ -219,6 +227,7 @@ def _train(args, examples, tasks, staging):
     import torch
 
     from .. import data as data_module
+    from ..training_loop import Updater, optimizer_step
 
     loading.prepare_transformers()
     from peft import get_peft_model
@@ -261,15 +270,12 @@ def _train(args, examples, tasks, staging):
         model.get_base_model().config.use_cache = False
     model.train()
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.0)
+
+    updater = Updater(parameters, torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.0))
 
     def step(batch, tasks):
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item(), {}
+        output, _ = optimizer_step(lambda: model(**batch), [updater], max_grad_norm=1.0)
+        return output.loss.item(), {}
 
     log["trainable_parameters"] = sum(p.numel() for p in parameters)
     log["steps"], total_tokens, total_seconds = _run_steps(total_steps, stream, step, f"train {args.method}",

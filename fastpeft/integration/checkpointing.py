@@ -14,3 +14,11 @@ def set_checkpointing(model, enabled):
         model.activation_checkpointing_disable()
     else:
         model.gradient_checkpointing_disable()
+
+
+def is_checkpointing(model):
+    """Whether activation checkpointing is on for a transformers model (the property is
+    ``is_activation_checkpointing`` since 5.2x, ``is_gradient_checkpointing`` before)."""
+    if hasattr(model, "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(model.is_gradient_checkpointing)
