@@ -82,8 +82,10 @@ class GenerationRequest:
 
     Log-probabilities are opt-in, as extra events among those: ``logprobs=k`` (0 .. ``MAX_LOGPROBS``) puts
     ``("logprobs", TokenLogprob)`` right before each ``("token", id)`` (the token's log-probability and the ``k``
-    most likely alternatives); ``prompt_logprobs=k`` puts ``("prompt_logprobs", [None, TokenLogprob, ...])`` before
-    any other event: one entry per prompt token, None for the first (nothing precedes it)."""
+    most likely alternatives), and before ``("done", "stop")`` for the end-of-sequence token that ended the request
+    (which gets no ``"token"`` event: it is not part of the text; vLLM reports its log-probability too);
+    ``prompt_logprobs=k`` puts ``("prompt_logprobs", [None, TokenLogprob, ...])`` before any other event: one entry
+    per prompt token, None for the first (nothing precedes it)."""
 
     prompt_ids: list
     adapter: str = None
@@ -548,12 +550,12 @@ class Engine:
         for i, ((_, row), token) in enumerate(zip(picking, tokens)):
             request = row.request
             self.stats["tokens"] += 1
+            if i in logprobs:
+                request.events.put(("logprobs", logprobs[i]))
             if token in self.eos_token_ids and not request.ignore_eos:
                 self._finish(row, reason="stop")
                 continue
             request.generated.append(token)
-            if i in logprobs:
-                request.events.put(("logprobs", logprobs[i]))
             request.events.put(("token", token))
             row.last_token = token
             if len(request.generated) >= request.max_tokens:
