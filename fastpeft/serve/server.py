@@ -489,7 +489,7 @@ def _top_logprobs(body, chat):
     ``logprobs: k``; chat: ``logprobs: true`` with ``top_logprobs: k`` (default 0)."""
     if chat:
         wanted, count, name = body.get("logprobs"), body.get("top_logprobs"), "top_logprobs"
-        if wanted not in (None, True, False):
+        if wanted is not None and not isinstance(wanted, bool):
             raise HTTPError(400, f"logprobs must be true or false, got {wanted!r}", param="logprobs")
         if not wanted:
             if count is not None:
