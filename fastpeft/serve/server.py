@@ -20,10 +20,11 @@ processors and warpers, per row. ``stop`` strings cut the text and end the reque
 A completion's ``prompt`` is a string, a list of strings, a list of token ids or a list of lists of token ids (what
 lm-evaluation-harness's ``local-completions`` sends); each prompt gets ``n`` choices (``best_of`` only as ``n``),
 numbered prompt-major (prompt p's j-th is choice ``p * n + j``) as OpenAI does. The ``n`` continuations of a prompt
-are prefilled once; with a ``seed`` continuation j samples from ``seed + j``. ``logprobs: k`` (0 .. 20) returns
-OpenAI's legacy log-probabilities per choice (``logprobs.py``); ``echo: true`` puts the prompt before the completion,
-its tokens' log-probabilities first (None for the first token), and ``max_tokens: 0`` scores the prompt alone. Chat
-takes ``logprobs: true`` and ``top_logprobs: k``. Log-probabilities are the adapter's model's, before any sampling
+are prefilled once; with a ``seed`` continuation j samples from ``seed + j``. ``logprobs: k`` (0 ..
+``MAX_LOGPROBS`` = 20) returns OpenAI's legacy log-probabilities per choice (``logprobs.py``), the end-of-sequence
+token that ended a choice last (as vLLM); ``echo: true`` puts the prompt before the completion, its tokens'
+log-probabilities first (None for the first token), and ``max_tokens: 0`` scores the prompt alone. Chat takes
+``logprobs: true`` and ``top_logprobs: k``. Log-probabilities are the adapter's model's, before any sampling
 transform (``engine.py``). ``"return_token_ids": true``
 adds the generated ids to each choice and ``"ignore_eos": true`` generates past end-of-sequence tokens (both as
 vLLM). Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 bad request, 401 bad
@@ -248,7 +249,8 @@ class Handler(BaseHTTPRequestHandler):
         if not _is_int(n) or not 1 <= n <= config.engine.max_batch:
             raise HTTPError(400, f"n must be an integer in [1, {config.engine.max_batch}] (this server's batch), got "
                                  f"{n!r}", param="n")
-        if body.get("best_of") not in (None, n):
+        best_of = body.get("best_of")
+        if best_of is not None and (not _is_int(best_of) or best_of != n):
             raise HTTPError(400, f"best_of must equal n ({n}) here: the server returns every continuation it "
                                  f"generates", param="best_of")
         seed = body.get("seed")
@@ -291,7 +293,10 @@ class Handler(BaseHTTPRequestHandler):
             prompt = [prompt]
         if isinstance(prompt, list) and prompt:
             if all(isinstance(text, str) for text in prompt):
-                return [(self.config.tokenizer(text)["input_ids"], text) for text in prompt]
+                prompts = [(self.config.tokenizer(text)["input_ids"], text) for text in prompt]
+                if not all(ids for ids, _ in prompts):
+                    raise HTTPError(400, "a prompt holds no token", param="prompt")
+                return prompts
             if all(_is_int(token) for token in prompt):
                 prompt = [prompt]
             if all(isinstance(ids, list) and ids and all(_is_int(token) for token in ids) for ids in prompt):
