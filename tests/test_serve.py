@@ -4,7 +4,9 @@ continuous-batching engine, spoken to with the standard library's HTTP clients.
 One server (127.0.0.1, ephemeral port) on a tiny Llama with the built-in byte tokenizer serves a prefix-tuning and
 a prompt-tuning tenant. Greedy responses are compared with PEFT's forward looped without a cache for that tenant
 alone (``generate_without_cache``; never a ``generate``), also when requests of both tenants with the same prompt
-run in one batch and join it at different steps. Every HTTP call has a timeout.
+run in one batch and join it at different steps. Log-probabilities (``logprobs``, ``echo``, chat's ``top_logprobs``)
+are compared with PEFT's forward on the same tokens; ``n``, seeds and the prompt shapes lm-evaluation-harness sends
+(``[[ids], ...]``) are exercised through the official ``openai`` client. Every HTTP call has a timeout.
 """
 
 import http.client
@@ -487,7 +489,7 @@ def test_validation_errors_are_openai_400s_naming_the_field(setup):
              ({"model": BASE, "prompt": []}, "prompt"),
              ({"model": BASE, "prompt": [1, "a"]}, "prompt"),
              ({"model": BASE, "prompt": [tiny.VOCAB_SIZE]}, "prompt"),
-             ({"model": BASE, "prompt": "x", "n": 2}, "n"),
+             ({"model": BASE, "prompt": "x", "n": 0}, "n"),
              ({"model": BASE, "prompt": "x", "top_p": 0}, "top_p"),
              ({"model": BASE, "prompt": "x", "seed": 2 ** 64}, "seed"),
              ({"model": BASE, "prompt": "x", "temperature": 1, "repetition_penalty": 1e-300}, "repetition_penalty"),
@@ -640,6 +642,263 @@ def test_a_drain_past_its_timeout_ends_what_is_left_with_503():
         assert server.wait(TIMEOUT_S)
     finally:
         server.close()
+def _client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT_S)
+
+
+def _peft_logprobs(peft_model, ids):
+    """``[len(ids) - 1, vocab]``: the float32 log-probabilities PEFT's forward (the bare model for None) gives at
+    each position of ``ids`` but the last, scoring the next token. Prompt tuning's forward returns the virtual
+    tokens' logits first: sliced off."""
+    with torch.no_grad():
+        logits = (peft_model if peft_model is not None else _model())(input_ids=torch.tensor([ids])).logits[0]
+    return logits[logits.shape[0] - len(ids):-1].float().log_softmax(-1)
+
+
+def _greedy(peft_model, ids, max_tokens):
+    """PEFT's greedy tokens after ``ids`` (no cache, generated past end-of-sequence)."""
+    from fastpeft.integration.reference_generate import generate_without_cache
+
+    generated, _ = generate_without_cache(peft_model if peft_model is not None else _model(), torch.tensor([ids]),
+                                          max_new_tokens=max_tokens)
+    return generated[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("model", ["tenant-a", "tenant-b", BASE], ids=["prefix", "prompt", "base"])
+def test_completion_logprobs_with_echo_equal_peft_forward(setup, model):
+    """``echo`` + ``logprobs``: the prompt's tokens (first None) then the generated ones, each with the float32
+    log-probability PEFT's forward gives it and the top-3 alternatives, in OpenAI's legacy shape."""
+    server, peft_model = setup["server"], setup["tenants"].get(model)
+    tokenizer = tiny.build_tokenizer()
+    prompt_ids = tokenizer("hello world")["input_ids"]
+    response = _client(server).completions.create(
+        model=model, prompt=[prompt_ids], max_tokens=6, echo=True, logprobs=3, temperature=0,
+        extra_body={"return_token_ids": True, "ignore_eos": True})
+    choice = response.choices[0]
+    assert choice.token_ids == _greedy(peft_model, prompt_ids, 6)
+    ids = prompt_ids + choice.token_ids
+    expected = _peft_logprobs(peft_model, ids)
+    logprobs = choice.logprobs
+    assert choice.text == "hello world" + tokenizer.decode(choice.token_ids, skip_special_tokens=True)
+    assert logprobs.tokens == [tokenizer.decode([t]) for t in ids] and logprobs.tokens[0] == "<s>"
+    assert logprobs.text_offset == [sum(map(len, logprobs.tokens[:i])) for i in range(len(ids))]
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    torch.testing.assert_close(torch.tensor(logprobs.token_logprobs[1:]),
+                               expected[torch.arange(len(ids) - 1), torch.tensor(ids[1:], dtype=torch.long)], rtol=1e-5, atol=1e-6)
+    for position, top in enumerate(logprobs.top_logprobs[1:]):
+        values, top_ids = expected[position].topk(3)
+        texts = [tokenizer.decode([t]) for t in top_ids.tolist()]
+        if len(set(texts)) == 3:  # tokens that decode alike (U+FFFD) share one key
+            assert list(top)[:3] == texts
+        torch.testing.assert_close(max(top.values()), values[0].item(), rtol=1e-5, atol=1e-6)
+        assert logprobs.tokens[position + 1] in top  # the chosen token is always there (up to k + 1 entries)
+    for position in range(len(prompt_ids), len(ids)):  # greedy: each generated token is the most likely one
+        assert logprobs.token_logprobs[position] == max(logprobs.top_logprobs[position].values())
+
+
+def test_lm_eval_shapes_several_prompts_and_max_tokens_zero(setup):
+    """lm-evaluation-harness's requests: ``"prompt": [[ids], [ids], ...]`` (one choice per prompt, in order),
+    ``echo`` with ``max_tokens`` 0 (the prompt scored, nothing generated) or 1 (one token more, which lm-eval drops);
+    strings and a flat id list are prompts too."""
+    server, tenants = setup["server"], setup["tenants"]
+    tokenizer = tiny.build_tokenizer()
+    prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("The cat", "a b c d e f", "Z")]
+    client = _client(server)
+    response = client.completions.create(model="tenant-b", prompt=prompts, max_tokens=0, echo=True, logprobs=1)
+    assert [choice.index for choice in response.choices] == [0, 1, 2]
+    assert response.usage.completion_tokens == 0 and response.usage.prompt_tokens == sum(map(len, prompts))
+    for ids, choice in zip(prompts, response.choices):
+        assert choice.finish_reason == "length" and choice.text == tokenizer.decode(ids)
+        assert len(choice.logprobs.tokens) == len(ids) and choice.logprobs.token_logprobs[0] is None
+        expected = _peft_logprobs(tenants["tenant-b"], ids)
+        torch.testing.assert_close(torch.tensor(choice.logprobs.token_logprobs[1:], dtype=torch.float32),
+                                   expected[torch.arange(len(ids) - 1), torch.tensor(ids[1:], dtype=torch.long)], rtol=1e-5, atol=1e-6)
+    scored = client.completions.create(model="tenant-b", prompt=prompts[:2], max_tokens=1, echo=True, logprobs=1,
+                                       temperature=0, extra_body={"ignore_eos": True})
+    for ids, zero, one in zip(prompts, response.choices, scored.choices):
+        assert len(one.logprobs.token_logprobs) == len(ids) + 1
+        assert one.logprobs.token_logprobs[:-1] == zero.logprobs.token_logprobs
+    by_text = client.completions.create(model="tenant-a", prompt=["hello world", "hi"], max_tokens=5,
+                                        temperature=0, extra_body={"return_token_ids": True})
+    flat = client.completions.create(model="tenant-a", prompt=tokenizer("hi")["input_ids"], max_tokens=5,
+                                     temperature=0, extra_body={"return_token_ids": True})
+    assert [choice.token_ids for choice in by_text.choices] == [
+        _reference(tenants["tenant-a"], "hello world", 5), _reference(tenants["tenant-a"], "hi", 5)]
+    assert flat.choices[0].token_ids == by_text.choices[1].token_ids and flat.choices[0].logprobs is None
+
+
+def test_n_continuations_share_one_prefill_and_repeat_with_a_seed(setup):
+    """``n`` continuations of each prompt are numbered prompt-major and prefilled once per prompt; sampled with a
+    seed, continuation j is what the request alone gives with ``seed + j``, equal to PEFT's forward sampled from a
+    generator with that seed, and the whole request repeats itself. Greedy continuations all equal PEFT's."""
+    from fastpeft.integration.reference_generate import generate_without_cache
+
+    server, tenants = setup["server"], setup["tenants"]
+    engine = server.engine
+    client = _client(server)
+    tokenizer = tiny.build_tokenizer()
+    _wait_idle(server)
+    prefilled = engine.stats["prefill_tokens"]
+    sampled = dict(model="tenant-a", prompt="hi there", max_tokens=8, temperature=0.9, top_p=0.95, seed=5,
+                   extra_body={"return_token_ids": True, "ignore_eos": True})
+    first = client.completions.create(n=3, **sampled)
+    assert engine.stats["prefill_tokens"] - prefilled == len(tokenizer("hi there")["input_ids"])
+    continuations = [choice.token_ids for choice in first.choices]
+    assert [choice.index for choice in first.choices] == [0, 1, 2] and len(set(map(tuple, continuations))) == 3
+    assert [choice.token_ids for choice in client.completions.create(n=3, **sampled).choices] == continuations
+    for j in range(3):
+        alone = client.completions.create(n=1, **{**sampled, "seed": 5 + j})
+        assert alone.choices[0].token_ids == continuations[j]
+    ids = tokenizer("hi there", return_tensors="pt")["input_ids"]
+    expected, _ = generate_without_cache(tenants["tenant-a"], ids, max_new_tokens=8, do_sample=True, temperature=0.9,
+                                         top_k=0, top_p=0.95, generator=torch.Generator().manual_seed(7))
+    assert continuations[2] == expected[0, ids.shape[1]:].tolist()
+
+    greedy = client.completions.create(model="tenant-b", prompt=["hello world", "hi"], n=2, max_tokens=6,
+                                       temperature=0, extra_body={"return_token_ids": True})
+    assert [choice.index for choice in greedy.choices] == [0, 1, 2, 3]
+    assert [choice.token_ids for choice in greedy.choices] == [_reference(tenants["tenant-b"], prompt, 6)
+                                                                for prompt in ("hello world", "hello world", "hi",
+                                                                               "hi")]
+    _wait_idle(server)
+
+
+def test_chat_logprobs_equal_peft_forward(setup):
+    """Chat's ``logprobs: true`` with ``top_logprobs``: per generated token its log-probability under PEFT's forward
+    and exactly k alternatives, the first the token itself (greedy); ``n`` choices alike."""
+    server, peft_model = setup["server"], setup["tenants"]["tenant-b"]
+    response = _client(server).chat.completions.create(
+        model="tenant-b", messages=[{"role": "user", "content": "say hi"}], max_tokens=6, temperature=0, n=2,
+        logprobs=True, top_logprobs=2, extra_body={"return_token_ids": True, "ignore_eos": True})
+    prompt_ids = tiny.build_tokenizer()("user: say hi\nassistant:")["input_ids"]
+    first, second = response.choices
+    assert first.token_ids == second.token_ids == _greedy(peft_model, prompt_ids, 6)
+    expected = _peft_logprobs(peft_model, prompt_ids + first.token_ids)[len(prompt_ids) - 1:]
+    content = first.logprobs.content
+    assert len(content) == 6 and [len(item.top_logprobs) for item in content] == [2] * 6
+    torch.testing.assert_close(torch.tensor([item.logprob for item in content]),
+                               expected[torch.arange(6), torch.tensor(first.token_ids)], rtol=1e-5, atol=1e-6)
+    for position, item in enumerate(content):
+        torch.testing.assert_close(torch.tensor([alt.logprob for alt in item.top_logprobs]),
+                                   expected[position].topk(2).values, rtol=1e-5, atol=1e-6)
+        assert item.top_logprobs[0].logprob == item.logprob and item.bytes == list(item.token.encode())
+    assert second.logprobs.content == content
+
+
+def test_stream_with_logprobs_echo_and_n_equals_whole_response(setup):
+    server = setup["server"]
+    client = _client(server)
+    body = dict(model="tenant-a", prompt=["hello world", "hi"], max_tokens=8, n=2, echo=True, logprobs=2,
+                temperature=0)
+    whole = client.completions.create(**body)
+    pieces = {}
+    for chunk in client.completions.create(stream=True, **body):
+        for choice in chunk.choices:
+            piece = pieces.setdefault(choice.index, {"text": "", "tokens": [], "token_logprobs": [],
+                                                     "top_logprobs": [], "text_offset": []})
+            piece["text"] += choice.text
+            for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                piece[key] += getattr(choice.logprobs, key)
+            if choice.finish_reason is not None:
+                piece["finish_reason"] = choice.finish_reason
+    assert sorted(pieces) == [0, 1, 2, 3]
+    for choice in whole.choices:
+        assert pieces[choice.index] == {"text": choice.text, "finish_reason": choice.finish_reason,
+                                        **choice.logprobs.model_dump()}
+
+
+def test_the_end_of_sequence_token_keeps_its_logprob(setup):
+    """A request ended by an end-of-sequence token lists that token last in its completion log-probabilities
+    (vLLM's shape; lm-evaluation-harness drops the last entry of ``echo`` + ``max_tokens: 1``), not in its text or
+    token ids. Served here with the base model's first greedy token after the prompt as its end-of-sequence id."""
+    from fastpeft.bank import AdapterBank
+    from fastpeft.serve import Engine
+    from fastpeft.serve.app import ServeConfig, create_app
+    from fastpeft.serve.engine_client import EngineClient
+    from fastpeft.serve.server import Server
+
+    tokenizer = tiny.build_tokenizer()
+    prompt_ids = tokenizer("hello world")["input_ids"]
+    end = _greedy(None, prompt_ids, 1)[0]
+    client = EngineClient(Engine(AdapterBank(_model()), max_batch=2, max_len=64, eos_token_ids=[end]).start())
+    server = Server(create_app(ServeConfig(tokenizer, BASE, default_temperature=0.0), client), client).start()
+    try:
+        response = _client(server).completions.create(model=BASE, prompt=[prompt_ids], max_tokens=1, echo=True,
+                                                      logprobs=1, extra_body={"return_token_ids": True})
+    finally:
+        server.close()
+    choice = response.choices[0]
+    assert choice.finish_reason == "stop" and choice.token_ids == [] and choice.text == "hello world"
+    assert len(choice.logprobs.tokens) == len(prompt_ids) + 1 and choice.logprobs.tokens[-1] == tokenizer.decode([end])
+    expected = _peft_logprobs(None, prompt_ids + [end])[-1, end].item()
+    assert choice.logprobs.token_logprobs[-1] == pytest.approx(expected, rel=1e-5)
+    assert choice.logprobs.token_logprobs[-1] == max(choice.logprobs.top_logprobs[-1].values())
+
+
+@pytest.mark.parametrize("path, extra, param", [
+    ("/v1/completions", {"logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"logprobs": -1}, "logprobs"),
+    ("/v1/completions", {"logprobs": True}, "logprobs"),
+    ("/v1/completions", {"echo": "yes"}, "echo"),
+    ("/v1/completions", {"n": 0}, "n"),
+    ("/v1/completions", {"n": 5}, "n"),  # more than the server's 4 slots
+    ("/v1/completions", {"n": 1.5}, "n"),
+    ("/v1/completions", {"n": 2, "best_of": 3}, "best_of"),
+    ("/v1/completions", {"seed": 1 << 63}, "seed"),
+    ("/v1/completions", {"seed": "7"}, "seed"),
+    ("/v1/completions", {"max_tokens": -1}, "max_tokens"),
+    ("/v1/completions", {"prompt": [[]]}, "prompt"),
+    ("/v1/completions", {"prompt": []}, "prompt"),
+    ("/v1/completions", {"prompt": [[65, "a"]]}, "prompt"),
+    ("/v1/completions", {"prompt": [[65], 66]}, "prompt"),
+    ("/v1/completions", {"prompt": [[65, 10 ** 6]]}, "prompt"),
+    ("/v1/completions", {"prompt": ["a"] * 4, "n": 2}, "n"),  # 8 choices > 4 slots + 2 queue places
+    ("/v1/chat/completions", {"logprobs": 1}, "logprobs"),
+    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("/v1/chat/completions", {"max_tokens": 0}, "max_tokens"),
+])
+def test_bad_logprob_n_and_prompt_values_answer_400_naming_the_param(setup, path, extra, param):
+    server = setup["server"]
+    body = {"model": "tenant-a", **({"messages": [{"role": "user", "content": "x"}]} if "chat" in path else
+                                    {"prompt": "x"}), **extra}
+    status, response = _call(server, "POST", path, body)
+    assert status == 400 and response["error"]["param"] == param, response
+    assert response["error"]["type"] == "invalid_request_error"
+    assert _call(server, "GET", "/health")[0] == 200
+
+
+def test_engine_groups_of_continuations_are_checked():
+    """``continuations`` copies a request with seeds ``seed + i``; ``Engine.submit`` refuses a group that does not
+    share its prompt and adapter, or needs more slots than ``max_batch``, and out-of-range logprob counts."""
+    from fastpeft.bank import AdapterBank
+    from fastpeft.serve import Engine, GenerationRequest
+    from fastpeft.serve.engine import MAX_LOGPROBS, continuations
+
+    request = GenerationRequest(prompt_ids=[1, 2], seed=9, temperature=1.0)
+    group = continuations(request, 3)
+    assert group[0] is request and [r.seed for r in group] == [9, 10, 11]
+    assert len({id(r.events) for r in group}) == 3 and len({id(r.generated) for r in group}) == 3
+    assert [r.seed for r in continuations(GenerationRequest(prompt_ids=[1]), 2)] == [None, None]
+    with pytest.raises(ValueError, match="n must be"):
+        continuations(request, 0)
+    engine = Engine(AdapterBank(_model()), max_batch=2, max_len=32)  # not started: submit only queues
+    with pytest.raises(ValueError, match="share their prompt_ids"):
+        engine.submit([GenerationRequest(prompt_ids=[1, 2]), GenerationRequest(prompt_ids=[1, 3])])
+    with pytest.raises(ValueError, match="max_batch"):
+        engine.submit(continuations(GenerationRequest(prompt_ids=[1, 2]), 3))
+    with pytest.raises(ValueError, match="logprobs"):
+        engine.submit(GenerationRequest(prompt_ids=[1, 2], logprobs=MAX_LOGPROBS + 1))
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        engine.submit(GenerationRequest(prompt_ids=[1, 2], prompt_logprobs=-1))
+    with pytest.raises(ValueError, match="seed"):
+        engine.submit(GenerationRequest(prompt_ids=[1, 2], seed=1 << 64))
+    with pytest.raises(ValueError, match="max_tokens"):
+        engine.submit(GenerationRequest(prompt_ids=[1, 2], max_tokens=-1))
+    engine.submit(continuations(GenerationRequest(prompt_ids=[1, 2]), 2))
+    assert engine.waiting == 2
 
 
 def test_serve_command_help(capsys):

@@ -48,6 +48,7 @@ def build_server(model, tokenizer, adapters=None, base_name="base", host="127.0.
         bank.add(name, source)
     client = EngineClient(Engine(bank, max_batch=max_batch, max_len=max_len, max_queue=max_queue).start())
     config = ServeConfig(tokenizer, base_name, admin_token=admin_token, max_tokens_limit=max_tokens_limit,
-                         default_max_tokens=default_max_tokens, default_temperature=default_temperature)
+                         default_max_tokens=default_max_tokens, default_temperature=default_temperature,
+                         max_choices=max_batch, max_request_choices=max_batch + max_queue)
     return Server(create_app(config, client), client, host=host, port=port, log_requests=log_requests,
                   drain_timeout=drain_timeout)

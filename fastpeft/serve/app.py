@@ -13,7 +13,20 @@ Routes (the OpenAPI schema is at ``/openapi.json``, browsable at ``/docs``):
 A request's ``model`` names its adapter; the base model's name means no adapter. ``temperature`` 0 (or below
 ``SAMPLING_EPS``) is greedy;
 sampling, ``top_k`` and ``repetition_penalty`` go through transformers' logits processors in the engine. ``stop``
-strings cut the text and end the request. Errors use OpenAI's shape ``{"error": {"message", "type", "param",
+strings cut the text and end the request.
+
+A completion's ``prompt`` is a string, a list of strings, a list of token ids or a list of lists of token ids (what
+lm-evaluation-harness's ``local-completions`` sends); each prompt gets ``n`` choices (``best_of`` only as ``n``),
+numbered prompt-major (prompt p's j-th is choice ``p * n + j``) as OpenAI does. The ``n`` continuations of a prompt
+are submitted as one group (prefilled once); with a ``seed`` continuation j samples from ``seed + j``. ``logprobs:
+k`` returns OpenAI's legacy log-probabilities per choice (``logprobs.py``), the end-of-sequence token that ended a
+choice last (as vLLM); ``echo: true`` puts the prompt before the completion, its tokens' log-probabilities first
+(None for the first token), and ``max_tokens: 0`` scores the prompt alone. Chat takes ``logprobs: true`` and
+``top_logprobs: k``. Log-probabilities are the adapter's model's, before any sampling transform (``engine.py``); a
+stream sends each chunk's tokens' entries with it. ``usage`` counts every prompt once and every choice's tokens.
+One reply multiplexes every choice's stream (one task each feeding one queue).
+
+Errors use OpenAI's shape ``{"error": {"message", "type", "param",
 "code"}}``: 400 bad request (pydantic's validation errors included), 401 bad token, 403 admin off, 404 unknown model
 or route, 409 adapter removed mid-request, 413 body too large, 429 queue full, 500 internal error, 503 draining or
 shutting down, 504 no token for ``EVENT_TIMEOUT_S``.
@@ -38,6 +51,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
 from ..version import __version__
+from .logprobs import chat_logprobs, completion_logprobs
 from .metrics import ServeMetrics
 from .protocol import (ONE_OF_ERROR, AddAdapterRequest, AdapterDeleted, APIError, AssistantMessage, ChatChoice, ChatChunkChoice,
                        ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatDelta, Completion,
@@ -65,6 +79,8 @@ class ServeConfig:
     default_max_tokens: int = 16
     default_temperature: float = 1.0
     max_body_bytes: int = MAX_BODY_BYTES
+    max_choices: int = 16           # n at most: the continuations of one prompt run together (the engine's max_batch)
+    max_request_choices: int = 80   # prompts x n at most: what the engine holds at once (max_batch + max_queue)
 
 
 class DrainState:
@@ -216,12 +232,12 @@ def _held_back(text, stops):
     return max([k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k])], default=0)
 
 
-async def _cancel_on_disconnect(receive, stream):
+async def _cancel_on_disconnect(receive, cancel):
     """Wait on the ASGI receive channel (the body is read by now: the next message is ``http.disconnect``, sent when
-    the client goes away) and cancel ``stream`` then."""
+    the client goes away) and call ``cancel`` then."""
     while (await receive())["type"] != "http.disconnect":
         pass
-    stream.cancel()
+    cancel()
 
 
 def _sse(data):
@@ -232,8 +248,8 @@ def _sse(data):
 # ----- the OpenAI routes' logic ------------------------------------------------------------------------------------
 
 class OpenAIServing:
-    """Maps OpenAI requests onto the generation client: resolves the adapter, tokenizes, submits, and turns the
-    request's tokens into a whole response or server-sent events."""
+    """Maps OpenAI requests onto the generation client: resolves the adapter, tokenizes, submits every prompt's
+    continuations, and turns their tokens into a whole response or server-sent events."""
 
     def __init__(self, config, client, metrics):
         self.config, self.client, self.metrics = config, client, metrics
@@ -254,18 +270,23 @@ class OpenAIServing:
                            param="model")
         return model
 
-    def _prompt_ids(self, prompt):
-        if isinstance(prompt, list) and isinstance(prompt[0], str):
-            prompt = prompt[0]
+    def _prompts(self, prompt):
+        """``[(token ids, the prompt's text or None)]``: one prompt per string, per list of token ids (a flat list of
+        ids is one prompt)."""
+        tokenizer = self.config.tokenizer
         if isinstance(prompt, str):
-            ids = self.config.tokenizer(prompt)["input_ids"]
-            if not ids:
-                raise APIError(400, "the prompt holds no token", param="prompt")
-            return ids
-        vocab = len(self.config.tokenizer)
-        if not all(0 <= t < vocab for t in prompt):
+            prompt = [prompt]
+        if isinstance(prompt[0], str):
+            prompts = [(tokenizer(text)["input_ids"], text) for text in prompt]
+            if not all(ids for ids, _ in prompts):
+                raise APIError(400, "a prompt holds no token", param="prompt")
+            return prompts
+        if isinstance(prompt[0], int):
+            prompt = [prompt]
+        vocab = len(tokenizer)
+        if not all(0 <= token < vocab for ids in prompt for token in ids):
             raise APIError(400, f"prompt token ids must lie in [0, {vocab})", param="prompt")
-        return list(prompt)
+        return [(list(ids), None) for ids in prompt]
 
     def _chat_ids(self, messages):
         tokenizer = self.config.tokenizer
@@ -277,8 +298,22 @@ class OpenAIServing:
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
         return tokenizer(text)["input_ids"]
 
-    def _fields(self, body, chat, adapter):
-        """The engine request's fields (``GenerationRequest``'s keyword arguments) for ``body``."""
+    @staticmethod
+    def _top_logprobs(body, chat):
+        """How many alternatives per token the request asks for (None: no log-probabilities). Completions:
+        ``logprobs: k``; chat: ``logprobs: true`` with ``top_logprobs: k`` (default 0)."""
+        if not chat:
+            return body.logprobs
+        if not body.logprobs:
+            if body.top_logprobs is not None:
+                raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+            return None
+        return 0 if body.top_logprobs is None else body.top_logprobs
+
+    def _plan(self, body, chat, adapter):
+        """``(prompts, fields, n, top_logprobs)`` for ``body``: the prompts as ``[(token ids, echo text or None)]``,
+        the engine request's fields every prompt shares (``GenerationRequest``'s keyword arguments but
+        ``prompt_ids``), the continuations per prompt and the log-probability count (None: not asked)."""
         config = self.config
         param, max_tokens = "max_tokens", body.max_tokens
         if chat and body.max_completion_tokens is not None:
@@ -290,20 +325,47 @@ class OpenAIServing:
         temperature = config.default_temperature if body.temperature is None else body.temperature
         if temperature < SAMPLING_EPS:  # greedy, as vLLM: dividing logits by a tinier one overflows float32
             temperature = 0.0
-        return {"prompt_ids": self._chat_ids(body.messages) if chat else self._prompt_ids(body.prompt),
-                "adapter": adapter, "max_tokens": max_tokens, "temperature": float(temperature),
-                "top_p": 1.0 if body.top_p is None else body.top_p, "seed": body.seed,
-                "top_k": 0 if body.top_k in (None, -1) else body.top_k,
-                "repetition_penalty": 1.0 if body.repetition_penalty is None else body.repetition_penalty,
-                "ignore_eos": bool(body.ignore_eos)}
+        n = 1 if body.n is None else body.n
+        if n > config.max_choices:
+            raise APIError(400, f"n must be at most {config.max_choices} (this server's batch), got {n}", param="n")
+        if not chat and body.best_of is not None and body.best_of != n:
+            raise APIError(400, f"best_of must equal n ({n}) here: the server returns every continuation it "
+                                f"generates", param="best_of")
+        top_logprobs = self._top_logprobs(body, chat)
+        echo = not chat and body.echo
+        if chat:
+            prompts = [(self._chat_ids(body.messages), None)]
+        else:
+            prompts = [(ids, (self.decode(ids) if text is None else text) if echo else None)
+                       for ids, text in self._prompts(body.prompt)]
+        if len(prompts) * n > config.max_request_choices:
+            raise APIError(400, f"{len(prompts)} prompt(s) x n={n} continuations exceed the "
+                                f"{config.max_request_choices} requests this server holds at once", param="n")
+        fields = {"adapter": adapter, "max_tokens": max_tokens, "temperature": float(temperature),
+                  "top_p": 1.0 if body.top_p is None else body.top_p, "seed": body.seed,
+                  "top_k": 0 if body.top_k in (None, -1) else body.top_k,
+                  "repetition_penalty": 1.0 if body.repetition_penalty is None else body.repetition_penalty,
+                  "ignore_eos": bool(body.ignore_eos), "logprobs": top_logprobs,
+                  "prompt_logprobs": top_logprobs if echo else None}
+        return prompts, fields, n, top_logprobs
 
     async def generate(self, body, request, chat):
         adapter = self._adapter(body.model)
         request.state.adapter = body.model
-        fields = self._fields(body, chat, adapter)
-        stream = await self.client.open(fields)
-        self.metrics.prompt_tokens.labels(body.model).inc(len(fields["prompt_ids"]))
-        reply = _Reply(self, body, chat, stream, len(fields["prompt_ids"]))
+        prompts, fields, n, top_logprobs = self._plan(body, chat, adapter)
+        # Choices are numbered prompt-major (prompt p's continuation j is choice p * n + j), as OpenAI numbers them.
+        choices = []
+        try:
+            for ids, echo_text in prompts:
+                streams = await self.client.open({**fields, "prompt_ids": ids}, n)
+                choices += [_Choice(len(choices) + j, stream, ids, echo_text) for j, stream in enumerate(streams)]
+        except BaseException:  # a later prompt refused (or the client went away): end the ones already queued
+            for choice in choices:
+                choice.stream.cancel()
+            raise
+        prompt_tokens = sum(len(ids) for ids, _ in prompts)
+        self.metrics.prompt_tokens.labels(body.model).inc(prompt_tokens)
+        reply = _Reply(self, body, chat, choices, prompt_tokens, top_logprobs)
         if body.stream:
             return StreamingResponse(reply.events(request.receive), headers={**SSE_HEADERS, **reply.headers})
         return await reply.whole(request.receive)
@@ -312,108 +374,217 @@ class OpenAIServing:
         return self.config.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-class _Reply:
-    """One request's answer, whole or streamed, from its ``GenerationStream``."""
+class _Choice:
+    """One choice of a reply, built from its ``GenerationStream`` 's events: the generated ids, their
+    log-probabilities (when asked), the prompt's (echo) and the text, stop strings applied; while streaming, what of
+    it was sent."""
 
-    def __init__(self, serving, body, chat, stream, prompt_tokens):
-        self.serving, self.body, self.chat, self.stream = serving, body, chat, stream
-        self.prompt_tokens, self.stops = prompt_tokens, _stop_strings(body.stop)
+    def __init__(self, index, stream, prompt_ids, echo_text):
+        self.index, self.stream, self.prompt_ids, self.echo_text = index, stream, prompt_ids, echo_text
+        self.ids, self.logprobs, self.prompt_logprobs, self.end_logprob = [], [], None, None
+        self.text, self.finish_reason = "", None
+        self.last_event_at = stream.submitted_at  # for time to first token and inter-token latency
+        self._next_logprob = None  # the engine sends a token's log-probabilities just before the token
+        # Streaming: the text sent, the generated tokens sent, the tokens whose log-probabilities were sent (an
+        # echoed prompt's included) and the legacy text_offset reached.
+        self.sent_text, self.sent_ids, self.sent_logprobs, self.sent_offset = "", 0, 0, 0
+
+    def feed(self, kind, value, decode, stops):
+        """Take one event (``("done", reason)`` once the stream ended); True when the text or the end changed. A stop
+        string ends the choice (cancelled in the engine) with the text cut before it and finish_reason ``"stop"``."""
+        if kind == "prompt_logprobs":
+            self.prompt_logprobs = value
+            return False
+        if kind == "logprobs":
+            self._next_logprob = value
+            return False
+        if kind == "done":
+            # A pending entry is the end-of-sequence token's that ended the request: not in the text, but in the
+            # completion's log-probabilities (as vLLM reports it; lm-evaluation-harness drops the last entry).
+            self.end_logprob, self._next_logprob = self._next_logprob, None
+            self.finish_reason = value
+            return True
+        self.ids.append(value)
+        self.logprobs.append(self._next_logprob)
+        self._next_logprob = None
+        self.text = decode(self.ids)
+        if stops:
+            self.text, stopped = _cut_at_stop(self.text, stops)
+            if stopped:
+                self.stream.cancel()
+                self.finish_reason = "stop"
+        return True
+
+    @property
+    def full_text(self):
+        """The choice's text: the echoed prompt (``echo``), then the completion."""
+        return self.text if self.echo_text is None else self.echo_text + self.text
+
+    def logprob_tokens(self):
+        """``(token ids, TokenLogprob or None per token)`` of a completion's log-probabilities: the echoed prompt's
+        tokens, the generated ones, then the end-of-sequence token that ended it."""
+        ids, entries = list(self.ids), list(self.logprobs)
+        if self.echo_text is not None:
+            ids, entries = self.prompt_ids + ids, self.prompt_logprobs + entries
+        if self.end_logprob is not None:
+            ids, entries = ids + [self.end_logprob.token], entries + [self.end_logprob]
+        return ids, entries
+
+
+class _Reply:
+    """One request's answer, whole or streamed, from its choices' ``GenerationStream`` s."""
+
+    def __init__(self, serving, body, chat, choices, prompt_tokens, top_logprobs):
+        self.serving, self.body, self.chat, self.choices = serving, body, chat, choices
+        self.prompt_tokens, self.top_logprobs, self.stops = prompt_tokens, top_logprobs, _stop_strings(body.stop)
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.generated = 0
+        self.client_gone = False
         # which replica generates (Ray), for operators tracing a reply
-        self.headers = {"x-fastpeft-replica": stream.served_by} if stream.served_by else {}
+        served_by = choices[0].stream.served_by
+        self.headers = {"x-fastpeft-replica": served_by} if served_by else {}
 
-    async def pieces(self):
-        """Yield ``(ids so far, text so far, finish_reason or None)`` per token, then the final one; a stop string
-        ends the request (cancelled in the engine) with the text cut before it and finish_reason ``"stop"``.
-        Records time to first token and inter-token latency."""
-        metrics, decode, stream = self.serving.metrics, self.serving.decode, self.stream
-        ids, last = [], stream.submitted_at
-        async for kind, value in stream:
-            if kind != "token":
-                continue
-            now = time.monotonic()
-            (metrics.inter_token_latency if ids else metrics.time_to_first_token).observe(now - last)
-            last = now
-            ids.append(value)
-            self.generated = len(ids)
-            text = decode(ids)
-            if self.stops:
-                text, stopped = _cut_at_stop(text, self.stops)
-                if stopped:
-                    stream.cancel()
-                    yield ids, text, "stop"
-                    return
-            yield ids, text, None
-        yield ids, decode(ids), stream.finish_reason
+    def _client_went_away(self):
+        self.client_gone = True
+        for choice in self.choices:
+            choice.stream.cancel()
+
+    async def updates(self):
+        """Feed the choices their streams' events and yield each choice whose text or end changed, until every
+        choice ended; raises the first error of any stream (``_finish`` then cancels the others). Records time to
+        first token and inter-token latency per choice."""
+        metrics, decode = self.serving.metrics, self.serving.decode
+        events = asyncio.Queue()
+
+        async def pump(choice):  # one task per choice puts its stream's events on the reply's one queue
+            try:
+                async for kind, value in choice.stream:
+                    events.put_nowait((choice, kind, value))
+                events.put_nowait((choice, "done", choice.stream.finish_reason))
+            except Exception as error:  # APIError from the engine, or a bug: raised on the reply's side
+                events.put_nowait((choice, "error", error))
+
+        pumps = [asyncio.create_task(pump(choice)) for choice in self.choices]
+        try:
+            while any(choice.finish_reason is None for choice in self.choices):
+                choice, kind, value = await events.get()
+                if kind == "error":
+                    raise value
+                if choice.finish_reason is not None:  # ended by a stop string: its stream's end is no news
+                    continue
+                if kind == "token":
+                    now = time.monotonic()
+                    (metrics.inter_token_latency if choice.ids else metrics.time_to_first_token).observe(
+                        now - choice.last_event_at)
+                    choice.last_event_at = now
+                if choice.feed(kind, value, decode, self.stops):
+                    yield choice
+        finally:
+            for task in pumps:
+                task.cancel()
 
     def _usage(self):
-        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.generated,
-                     total_tokens=self.prompt_tokens + self.generated)
+        generated = sum(len(choice.ids) for choice in self.choices)
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=generated,
+                     total_tokens=self.prompt_tokens + generated)
 
     def _finish(self):
-        if self.stream.finish_reason is None:
-            self.stream.cancel()
-        self.serving.metrics.completion_tokens.labels(self.body.model).inc(self.generated)
+        for choice in self.choices:
+            if choice.stream.finish_reason is None:
+                choice.stream.cancel()
+        self.serving.metrics.completion_tokens.labels(self.body.model).inc(sum(len(c.ids) for c in self.choices))
+
+    def _logprobs(self, choice):
+        """The whole ``logprobs`` object of a finished choice (None when not asked)."""
+        if self.top_logprobs is None:
+            return None
+        tokenizer = self.serving.config.tokenizer
+        if self.chat:
+            return chat_logprobs(tokenizer, choice.ids, choice.logprobs)
+        return completion_logprobs(tokenizer, *choice.logprob_tokens())[0]
 
     async def whole(self, receive):
-        watcher = asyncio.create_task(_cancel_on_disconnect(receive, self.stream))
+        watcher = asyncio.create_task(_cancel_on_disconnect(receive, self._client_went_away))
         try:
-            ids, text, reason = [], "", None
-            async for ids, text, reason in self.pieces():
+            async for _ in self.updates():
                 pass
         finally:
             watcher.cancel()
             self._finish()
-        if reason == "cancelled":  # the client went away: nobody reads this
+        if self.client_gone:  # nobody reads this
             return Response(status_code=CLIENT_CLOSED)
-        token_ids = list(ids) if self.body.return_token_ids else None
-        if self.chat:
-            choice = ChatChoice(index=0, message=AssistantMessage(content=text), finish_reason=reason,
-                                token_ids=token_ids)
-            reply = ChatCompletion(id=self.id, created=self.created, model=self.body.model, choices=[choice],
-                                   usage=self._usage())
-        else:
-            choice = CompletionChoice(index=0, text=text, finish_reason=reason, token_ids=token_ids)
-            reply = Completion(id=self.id, created=self.created, model=self.body.model, choices=[choice],
-                               usage=self._usage())
+        entries = []
+        for choice in self.choices:
+            token_ids = list(choice.ids) if self.body.return_token_ids else None
+            if self.chat:
+                entries.append(ChatChoice(index=choice.index, message=AssistantMessage(content=choice.text),
+                                          logprobs=self._logprobs(choice), finish_reason=choice.finish_reason,
+                                          token_ids=token_ids))
+            else:
+                entries.append(CompletionChoice(index=choice.index, text=choice.full_text,
+                                                logprobs=self._logprobs(choice), finish_reason=choice.finish_reason,
+                                                token_ids=token_ids))
+        reply = (ChatCompletion if self.chat else Completion)(id=self.id, created=self.created,
+                                                               model=self.body.model, choices=entries,
+                                                               usage=self._usage())
         return Response(reply.model_dump_json(), media_type="application/json", headers=self.headers)
 
-    def _chunk(self, text, reason=None, token_ids=None, first=False):
-        token_ids = token_ids if self.body.return_token_ids else None
+    def _chunk(self, choice, text, reason=None, first=False):
+        """A chunk of ``choice``: ``text`` and what it generated since its last chunk (token ids, log-probabilities);
+        ``first``: chat's opening chunk with the role."""
+        tokenizer = self.serving.config.tokenizer
+        token_ids = choice.ids[choice.sent_ids:] if self.body.return_token_ids and not first else None
         if self.chat:
             delta = ChatDelta(role="assistant", content=text) if first else ChatDelta(content=text or None)
-            return ChatCompletionChunk(id=self.id, created=self.created, model=self.body.model, choices=[
-                ChatChunkChoice(index=0, delta=delta, finish_reason=reason, token_ids=token_ids)])
-        return Completion(id=self.id, created=self.created, model=self.body.model, choices=[
-            CompletionChoice(index=0, text=text, finish_reason=reason, token_ids=token_ids)])
+            logprobs = None
+            if self.top_logprobs is not None and not first:
+                logprobs = chat_logprobs(tokenizer, choice.ids[choice.sent_ids:], choice.logprobs[choice.sent_ids:])
+            chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.body.model, choices=[
+                ChatChunkChoice(index=choice.index, delta=delta, logprobs=logprobs, finish_reason=reason,
+                                token_ids=token_ids)])
+        else:
+            logprobs = None
+            if self.top_logprobs is not None:
+                tokens, entries = choice.logprob_tokens()
+                logprobs, choice.sent_offset = completion_logprobs(
+                    tokenizer, tokens[choice.sent_logprobs:], entries[choice.sent_logprobs:], choice.sent_offset)
+                choice.sent_logprobs = len(tokens)
+            chunk = Completion(id=self.id, created=self.created, model=self.body.model, choices=[
+                CompletionChoice(index=choice.index, text=text, logprobs=logprobs, finish_reason=reason,
+                                 token_ids=token_ids)])
+        if not first:
+            choice.sent_ids = len(choice.ids)
+        return chunk
 
     async def events(self, receive):
-        """The server-sent events: a chunk per piece of text that can no longer change, then ``[DONE]``. An engine
-        error after the first byte is sent as an ``{"error": ...}`` event before ``[DONE]``."""
-        watcher = asyncio.create_task(_cancel_on_disconnect(receive, self.stream))
+        """The server-sent events: per choice, a chunk per piece of text that can no longer change (with its tokens'
+        log-probabilities when asked), the last with its finish_reason; then the usage chunk when asked, then
+        ``[DONE]``. An engine error after the first byte is sent as an ``{"error": ...}`` event before ``[DONE]``."""
+        watcher = asyncio.create_task(_cancel_on_disconnect(receive, self._client_went_away))
         try:
             if self.chat:
-                yield _sse(self._chunk("", first=True))
-            sent_text, sent_ids = "", 0
+                for choice in self.choices:
+                    yield _sse(self._chunk(choice, "", first=True))
             try:
-                async for ids, text, reason in self.pieces():
-                    if reason == "cancelled":
+                async for choice in self.updates():
+                    if self.client_gone:
                         return
-                    if reason is not None:
-                        yield _sse(self._chunk(text[len(sent_text):] if text.startswith(sent_text) else "",
-                                               reason=reason, token_ids=ids[sent_ids:]))
-                        break
+                    text, sent = choice.full_text, choice.sent_text
+                    if choice.finish_reason is not None:
+                        yield _sse(self._chunk(choice, text[len(sent):] if text.startswith(sent) else "",
+                                               reason=choice.finish_reason))
+                        continue
                     # Hold back an incomplete UTF-8 sequence (decoded as U+FFFD) until its next bytes arrive, and
                     # text that may begin a stop string.
                     stable = text.rstrip("\ufffd")
                     stable = stable[:len(stable) - _held_back(stable, self.stops)]
-                    if stable.startswith(sent_text) and len(stable) > len(sent_text):
-                        yield _sse(self._chunk(stable[len(sent_text):], token_ids=ids[sent_ids:]))
-                        sent_text, sent_ids = stable, len(ids)
+                    if stable.startswith(sent) and len(stable) > len(sent):
+                        yield _sse(self._chunk(choice, stable[len(sent):]))
+                        choice.sent_text = stable
             except APIError as error:
                 yield _sse(json.dumps(error.body()))
+            if self.client_gone:
+                return
             if self.body.stream_options is not None and self.body.stream_options.include_usage:
                 usage_chunk = (ChatCompletionChunk if self.chat else Completion)(
                     id=self.id, created=self.created, model=self.body.model, choices=[], usage=self._usage())

@@ -11,7 +11,7 @@ import asyncio
 import queue
 import time
 
-from .engine import GenerationRequest, QueueFull
+from .engine import GenerationRequest, QueueFull, continuations
 from .protocol import APIError
 
 EVENT_TIMEOUT_S = 300  # longest wait for a request's next event (queued, or between two tokens): then 504
@@ -34,7 +34,8 @@ class _LoopQueue(queue.Queue):
 
 class GenerationStream:
     """One submitted request's events, awaited: ``async for kind, value in stream`` yields the engine's ``("token",
-    id)`` events and ends after ``("done", reason)`` (``finish_reason`` then holds the reason). An engine error raises
+    id)`` events (and ``"logprobs"``/``"prompt_logprobs"`` ones when the request asked) and ends after ``("done",
+    reason)`` (``finish_reason`` then holds the reason). An engine error raises
     ``APIError``: 409 when the request's adapter was removed while it waited or ran, 503 while the server shuts
     down, else 500; no event for ``EVENT_TIMEOUT_S`` raises 504. ``cancel()`` ends the request in the engine at its
     next token boundary and ends the iteration."""
@@ -83,18 +84,21 @@ class EngineClient:
     def adapter_names(self):
         return self.engine.adapter_names()
 
-    async def open(self, fields):
-        """Submit ``GenerationRequest(**fields)``; its ``GenerationStream``. Refusals: 429 when the queue is full,
-        400 when the prompt does not fit the context (``param`` max_tokens) or holds no token."""
-        events = _LoopQueue(asyncio.get_running_loop())
-        request = GenerationRequest(**fields, events=events)
+    async def open(self, fields, n=1):
+        """Submit ``n`` continuations of ``GenerationRequest(**fields)`` as one group (``engine.continuations``: one
+        prefill, continuation j seeded ``seed + j``); their ``GenerationStream`` s. Refusals: 429 when the queue is
+        full, 400 when the prompt does not fit the context (``param`` max_tokens) or holds no token."""
+        loop = asyncio.get_running_loop()
+        group = continuations(GenerationRequest(**fields), n)
+        for request in group:
+            request.events = _LoopQueue(loop)
         try:
-            self.engine.submit(request)
+            self.engine.submit(group)
         except QueueFull as error:
             raise APIError(429, f"the server is busy: {error}; retry later") from None
         except ValueError as error:
             raise APIError(400, str(error), param="max_tokens") from None
-        return GenerationStream(self, request, events.pending)
+        return [GenerationStream(self, request, request.events.pending) for request in group]
 
     def error_of(self, request, message):
         """The ``APIError`` for the engine's ``("error", message)`` on ``request``."""

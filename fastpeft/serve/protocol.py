@@ -4,7 +4,14 @@
 Requests are validated strictly, as OpenAI's own server does: an integer field refuses ``1.5``, ``"1"`` and ``true``;
 a number field takes integers. Unknown fields are ignored, so clients that send OpenAI parameters this server does not
 implement (``user``, ``presence_penalty``, ...) still work. A new request field is one annotated attribute here;
-``GenerationSettings`` fields are the ones every generation endpoint shares.
+``GenerationSettings`` fields are the ones every generation endpoint shares. What a field's type cannot say (``n``
+against the server's batch, ``best_of == n``, chat's ``top_logprobs`` needing ``logprobs``, token ids against the
+vocabulary) is checked in ``app.py``, answered 400 naming the field too.
+
+Log-probabilities (``logprobs.py`` writes them): a completion's ``logprobs: k`` gives each choice OpenAI's legacy
+object ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}``; chat's ``logprobs: true`` with
+``top_logprobs: k`` gives ``{"content": [{"token", "logprob", "bytes", "top_logprobs"}], "refusal"}``; ``k`` lies in
+``0 .. MAX_LOGPROBS``.
 """
 
 from typing import Annotated, Any, List, Literal, Optional, Union
@@ -12,6 +19,8 @@ from typing import Annotated, Any, List, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
+
+from .engine import MAX_LOGPROBS
 
 # OpenAI's error types by status; anything else >= 500 is a "server_error".
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -56,6 +65,7 @@ def _one_of(message):
 
 NonEmptyString = Annotated[str, Field(min_length=1)]
 TokenIds = Annotated[List[int], Field(min_length=1)]
+LogprobCount = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
 # Integers torch.Generator.manual_seed accepts (OpenAI's seed is an int64 too).
 Seed = Annotated[int, Field(ge=-(2 ** 63), le=2 ** 63 - 1)]
 
@@ -72,11 +82,12 @@ class GenerationSettings(_Strict):
     """What every generation request shares: the served model (adapter) and the sampling settings."""
 
     model: str = Field(description="the base model's served name (no adapter) or an adapter's name (GET /v1/models)")
-    max_tokens: Optional[int] = Field(None, ge=1, description="tokens to generate at most (default: the server's)")
     temperature: Optional[float] = Field(None, ge=0, le=2, description="below 1e-5: greedy (default: the server's)")
     top_p: Optional[float] = Field(None, gt=0, le=1)
-    n: Optional[int] = Field(None, ge=1, le=1, description="continuations per prompt (only 1)")
-    seed: Optional[Seed] = Field(None, description="makes sampled output reproducible")
+    n: Optional[int] = Field(None, ge=1, description="continuations per prompt, prefilled once (at most the server's "
+                                                      "batch); choices are numbered prompt-major")
+    seed: Optional[Seed] = Field(None, description="makes sampled output reproducible; continuation j samples from "
+                                                   "seed + j")
     stop: Annotated[Union[NonEmptyString, Annotated[List[NonEmptyString], Field(max_length=4)], None],
                     _one_of("stop must be a non-empty string or a list of at most 4 of them")] = Field(
         None, description="up to 4 strings that end the completion (left out of its text)")
@@ -94,10 +105,19 @@ class CompletionRequest(GenerationSettings):
     model_config = ConfigDict(json_schema_extra={"examples": [
         {"model": "fastpeft-tiny", "prompt": "Hello", "max_tokens": 4, "temperature": 0}]})
 
-    prompt: Annotated[Union[str, Annotated[List[str], Field(min_length=1, max_length=1)], TokenIds],
-                      _one_of("prompt must be a string, a list of one string or a list of token ids (one prompt per "
-                              "request)")] = Field(
-        description="a string, a list of one string, or a list of token ids (one prompt per request)")
+    prompt: Annotated[Union[str, Annotated[List[str], Field(min_length=1)], TokenIds,
+                            Annotated[List[TokenIds], Field(min_length=1)]],
+                      _one_of("prompt must be a string, a list of strings, a non-empty list of token ids or a list of "
+                              "them")] = Field(
+        description="a string, a list of strings, a list of token ids, or a list of lists of token ids (one prompt "
+                    "each; lm-evaluation-harness sends [[ids], ...])")
+    max_tokens: Optional[int] = Field(None, ge=0, description="tokens to generate at most (default: the server's); "
+                                                              "0 scores the prompt alone (with echo and logprobs)")
+    logprobs: Optional[LogprobCount] = Field(None, description="each token's log-probability and the k likeliest "
+                                                               "alternatives (OpenAI's legacy shape)")
+    echo: Optional[bool] = Field(False, description="the prompt before the completion, in the text and the "
+                                                    "log-probabilities (its first token's are null)")
+    best_of: Optional[int] = Field(None, description="only as n: every continuation generated is returned")
 
 
 class ChatMessage(_Strict):
@@ -111,6 +131,10 @@ class ChatCompletionRequest(GenerationSettings):
          "stream": True}]})
 
     messages: Annotated[List[ChatMessage], Field(min_length=1)]
+    max_tokens: Optional[int] = Field(None, ge=1, description="tokens to generate at most (default: the server's)")
+    logprobs: Optional[bool] = Field(False, description="each generated token's log-probability")
+    top_logprobs: Optional[LogprobCount] = Field(None, description="the k likeliest alternatives per token (needs "
+                                                                   "logprobs: true)")
     max_completion_tokens: Optional[int] = Field(None, ge=1, description="OpenAI's newer name of max_tokens "
                                                                          "(preferred when both are given)")
 

@@ -92,7 +92,7 @@ class TenantReplica:
 
     async def generate(self, fields):
         """Stream one request: first ``("accepted", replica id)`` or ``("refused", status, message, param)``, then
-        the engine's ``("token", id)`` events, then ``("done", finish_reason)`` or ``("error", status, message)``.
+        the engine's ``("token", id)`` events (``"logprobs"``/``"prompt_logprobs"`` ones too when asked), then ``("done", finish_reason)`` or ``("error", status, message)``.
         ``fields``: ``GenerationRequest``'s keyword arguments; the adapter is the handle's multiplexed model id."""
         name = serve.get_multiplexed_model_id()
         if name:
@@ -102,7 +102,7 @@ class TenantReplica:
                 yield ("refused", 500, f"cannot load adapter {name!r}: {error}", None)
                 return
         try:
-            stream = await self.client.open(fields)
+            stream, = await self.client.open(fields)
         except APIError as error:
             yield ("refused", error.status, error.message, error.param)
             return
@@ -173,7 +173,21 @@ class RayEngineClient:
     def adapter_names(self):
         return list(adapter_dirs(self.adapters_dir))  # read per request: adapters added to the folder appear
 
-    async def open(self, fields):
+    async def open(self, fields, n=1):
+        """``n`` streams continuing ``fields``' prompt, continuation j seeded ``seed + j`` as in one engine. Each is
+        its own replica request (prefilled on its own); one refused cancels those already opened."""
+        streams = []
+        try:
+            for j in range(n):
+                seed = fields["seed"]
+                streams.append(await self._open_one({**fields, "seed": None if seed is None else seed + j}))
+        except BaseException:
+            for stream in streams:
+                stream.cancel()
+            raise
+        return streams
+
+    async def _open_one(self, fields):
         submitted_at = time.monotonic()
         handle = self.replicas.options(stream=True, multiplexed_model_id=fields["adapter"] or "")
         response = handle.generate.remote(fields)
@@ -211,7 +225,7 @@ class OpenAIIngress:
     """The OpenAI routes in front of the replicas (see the module docstring)."""
 
     def __init__(self, replicas, adapters_dir, model_dir, base_name, max_tokens_limit=256, default_max_tokens=16,
-                 default_temperature=1.0):
+                 default_temperature=1.0, max_choices=16, max_request_choices=80):
         from .. import loading
 
         loading.prepare_transformers()
@@ -225,7 +239,8 @@ class OpenAIIngress:
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.client = RayEngineClient(replicas, adapters_dir)
         self.config = ServeConfig(tokenizer, base_name, max_tokens_limit=max_tokens_limit,
-                                  default_max_tokens=default_max_tokens, default_temperature=default_temperature)
+                                  default_max_tokens=default_max_tokens, default_temperature=default_temperature,
+                                  max_choices=max_choices, max_request_choices=max_request_choices)
 
     def __serve_build_asgi_app__(self):
         # Ray calls this once the constructor ran, so the app is built around this replica's handle and tokenizer.
@@ -255,4 +270,5 @@ def build_app(adapters_dir, model_dir=None, base_name=None, num_replicas=2, max_
         max_adapters_per_replica=max_adapters_per_replica)
     return OpenAIIngress.options(ray_actor_options={"num_cpus": 0}).bind(
         replicas, adapters_dir, model_dir, base_name, max_tokens_limit=max_tokens_limit,
-        default_max_tokens=default_max_tokens, default_temperature=default_temperature)
+        default_max_tokens=default_max_tokens, default_temperature=default_temperature, max_choices=max_batch,
+        max_request_choices=max_batch + max_queue)
