@@ -3,7 +3,8 @@
 
 A backend takes canonical arguments (``fastpeft.ops.arguments.AttentionArgs``) and returns the attention output, the
 log-sum-exp of every query and whatever its backward wants to keep; the registry asks it first whether it can run a
-call at all. The one autograd path (``fastpeft.ops.prefix_attention``: the custom ops under torch.compile, an
+call at all. Decode over a paged KV cache (``paged_decode``, ``PagedDecodeArgs``) is the decode case read through a
+block table: every backend runs it, by default by gathering the blocks. The one autograd path (``fastpeft.ops.prefix_attention``: the custom ops under torch.compile, an
 ``autograd.Function`` in eager mode) connects ``forward`` and ``backward`` the same way for every backend but the
 reference, which is plain differentiable PyTorch (``differentiable``).
 """
@@ -11,6 +12,9 @@ reference, which is plain differentiable PyTorch (``differentiable``).
 from typing import NamedTuple, Optional
 
 import torch
+
+from ..arguments import AttentionArgs
+from ..block_table import gather, plan_gather
 
 
 class Case(NamedTuple):
@@ -79,3 +83,18 @@ class Backend:
     def decode(self, args, plan):
         """The output of one query per row (L == 1) without a gradient."""
         return self.forward(args, plan, for_backward=False)[0]
+
+    def paged_decode(self, args):
+        """The output ``[B, Hq, 1, D]`` of one query per row over its prefix entry and its own tokens in a paged KV
+        cache (``fastpeft.ops.arguments.PagedDecodeArgs``), without a gradient. Runs the cases ``decode`` runs (one
+        query per row, no bias). This default gathers every row's tokens into ``[B, Hkv, max_blocks * block_size, D]``
+        with a key padding mask (``fastpeft.ops.block_table``) and runs ``decode`` on that; the kernels read the
+        blocks in place instead."""
+        key_cache = args.key_cache
+        num_blocks, _, block_size, _ = key_cache.shape
+        where = plan_gather(args.block_table, args.seq_lens, args.block_table.shape[1] * block_size, block_size,
+                            num_blocks)
+        dense = AttentionArgs(args.q, gather(key_cache, where), gather(args.value_cache, where), args.prefix_k,
+                              args.prefix_v, args.prefix_index, args.prefix_lengths, where.valid, None, True,
+                              args.softmax_scale, False)
+        return self.decode(dense, self.plan(dense))
