@@ -1,14 +1,14 @@
-"""The ``torch.library`` ops of prefix attention (``fastpeft::prefix_attention_fwd``/``_bwd``, ``fastpeft::prefix_decode``,
-``fastpeft::paged_prefix_decode``) through ``torch.library.opcheck`` (schema, fake implementation with its strides, autograd registration, AOT dispatch
-with dynamic shapes) on every backend that runs here: reference, sdpa (its split and its short path) and, on CPU, the
-Triton kernels under the interpreter; with the layouts models hand over (``[B, L, H, D]`` buffers viewed as
-``[B, H, L, D]``), a ragged prefix table, GQA, a cache before the queries, left padding, an attention bias, and a
-power-of-two and an odd head size. Then
-``torch.compile(fullgraph=True)`` of ``fastpeft.prefix_attention`` with the default compiler (inductor, which checks
-every output's strides against the fake's), forward and backward, equal to eager on each backend; the paged decode
-(ragged block tables, blocks shared by two rows) likewise. The C++ kernel ops
-of the sdpa backend's short path are checked for their schema and autograd registration (they are never traced: no
-fake)."""
+"""The ``torch.library`` ops of prefix attention (``fastpeft::prefix_attention_fwd``/``_bwd``,
+``fastpeft::prefix_decode``, ``fastpeft::paged_prefix_decode``) through ``torch.library.opcheck`` (schema, fake
+implementation with its strides, autograd registration, AOT dispatch with dynamic shapes) on every backend that runs
+here: reference, sdpa (its split and its short path) and, on CPU, the Triton kernels under the interpreter; with the
+layouts models hand over (``[B, L, H, D]`` buffers viewed as ``[B, H, L, D]``), a ragged prefix table, GQA, a cache
+before the queries, left padding, an attention bias, and a power-of-two and an odd head size (the paged decode: ragged
+block tables, a row without tokens, a block shared by two rows). Then ``torch.compile(fullgraph=True)`` of
+``fastpeft.prefix_attention`` with the default compiler (inductor, which checks every output's strides against the
+fake's), forward and backward, equal to eager on each backend, and of ``fastpeft.ops.paged_prefix_decode`` likewise.
+The C++ kernel ops of the sdpa backend's short path are checked for their schema and autograd registration (they are
+never traced: no fake)."""
 
 import pytest
 import torch

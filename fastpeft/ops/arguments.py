@@ -36,7 +36,7 @@ class PagedDecodeArgs(NamedTuple):
     key_cache: torch.Tensor         # [num_blocks, Hkv, block_size, D]
     value_cache: torch.Tensor       # [num_blocks, Hkv, block_size, D]
     block_table: torch.Tensor       # [B, max_blocks] int32
-    seq_lens: torch.Tensor          # [B] int32, in [0, max_blocks * block_size]: the row's own tokens, the new one's too
+    seq_lens: torch.Tensor          # [B] int32 in [0, max_blocks * block_size]: the row's tokens, the new one's too
     prefix_k: torch.Tensor          # [T, Hkv, P, D]
     prefix_v: torch.Tensor          # [T, Hkv, P, D]
     prefix_index: torch.Tensor      # [B] int32

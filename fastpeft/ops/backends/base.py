@@ -3,10 +3,11 @@
 
 A backend takes canonical arguments (``fastpeft.ops.arguments.AttentionArgs``) and returns the attention output, the
 log-sum-exp of every query and whatever its backward wants to keep; the registry asks it first whether it can run a
-call at all. Decode over a paged KV cache (``paged_decode``, ``PagedDecodeArgs``) is the decode case read through a
-block table: every backend runs it, by default by gathering the blocks. The one autograd path (``fastpeft.ops.prefix_attention``: the custom ops under torch.compile, an
+call at all. The one autograd path (``fastpeft.ops.prefix_attention``: the custom ops under torch.compile, an
 ``autograd.Function`` in eager mode) connects ``forward`` and ``backward`` the same way for every backend but the
-reference, which is plain differentiable PyTorch (``differentiable``).
+reference, which is plain differentiable PyTorch (``differentiable``). Decode over a paged KV cache
+(``paged_decode``, ``PagedDecodeArgs``) is the decode case read through a block table: every backend runs it, by
+default by gathering the blocks.
 """
 
 from typing import NamedTuple, Optional
