@@ -122,14 +122,19 @@ def _requests(generator):
     return rows
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "triton"])
-def test_chunked_prefill_and_paged_decode_equal_dynamic_cache(backend, monkeypatch):
+# sdpa: decode through the C++ per-query kernel over the pool (where fastpeft._cpu is built); sdpa-gather: the same
+# backend gathering the blocks; triton: the kernels, interpreted on CPU.
+@pytest.mark.parametrize("variant", ["sdpa", "sdpa-gather", "triton"])
+def test_chunked_prefill_and_paged_decode_equal_dynamic_cache(variant, monkeypatch):
     from fastpeft.ops import registry
 
+    backend = variant.split("-")[0]
     why = registry.get(backend).unavailable(torch.device("cpu"), torch.float32)
     if why is not None:
         pytest.skip(f"{backend}: {why}")
     monkeypatch.setenv("FASTPEFT_BACKEND", backend)
+    if variant == "sdpa-gather":
+        monkeypatch.setenv("FASTPEFT_CPU_EXTENSION", "0")
     model = _model()
     use_fastpeft_attention(model)
     g = torch.Generator().manual_seed(0)

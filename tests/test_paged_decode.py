@@ -19,6 +19,7 @@ import torch
 
 from fastpeft import observe
 from fastpeft.ops import paged_prefix_decode, registry
+from fastpeft.ops.backends import sdpa_short
 
 from .paged_cases import PagedCase, make_paged_inputs, paged_reference
 from .reference import assert_close
@@ -39,7 +40,9 @@ CASES = [
               block_size=4),
 ]
 
-BACKENDS = ["reference", "sdpa", "triton"]
+# sdpa: on CPU the C++ per-query kernel reads the blocks in place (float32/64, where fastpeft._cpu is built);
+# sdpa-gather: the same backend with the extension switched off, gathering the blocks (as for 16-bit inputs).
+BACKENDS = ["reference", "sdpa", "sdpa-gather", "triton"]
 
 
 def low_precision_tolerance(inputs, expected):
@@ -51,11 +54,14 @@ def low_precision_tolerance(inputs, expected):
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    """Each backend, forced; the Triton kernels where this session runs them (interpreted on CPU)."""
-    name = request.param
+    """Each backend, forced (its registry name is returned); the Triton kernels where this session runs them
+    (interpreted on CPU)."""
+    name = request.param.split("-")[0]
     why = registry.get(name).unavailable(torch.device("cpu"), torch.float32)
     if why is not None:
         pytest.skip(f"{name}: {why}")
+    if request.param == "sdpa-gather":
+        monkeypatch.setenv("FASTPEFT_CPU_EXTENSION", "0")
     monkeypatch.setenv("FASTPEFT_BACKEND", name)
     return name
 
@@ -76,14 +82,14 @@ def test_fp32_matches_float64_reference(backend, case):
     assert_close(out, paged_reference(**inputs), 1e-5, name=f"{backend}[{case}]")
 
 
-@pytest.mark.parametrize("backend_name", ["sdpa", "reference"])
-def test_float64_on_the_pytorch_backends(backend_name, monkeypatch):
-    monkeypatch.setenv("FASTPEFT_BACKEND", backend_name)
+def test_float64_on_the_pytorch_backends(backend):
+    if backend == "triton":
+        pytest.skip("the Triton kernels take no float64 inputs")
     inputs = make_paged_inputs(CASES[1], dtype=torch.float64, seed=2)
     with torch.no_grad():
         out = paged_prefix_decode(**inputs)
     assert out.dtype == torch.float64
-    assert_close(out, paged_reference(**inputs), 1e-12, name=backend_name)
+    assert_close(out, paged_reference(**inputs), 1e-12, name=backend)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -126,6 +132,25 @@ def test_triton_kernel_split_counts(decode_kernels, case, num_splits):
     args = (*inputs.values(), 1 / math.sqrt(case.D))
     out = decode_kernels.paged_prefix_decode_fwd(*args, num_splits=num_splits)
     assert_close(out, paged_reference(**inputs), 1e-5, name=f"splits={num_splits}")
+
+
+def test_cpu_extension_reads_the_blocks_in_place(monkeypatch):
+    # The sdpa backend on CPU runs the C++ per-query kernel over the pool, not the default gather-then-decode path.
+    from fastpeft import _backend
+
+    if _backend.cpu_extension()[0] is None:
+        pytest.skip(f"fastpeft._cpu: {_backend.cpu_extension()[1]}")
+    monkeypatch.setenv("FASTPEFT_BACKEND", "sdpa")
+    monkeypatch.setenv("FASTPEFT_CPU_EXTENSION", "1")
+    calls = []
+    in_cpp = sdpa_short.paged_decode
+    monkeypatch.setattr(sdpa_short, "paged_decode", lambda args: calls.append(1) or in_cpp(args))
+    monkeypatch.setattr(registry.get("sdpa"), "decode", lambda *args: pytest.fail("gathered"))
+    inputs = make_paged_inputs(CASES[4], seed=7)
+    with torch.no_grad():
+        out = paged_prefix_decode(**inputs)
+    assert calls == [1]
+    assert_close(out, paged_reference(**inputs), 1e-5, name="sdpa C++")
 
 
 def test_triton_backend_reads_the_blocks_in_its_kernel(decode_kernels, monkeypatch):

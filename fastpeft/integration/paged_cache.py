@@ -44,9 +44,9 @@ class PagedKVCache(Cache):
     def __init__(self, key_caches, value_caches, block_table, context_lens, query_lens):
         if not key_caches or len(key_caches) != len(value_caches):
             raise ValueError("key_caches and value_caches must hold one tensor per layer")
-        if len(context_lens) != block_table.shape[0] or len(query_lens) != block_table.shape[0]:
+        if not len(context_lens) == len(query_lens) == block_table.shape[0] > 0:
             raise ValueError(f"context_lens and query_lens must have one entry per block_table row "
-                             f"({block_table.shape[0]}), got {len(context_lens)} and {len(query_lens)}")
+                             f"({block_table.shape[0]}, at least one), got {len(context_lens)} and {len(query_lens)}")
         if min(query_lens) < 1 or min(context_lens) < 0:
             raise ValueError("every row feeds at least one token (query_lens >= 1) after context_lens >= 0 tokens")
         num_blocks, _, block_size, _ = key_caches[0].shape

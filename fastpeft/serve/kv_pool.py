@@ -1,9 +1,12 @@
 """The serving engine's KV memory: a pool of fixed-size blocks, and a block table per request (vLLM's paged KV cache,
 with fastpeft's prefix tables beside it).
 
-Storage. Per layer one key and one value tensor ``[num_blocks, Hkv, block_size, D]``, allocated once (from a count of
-blocks, or from a byte or token budget: ``KVBlockPool.from_budget``). A block holds ``block_size`` consecutive tokens of
-one request in every layer; a request's ``BlockTable`` lists its blocks in token order, so its token ``j`` lives in
+Storage. Per layer one key and one value tensor, allocated once (from a count of blocks, or from a byte or token
+budget: ``KVBlockPool.from_budget``), stored ``[num_blocks, block_size, Hkv, D]`` (FlashAttention's and vLLM v1's
+layout: a token's heads side by side, so a token is written in one piece and whole blocks gather as contiguous memory)
+and handed out as ``[num_blocks, Hkv, block_size, D]`` views (``key_caches``/``value_caches``), the layout
+``fastpeft.ops.paged_prefix_decode`` takes. A block holds ``block_size`` consecutive tokens of one request in every
+layer; a request's ``BlockTable`` lists its blocks in token order, so its token ``j`` lives in
 block ``blocks[j // block_size]`` at offset ``j % block_size`` (``fastpeft.ops.paged_prefix_decode`` reads it so). The
 pool holds only the requests' own tokens: an adapter's prefix K/V stays in the ``AdapterBank``'s tables, read through
 ``prefix_index``, never copied into a request's blocks.
@@ -64,11 +67,10 @@ class KVBlockPool:
                             ("block_size", block_size), ("num_blocks", num_blocks)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        shape = (num_blocks, num_kv_heads, block_size, head_dim)
-        # Zeros, not empty: a gathered block's empty slots are masked, but must never hold NaN bit patterns either
-        # before the first write (a fused attention multiplies masked weights of 0 by them).
-        self.key_caches = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.value_caches = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.key_caches = [torch.zeros(shape, device=device, dtype=dtype).transpose(1, 2) for _ in range(num_layers)]
+        self.value_caches = [torch.zeros(shape, device=device, dtype=dtype).transpose(1, 2)
+                             for _ in range(num_layers)]
         self.block_size, self.num_blocks = block_size, num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))   # popped from the end: the lowest block first
         self._ref_counts = [0] * num_blocks

@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..arguments import AttentionArgs
-from ..block_table import gather, plan_gather
+from ..block_table import gather_rows
 
 
 class Case(NamedTuple):
@@ -91,11 +91,8 @@ class Backend:
         query per row, no bias). This default gathers every row's tokens into ``[B, Hkv, max_blocks * block_size, D]``
         with a key padding mask (``fastpeft.ops.block_table``) and runs ``decode`` on that; the kernels read the
         blocks in place instead."""
-        key_cache = args.key_cache
-        num_blocks, _, block_size, _ = key_cache.shape
-        where = plan_gather(args.block_table, args.seq_lens, args.block_table.shape[1] * block_size, block_size,
-                            num_blocks)
-        dense = AttentionArgs(args.q, gather(key_cache, where), gather(args.value_cache, where), args.prefix_k,
-                              args.prefix_v, args.prefix_index, args.prefix_lengths, where.valid, None, True,
-                              args.softmax_scale, False)
+        k, valid = gather_rows(args.key_cache, args.block_table, args.seq_lens)
+        v, _ = gather_rows(args.value_cache, args.block_table, args.seq_lens)
+        dense = AttentionArgs(args.q, k, v, args.prefix_k, args.prefix_v, args.prefix_index, args.prefix_lengths, valid,
+                              None, True, args.softmax_scale, False)
         return self.decode(dense, self.plan(dense))
