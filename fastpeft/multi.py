@@ -52,7 +52,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .adapters import EMBEDDINGS_KEY, PREFIX_TUNING, SAFETENSORS_FILE, BaseGeometry, split_prefix
+from .adapters import EMBEDDINGS_KEY, PREFIX_TUNING, SAFETENSORS_FILE, split_prefix
+from .integration.geometry import BaseGeometry
 from .data import IGNORE_INDEX, right_pad
 
 MIXED_PRECISION = {None: None, "no": None, "bf16": torch.bfloat16, "fp16": torch.float16}

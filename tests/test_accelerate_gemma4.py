@@ -200,7 +200,7 @@ def test_prompt_tuning_matches_peft():
 def test_per_layer_geometry_is_read_and_uniform_users_refuse_it_by_name():
     """The configuration raises its own error for config.head_dim; fastpeft reads every layer's shape instead, and
     what needs one layout for all layers (AdapterBank, MultiPrefixTrainer) refuses with a ValueError naming it."""
-    from fastpeft.adapters import BaseGeometry
+    from fastpeft.integration.geometry import BaseGeometry
     from fastpeft.integration import compat
 
     base = tiny_gemma4()

@@ -13,7 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fastpeft.adapters import BaseGeometry, load_prompt_adapter, prefix_key_values
+from fastpeft.adapters import load_prompt_adapter, prefix_key_values
+from fastpeft.integration.geometry import BaseGeometry
 from fastpeft.bank import AdapterBank
 from fastpeft.integration.reference_generate import generate_without_cache
 from tests.bank_fixtures import (ADAPTER_KINDS, assert_rows_match_reference, make_peft_model, make_rows, pad_rows,

@@ -50,11 +50,11 @@ def test_build_cpu_follows_the_flag_and_torch(setup_module):
 @pytest.mark.skipif(os.environ.get("FASTPEFT_REQUIRE_CPU_EXTENSION") != "1",
                     reason="only where the install built it on purpose (.ci/run sets FASTPEFT_REQUIRE_CPU_EXTENSION=1)")
 def test_cpu_extension_is_built_and_loads():
-    from fastpeft import _backend
+    from fastpeft.ops import environment
 
-    module, reason = _backend.cpu_extension()
+    module, reason = environment.cpu_extension()
     assert module is not None, reason
-    assert _backend.cpu_extension_enabled()
+    assert environment.cpu_extension_enabled()
 
 
 def _write(path, text):
@@ -189,39 +189,39 @@ def test_a_failed_cpu_extension_build_warns_unless_forced(tmp_path):
 
 
 def test_extension_failure_reasons():
-    from fastpeft import _backend
+    from fastpeft.ops import environment
 
-    missing = _backend._extension_failure_reason(ModuleNotFoundError("No module named 'fastpeft._C'",
+    missing = environment._extension_failure_reason(ModuleNotFoundError("No module named 'fastpeft._C'",
                                                                      name="fastpeft._C"))
     assert "not built" in missing and "--no-build-isolation" in missing
-    abi = _backend._extension_failure_reason(ImportError("_C.so: undefined symbol: _ZN3c106detail14torchCheckFail"))
+    abi = environment._extension_failure_reason(ImportError("_C.so: undefined symbol: _ZN3c106detail14torchCheckFail"))
     assert "rebuild it against the installed torch" in abi and "undefined symbol" in abi
-    other = _backend._extension_failure_reason(ImportError("libcudart.so.13: cannot open shared object file"))
+    other = environment._extension_failure_reason(ImportError("libcudart.so.13: cannot open shared object file"))
     assert "libcudart" in other
-    cpu = _backend._extension_failure_reason(ModuleNotFoundError("No module named 'fastpeft._cpu'",
+    cpu = environment._extension_failure_reason(ModuleNotFoundError("No module named 'fastpeft._cpu'",
                                                                  name="fastpeft._cpu"), "fastpeft._cpu")
     assert cpu.startswith("fastpeft._cpu is not built") and "FASTPEFT_BUILD_CPU" in cpu
 
 
 @pytest.mark.skipif(importlib.util.find_spec("fastpeft._C") is not None, reason="the extension is built here")
 def test_missing_cuda_extension_warns_once_and_never_raises():
-    from fastpeft import _backend
+    from fastpeft.ops import environment
 
-    _backend.cuda_extension.cache_clear()
+    environment.cuda_extension.cache_clear()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            first = _backend.cuda_extension()
-            second = _backend.cuda_extension()
+            first = environment.cuda_extension()
+            second = environment.cuda_extension()
         assert first[0] is None and first == second
         assert len([w for w in caught if "CUDA extension unavailable" in str(w.message)]) == 1
     finally:
-        _backend.cuda_extension.cache_clear()
+        environment.cuda_extension.cache_clear()
 
 
 def test_missing_cpu_extension_warns_once_and_runs_python(monkeypatch):
     import fastpeft
-    from fastpeft import _backend
+    from fastpeft.ops import environment
     from fastpeft.ops.backends import sdpa_short
     from tests.cases import CASES, make_inputs
 
@@ -234,7 +234,7 @@ def test_missing_cpu_extension_warns_once_and_runs_python(monkeypatch):
         return real_import_module(name, *args)
 
     monkeypatch.setattr(importlib, "import_module", import_module)
-    _backend.cpu_extension.cache_clear()
+    environment.cpu_extension.cache_clear()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -243,4 +243,4 @@ def test_missing_cpu_extension_warns_once_and_runs_python(monkeypatch):
         assert len([w for w in caught if "CPU extension unavailable" in str(w.message)]) == 1
         assert (out - expected).abs().max().item() < 1e-5
     finally:
-        _backend.cpu_extension.cache_clear()
+        environment.cpu_extension.cache_clear()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from fastpeft import _backend
+from fastpeft.ops import environment
 from fastpeft.integration import compat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture
 def fresh_warnings(monkeypatch):
-    monkeypatch.setattr(_backend, "_warned_messages", set())
+    monkeypatch.setattr(environment, "_warned_messages", set())
 
 
 def _pretend_installed(monkeypatch, **versions):
@@ -149,7 +149,7 @@ class _UnreadableConfig:
 def test_config_attributes_that_cannot_be_read_are_named_value_errors():
     """Another library's exception while reading a configuration attribute becomes a ValueError naming the attribute;
     a missing attribute is the default, as with getattr."""
-    from fastpeft.adapters import BaseGeometry
+    from fastpeft.integration.geometry import BaseGeometry
 
     config = _UnreadableConfig()
     assert compat.config_attribute(config, "head_dim", 7) == 7

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fastpeft
-from fastpeft import _backend
+from fastpeft.ops import environment
 from fastpeft.ops import library, registry
 from fastpeft.ops.arguments import canonicalize, canonicalize_paged
 from fastpeft.ops.backends import sdpa_short
@@ -121,8 +121,8 @@ def test_decode_op_passes_opcheck(backend, head_size):
 
 
 def test_cpu_kernel_ops_keep_their_schema():
-    if _backend.cpu_extension()[0] is None:
-        pytest.skip(f"fastpeft._cpu: {_backend.cpu_extension()[1]}")
+    if environment.cpu_extension()[0] is None:
+        pytest.skip(f"fastpeft._cpu: {environment.cpu_extension()[1]}")
     args = canonicalize(**_inputs(HEAD_SIZES[0]))
     host = (P, True, True)   # every entry attended; ragged lengths; padding keys
     causal_bias = torch.zeros(S, Hq // Hkv * L)

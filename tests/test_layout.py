@@ -18,6 +18,12 @@ FORBIDDEN = {
     "fastpeft.bench": ("cli", "serve"),
     "fastpeft.bank": ("serve", "cli", "bench", "multi"),
     "fastpeft.multi": ("serve", "cli", "bench", "bank"),
+    # adapter files in PEFT's format know nothing of models, kernels or their users
+    "fastpeft.adapters": ("ops", "integration", "bank", "multi", "serve", "cli", "bench", "backbone"),
+    # the shared core under the bank, the trainer and the engine
+    "fastpeft.backbone": ("bank", "multi", "serve", "cli", "bench"),
+    "fastpeft.prefix_tables": ("bank", "multi", "serve", "cli", "bench"),
+    "fastpeft.sampling": ("integration", "bank", "multi", "serve", "cli", "bench"),
 }
 
 
@@ -87,3 +93,23 @@ def test_only_the_entry_point_imports_the_cli():
                        if not _module_name(path).startswith("fastpeft.cli")
                        and any(m == "fastpeft.cli" or m.startswith("fastpeft.cli.") for m in _imported_modules(path)))
     assert importers == ["fastpeft.__main__"]
+
+
+def _unit(module):
+    """The part of the tree a module belongs to: ``fastpeft.<top>`` (a subpackage or a top-level module)."""
+    return ".".join(module.split(".")[:2])
+
+
+def test_no_module_imports_another_units_private_names():
+    """Each subpackage or top-level module talks to the others through public names only: no ``from x import _y``
+    and no ``x._y`` module path across them (inside one subpackage, private helpers are shared freely)."""
+    violations = []
+    for path in _sources():
+        name = _module_name(path)
+        for module in _imported_modules(path):
+            if _unit(module) == _unit(name):
+                continue
+            private = [part for part in module.split(".")[1:] if part.startswith("_") and not part.startswith("__")]
+            if private:
+                violations.append(f"{name} imports {module}")
+    assert not violations, "\n".join(violations)

@@ -48,10 +48,11 @@ class Request:
         return self.prompt + self.continuation
 
 
-def run_paged(model, pool, requests, spec_for, offset_of):
+def run_paged(pool, requests, forward, offset_of):
     """Serve ``requests`` the way the engine will: every forward, each row feeds its next prompt chunk (at most
-    ``CHUNK`` tokens) or its next continuation token; a fork joins once its source's prompt is in the pool. Returns
-    the number of decode forwards (every row one token) and of forwards with a chunk."""
+    ``CHUNK`` tokens) or its next continuation token; a fork joins once its source's prompt is in the pool.
+    ``forward(input_ids, attention_mask, position_ids, entries, cache)`` runs the model with the rows' prefix-table
+    entries. Returns the number of decode forwards (every row one token) and of forwards with a chunk."""
     decode_steps = chunk_steps = 0
     while True:
         rows, counts = [], []
@@ -78,12 +79,9 @@ def run_paged(model, pool, requests, spec_for, offset_of):
         for b, (request, count) in enumerate(zip(rows, counts)):
             ids[b, :count] = torch.tensor(request.tokens[request.fed:request.fed + count])
         offsets = torch.tensor([offset_of(request) for request in rows])
-        spec = spec_for([request.entry for request in rows])
         with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=cache.attention_mask(),
-                           position_ids=offsets[:, None] + cache.positions(), use_cache=True,
-                           **cache.forward_kwargs(model), **{PREFIX_KWARG: spec}).logits
-        spec.check_consumed("tiny llama")
+            logits = forward(ids, cache.attention_mask(), offsets[:, None] + cache.positions(),
+                             [request.entry for request in rows], cache)
         cache.check_consumed("tiny llama")
         decode_steps += cache.decode
         chunk_steps += not cache.decode
@@ -151,11 +149,18 @@ def test_chunked_prefill_and_paged_decode_equal_dynamic_cache(variant, monkeypat
     def spec_for(entries):
         return PrefixSpec.build(prefix_keys, prefix_values, torch.tensor(entries, dtype=torch.int32), prefix_lengths)
 
+    def forward(input_ids, attention_mask, position_ids, entries, cache):
+        spec = spec_for(entries)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                       **compat.cache_kwargs(model, cache), **{PREFIX_KWARG: spec}).logits
+        spec.check_consumed("tiny llama")
+        return logits
+
     def offset_of(request):   # a row's tokens sit after its prefix entry's tokens, as the bank's do
         return int(prefix_lengths[request.entry])
 
     with observe.attention_calls() as calls:
-        decode_steps, chunk_steps = run_paged(model, pool, requests, spec_for, offset_of)
+        decode_steps, chunk_steps = run_paged(pool, requests, forward, offset_of)
     assert decode_steps >= 3 and chunk_steps >= 3   # both kinds of forward ran, several times
     assert calls[backend] == layers * (decode_steps + chunk_steps)
     for i, request in enumerate(requests):
@@ -179,12 +184,12 @@ def test_decode_without_fastpeft_attention_reading_the_pool_is_refused():
     prefill = pool.step_cache([table], [3])
     with torch.inference_mode():
         model(input_ids=torch.tensor([[5, 6, 7]]), attention_mask=prefill.attention_mask(),
-              position_ids=prefill.positions(), use_cache=True, **prefill.forward_kwargs(model))
+              position_ids=prefill.positions(), use_cache=True, **compat.cache_kwargs(model, prefill))
     pool.append(table, 1)
     step = pool.step_cache([table], [1])
-    with torch.inference_mode():   # the cache without the keyword: attention would see the new token alone
+    with torch.inference_mode():   # the cache without fastpeft's keyword: attention would see the new token alone
         model(input_ids=torch.tensor([[8]]), position_ids=step.positions(), use_cache=True,
-              **compat.cache_kwargs(model, step))
+              **{compat.cache_keyword(model): step})
     with pytest.raises(ValueError, match="did not read the paged KV cache"):
         step.check_consumed("tiny llama")
 
@@ -206,25 +211,26 @@ def test_bank_prefixes_through_the_pool_equal_the_banks_logits():
     with AdapterBank(model) as bank:
         bank.add("prefix", _peft_model("prefix", 1))
         bank.add("prompt", _peft_model("prompt", 2))
-        adapters = {0: None, bank.slot_of("prefix"): "prefix", bank.slot_of("prompt"): "prompt"}
-        g = torch.Generator().manual_seed(3)
-        requests = _requests(g)
-        for request, entry in zip(requests, [bank.slot_of("prefix"), 0, bank.slot_of("prompt"),
-                                             bank.slot_of("prompt"), bank.slot_of("prefix")]):
-            request.entry = entry
+        names = ["prefix", None, "prompt", "prompt", "prefix"]   # the fork (last) shares the first row's prompt
+        requests = _requests(torch.Generator().manual_seed(3))
+        for request, name in zip(requests, names):
+            request.entry = 0 if name is None else bank.slot_of(name)
         geometry = bank.geometry
         pool = KVBlockPool(geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, BLOCK_SIZE, num_blocks=40)
 
-        def spec_for(entries):   # the bank's tables, as its engine hands them to the model
-            return bank._prefix_spec(torch.tensor(entries, dtype=torch.int32))
+        def forward(input_ids, attention_mask, position_ids, entries, cache):   # the engine's serving step
+            return bank.forward(input_ids, attention_mask, position_ids, torch.tensor(entries, dtype=torch.int32),
+                                cache)
+
+        offsets = {id(request): 0 if name is None else bank.num_virtual_tokens(name)
+                   for request, name in zip(requests, names)}
 
         def offset_of(request):
-            name = adapters[request.entry]
-            return 0 if name is None else bank.num_virtual_tokens(name)
+            return offsets[id(request)]
 
-        run_paged(model, pool, requests, spec_for, offset_of)
-        for i, request in enumerate(requests):
+        run_paged(pool, requests, forward, offset_of)
+        for i, (request, name) in enumerate(zip(requests, names)):
             # Logits without a cache, the whole sequence at once (PEFT's forward for that adapter, by the bank's
             # contract); the fork's prompt logits are its source's.
-            expected = bank(torch.tensor([request.tokens]), adapters=[adapters[request.entry]]).logits[0]
+            expected = bank(torch.tensor([request.tokens]), adapters=[name]).logits[0]
             assert_close(torch.stack(request.logits), expected, 1e-5, name=f"request {i}")

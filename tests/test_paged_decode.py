@@ -136,10 +136,10 @@ def test_triton_kernel_split_counts(decode_kernels, case, num_splits):
 
 def test_cpu_extension_reads_the_blocks_in_place(monkeypatch):
     # The sdpa backend on CPU runs the C++ per-query kernel over the pool, not the default gather-then-decode path.
-    from fastpeft import _backend
+    from fastpeft.ops import environment
 
-    if _backend.cpu_extension()[0] is None:
-        pytest.skip(f"fastpeft._cpu: {_backend.cpu_extension()[1]}")
+    if environment.cpu_extension()[0] is None:
+        pytest.skip(f"fastpeft._cpu: {environment.cpu_extension()[1]}")
     monkeypatch.setenv("FASTPEFT_BACKEND", "sdpa")
     monkeypatch.setenv("FASTPEFT_CPU_EXTENSION", "1")
     calls = []
@@ -264,9 +264,9 @@ def test_triton_paged_decode_gpu(decode_kernels, case, dtype):
 
 
 def _cuda_op():
-    from fastpeft import _backend
+    from fastpeft.ops import environment
 
-    module, reason = _backend.cuda_extension()
+    module, reason = environment.cuda_extension()
     if module is None or not hasattr(torch.ops.fastpeft, "_cuda_paged_prefix_decode"):
         pytest.skip(f"CUDA extension not available: {reason}")
     return torch.ops.fastpeft._cuda_paged_prefix_decode

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastpeft
-from fastpeft import _backend
+from fastpeft.ops import environment
 from fastpeft.ops import library, registry
 from fastpeft.ops.arguments import canonicalize
 from tests.cases import CASES, GRAD_NAMES, Case, make_inputs
@@ -159,7 +159,7 @@ def test_strided_bias_is_read_correctly(backend_env):
 @pytest.mark.parametrize("forced", ["triton", "cuda"])
 def test_forced_kernel_backend_sends_biased_calls_to_sdpa_with_one_warning(forced, backend_env, monkeypatch):
     backend_env(forced)
-    monkeypatch.setattr(_backend, "_warned_messages", set())
+    monkeypatch.setattr(environment, "_warned_messages", set())
     with pytest.warns(RuntimeWarning, match=f"FASTPEFT_BACKEND={forced}: the {forced} kernels take no attn_bias"):
         assert registry.select(torch.device("cpu"), torch.float32, False, True) == "sdpa"
     with warnings.catch_warnings():

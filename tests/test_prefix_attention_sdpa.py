@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import fastpeft
-from fastpeft import _backend
+from fastpeft.ops import environment
 from fastpeft.ops import library, registry
 from fastpeft.ops.arguments import canonicalize
 from fastpeft.ops.backends import aten_attention, sdpa, sdpa_short
@@ -62,8 +62,8 @@ def cpu_path(request, monkeypatch):
     monkeypatch.setattr(sdpa_short, "SHORT_SCORES", 1 << 40 if short else -1)
     if request.param == "short-python":
         monkeypatch.setenv("FASTPEFT_CPU_EXTENSION", "0")
-    elif request.param == "short" and _backend.cpu_extension()[0] is None:
-        pytest.skip(f"fastpeft._cpu: {_backend.cpu_extension()[1]}")
+    elif request.param == "short" and environment.cpu_extension()[0] is None:
+        pytest.skip(f"fastpeft._cpu: {environment.cpu_extension()[1]}")
     matmuls = request.param == "split-matmul-prefix"
     monkeypatch.setattr(sdpa, "CPU_MATMUL_PREFIX", (1 << 30, 1 << 60) if matmuls else (-1, -1))
     return request.param
@@ -426,7 +426,7 @@ def test_missing_aten_ops_fall_back_to_the_reference_with_one_warning(monkeypatc
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(aten_attention, "_missing_ops",
                         lambda device_type: ("_scaled_dot_product_flash_attention_for_cpu",))
-    monkeypatch.setattr(_backend, "_warned_messages", set())
+    monkeypatch.setattr(environment, "_warned_messages", set())
     with pytest.warns(RuntimeWarning, match="reference path.*lacks aten::_scaled_dot_product_flash_attention"):
         assert registry.select(torch.device("cpu"), torch.float32, False, False) == "reference"
     with warnings.catch_warnings():
@@ -504,8 +504,8 @@ def test_cuda_blind_queries_and_deterministic_prefix_gradients():
 
 
 def test_short_path_runs_the_cpu_extension_unless_switched_off(monkeypatch):
-    if _backend.cpu_extension()[0] is None:
-        pytest.skip(f"fastpeft._cpu: {_backend.cpu_extension()[1]}")
+    if environment.cpu_extension()[0] is None:
+        pytest.skip(f"fastpeft._cpu: {environment.cpu_extension()[1]}")
     calls = []
     compiled = sdpa_short.autograd_forward
     monkeypatch.setattr(sdpa_short, "autograd_forward", lambda *args: calls.append(1) or compiled(*args))

@@ -329,9 +329,9 @@ def test_triton_decode_gpu(decode_kernels, case, dtype):
 
 
 def _cuda_op():
-    from fastpeft import _backend
+    from fastpeft.ops import environment
 
-    module, reason = _backend.cuda_extension()
+    module, reason = environment.cuda_extension()
     if module is None or not hasattr(torch.ops.fastpeft, "_cuda_prefix_decode"):
         pytest.skip(f"CUDA extension not available: {reason}")
     return torch.ops.fastpeft._cuda_prefix_decode

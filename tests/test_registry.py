@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from fastpeft import _backend
+from fastpeft.ops import environment
 from fastpeft.ops import library, registry
 from fastpeft.ops.arguments import canonicalize
 from fastpeft.ops.backends.base import Case
@@ -17,7 +17,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(autouse=True)
 def _fresh_warnings(monkeypatch):
-    monkeypatch.setattr(_backend, "_warned_messages", set())
+    monkeypatch.setattr(environment, "_warned_messages", set())
 
 
 def test_dispatch_order_is_the_specs():

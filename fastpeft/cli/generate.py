@@ -162,7 +162,7 @@ def run(args):
     loading.prepare_transformers()
     from transformers import AutoConfig
 
-    from ..adapters import BaseGeometry
+    from ..integration.geometry import BaseGeometry
 
     geometry = BaseGeometry.of(AutoConfig.from_pretrained(model_dir))
     for name, path in adapters.items():

@@ -23,7 +23,7 @@ def collect_info():
 
     import torch
 
-    from .. import _backend
+    from ..ops import environment
     from ..ops import backend_table
     from ..version import installed_version
 
@@ -44,10 +44,10 @@ def collect_info():
         warnings.simplefilter("ignore")
         backends = {name: {"available": available, "why": why}
                     for name, available, why in backend_table(torch.device(device["type"]))}
-        cpu_extension, cpu_extension_reason = _backend.cpu_extension()
+        cpu_extension, cpu_extension_reason = environment.cpu_extension()
     if cpu_extension is None:
         short_cpu = {"available": False, "why": f"{cpu_extension_reason} (the Python path runs instead)"}
-    elif not _backend.cpu_extension_enabled():
+    elif not environment.cpu_extension_enabled():
         short_cpu = {"available": False, "why": "FASTPEFT_CPU_EXTENSION=0 (the Python path runs instead)"}
     else:
         short_cpu = {"available": True, "why": "fastpeft._cpu loaded (the sdpa backend's short CPU path in C++)"}

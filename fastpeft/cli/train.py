@@ -240,7 +240,7 @@ def _train(args, examples, tasks, staging):
     steps_per_epoch = -(-len(rows) // args.batch_size)
     total_steps = args.max_steps or max(1, round(args.epochs * steps_per_epoch))
     stream = data_module.batches(rows, args.batch_size, tokenizer.pad_token_id, args.seed)
-    from ..adapters import BaseGeometry
+    from ..integration.geometry import BaseGeometry
 
     hidden_size = BaseGeometry.of(model.config).hidden_size
     torch.manual_seed(args.seed)

@@ -29,12 +29,13 @@ A decode step over a paged KV pool (the serving engine's; ``paged_cache.PagedKVC
 alone, and the attention function reads each row's keys through its block table (``fastpeft.ops.paged_prefix_decode``).
 """
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 
-from .. import _backend
+from ..ops import environment
 from ..ops.paged_decode import paged_prefix_decode_prevalidated
 from ..ops.prefix_attention import prefix_attention_prevalidated
 from ..ops.reference import reference_prefix_attention
@@ -155,6 +156,27 @@ class GenerationStepChecks:
         if self.pending is not None:
             pending, self.pending = self.pending, None
             pending.check_consumed(self.model_name, self.what)
+
+
+@contextlib.contextmanager
+def generating_with_prefix(model, add_prefix, what="the prefix"):
+    """For a ``model.generate`` run inside the block: every step's model inputs (after the model's
+    ``prepare_inputs_for_generation``) go through ``add_prefix(model_inputs)``, which may change them (positions)
+    and returns the step's ``PrefixSpec``; the step's forward gets that spec under ``PREFIX_KWARG``, and every
+    step's spec is checked to have been read by the layers (``what`` names it in the error). The one way fastpeft
+    generates with a prefix: ``fastpeft.accelerate``'s generate and ``AdapterBank.generate``."""
+    from . import compat
+
+    steps = GenerationStepChecks(type(model).__name__, what)
+
+    def add_spec(model_inputs):
+        spec = add_prefix(model_inputs)
+        model_inputs[PREFIX_KWARG] = steps.next(spec)
+        return model_inputs
+
+    with compat.generation_step_hook(model, add_spec):
+        yield
+    steps.finish()
 
 
 def is_decoder_self_attention(module):
@@ -524,7 +546,7 @@ def prefix_attention_with_dropout(module, query, key, value, prefix_k, prefix_v,
                                              prefix_lengths=prefix_lengths, key_padding_mask=key_padding_mask,
                                              causal=causal, softmax_scale=softmax_scale, attn_bias=attn_bias,
                                              plan_cache=plan_cache)
-    _backend.warn_once(f"attention dropout p={dropout} is not fused; {type(module).__name__} uses the "
+    environment.warn_once(f"attention dropout p={dropout} is not fused; {type(module).__name__} uses the "
                        "unfused PyTorch path while training (set the model's attention dropout to 0 for speed)")
     if prefix_k.dim() == 3:  # a prefix shared by every row: the reference path takes a one-entry table
         prefix_k, prefix_v = prefix_k.unsqueeze(0), prefix_v.unsqueeze(0)

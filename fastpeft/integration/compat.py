@@ -25,7 +25,7 @@ import weakref
 
 import torch
 
-from .. import _backend
+from ..ops import environment
 from ..version import installed_version
 
 # (oldest, newest) release the whole test suite passes on; pyproject's ranges start at the oldest. Update both
@@ -65,13 +65,16 @@ def cache_keyword(model):
 
 def cache_kwargs(model, cache):
     """``{keyword: cache}`` for calling ``model`` with ``cache`` under the keyword it takes (``{}`` for None).
-    Passing the deprecated name would log transformers' deprecation warning on every call."""
+    Passing the deprecated name would log transformers' deprecation warning on every call. A cache that fastpeft's
+    attention function reads itself adds the keyword arguments it needs there (its ``fastpeft_attention_kwargs``:
+    ``paged_cache.PagedKVCache`` under ``fastpeft_paged``), since transformers hands attention functions the forward's
+    extra keyword arguments but not the cache."""
     if cache is None:
         return {}
     name = cache_keyword(model)
     if name is None:
         raise ValueError(f"{type(model).__name__}.forward takes no KV cache (neither 'cache' nor 'past_key_values')")
-    return {name: cache}
+    return {name: cache, **getattr(cache, "fastpeft_attention_kwargs", {})}
 
 
 def cache_in(mapping):
@@ -466,7 +469,7 @@ def warn_if_untested(user):
     for package, (oldest, newest) in TESTED_VERSIONS.items():
         installed, status = version_status(package)
         if status == "newer than tested":
-            _backend.warn_once(f"{package} {installed} is newer than the newest release fastpeft was tested with "
+            environment.warn_once(f"{package} {installed} is newer than the newest release fastpeft was tested with "
                                f"({newest}; tested {oldest} to {newest}). {user} should work, but check its outputs "
                                "against plain PEFT (`bash .ci/run-latest` runs the suite on the newest releases), "
                                "or install the tested set: `pip install -c constraints.txt ...` (see the README)")

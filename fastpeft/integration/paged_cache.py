@@ -7,10 +7,10 @@ whose slots follow (the pool made room for them before the forward). Every layer
 new keys and values into those slots. What attention then reads:
 
 * a decode step (every row feeds one token): nothing is gathered. ``update`` hands attention the new token's states
-  only, and fastpeft's attention function, finding this cache under ``PAGED_KWARG`` (``forward_kwargs`` passes it),
-  reads each row's prefix entry and its ``context + 1`` tokens through the block table with
-  ``fastpeft.ops.paged_prefix_decode``. ``check_consumed`` after the forward verifies that every layer did (any other
-  attention would see the new token alone);
+  only, and fastpeft's attention function, finding this cache under ``PAGED_KWARG`` (``compat.cache_kwargs`` passes
+  it there besides the cache keyword), reads each row's prefix entry and its ``context + 1`` tokens through the block
+  table with ``fastpeft.ops.paged_prefix_decode``. ``check_consumed`` after the forward verifies that every layer did
+  (any other attention would see the new token alone);
 * a prefill chunk (rows feed up to ``L`` tokens): ``update`` gathers each row's earlier tokens, right-aligned in
   ``max_context`` columns, and appends the chunk (right-padded to ``L``): ``[B, Hkv, max_context + L, D]``. Query
   ``i`` then sits at column ``max_context + i``, exactly where bottom-right causal alignment puts it, so any attention
@@ -25,7 +25,6 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..ops.block_table import gather, plan_gather
-from . import compat
 from .attention import PAGED_KWARG
 
 
@@ -80,10 +79,11 @@ class PagedKVCache(Cache):
 
     # ----- what the caller passes the model ------------------------------------------------------------------------
 
-    def forward_kwargs(self, model):
-        """The keyword arguments that give ``model`` this cache: under the keyword its forward takes a cache by
-        (``compat.cache_kwargs``), and as ``PAGED_KWARG`` for fastpeft's attention function."""
-        return {**compat.cache_kwargs(model, self), PAGED_KWARG: self}
+    @property
+    def fastpeft_attention_kwargs(self):
+        """What ``compat.cache_kwargs`` passes a model besides this cache: the cache again under ``PAGED_KWARG``, for
+        fastpeft's attention function, which reads a decode step's keys through the block table."""
+        return {PAGED_KWARG: self}
 
     def attention_mask(self):
         """``[B, max_context + L]`` long (1 = a key the row sees: its context, right-aligned, and its real new tokens),

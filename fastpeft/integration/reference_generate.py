@@ -16,6 +16,7 @@ tuning forward hands its prefix over as a cache); no cache survives from one ste
 
 import torch
 
+from ..sampling import logits_processors
 from .compat import adapters_disabled
 
 
@@ -41,20 +42,6 @@ def _last_logits(model, input_ids, attention_mask, per_row):
     return torch.stack(rows).float()
 
 
-def _sampling_processors(temperature, top_k, top_p):
-    """transformers' own logits warpers, in the order its ``generate`` applies them."""
-    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
-    processors = LogitsProcessorList()
-    if temperature != 1.0:
-        processors.append(TemperatureLogitsWarper(temperature))
-    if top_k:
-        processors.append(TopKLogitsWarper(top_k))
-    if top_p < 1.0:
-        processors.append(TopPLogitsWarper(top_p))
-    return processors
-
-
 @torch.no_grad()
 def generate_without_cache(model, input_ids, attention_mask=None, max_new_tokens=8, do_sample=False,
                            temperature=1.0, top_k=50, top_p=1.0, eos_token_id=None, pad_token_id=0,
@@ -74,7 +61,7 @@ def generate_without_cache(model, input_ids, attention_mask=None, max_new_tokens
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     per_row = _rows_run_alone(model)
-    processors = _sampling_processors(temperature, top_k, top_p) if do_sample else None
+    processors = logits_processors(do_sample, temperature, top_k, top_p)
     eos = None if eos_token_id is None else torch.tensor(
         [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=input_ids.device)
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from .. import _backend
+from . import environment
 from .backends.base import Case
 from .backends.cuda import CudaBackend
 from .backends.reference import ReferenceBackend
@@ -57,7 +57,7 @@ def select(device, dtype, decode, bias):
             raise ValueError(f"FASTPEFT_BACKEND={forced} cannot run here: {why}")
         return forced
     chosen = _first_supporting(case, BACKENDS[BACKENDS.index(backend) + 1:])
-    _backend.warn_once(f"FASTPEFT_BACKEND={forced}: {out_of_scope}; such calls run on the {chosen} backend")
+    environment.warn_once(f"FASTPEFT_BACKEND={forced}: {out_of_scope}; such calls run on the {chosen} backend")
     return chosen
 
 
@@ -76,9 +76,9 @@ def _first_supporting(case, candidates):
         why = backend.unavailable(case.device, case.dtype)
         if why is None:
             if passed is not None and backend.name == "reference":
-                _backend.warn_fallback_once(f"attn_bias with {passed[1]}" if case.bias else passed[1])
+                environment.warn_fallback_once(f"attn_bias with {passed[1]}" if case.bias else passed[1])
             elif passed is not None and case.device.type in passed[0].expected_on:
-                _backend.warn_once(f"the {passed[0].name} backend cannot run here ({passed[1]}); using the "
+                environment.warn_once(f"the {passed[0].name} backend cannot run here ({passed[1]}); using the "
                                    f"{backend.name} backend ({backend.summary})")
             return backend.name
         passed = (backend, why)

@@ -32,7 +32,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..bank import NO_ADAPTER_SLOT, _check_sampling, _positions
+from ..bank import NO_ADAPTER_SLOT
+from ..prefix_tables import pad_aware_positions
+from ..sampling import check_sampling, logits_processors
 
 
 class QueueFull(Exception):
@@ -81,7 +83,8 @@ class _Row:
     def __init__(self, request, slot, prefix_slot, offset, generator):
         self.request, self.slot, self.prefix_slot, self.offset = request, slot, prefix_slot, offset
         self.length, self.last_token, self.generator = 0, None, generator
-        self.processors = _logits_processors(request)
+        self.processors = logits_processors(bool(request.temperature), request.temperature, request.top_k,
+                                             request.top_p, request.repetition_penalty)
 
 
 class SlotCache:
@@ -174,7 +177,7 @@ class Engine:
             raise ValueError(f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) exceeds "
                              f"the server's context of {self.max_len} tokens")
         if request.temperature:
-            _check_sampling(request.temperature, request.top_k, request.top_p)
+            check_sampling(request.temperature, request.top_k, request.top_p)
         if not request.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be positive, got {request.repetition_penalty!r}")
         with self._lock:
@@ -280,9 +283,9 @@ class Engine:
         """A ``_Row`` for ``request`` in a free slot, or None after ending it (its adapter is gone)."""
         bank = self.bank
         if request.adapter is None:
-            prefix_slot = NO_ADAPTER_SLOT
+            prefix_slot, offset = NO_ADAPTER_SLOT, 0
         elif request.adapter in bank:
-            prefix_slot = bank.slot_of(request.adapter)
+            prefix_slot, offset = bank.slot_of(request.adapter), bank.num_virtual_tokens(request.adapter)
         else:
             request.events.put(("error", f"adapter {request.adapter!r} is not loaded"))
             return None
@@ -292,7 +295,7 @@ class Engine:
         with self._lock:
             slot = min(self._free_slots)  # the lowest: running rows stay packed at the front (_compact_slots)
             self._free_slots.remove(slot)
-        return _Row(request, slot, prefix_slot, bank._lengths_host[prefix_slot], generator)
+        return _Row(request, slot, prefix_slot, offset, generator)
 
     def _prefill(self, requests):
         bank = self.bank
@@ -317,7 +320,7 @@ class Engine:
 
         with torch.inference_mode():
             cache = DynamicCache(config=bank.model.config)
-            logits = bank._forward(ids, mask, _positions(mask, offsets), bank._prefix_spec(prefix_index), cache)
+            logits = bank.forward(ids, mask, pad_aware_positions(mask, offsets), prefix_index, cache)
             last = torch.tensor(lengths, device=device) - 1
             next_logits = logits[torch.arange(len(rows), device=device), last]
             for layer in range(len(self.cache.keys)):
@@ -368,7 +371,7 @@ class Engine:
             ids = torch.tensor([[row.last_token] for row in rows], device=device)
             positions = (torch.tensor([row.offset for row in rows], device=device) + lengths).unsqueeze(1)
             prefix_index = torch.tensor([row.prefix_slot for row in rows], dtype=torch.int32, device=device)
-            logits = bank._forward(ids, mask, positions, bank._prefix_spec(prefix_index), cache, logits_to_keep=1)
+            logits = bank.forward(ids, mask, positions, prefix_index, cache, logits_to_keep=1)
         for row in rows:
             row.length += 1
         self.stats["steps"] += 1
@@ -418,21 +421,3 @@ class Engine:
             self.stats["cancelled"] += 1
         request.events.put(("done", reason))
 
-
-def _logits_processors(request):
-    """transformers' logits processors and warpers for ``request``, in the order its ``generate`` applies them
-    (repetition penalty, then temperature, top-k, top-p); empty for plain greedy decoding (the argmax fast path)."""
-    from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                              TopKLogitsWarper, TopPLogitsWarper)
-
-    processors = LogitsProcessorList()
-    if request.repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(request.repetition_penalty))
-    if request.temperature:
-        if request.temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(request.temperature))
-        if request.top_k:
-            processors.append(TopKLogitsWarper(request.top_k))
-        if request.top_p < 1.0:
-            processors.append(TopPLogitsWarper(request.top_p))
-    return processors

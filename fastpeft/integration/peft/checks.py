@@ -4,7 +4,7 @@ call the conditions under which fastpeft's numbers are PEFT's (prefix consumed b
 checkpointing, no padding with prefix-less layers).
 """
 
-from ...adapters import BaseGeometry
+from ..geometry import BaseGeometry
 from .. import attention, compat
 
 

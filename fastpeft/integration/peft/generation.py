@@ -19,7 +19,8 @@ def accelerated_generate(self, *args, **kwargs):
     Prefix tuning: the prefix is the prompt encoder's output. Prompt tuning / p-tuning: the virtual tokens' K/V,
     computed once (``prefix.virtual_token_prefix_spec``), so prefill and cache cover the real tokens only. The
     backbone's ``generate`` runs with every step's model inputs extended (``compat.generation_step_hook``, an
-    instance attribute for the call, as PEFT's own generate does) by ``fastpeft_prefix``; the cache holds only real
+    instance attribute for the call, as PEFT's own generate does: ``attention.generating_with_prefix``) by
+    ``fastpeft_prefix``; the cache holds only real
     tokens, so beam search reorders nothing of the prefix. Positions are PEFT's: prefix tuning takes each step's
     pad-aware position_ids (``cumsum(mask) - 1`` from transformers) ``+ P``; prompt tuning and p-tuning number the
     concatenation, not pad-aware: ``P + cached tokens + arange(new tokens)``. Inside ``disable_adapter()`` it is the
@@ -41,8 +42,6 @@ def accelerated_generate(self, *args, **kwargs):
     with torch.no_grad():
         spec = prefix_spec(self) if prefix_tuning else virtual_token_prefix_spec(self)
     check_padding_with_prefixless_layers(spec, kwargs.get("attention_mask"), type(base).__name__)
-    steps = attention.GenerationStepChecks(type(base).__name__, "the prefix" if prefix_tuning
-                                           else "the virtual tokens' keys and values")
     cached_prefix = prefix_positions(spec, num_virtual_tokens)
 
     def add_prefix(model_inputs):
@@ -68,13 +67,11 @@ def accelerated_generate(self, *args, **kwargs):
         model_inputs["position_ids"] = position_ids
         # Sliding-window layers count the window over PEFT's positions, prefix first: generate's are pad-aware for
         # prefix tuning (each row as PEFT runs it alone) and number the concatenation for prompt tuning.
-        model_inputs[attention.PREFIX_KWARG] = steps.next(dataclasses.replace(spec, query_positions=queries))
-        return model_inputs
+        return dataclasses.replace(spec, query_positions=queries)
 
-    with compat.generation_step_hook(base, add_prefix):
-        output = base.generate(*args, **kwargs)
-    steps.finish()
-    return output
+    what = "the prefix" if prefix_tuning else "the virtual tokens' keys and values"
+    with attention.generating_with_prefix(base, add_prefix, what):
+        return base.generate(*args, **kwargs)
 
 
 def accelerated_seq2seq_generate(self, **kwargs):
@@ -94,14 +91,6 @@ def accelerated_seq2seq_generate(self, **kwargs):
     with torch.no_grad():
         spec = encoder_decoder_prefix_spec(self)
 
-    steps = attention.GenerationStepChecks(type(base).__name__)
-
-    def add_prefix(model_inputs):
-        model_inputs[attention.PREFIX_KWARG] = steps.next(spec)
-        return model_inputs
-
-    with compat.generation_step_hook(base, add_prefix), \
+    with attention.generating_with_prefix(base, lambda model_inputs: spec), \
             compat.decoder_positions_shifted(base, config.num_virtual_tokens):
-        output = base.generate(**kwargs)
-    steps.finish()
-    return output
+        return base.generate(**kwargs)

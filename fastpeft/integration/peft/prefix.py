@@ -5,8 +5,10 @@ virtual tokens' K/V of prompt tuning / p-tuning.
 
 import warnings
 
-from ...adapters import BaseGeometry, split_prefix
+from ...adapters import split_prefix
+from ..geometry import BaseGeometry
 from .. import attention, compat
+from ..virtual_tokens import virtual_token_key_values
 from .checks import decoder_self_attention_layers, peft_sizes_prefix_per_layer, peft_types
 from .state import STATE_ATTR, kv_sharing_sources
 
@@ -132,8 +134,6 @@ def virtual_token_prefix_spec(peft_model):
     The prompts are PEFT's: ``embedding.weight`` in inference mode, else the encoder over the ``(1, P)`` ids (the
     p-tuning MLP/LSTM reads the whole sequence), cast to the word embeddings' dtype.
     """
-    from transformers import DynamicCache
-
     adapter = peft_model.active_adapter
     config = peft_model.peft_config[adapter]
     encoder = peft_model.prompt_encoder[adapter]
@@ -145,23 +145,6 @@ def virtual_token_prefix_spec(peft_model):
         tokens = peft_model.prompt_tokens[adapter].unsqueeze(0).to(encoder.embedding.weight.device)
         prompts = encoder(tokens)
     prompts = prompts.to(peft_model.word_embeddings.weight.dtype)
-    base = peft_model.get_base_model()
-    # A cache of full layers, built without the model's config: a sliding-window layer's own cache would keep only
-    # the last window - 1 virtual tokens, and every later query that the window lets see the others needs them all.
-    output = base(inputs_embeds=prompts, use_cache=True, **compat.cache_kwargs(base, DynamicCache()))
-    cache = compat.cache_of(output)
-    if cache is None:  # transformers drops the cache when gradient checkpointing is on in training mode
-        raise ValueError("generate with prompt tuning / p-tuning needs the backbone's KV cache for the virtual "
-                         "tokens; with gradient checkpointing enabled, call model.eval() before generate")
     # Layers that reuse another layer's K/V (Gemma 4) keep no cache of their own: they see their source's.
-    sources = kv_sharing_sources(peft_model)
-    num_layers = max(len(cache), 1 + max(sources, default=-1))
-    keys, values = [], []
-    for layer in range(num_layers):
-        layer_k, layer_v = compat.cache_layer_key_values(cache, sources.get(layer, layer))
-        if layer_k is None or layer_k.shape[-2] != config.num_virtual_tokens:
-            raise ValueError(f"{type(base).__name__}'s layer {layer} kept no keys for the {config.num_virtual_tokens} "
-                             "virtual tokens in its cache; fastpeft cannot serve them to that layer in generate")
-        keys.append(layer_k[0])
-        values.append(layer_v[0])
+    keys, values = virtual_token_key_values(peft_model.get_base_model(), prompts, kv_sharing_sources(peft_model))
     return attention.PrefixSpec.build(keys, values)

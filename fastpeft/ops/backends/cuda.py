@@ -5,7 +5,7 @@ here)."""
 
 import torch
 
-from ... import _backend
+from .. import environment
 from ..arguments import SUPPORTED_DTYPES
 from .base import Backend
 
@@ -26,7 +26,7 @@ class CudaBackend(Backend):
             return "needs CUDA tensors"
         if dtype not in SUPPORTED_DTYPES:
             return f"the CUDA kernels take no {dtype} inputs"
-        module, why = _backend.cuda_extension()   # (the first failed load warns once itself)
+        module, why = environment.cuda_extension()   # (the first failed load warns once itself)
         return None if module is not None else why
 
     def decode(self, args, plan):

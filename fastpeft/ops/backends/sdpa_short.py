@@ -38,7 +38,7 @@ import functools
 
 import torch
 
-from ... import _backend
+from .. import environment
 from ..arguments import accumulation_dtype
 from ..masks import NEG_INF, additive, causal_visible, prefix_visible
 from ..prefix_table import gather_prefix, sum_prefix_grads
@@ -84,7 +84,7 @@ def _causal_bias(S, L, group, dtype, device):
 def compiled():
     """Whether this path runs in C++ here: the extension is built (else one warning, the first time) and not switched
     off (``FASTPEFT_CPU_EXTENSION=0``); otherwise it runs in Python."""
-    return _backend.cpu_extension_enabled() and _backend.cpu_extension()[0] is not None
+    return environment.cpu_extension_enabled() and environment.cpu_extension()[0] is not None
 
 
 def forward(args, host, for_backward, in_cpp):

@@ -4,7 +4,7 @@ call, never when fastpeft is imported."""
 
 import torch
 
-from ... import _backend
+from .. import environment
 from .base import Backend
 
 
@@ -20,11 +20,11 @@ class TritonBackend(Backend):
 
     def unavailable(self, device, dtype):
         # Device first: a plain CPU call must not pay for importing triton.
-        if not (device.type == "cuda" or (device.type == "cpu" and _backend.triton_interpreting())):
+        if not (device.type == "cuda" or (device.type == "cpu" and environment.triton_interpreting())):
             return "needs CUDA tensors (or TRITON_INTERPRET=1 to interpret the kernels on CPU)"
         if dtype == torch.float64:
             return "the Triton kernels take no float64 inputs"
-        available, why = _backend.triton_available()
+        available, why = environment.triton_available()
         return None if available else why
 
     def forward(self, args, plan, for_backward):
