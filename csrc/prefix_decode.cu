@@ -14,7 +14,8 @@
 // The virtual key range of row b is [0, plen + S): positions below plen = prefix_lengths[prefix_index[b]]
 // read the table entry in place, the rest read k[b] (skipping padding keys without loading them). The
 // range is cut into num_splits chunks of chunk_len keys; chunks past a short row's end are empty and
-// write an empty partial.
+// write an empty partial. Paged (kPaged): S is the row's seq_lens[b] and key j is read from the pool block
+// block_table[b, j / block_size] at offset j % block_size; everything else is the same kernel.
 
 #include "prefix_decode.h"
 
@@ -120,7 +121,7 @@ __device__ __forceinline__ void merge_scale(float& m, float m_other, float& self
   m = m_new;
 }
 
-template <typename T, int kHeadDimBucket, int kGroupTile>
+template <typename T, int kHeadDimBucket, int kGroupTile, bool kPaged>
 __global__ void __launch_bounds__(kThreads)
     prefix_decode_split_kernel(const PrefixDecodeParams p, int chunk_len, int head_chunks, bool vectorized) {
   constexpr int kVec = Elem<T>::kVec;
@@ -149,8 +150,9 @@ __global__ void __launch_bounds__(kThreads)
   // Clamped so that a bad index or length never addresses outside the table; the Python layer validates.
   const int entry = min(max(p.prefix_index[b], 0), p.table_size - 1);
   const int prefix_len = min(max(p.prefix_lengths[entry], 0), p.prefix_capacity);
+  const int seq_len = kPaged ? min(max(p.seq_lens[b], 0), p.seq_len) : p.seq_len;
   const int chunk_start = split * chunk_len;
-  const int chunk_end = min(chunk_start + chunk_len, prefix_len + p.seq_len);
+  const int chunk_end = min(chunk_start + chunk_len, prefix_len + seq_len);
 
   // This lane's dims: vector j covers [(j * kLanesPerKey + lane_in_key) * kVec, + kVec).
   float q[kGroupTile][kElems];
@@ -180,9 +182,11 @@ __global__ void __launch_bounds__(kThreads)
 
   const T* prefix_k_base = static_cast<const T*>(p.prefix_k) + entry * p.stride_pk_t + kv_head * p.stride_pk_h;
   const T* prefix_v_base = static_cast<const T*>(p.prefix_v) + entry * p.stride_pv_t + kv_head * p.stride_pv_h;
-  const T* k_base = static_cast<const T*>(p.k) + b * p.stride_k_b + kv_head * p.stride_k_h;
-  const T* v_base = static_cast<const T*>(p.v) + b * p.stride_v_b + kv_head * p.stride_v_h;
+  // Dense: the row's keys start at k[b]. Paged: each key's block is looked up below.
+  const T* k_base = static_cast<const T*>(p.k) + (kPaged ? 0 : b * p.stride_k_b) + kv_head * p.stride_k_h;
+  const T* v_base = static_cast<const T*>(p.v) + (kPaged ? 0 : b * p.stride_v_b) + kv_head * p.stride_v_h;
   const uint8_t* mask_row = p.key_padding_mask ? p.key_padding_mask + b * p.stride_mask_b : nullptr;
+  const int32_t* block_row = kPaged ? p.block_table + b * p.stride_bt_b : nullptr;
 
   // The loop bound depends on the warp only, so every lane reaches the shuffles below.
   for (int base = chunk_start + warp * kKeysPerWarpStep; base < chunk_end; base += kWarps * kKeysPerWarpStep) {
@@ -199,7 +203,12 @@ __global__ void __launch_bounds__(kThreads)
           v_row = prefix_v_base + pos * p.stride_pv_p;
         } else {
           const int j = pos - prefix_len;
-          if (mask_row == nullptr || mask_row[j * p.stride_mask_s] != 0) {
+          if (kPaged) {
+            const int block = min(max(block_row[j / p.block_size], 0), p.num_blocks - 1);
+            const int offset = j % p.block_size;
+            k_row = k_base + block * p.stride_k_b + offset * p.stride_k_s;
+            v_row = v_base + block * p.stride_v_b + offset * p.stride_v_s;
+          } else if (mask_row == nullptr || mask_row[j * p.stride_mask_s] != 0) {
             k_row = k_base + j * p.stride_k_s;
             v_row = v_base + j * p.stride_v_s;
           }
@@ -408,8 +417,14 @@ cudaError_t launch_split(const PrefixDecodeParams& p, int chunk_len, cudaStream_
   const int group = p.q_heads / p.kv_heads;
   const int head_chunks = ceil_div(group, kGroupTile);
   const dim3 grid(static_cast<unsigned>(p.batch) * p.kv_heads * head_chunks, p.num_splits);
-  prefix_decode_split_kernel<T, kHeadDimBucket, kGroupTile>
-      <<<grid, kThreads, 0, stream>>>(p, chunk_len, head_chunks, can_vectorize(p, Elem<T>::kVec));
+  const bool vectorized = can_vectorize(p, Elem<T>::kVec);
+  if (p.block_table != nullptr) {
+    prefix_decode_split_kernel<T, kHeadDimBucket, kGroupTile, true>
+        <<<grid, kThreads, 0, stream>>>(p, chunk_len, head_chunks, vectorized);
+  } else {
+    prefix_decode_split_kernel<T, kHeadDimBucket, kGroupTile, false>
+        <<<grid, kThreads, 0, stream>>>(p, chunk_len, head_chunks, vectorized);
+  }
   return cudaGetLastError();
 }
 
@@ -464,7 +479,8 @@ size_t prefix_decode_workspace_floats(const PrefixDecodeParams& p) {
 cudaError_t prefix_decode_launch(const PrefixDecodeParams& p, DecodeDType dtype, cudaStream_t stream) {
   if (p.head_dim < 1 || p.head_dim > 256 || p.num_splits < 1 || p.num_splits > kMaxSplits ||
       p.kv_heads < 1 || p.q_heads % p.kv_heads != 0 || p.table_size < 1 ||
-      (p.num_splits > 1 && p.workspace == nullptr)) {
+      (p.num_splits > 1 && p.workspace == nullptr) ||
+      (p.block_table != nullptr && (p.seq_lens == nullptr || p.block_size < 1 || p.num_blocks < 1))) {
     return cudaErrorInvalidValue;
   }
   if (p.batch == 0 || p.q_heads == 0) return cudaSuccess;

@@ -3,7 +3,10 @@
 
 * ``_prefix_decode_split_kernel``, grid ``(B * Hkv * head_chunks, num_splits)``: one kv head of one row, ``BLOCK_G``
   of the query heads that read it, one chunk of the row's virtual key range ``[prefix ; k]``; an online softmax
-  in float32, stored as a partial state (or, with one split, as the normalized output).
+  in float32, stored as a partial state (or, with one split, as the normalized output). ``PAGED``: the row's own
+  keys are read from a paged cache ``[num_blocks, Hkv, KV_BLOCK_SIZE, D]`` through its block table (key ``j`` in
+  block ``block_table[b, j // KV_BLOCK_SIZE]`` at offset ``j % KV_BLOCK_SIZE``), ``seq_lens[b]`` of them, instead of
+  from ``k[b, :, :S]``.
 * ``_prefix_decode_combine_kernel``, grid ``(B * Hq,)``: the splits' states rescaled to their common max and summed.
 """
 
@@ -38,6 +41,7 @@ def _online_softmax_tile(q, k_tile, v_tile, visible, m_i, l_i, acc, qk_scale, DO
 @triton.jit
 def _prefix_decode_split_kernel(
     q_ptr, k_ptr, v_ptr, prefix_k_ptr, prefix_v_ptr, prefix_index_ptr, prefix_lengths_ptr, mask_ptr,
+    block_table_ptr, seq_lens_ptr,
     out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     stride_q_b, stride_q_h, stride_q_d,
     stride_k_b, stride_k_h, stride_k_s, stride_k_d,
@@ -45,12 +49,16 @@ def _prefix_decode_split_kernel(
     stride_pk_t, stride_pk_h, stride_pk_p, stride_pk_d,
     stride_pv_t, stride_pv_h, stride_pv_p, stride_pv_d,
     stride_mask_b, stride_mask_s,
+    stride_bt_b, stride_bt_n,
     stride_o_b, stride_o_h, stride_o_d,
-    Hq, Hkv, S, P, T, D, chunk_len, qk_scale,
+    Hq, Hkv, S, P, T, D, num_blocks, chunk_len, qk_scale,
     GROUP: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_MASK: tl.constexpr, SINGLE_SPLIT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    PAGED: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
 ):
+    # Dense: k/v are [B, Hkv, S, D] and every row has S keys. PAGED: k/v are the caches [num_blocks, Hkv,
+    # KV_BLOCK_SIZE, D] (stride_k_b steps over blocks), S = max_blocks * KV_BLOCK_SIZE bounds every row's length.
     pid_row = tl.program_id(0)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
@@ -59,8 +67,12 @@ def _prefix_decode_split_kernel(
     kv_head = pid_row // HEAD_CHUNKS % Hkv
 
     entry, prefix_len = row_prefix(prefix_index_ptr, prefix_lengths_ptr, b, T, P)
+    if PAGED:   # clamped like the prefix reads: unchecked lengths never reach past the row's block table
+        row_len = tl.minimum(tl.maximum(tl.load(seq_lens_ptr + b), 0), S)
+    else:
+        row_len = S
     chunk_start = split * chunk_len
-    chunk_end = tl.minimum(chunk_start + chunk_len, prefix_len + S)
+    chunk_end = tl.minimum(chunk_start + chunk_len, prefix_len + row_len)
 
     offs_g = head_chunk * BLOCK_G + tl.arange(0, BLOCK_G)
     offs_n = tl.arange(0, BLOCK_N)
@@ -92,19 +104,31 @@ def _prefix_decode_split_kernel(
     # Sequence part: virtual positions [max(chunk_start, prefix_len), chunk_end) are keys j = pos - prefix_len.
     seq_start = tl.maximum(chunk_start, prefix_len) - prefix_len
     seq_stop = chunk_end - prefix_len
-    k_base = k_ptr + b.to(tl.int64) * stride_k_b + kv_head * stride_k_h
-    v_base = v_ptr + b.to(tl.int64) * stride_v_b + kv_head * stride_v_h
+    if PAGED:
+        k_base = k_ptr + kv_head * stride_k_h
+        v_base = v_ptr + kv_head * stride_v_h
+    else:
+        k_base = k_ptr + b.to(tl.int64) * stride_k_b + kv_head * stride_k_h
+        v_base = v_ptr + b.to(tl.int64) * stride_v_b + kv_head * stride_v_h
     for start in range(seq_start, seq_stop, BLOCK_N):
         pos = start + offs_n
         visible = pos < seq_stop
-        if HAS_MASK:
-            # Padding keys are never loaded: their lanes are masked off the K/V loads too.
-            visible &= tl.load(mask_ptr + b * stride_mask_b + pos * stride_mask_s, mask=visible, other=0) != 0
+        if PAGED:
+            # Each key's block from the row's table (clamped into the pool: unchecked entries stay in bounds).
+            block = tl.load(block_table_ptr + b.to(tl.int64) * stride_bt_b + (pos // KV_BLOCK_SIZE) * stride_bt_n,
+                            mask=visible, other=0)
+            block = tl.minimum(tl.maximum(block, 0), num_blocks - 1).to(tl.int64)
+            k_rows = block * stride_k_b + (pos % KV_BLOCK_SIZE) * stride_k_s
+            v_rows = block * stride_v_b + (pos % KV_BLOCK_SIZE) * stride_v_s
+        else:
+            if HAS_MASK:
+                # Padding keys are never loaded: their lanes are masked off the K/V loads too.
+                visible &= tl.load(mask_ptr + b * stride_mask_b + pos * stride_mask_s, mask=visible, other=0) != 0
+            k_rows = pos * stride_k_s
+            v_rows = pos * stride_v_s
         tile_mask = visible[:, None] & d_valid[None, :]
-        k_tile = tl.load(k_base + pos[:, None] * stride_k_s + offs_d[None, :] * stride_k_d,
-                         mask=tile_mask, other=0.0)
-        v_tile = tl.load(v_base + pos[:, None] * stride_v_s + offs_d[None, :] * stride_v_d,
-                         mask=tile_mask, other=0.0)
+        k_tile = tl.load(k_base + k_rows[:, None] + offs_d[None, :] * stride_k_d, mask=tile_mask, other=0.0)
+        v_tile = tl.load(v_base + v_rows[:, None] + offs_d[None, :] * stride_v_d, mask=tile_mask, other=0.0)
         m_i, l_i, acc = _online_softmax_tile(q, k_tile, v_tile, visible, m_i, l_i, acc, qk_scale, DOT_IN_FP32)
 
     if SINGLE_SPLIT:

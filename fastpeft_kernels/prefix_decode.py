@@ -1,5 +1,6 @@
-"""The launcher of the split-KV ("flash-decoding") Triton kernels (``fastpeft.kernels.decode``) for one new query
-per row (L == 1), inference only.
+"""The launchers of the split-KV ("flash-decoding") Triton kernels (``fastpeft.kernels.decode``) for one new query
+per row (L == 1), inference only: ``prefix_decode_fwd`` over dense K/V, ``paged_prefix_decode_fwd`` over a paged KV
+cache read through block tables (the same kernels; only where a key is loaded from differs).
 
 Row ``b`` attends over ``[prefix_k[t][:plen] ; k[b]]`` with ``t = prefix_index[b]`` and
 ``plen = prefix_lengths[t]``; the table entry is read in place, never gathered or concatenated. With
@@ -92,10 +93,42 @@ def prefix_decode_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
 
     Returns ``[B, Hq, 1, D]`` in q's dtype; a query that sees no key gets zeros. Accumulation is float32.
     """
-    B, Hq, L, D = q.shape
-    if L != 1:
-        raise ValueError(f"prefix_decode_fwd takes one query per row (L == 1), got L={L}")
-    Hkv, S = k.shape[1], k.shape[2]
+    if q.shape[2] != 1:
+        raise ValueError(f"prefix_decode_fwd takes one query per row (L == 1), got L={q.shape[2]}")
+    mask = None
+    if key_padding_mask is not None:
+        mask = (key_padding_mask.view(torch.uint8), key_padding_mask.stride(0), key_padding_mask.stride(1))
+    return _launch(q, k, v, k.shape[2], prefix_k, prefix_v, prefix_index, prefix_lengths, softmax_scale, num_splits,
+                   mask=mask)
+
+
+def paged_prefix_decode_fwd(q, key_cache, value_cache, block_table, seq_lens, prefix_k, prefix_v, prefix_index,
+                            prefix_lengths, softmax_scale, num_splits=None):
+    """``prefix_decode_fwd`` with the rows' own keys read from a paged cache through their block tables.
+
+    Arguments (canonical form, validated by ``fastpeft.ops.paged_prefix_decode``): q ``[B, Hq, 1, D]``;
+    key_cache, value_cache ``[num_blocks, Hkv, block_size, D]`` (any strides); block_table ``[B, max_blocks]`` int32
+    (row ``b``'s key ``j`` in block ``block_table[b, j // block_size]``, offset ``j % block_size``); seq_lens ``[B]``
+    int32, each row's number of keys; the prefix table, its index and lengths; softmax_scale; num_splits as above.
+    The split heuristic bounds every row by ``max_blocks * block_size`` keys (no host read of seq_lens); splits past
+    a short row's end are empty.
+    """
+    if q.shape[2] != 1:
+        raise ValueError(f"paged_prefix_decode_fwd takes one query per row (L == 1), got L={q.shape[2]}")
+    block_size = key_cache.shape[2]
+    # The kernel indexes these with unit stride in their last axis; they are small, so a copy costs nothing.
+    paged = (block_table.contiguous(), seq_lens.contiguous(), block_size, key_cache.shape[0])
+    return _launch(q, key_cache, value_cache, block_table.shape[1] * block_size, prefix_k, prefix_v, prefix_index,
+                   prefix_lengths, softmax_scale, num_splits, paged=paged)
+
+
+def _launch(q, k, v, max_keys_per_row, prefix_k, prefix_v, prefix_index, prefix_lengths, softmax_scale, num_splits,
+            mask=None, paged=None):
+    """The split and combine kernels for dense K/V (``mask``: ``(uint8 view, stride_b, stride_s)`` of a key padding
+    mask, or None) or a paged cache (``paged``: ``(block_table, seq_lens, block_size, num_blocks)``)."""
+    B, Hq, _, D = q.shape
+    Hkv = k.shape[1]
+    S = max_keys_per_row
     T, P = prefix_k.shape[0], prefix_k.shape[2]
     group = Hq // Hkv
     out = torch.empty_like(q)
@@ -122,13 +155,15 @@ def prefix_decode_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
         part_acc = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
     # The kernel reads these with unit stride; they are tiny, so a copy of a strided view costs nothing.
     prefix_index, prefix_lengths = prefix_index.contiguous(), prefix_lengths.contiguous()
-    has_mask = key_padding_mask is not None
-    mask = key_padding_mask.view(torch.uint8) if has_mask else prefix_index  # placeholder pointer when absent
-    mask_strides = (key_padding_mask.stride(0), key_padding_mask.stride(1)) if has_mask else (0, 0)
+    # Absent inputs get a placeholder pointer (prefix_index), never read: HAS_MASK / PAGED are off.
+    mask_ptr, *mask_strides = mask if mask is not None else (prefix_index, 0, 0)
+    block_table, seq_lens, block_size, num_blocks = paged if paged is not None else (prefix_index, prefix_index, 1, 1)
+    bt_strides = (block_table.stride(0), block_table.stride(1)) if paged is not None else (0, 0)
     dot_in_fp32 = q.dtype == torch.float32 or INTERPRETING
 
     _prefix_decode_split_kernel[(programs_per_split, num_splits)](
-        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, mask,
+        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, mask_ptr,
+        block_table, seq_lens,
         out, part_m, part_l, part_acc,
         q.stride(0), q.stride(1), q.stride(3),
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
@@ -136,11 +171,13 @@ def prefix_decode_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
         prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2), prefix_k.stride(3),
         prefix_v.stride(0), prefix_v.stride(1), prefix_v.stride(2), prefix_v.stride(3),
         *mask_strides,
+        *bt_strides,
         out.stride(0), out.stride(1), out.stride(3),
-        Hq, Hkv, S, P, T, D, chunk_len, softmax_scale * LOG2E_HOST,
+        Hq, Hkv, S, P, T, D, num_blocks, chunk_len, softmax_scale * LOG2E_HOST,
         GROUP=group, HEAD_CHUNKS=head_chunks,
         BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
-        HAS_MASK=has_mask, SINGLE_SPLIT=single_split, DOT_IN_FP32=dot_in_fp32,
+        HAS_MASK=mask is not None, SINGLE_SPLIT=single_split, DOT_IN_FP32=dot_in_fp32,
+        PAGED=paged is not None, KV_BLOCK_SIZE=block_size,
         num_warps=num_warps,
     )
     if not single_split:

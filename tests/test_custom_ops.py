@@ -1,13 +1,14 @@
-"""The ``torch.library`` ops of prefix attention (``fastpeft::prefix_attention_fwd``/``_bwd``, ``fastpeft::prefix_decode``)
-through ``torch.library.opcheck`` (schema, fake implementation with its strides, autograd registration, AOT dispatch
-with dynamic shapes) on every backend that runs here: reference, sdpa (its split and its short path) and, on CPU, the
-Triton kernels under the interpreter; with the layouts models hand over (``[B, L, H, D]`` buffers viewed as
-``[B, H, L, D]``), a ragged prefix table, GQA, a cache before the queries, left padding, an attention bias, and a
-power-of-two and an odd head size. Then
-``torch.compile(fullgraph=True)`` of ``fastpeft.prefix_attention`` with the default compiler (inductor, which checks
-every output's strides against the fake's), forward and backward, equal to eager on each backend. The C++ kernel ops
-of the sdpa backend's short path are checked for their schema and autograd registration (they are never traced: no
-fake)."""
+"""The ``torch.library`` ops of prefix attention (``fastpeft::prefix_attention_fwd``/``_bwd``,
+``fastpeft::prefix_decode``, ``fastpeft::paged_prefix_decode``) through ``torch.library.opcheck`` (schema, fake
+implementation with its strides, autograd registration, AOT dispatch with dynamic shapes) on every backend that runs
+here: reference, sdpa (its split and its short path) and, on CPU, the Triton kernels under the interpreter; with the
+layouts models hand over (``[B, L, H, D]`` buffers viewed as ``[B, H, L, D]``), a ragged prefix table, GQA, a cache
+before the queries, left padding, an attention bias, and a power-of-two and an odd head size (the paged decode: ragged
+block tables, a row without tokens, a block shared by two rows). Then ``torch.compile(fullgraph=True)`` of
+``fastpeft.prefix_attention`` with the default compiler (inductor, which checks every output's strides against the
+fake's), forward and backward, equal to eager on each backend, and of ``fastpeft.ops.paged_prefix_decode`` likewise.
+The C++ kernel ops of the sdpa backend's short path are checked for their schema and autograd registration (they are
+never traced: no fake)."""
 
 import pytest
 import torch
@@ -15,10 +16,11 @@ import torch
 import fastpeft
 from fastpeft.ops import environment
 from fastpeft.ops import library, registry
-from fastpeft.ops.arguments import canonicalize
+from fastpeft.ops.arguments import canonicalize, canonicalize_paged
 from fastpeft.ops.backends import sdpa_short
 from fastpeft.ops.backends.base import Case
 from tests.cases import GRAD_NAMES
+from tests.paged_cases import PagedCase, make_paged_inputs
 from tests.reference import assert_close
 
 B, Hq, Hkv, L, S, P, T = 2, 4, 2, 5, 7, 3, 3
@@ -168,3 +170,26 @@ def test_compiled_decode_equals_eager(any_backend, head_size):
     inputs = _inputs(head_size, queries=1, seed=4)
     with torch.no_grad():
         assert_close(compiled(**inputs), fastpeft.prefix_attention(**inputs), 1e-6, "compiled decode")
+
+
+def _paged_inputs(head_size, seed=0):
+    """Paged decode over 4-token blocks: ragged rows, one without tokens, rows 0 and 1 sharing a block, a ragged
+    prefix table."""
+    case = PagedCase("opcheck", seq_lens=(9, 6, 0), prefix_index=(2, 0, 1), prefix_lengths=(3, 1, 0), P=3, Hq=Hq,
+                     Hkv=Hkv, D=head_size, block_size=4, shared_blocks=1)
+    return make_paged_inputs(case, seed=seed)
+
+
+def test_paged_decode_op_passes_opcheck(backend, head_size):
+    args = canonicalize_paged(**_paged_inputs(head_size))
+    torch.library.opcheck(library.paged_prefix_decode, (*args, backend))
+
+
+def test_compiled_paged_decode_equals_eager(any_backend, head_size):
+    from fastpeft.ops import paged_prefix_decode
+
+    torch._dynamo.reset()
+    compiled = torch.compile(paged_prefix_decode, fullgraph=True)
+    inputs = _paged_inputs(head_size, seed=6)
+    with torch.no_grad():
+        assert_close(compiled(**inputs), paged_prefix_decode(**inputs), 1e-6, "compiled paged decode")

@@ -270,12 +270,13 @@ target = GPUTarget("cuda", 90, 32)
 for dtype, name, group, head_dim in ((torch.bfloat16, "bf16", 8, 128), (torch.float32, "fp32", 4, 40)):
     block_g, block_n, block_d, num_warps = pd.launch_config(group, head_dim, dtype)
     types = {arg: "*" + name for arg in ("q_ptr", "k_ptr", "v_ptr", "prefix_k_ptr", "prefix_v_ptr", "out_ptr")}
-    types.update(prefix_index_ptr="*i32", prefix_lengths_ptr="*i32", mask_ptr="*u8", part_m_ptr="*fp32",
-                 part_l_ptr="*fp32", part_acc_ptr="*fp32", qk_scale="fp32")
-    for single_split in (False, True):
+    types.update(prefix_index_ptr="*i32", prefix_lengths_ptr="*i32", mask_ptr="*u8", block_table_ptr="*i32",
+                 seq_lens_ptr="*i32", part_m_ptr="*fp32", part_l_ptr="*fp32", part_acc_ptr="*fp32", qk_scale="fp32")
+    # dense K/V with a padding mask, and a paged cache of 16-token blocks, each with and without splits
+    for (paged, single_split) in ((False, False), (False, True), (True, False), (True, True)):
         constexprs = dict(GROUP=group, HEAD_CHUNKS=triton.cdiv(group, block_g), BLOCK_G=block_g, BLOCK_N=block_n,
-                          BLOCK_D=block_d, HAS_MASK=True, SINGLE_SPLIT=single_split,
-                          DOT_IN_FP32=dtype == torch.float32)
+                          BLOCK_D=block_d, HAS_MASK=not paged, SINGLE_SPLIT=single_split,
+                          DOT_IN_FP32=dtype == torch.float32, PAGED=paged, KV_BLOCK_SIZE=16 if paged else 1)
         kernel = kernels._prefix_decode_split_kernel
         triton.compile(ASTSource(kernel, signature(kernel, types, constexprs), constexprs), target=target,
                        options={"num_warps": num_warps})

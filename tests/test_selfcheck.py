@@ -12,3 +12,4 @@ def test_selfcheck_passes_on_this_machine():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "all backends agree with float64" in result.stdout
     assert "reference  cpu    float32   decode" in result.stdout or "cuda" in result.stdout
+    assert "float32   paged" in result.stdout   # the paged decode ran, on every backend that decodes here

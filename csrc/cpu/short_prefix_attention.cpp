@@ -8,7 +8,8 @@
 //   * the query group folded into the query axis: q as [B, Hkv, R = group * L, D], no kv head repeated;
 //   * scores kept transposed (keys on the rows): sk [B, Hkv, S, R], sp [B, Hkv, n, R];
 //   * base-2 scores (q scaled by softmax_scale * log2(e)), unnormalized exponentials saved for the backward.
-// Decoding without a gradient takes a per-query kernel instead (attend_each_query).
+// Decoding without a gradient takes a per-query kernel instead (attend_each_query), which also reads a paged KV pool
+// through block tables in place (_cpu_paged_prefix_decode).
 //
 // Private kernel ops of the sdpa backend (importing fastpeft._cpu registers them under torch.ops.fastpeft):
 //   _short_prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask?,
@@ -19,6 +20,11 @@
 //     with keep_for_backward also lse [B, Hq, L] (natural log, float32/64, -inf for a query that sees nothing) and
 //     the 9 tensors the backward reads. CPU key only: the forward of a call without a gradient, and of the public
 //     custom op's (whose backward runs the split's from this lse).
+//   _cpu_paged_prefix_decode(q, key_cache, value_cache, block_table, seq_lens, prefix_k, prefix_v, prefix_index,
+//                            prefix_lengths, softmax_scale) -> out
+//     the canonical arguments of fastpeft.ops.paged_prefix_decode (the sdpa backend's paged decode on CPU, float32/64):
+//     row b's seq_lens[b] keys read in place from the pool [num_blocks, Hkv, block_size, D] (unit head stride), key j
+//     in block block_table[b, j / block_size] at offset j % block_size; returns [B, Hq, 1, D].
 //   _short_prefix_attention(<the same, without keep_for_backward>) -> out
 //     the forward with its backward in C++ (Autograd key; ShortPrefixAttentionFunction): what an eager call with a
 //     gradient runs, so that its backward runs no Python (an autograd.Function around the two kernels costs ~100 us
@@ -75,13 +81,18 @@ at::Tensor prefix_rows(const at::Tensor& prefix, const at::Tensor& prefix_index,
 template <typename T>
 struct QueryTask {
   const T *q, *k, *v, *prefix_k, *prefix_v;
-  int64_t q_stride[3], k_stride[3], prefix_stride[3];  // [batch/entry, head, position]; v shares k's, prefix_v prefix_k's
+  // [batch (paged: block), head, position]; prefix_v shares prefix_k's
+  int64_t q_stride[3], k_stride[3], v_stride[3], prefix_stride[3];
   const int64_t *index, *lengths;
   const bool* keep;  // key padding [B, S], or nullptr
   T* out;            // [B, Hq, L, D] contiguous
-  int64_t Hq, L, D, S, group, entries_total, prefix_n;
+  int64_t Hq, L, D, S, group, entries_total, prefix_n;  // S: the keys of a row (paged: the most a block table holds)
   bool causal, ragged;
   T scale;
+  // Paged (attend_query<T, true>): row b's seq_lens[b] keys, key j in block block_table[b, j / block_size].
+  const int32_t* block_table = nullptr;  // [B, max_blocks], row stride block_table_stride, unit column stride
+  const int32_t* seq_lens = nullptr;     // [B]
+  int64_t block_table_stride = 0, block_size = 1, num_blocks = 1;
 };
 
 // One (row, kv head, query position): the group's query heads together, so each key and value row is read once
@@ -94,16 +105,18 @@ struct QueryTask {
 #define FASTPEFT_SIMD_CLONES
 #endif
 
-template <typename T>
+template <typename T, bool kPaged>
 FASTPEFT_SIMD_CLONES void attend_query(const QueryTask<T>& t, int64_t b, int64_t kv_head, int64_t i, T* scores,
                                        T* acc) {
   const int64_t D = t.D, G = t.group, width = t.prefix_n + t.S;
   constexpr T kNoKey = -std::numeric_limits<T>::infinity();
   // The row's table entry (clamped: values are validated before any kernel, except under torch.compile), how many of
-  // its entries it sees, and the keys up to its causal position (bottom-right aligned).
+  // its entries it sees, and the keys up to its causal position (bottom-right aligned; paged: its seq_lens, clamped
+  // like the block numbers below, which keeps unchecked values inside the pool).
   const int64_t entry = std::min(std::max<int64_t>(t.index[b], 0), t.entries_total - 1);
   const int64_t entries = t.ragged ? std::min(std::max<int64_t>(t.lengths[entry], 0), t.prefix_n) : t.prefix_n;
-  const int64_t keys = t.causal ? t.S - t.L + i + 1 : t.S;
+  const int64_t keys = kPaged ? std::min(std::max<int64_t>(t.seq_lens[b], 0), t.S)
+                              : (t.causal ? t.S - t.L + i + 1 : t.S);
   const T* queries = t.q + b * t.q_stride[0] + kv_head * G * t.q_stride[1] + i * t.q_stride[2];
   T top[64];  // G <= 64 (checked by the caller)
   for (int64_t g = 0; g < G; ++g) top[g] = kNoKey;
@@ -120,14 +133,24 @@ FASTPEFT_SIMD_CLONES void attend_query(const QueryTask<T>& t, int64_t b, int64_t
   };
   const T* prefix_k = t.prefix_k + entry * t.prefix_stride[0] + kv_head * t.prefix_stride[1];
   const T* prefix_v = t.prefix_v + entry * t.prefix_stride[0] + kv_head * t.prefix_stride[1];
-  const T* k = t.k + b * t.k_stride[0] + kv_head * t.k_stride[1];
-  const T* v = t.v + b * t.k_stride[0] + kv_head * t.k_stride[1];
+  // Dense: the row's keys start at k[b]. Paged: each key's row is found through the row's block table.
+  const T* k = t.k + (kPaged ? 0 : b * t.k_stride[0]) + kv_head * t.k_stride[1];
+  const T* v = t.v + (kPaged ? 0 : b * t.v_stride[0]) + kv_head * t.v_stride[1];
+  const int32_t* blocks = kPaged ? t.block_table + b * t.block_table_stride : nullptr;
+  const auto key_row = [&](const T* base, const int64_t* stride, int64_t j) -> const T* {
+    if constexpr (kPaged) {
+      const int64_t block = std::min(std::max<int64_t>(blocks[j / t.block_size], 0), t.num_blocks - 1);
+      return base + block * stride[0] + (j % t.block_size) * stride[2];
+    } else {
+      return base + j * stride[2];
+    }
+  };
   for (int64_t j = 0; j < entries; ++j) score_row(prefix_k + j * t.prefix_stride[2], j);
   for (int64_t j = 0; j < keys; ++j) {
     if (t.keep != nullptr && !t.keep[b * t.S + j]) {
       for (int64_t g = 0; g < G; ++g) scores[g * width + t.prefix_n + j] = kNoKey;
     } else {
-      score_row(k + j * t.k_stride[2], t.prefix_n + j);
+      score_row(key_row(k, t.k_stride, j), t.prefix_n + j);
     }
   }
   T total[64];
@@ -144,12 +167,25 @@ FASTPEFT_SIMD_CLONES void attend_query(const QueryTask<T>& t, int64_t b, int64_t
     }
   };
   for (int64_t j = 0; j < entries; ++j) add_value_row(prefix_v + j * t.prefix_stride[2], j);
-  for (int64_t j = 0; j < keys; ++j) add_value_row(v + j * t.k_stride[2], t.prefix_n + j);
+  for (int64_t j = 0; j < keys; ++j) add_value_row(key_row(v, t.v_stride, j), t.prefix_n + j);
   for (int64_t g = 0; g < G; ++g) {
     const T inv = total[g] > 0 ? T(1) / total[g] : T(0);
     T* target = t.out + (((b * t.Hq + kv_head * G + g) * t.L) + i) * D;
     for (int64_t d = 0; d < D; ++d) target[d] = acc[g * D + d] * inv;
   }
+}
+
+// One task per (row, kv head, query position), in parallel chunks of about 32K multiply-adds.
+template <typename T, bool kPaged>
+void run_query_tasks(const QueryTask<T>& task, int64_t tasks, int64_t Hkv) {
+  const int64_t L = task.L, width = task.prefix_n + task.S;
+  const int64_t work = std::max<int64_t>(1, task.group * width * task.D);
+  at::parallel_for(0, tasks, std::max<int64_t>(1, 32768 / work), [&](int64_t begin, int64_t end) {
+    std::vector<T> scores(task.group * width), acc(task.group * task.D);
+    for (int64_t n = begin; n < end; ++n) {
+      attend_query<T, kPaged>(task, n / (Hkv * L), n / L % Hkv, n % L, scores.data(), acc.data());
+    }
+  });
 }
 
 // Decoding (one query position) without a gradient, in float32/64. With more query positions the matmuls win on one
@@ -166,7 +202,7 @@ at::Tensor attend_each_query(const at::Tensor& q, const at::Tensor& k, const at:
                              bool causal, double softmax_scale, int64_t prefix_n, bool padded, bool ragged) {
   const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2), D = q.size(3), Hkv = k.size(1), S = k.size(2);
   // Contiguous head dimension for the inner loops (models' transposed views already have it; copies otherwise);
-  // v laid out like k and prefix_v like prefix_k, so one set of strides serves both.
+  // prefix_v laid out like prefix_k, so one set of strides serves both.
   const auto rows_of = [](const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
   const at::Tensor qc = rows_of(q), kc = k.contiguous(), vc = v.contiguous();
   const at::Tensor pkc = prefix_k.contiguous(), pvc = prefix_v.contiguous();
@@ -175,17 +211,37 @@ at::Tensor attend_each_query(const at::Tensor& q, const at::Tensor& k, const at:
   at::Tensor out = at::empty({B, Hq, L, D}, q.options());
   QueryTask<T> task{qc.data_ptr<T>(), kc.data_ptr<T>(), vc.data_ptr<T>(), pkc.data_ptr<T>(), pvc.data_ptr<T>(),
                     {qc.stride(0), qc.stride(1), qc.stride(2)}, {kc.stride(0), kc.stride(1), kc.stride(2)},
+                    {vc.stride(0), vc.stride(1), vc.stride(2)}, {pkc.stride(0), pkc.stride(1), pkc.stride(2)},
+                    index.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), padded ? keep.data_ptr<bool>() : nullptr,
+                    out.data_ptr<T>(), Hq, L, D, S, Hq / Hkv, prefix_k.size(0), prefix_n, causal, ragged,
+                    static_cast<T>(softmax_scale)};
+  run_query_tasks<T, false>(task, B * Hkv * L, Hkv);
+  return out;
+}
+
+// Decode over a paged pool (_cpu_paged_prefix_decode): the per-query kernel with each row's keys read in place
+// through its block table. The pool is never copied: its head dimension must be contiguous (the caller checks).
+template <typename T>
+at::Tensor attend_paged(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                        const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& prefix_k,
+                        const at::Tensor& prefix_v, const at::Tensor& prefix_index, const at::Tensor& prefix_lengths,
+                        double softmax_scale) {
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = key_cache.size(1);
+  const at::Tensor qc = q.stride(-1) == 1 ? q : q.contiguous();
+  const at::Tensor pkc = prefix_k.contiguous(), pvc = prefix_v.contiguous();
+  const at::Tensor index = prefix_index.to(at::kLong).contiguous(), lengths = prefix_lengths.to(at::kLong).contiguous();
+  const at::Tensor table = block_table.to(at::kInt).contiguous(), rows = seq_lens.to(at::kInt).contiguous();
+  at::Tensor out = at::empty({B, Hq, 1, D}, q.options());
+  QueryTask<T> task{qc.data_ptr<T>(), key_cache.data_ptr<T>(), value_cache.data_ptr<T>(), pkc.data_ptr<T>(),
+                    pvc.data_ptr<T>(), {qc.stride(0), qc.stride(1), qc.stride(2)},
+                    {key_cache.stride(0), key_cache.stride(1), key_cache.stride(2)},
+                    {value_cache.stride(0), value_cache.stride(1), value_cache.stride(2)},
                     {pkc.stride(0), pkc.stride(1), pkc.stride(2)}, index.data_ptr<int64_t>(),
-                    lengths.data_ptr<int64_t>(), padded ? keep.data_ptr<bool>() : nullptr, out.data_ptr<T>(),
-                    Hq, L, D, S, Hq / Hkv, prefix_k.size(0), prefix_n, causal, ragged, static_cast<T>(softmax_scale)};
-  // One task per (row, kv head, query position).
-  const int64_t tasks = B * Hkv * L, work = std::max<int64_t>(1, task.group * (prefix_n + S) * D);
-  at::parallel_for(0, tasks, std::max<int64_t>(1, 32768 / work), [&](int64_t begin, int64_t end) {
-    std::vector<T> scores(task.group * (prefix_n + S)), acc(task.group * D);
-    for (int64_t n = begin; n < end; ++n) {
-      attend_query(task, n / (Hkv * L), n / L % Hkv, n % L, scores.data(), acc.data());
-    }
-  });
+                    lengths.data_ptr<int64_t>(), nullptr, out.data_ptr<T>(), Hq, 1, D,
+                    table.size(1) * key_cache.size(2), Hq / Hkv, prefix_k.size(0), prefix_k.size(2), false, true,
+                    static_cast<T>(softmax_scale), table.data_ptr<int32_t>(), rows.data_ptr<int32_t>(),
+                    table.stride(0), key_cache.size(2), key_cache.size(0)};
+  run_query_tasks<T, true>(task, B * Hkv, Hkv);
   return out;
 }
 
@@ -410,6 +466,28 @@ at::Tensor short_prefix_attention_autograd(const at::Tensor& q, const at::Tensor
                                     causal_bias, softmax_scale, prefix_n, padded, ragged);
 }
 
+// CPU key: the sdpa backend's paged decode in float32/64 (fastpeft.ops.paged_prefix_decode validated the arguments;
+// the checks here only guard the layout).
+at::Tensor cpu_paged_prefix_decode(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                   const at::Tensor& block_table, const at::Tensor& seq_lens,
+                                   const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+                                   const at::Tensor& prefix_index, const at::Tensor& prefix_lengths,
+                                   double softmax_scale) {
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && key_cache.dim() == 4 && value_cache.sizes() == key_cache.sizes() &&
+                  prefix_k.dim() == 4 && block_table.dim() == 2 && block_table.size(0) == q.size(0),
+              "_cpu_paged_prefix_decode: expects canonical q [B, Hq, 1, D], key_cache/value_cache "
+              "[num_blocks, Hkv, block_size, D], block_table [B, max_blocks], prefix_k/prefix_v [T, Hkv, P, D]");
+  TORCH_CHECK(key_cache.stride(-1) == 1 && value_cache.stride(-1) == 1,
+              "_cpu_paged_prefix_decode: the pool's head dimension must be contiguous (it is never copied)");
+  TORCH_CHECK(per_query_path(q, q.size(1) / key_cache.size(1), false),
+              "_cpu_paged_prefix_decode: takes float32/float64 and at most 64 query heads per kv head");
+  const PlainComputeGuard plain;
+  return AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "cpu_paged_prefix_decode", [&] {
+    return attend_paged<scalar_t>(q, key_cache, value_cache, block_table, seq_lens, prefix_k, prefix_v, prefix_index,
+                                  prefix_lengths, softmax_scale);
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastpeft, m) {
@@ -419,11 +497,15 @@ TORCH_LIBRARY_FRAGMENT(fastpeft, m) {
   m.def("_short_prefix_attention(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
         "Tensor prefix_index, Tensor prefix_lengths, Tensor? key_padding_mask, Tensor? causal_bias, "
         "float softmax_scale, int prefix_n, bool padded, bool ragged) -> Tensor");
+  m.def("_cpu_paged_prefix_decode(Tensor q, Tensor key_cache, Tensor value_cache, Tensor block_table, "
+        "Tensor seq_lens, Tensor prefix_k, Tensor prefix_v, Tensor prefix_index, Tensor prefix_lengths, "
+        "float softmax_scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastpeft, CPU, m) {
   m.impl("_short_prefix_attention_fwd", &short_prefix_attention_fwd);
   m.impl("_short_prefix_attention", &short_prefix_attention_cpu);
+  m.impl("_cpu_paged_prefix_decode", &cpu_paged_prefix_decode);
 }
 
 TORCH_LIBRARY_IMPL(fastpeft, Autograd, m) { m.impl("_short_prefix_attention", &short_prefix_attention_autograd); }

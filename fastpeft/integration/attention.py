@@ -23,6 +23,10 @@ inside the kernels. It is 4-D so that models which slice their masks along the q
 KV-sharing layers, transformers >= 5.24) can; a 2-D ``[B, S]`` mask is taken too. T5's relative
 position bias (the ``position_bias`` keyword, which does not hold the mask) reaches the kernels as their additive
 ``attn_bias``.
+
+A decode step over a paged KV pool (the serving engine's; ``paged_cache.PagedKVCache``) passes its cache as the
+``fastpeft_paged`` keyword too: the cache's layers write the new token into the pool and hand attention that token
+alone, and the attention function reads each row's keys through its block table (``fastpeft.ops.paged_prefix_decode``).
 """
 
 import contextlib
@@ -32,11 +36,13 @@ from typing import Optional, Sequence
 import torch
 
 from ..ops import environment
+from ..ops.paged_decode import paged_prefix_decode_prevalidated
 from ..ops.prefix_attention import prefix_attention_prevalidated
 from ..ops.reference import reference_prefix_attention
 
 ATTN_IMPLEMENTATION = "fastpeft"
 PREFIX_KWARG = "fastpeft_prefix"
+PAGED_KWARG = "fastpeft_paged"
 
 
 @dataclass(frozen=True)
@@ -487,6 +493,11 @@ def fastpeft_attention_forward(module, query, key, value, attention_mask, dropou
         # RoPE's fp32 cos/sin promote q and k to fp32 while v leaves its autocast matmul in bf16/fp16.
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
         prefix_k, prefix_v = prefix_k.to(dtype), prefix_v.to(dtype)
+    paged = kwargs.get(PAGED_KWARG)
+    if paged is not None and paged.decode:
+        out = _paged_decode(module, paged, query, prefix_k, prefix_v, prefix_index, prefix_lengths, attention_mask,
+                            scaling, position_bias, kwargs.get("sliding_window"), dropout)
+        return out.transpose(1, 2), None
     # A ragged prefix table (AdapterBank) gives each row its own prefix length, which T5's bias columns depend on.
     row_lengths = None
     if relative is not None and spec is not None and spec.prefix_index is not None and prefix_lengths is not None:
@@ -506,6 +517,30 @@ def fastpeft_attention_forward(module, query, key, value, attention_mask, dropou
                                         dropout if module.training else 0.0,
                                         plan_cache=None if spec is None else spec.plan_cache)
     return out.transpose(1, 2), None
+
+
+def _paged_decode(module, paged, query, prefix_k, prefix_v, prefix_index, prefix_lengths, attention_mask, scaling,
+                  position_bias, sliding_window, dropout):
+    """One decode step of ``module`` over the paged pool of ``paged`` (a ``PagedKVCache`` whose layer already wrote
+    the new token): ``[B, Hq, 1, D]``. The op covers plain softmax attention over the prefix entry and the row's tokens;
+    anything that would change the scores is refused rather than dropped."""
+    name = type(module).__name__
+    if attention_mask is not None:
+        raise ValueError(f"{name}: a paged decode step takes no attention mask (each row's keys are its seq_lens "
+                         "tokens in the pool); pass PagedKVCache.attention_mask(), which is None for decode")
+    if position_bias is not None:
+        raise ValueError(f"{name} passes a position bias to its attention; fastpeft's paged decode does not add one")
+    if sliding_window is not None and prefix_k.shape[-2] + paged.max_seq_len > sliding_window:
+        raise ValueError(f"{name}'s sliding window ({sliding_window}) may cut into prefix + sequence (up to "
+                         f"{prefix_k.shape[-2]} + {paged.max_seq_len} keys); fastpeft's paged decode does not "
+                         "implement sliding-window attention")
+    if dropout and module.training:
+        raise ValueError(f"{name} is in training mode with attention dropout; paged decode is inference only")
+    key_cache, value_cache = paged.layer_storage(getattr(module, "layer_idx", None))
+    if key_cache.dtype != query.dtype:
+        raise ValueError(f"{name} computes in {query.dtype} but the paged KV pool holds {key_cache.dtype}")
+    return paged_prefix_decode_prevalidated(query, key_cache, value_cache, paged.block_table, paged.seq_lens,
+                                            prefix_k, prefix_v, prefix_index, prefix_lengths, scaling)
 
 
 def autocast_dtype(device_type, default=None):

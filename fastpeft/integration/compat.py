@@ -65,13 +65,16 @@ def cache_keyword(model):
 
 def cache_kwargs(model, cache):
     """``{keyword: cache}`` for calling ``model`` with ``cache`` under the keyword it takes (``{}`` for None).
-    Passing the deprecated name would log transformers' deprecation warning on every call."""
+    Passing the deprecated name would log transformers' deprecation warning on every call. A cache that fastpeft's
+    attention function reads itself adds the keyword arguments it needs there (its ``fastpeft_attention_kwargs``:
+    ``paged_cache.PagedKVCache`` under ``fastpeft_paged``), since transformers hands attention functions the forward's
+    extra keyword arguments but not the cache."""
     if cache is None:
         return {}
     name = cache_keyword(model)
     if name is None:
         raise ValueError(f"{type(model).__name__}.forward takes no KV cache (neither 'cache' nor 'past_key_values')")
-    return {name: cache}
+    return {name: cache, **getattr(cache, "fastpeft_attention_kwargs", {})}
 
 
 def cache_in(mapping):

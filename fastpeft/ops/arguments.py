@@ -1,5 +1,7 @@
-"""The canonical arguments of prefix attention, which every backend takes (``AttentionArgs``), and the validation
-that brings a call's arguments to them (``canonicalize``): once, at the public boundary, before any kernel runs."""
+"""The canonical arguments of prefix attention, which every backend takes (``AttentionArgs``; ``PagedDecodeArgs`` for
+decode over a paged KV cache), and the validation that brings a call's arguments to them (``canonicalize``,
+``canonicalize_paged``): once, at the public boundary, before any kernel runs. The prefix table's rules (shapes, the
+index and lengths) are written once, below, for both."""
 
 import math
 from typing import NamedTuple, Optional
@@ -25,6 +27,21 @@ class AttentionArgs(NamedTuple):
     causal: bool                              # bottom-right: query i sits at key position S - L + i
     softmax_scale: float
     deterministic: bool                       # the prefix gradients' reduction without atomics
+
+
+class PagedDecodeArgs(NamedTuple):
+    """One decode call over a paged KV cache in canonical form (``canonicalize_paged``). Row ``b``'s token ``j``
+    (``j < seq_lens[b]``) lives in block ``block_table[b, j // block_size]`` at offset ``j % block_size``."""
+    q: torch.Tensor                 # [B, Hq, 1, D]
+    key_cache: torch.Tensor         # [num_blocks, Hkv, block_size, D]
+    value_cache: torch.Tensor       # [num_blocks, Hkv, block_size, D]
+    block_table: torch.Tensor       # [B, max_blocks] int32
+    seq_lens: torch.Tensor          # [B] int32 in [0, max_blocks * block_size]: the row's tokens, the new one's too
+    prefix_k: torch.Tensor          # [T, Hkv, P, D]
+    prefix_v: torch.Tensor          # [T, Hkv, P, D]
+    prefix_index: torch.Tensor      # [B] int32
+    prefix_lengths: torch.Tensor    # [T] int32
+    softmax_scale: float
 
 
 def accumulation_dtype(dtype):
@@ -76,6 +93,31 @@ def canonicalize(q, k, v, prefix_k, prefix_v, prefix_index=None, prefix_lengths=
     if not 0 < D <= MAX_HEAD_DIM:
         raise ValueError(f"head size D={D} is not supported (1..{MAX_HEAD_DIM})")
 
+    prefix_k, prefix_v = _canonical_prefix(prefix_k, prefix_v, prefix_index, Hkv, D)
+    _check_dtypes_and_devices(q, (("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)))
+    prefix_index, prefix_lengths = _canonical_table_reads(prefix_index, prefix_lengths, B, prefix_k, q.device,
+                                                          check_values)
+
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise ValueError("key_padding_mask must be a torch.Tensor [B, S] or None")
+        if tuple(key_padding_mask.shape) != (B, S):
+            raise ValueError(f"key_padding_mask must have shape (B, S) = {(B, S)}, "
+                             f"got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.dtype.is_floating_point or key_padding_mask.dtype.is_complex:
+            raise ValueError(f"key_padding_mask must be bool or integer 0/1, got {key_padding_mask.dtype}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+        key_padding_mask = key_padding_mask.to(torch.bool)
+
+    return AttentionArgs(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
+                         _canonical_bias(attn_bias, q, k, prefix_k), bool(causal), _canonical_scale(softmax_scale, D),
+                         bool(deterministic))
+
+
+def _canonical_prefix(prefix_k, prefix_v, prefix_index, Hkv, D):
+    """The prefix as a table ``[T, Hkv, P, D]`` (a 3-D shared prefix becomes a table of one entry), its shapes checked
+    against the call's ``Hkv`` and ``D``."""
     if not isinstance(prefix_k, torch.Tensor) or not isinstance(prefix_v, torch.Tensor):
         raise ValueError("prefix_k and prefix_v must be torch.Tensors")
     if prefix_k.shape != prefix_v.shape:
@@ -91,26 +133,34 @@ def canonicalize(q, k, v, prefix_k, prefix_v, prefix_index=None, prefix_lengths=
             raise ValueError("prefix_index [B] is required with a 4-D prefix table prefix_k [T, Hkv, P, D]")
     else:
         raise ValueError(f"prefix_k must be [Hkv, P, D] or [T, Hkv, P, D], got shape {tuple(prefix_k.shape)}")
-    T, P = prefix_k.shape[0], prefix_k.shape[2]
     if prefix_k.shape[1] != Hkv or prefix_k.shape[3] != D:
         raise ValueError(f"prefix_k must have Hkv={Hkv} heads and head size D={D} like k, "
                          f"got shape {tuple(prefix_k.shape)}")
-    if T == 0:
+    if prefix_k.shape[0] == 0:
         raise ValueError("the prefix table must hold at least one entry (T >= 1)")
+    return prefix_k, prefix_v
 
+
+def _check_dtypes_and_devices(q, named):
+    """q's dtype is one the backends take, and every ``(name, tensor)`` of ``named`` shares q's dtype and device."""
     dtype, device = q.dtype, q.device
     if dtype not in _ACCEPTED_DTYPES:
         raise ValueError(f"q has dtype {dtype}; supported: float16, bfloat16, float32 (float64 on the reference path)")
-    for name, t in (("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+    for name, t in named:
         if t.dtype != dtype:
             raise ValueError(f"all inputs must share one dtype: q is {dtype} but {name} is {t.dtype}")
         if t.device != device:
             raise ValueError(f"all inputs must be on one device: q is on {device} but {name} is on {t.device}")
 
+
+def _canonical_table_reads(prefix_index, prefix_lengths, B, prefix_k, device, check_values):
+    """``prefix_index [B]`` and ``prefix_lengths [T]`` as int32 (defaults: entry 0, length P), their values checked
+    with ``check_values``: an index outside ``[0, T)`` is an IndexError, a length outside ``[0, P]`` a ValueError."""
+    T, P = prefix_k.shape[0], prefix_k.shape[2]
     if prefix_index is None:
-        prefix_index = torch.zeros(B, dtype=torch.int32, device=q.device)
+        prefix_index = torch.zeros(B, dtype=torch.int32, device=device)
     else:
-        _check_integer("prefix_index", prefix_index, (B,), q.device)
+        _check_integer("prefix_index", prefix_index, (B,), device)
         if check_values and B > 0:
             lo, hi = (int(x) for x in torch.aminmax(prefix_index))
             if lo < 0 or hi >= T:
@@ -118,36 +168,79 @@ def canonicalize(q, k, v, prefix_k, prefix_v, prefix_index=None, prefix_lengths=
         prefix_index = prefix_index.to(torch.int32)
 
     if prefix_lengths is None:
-        prefix_lengths = torch.full((T,), P, dtype=torch.int32, device=q.device)
+        prefix_lengths = torch.full((T,), P, dtype=torch.int32, device=device)
     else:
-        _check_integer("prefix_lengths", prefix_lengths, (T,), q.device)
+        _check_integer("prefix_lengths", prefix_lengths, (T,), device)
         if check_values:
             lo, hi = (int(x) for x in torch.aminmax(prefix_lengths))
             if lo < 0 or hi > P:
                 raise ValueError(f"prefix_lengths values must lie in [0, P={P}], got min {lo}, max {hi}")
         prefix_lengths = prefix_lengths.to(torch.int32)
+    return prefix_index, prefix_lengths
 
-    if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor):
-            raise ValueError("key_padding_mask must be a torch.Tensor [B, S] or None")
-        if tuple(key_padding_mask.shape) != (B, S):
-            raise ValueError(f"key_padding_mask must have shape (B, S) = {(B, S)}, "
-                             f"got {tuple(key_padding_mask.shape)}")
-        if key_padding_mask.dtype.is_floating_point or key_padding_mask.dtype.is_complex:
-            raise ValueError(f"key_padding_mask must be bool or integer 0/1, got {key_padding_mask.dtype}")
-        if key_padding_mask.device != q.device:
-            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
-        key_padding_mask = key_padding_mask.to(torch.bool)
 
+def _canonical_scale(softmax_scale, D):
     if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(D)
-    else:
-        softmax_scale = float(softmax_scale)
-        if not math.isfinite(softmax_scale) or softmax_scale <= 0:
-            raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale}")
+        return 1.0 / math.sqrt(D)
+    softmax_scale = float(softmax_scale)
+    if not math.isfinite(softmax_scale) or softmax_scale <= 0:
+        raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale}")
+    return softmax_scale
 
-    return AttentionArgs(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
-                         _canonical_bias(attn_bias, q, k, prefix_k), bool(causal), softmax_scale, bool(deterministic))
+
+def canonicalize_paged(q, key_cache, value_cache, block_table, seq_lens, prefix_k, prefix_v, prefix_index=None,
+                       prefix_lengths=None, softmax_scale=None, check_values=True):
+    """Validate every argument of ``fastpeft.ops.paged_prefix_decode`` and return the ``PagedDecodeArgs`` the backends
+    take. ``check_values=False`` (or tracing) skips the value checks of the integer tensors, which synchronize with
+    the device: the caller vouches for them (the kernels clamp every index, so nothing is read out of bounds)."""
+    check_values = check_values and not torch.compiler.is_compiling()
+    for name, t in (("q", q), ("key_cache", key_cache), ("value_cache", value_cache)):
+        _check_tensor(name, t, 4)
+    B, Hq, L, D = q.shape
+    if L != 1:
+        raise ValueError(f"q must be [B, Hq, 1, D]: paged decode takes one query per row, got L={L}")
+    if key_cache.shape != value_cache.shape:
+        raise ValueError(f"key_cache and value_cache must have the same shape, got {tuple(key_cache.shape)} and "
+                         f"{tuple(value_cache.shape)}")
+    num_blocks, Hkv, block_size = key_cache.shape[:3]
+    if key_cache.shape[3] != D:
+        raise ValueError(f"key_cache must be [num_blocks, Hkv, block_size, D={D}] like q, got "
+                         f"{tuple(key_cache.shape)}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"the number of query heads ({Hq}) must be a multiple of the kv heads of key_cache ({Hkv})")
+    if num_blocks == 0 or block_size == 0:
+        raise ValueError(f"key_cache must hold at least one block of at least one token, got {tuple(key_cache.shape)}")
+    if not 0 < D <= MAX_HEAD_DIM:
+        raise ValueError(f"head size D={D} is not supported (1..{MAX_HEAD_DIM})")
+    prefix_k, prefix_v = _canonical_prefix(prefix_k, prefix_v, prefix_index, Hkv, D)
+    _check_dtypes_and_devices(q, (("key_cache", key_cache), ("value_cache", value_cache), ("prefix_k", prefix_k),
+                                  ("prefix_v", prefix_v)))
+
+    if not isinstance(block_table, torch.Tensor):
+        raise ValueError(f"block_table must be an integer torch.Tensor [B, max_blocks], got "
+                         f"{type(block_table).__name__}")
+    if block_table.dim() != 2 or block_table.shape[0] != B or block_table.shape[1] == 0:
+        raise ValueError(f"block_table must have shape [B={B}, max_blocks >= 1], got {tuple(block_table.shape)}")
+    max_blocks = block_table.shape[1]
+    _check_integer("block_table", block_table, (B, max_blocks), q.device)
+    _check_integer("seq_lens", seq_lens, (B,), q.device)
+    if check_values and B > 0:
+        capacity = max_blocks * block_size
+        lo, hi = (int(x) for x in torch.aminmax(seq_lens))
+        if lo < 0 or hi > capacity:
+            raise ValueError(f"seq_lens values must lie in [0, max_blocks * block_size = {max_blocks} * {block_size}],"
+                             f" got min {lo}, max {hi}")
+        used = torch.arange(max_blocks, device=q.device)[None, :] < (seq_lens[:, None] + block_size - 1) // block_size
+        bad = used & ((block_table < 0) | (block_table >= num_blocks))
+        if bool(bad.any()):
+            row, column = (int(x) for x in bad.nonzero()[0])
+            raise IndexError(f"block_table[{row}, {column}] = {int(block_table[row, column])} is outside the cache's "
+                             f"[0, num_blocks={num_blocks}) and holds tokens of row {row} (seq_lens = "
+                             f"{int(seq_lens[row])})")
+    prefix_index, prefix_lengths = _canonical_table_reads(prefix_index, prefix_lengths, B, prefix_k, q.device,
+                                                          check_values)
+    return PagedDecodeArgs(q, key_cache, value_cache, block_table.to(torch.int32), seq_lens.to(torch.int32), prefix_k,
+                           prefix_v, prefix_index, prefix_lengths, _canonical_scale(softmax_scale, D))
 
 
 def _canonical_bias(attn_bias, q, k, prefix_k):

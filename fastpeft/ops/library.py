@@ -5,7 +5,10 @@
 * ``fastpeft::prefix_attention_bwd(dout, <the forward's tensors>, out, lse, causal, softmax_scale, deterministic,
   bias_grad, backend) -> (dq, dk, dv, dprefix_k, dprefix_v, dattn_bias)``;
 * ``fastpeft::prefix_decode(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask?, causal,
-  softmax_scale, backend) -> out``: one query per row, inference only (no autograd).
+  softmax_scale, backend) -> out``: one query per row, inference only (no autograd);
+* ``fastpeft::paged_prefix_decode(q, key_cache, value_cache, block_table, seq_lens, prefix_k, prefix_v, prefix_index,
+  prefix_lengths, softmax_scale, backend) -> out``: the same over a paged KV cache read through a block table
+  (``fastpeft.ops.paged_decode``), inference only.
 
 The arguments are canonical (``fastpeft.ops.arguments``); ``backend`` names the registry's choice, made once where
 the call entered (``fastpeft.ops.prefix_attention``), so that the backward runs on the forward's backend (any but the
@@ -24,7 +27,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import registry
-from .arguments import AttentionArgs, accumulation_dtype
+from .arguments import AttentionArgs, PagedDecodeArgs, accumulation_dtype
 
 Tensor = torch.Tensor
 
@@ -126,4 +129,21 @@ def prefix_decode(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: T
 
 @prefix_decode.register_fake
 def _(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal, softmax_scale, backend):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("fastpeft::paged_prefix_decode", mutates_args=())
+def paged_prefix_decode(q: Tensor, key_cache: Tensor, value_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
+                        prefix_k: Tensor, prefix_v: Tensor, prefix_index: Tensor, prefix_lengths: Tensor,
+                        softmax_scale: float, backend: str) -> Tensor:
+    """out ``[B, Hq, 1, D]`` in q's dtype of one query per row over its prefix entry and its tokens in the paged cache
+    (``PagedDecodeArgs``), without a gradient."""
+    args = PagedDecodeArgs(q, key_cache, value_cache, block_table, seq_lens, prefix_k, prefix_v, prefix_index,
+                           prefix_lengths, softmax_scale)
+    return _layout_of(_backend(backend).paged_decode(args), q)
+
+
+@paged_prefix_decode.register_fake
+def _(q, key_cache, value_cache, block_table, seq_lens, prefix_k, prefix_v, prefix_index, prefix_lengths,
+      softmax_scale, backend):
     return torch.empty_like(q)

@@ -5,12 +5,17 @@ A backend takes canonical arguments (``fastpeft.ops.arguments.AttentionArgs``) a
 log-sum-exp of every query and whatever its backward wants to keep; the registry asks it first whether it can run a
 call at all. The one autograd path (``fastpeft.ops.prefix_attention``: the custom ops under torch.compile, an
 ``autograd.Function`` in eager mode) connects ``forward`` and ``backward`` the same way for every backend but the
-reference, which is plain differentiable PyTorch (``differentiable``).
+reference, which is plain differentiable PyTorch (``differentiable``). Decode over a paged KV cache
+(``paged_decode``, ``PagedDecodeArgs``) is the decode case read through a block table: every backend runs it, by
+default by gathering the blocks.
 """
 
 from typing import NamedTuple, Optional
 
 import torch
+
+from ..arguments import AttentionArgs
+from ..block_table import gather_rows
 
 
 class Case(NamedTuple):
@@ -79,3 +84,15 @@ class Backend:
     def decode(self, args, plan):
         """The output of one query per row (L == 1) without a gradient."""
         return self.forward(args, plan, for_backward=False)[0]
+
+    def paged_decode(self, args):
+        """The output ``[B, Hq, 1, D]`` of one query per row over its prefix entry and its own tokens in a paged KV
+        cache (``fastpeft.ops.arguments.PagedDecodeArgs``), without a gradient. Runs the cases ``decode`` runs (one
+        query per row, no bias). This default gathers every row's tokens into ``[B, Hkv, max_blocks * block_size, D]``
+        with a key padding mask (``fastpeft.ops.block_table``) and runs ``decode`` on that; the kernels read the
+        blocks in place instead."""
+        k, valid = gather_rows(args.key_cache, args.block_table, args.seq_lens)
+        v, _ = gather_rows(args.value_cache, args.block_table, args.seq_lens)
+        dense = AttentionArgs(args.q, k, v, args.prefix_k, args.prefix_v, args.prefix_index, args.prefix_lengths, valid,
+                              None, True, args.softmax_scale, False)
+        return self.decode(dense, self.plan(dense))

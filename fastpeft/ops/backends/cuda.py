@@ -1,6 +1,7 @@
 """The ``cuda`` backend: the CUDA extension ``fastpeft._C`` (``csrc/``), which implements decode: one query per row,
-no gradient. Importing the extension registers its kernel as the private op ``torch.ops.fastpeft._cuda_prefix_decode``
-(called only from here)."""
+no gradient, over dense K/V or a paged KV cache. Importing the extension registers its kernels as the private ops
+``torch.ops.fastpeft._cuda_prefix_decode`` and ``torch.ops.fastpeft._cuda_paged_prefix_decode`` (called only from
+here)."""
 
 import torch
 
@@ -32,3 +33,6 @@ class CudaBackend(Backend):
         return torch.ops.fastpeft._cuda_prefix_decode(args.q, args.k, args.v, args.prefix_k, args.prefix_v,
                                                       args.prefix_index, args.prefix_lengths, args.key_padding_mask,
                                                       args.causal, args.softmax_scale)
+
+    def paged_decode(self, args):
+        return torch.ops.fastpeft._cuda_paged_prefix_decode(*args)

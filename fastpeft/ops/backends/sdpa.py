@@ -465,6 +465,10 @@ class SdpaBackend(Backend):
             return sdpa_short.forward(args, plan.host, False, plan.in_cpp)[0]
         return self.forward(args, plan, for_backward=False)[0]
 
+    def paged_decode(self, args):
+        out = sdpa_short.paged_decode(args)   # on CPU, the blocks read in place by the C++ per-query kernel
+        return out if out is not None else super().paged_decode(args)
+
     def forward(self, args, plan, for_backward):
         q = args.q
         if q.numel() == 0:

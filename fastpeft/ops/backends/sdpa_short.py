@@ -24,7 +24,8 @@ then runs five matmuls and recomputes nothing::
 (float64 for float64 inputs); low-precision inputs are upcast, which at these sizes costs less than a fused call.
 
 The same math exists in C++ (``csrc/cpu/short_prefix_attention.cpp``, the extension ``fastpeft._cpu``): a forward
-kernel op, plus a per-query kernel for decoding without a gradient, and an op that records its backward in C++
+kernel op, plus a per-query kernel for decoding without a gradient (which also reads a paged KV pool in place,
+``paged_decode``), and an op that records its backward in C++
 (``autograd_forward``): at these sizes each of the ~25 ATen calls per direction costs a few microseconds of Python and
 dispatch, as much as a fifth of the arithmetic, and so would the autograd.Function around two kernel calls. They run
 where the extension is built and not switched off (``FASTPEFT_CPU_EXTENSION=0``); the Python functions below are the
@@ -96,6 +97,18 @@ def forward(args, host, for_backward, in_cpp):
         return results[0], (results[1] if for_backward else None), ()
     return short_forward(args.q, args.k, args.v, args.prefix_k, args.prefix_v, args.prefix_index, args.prefix_lengths,
                          args.key_padding_mask, args.causal, args.softmax_scale, host, for_backward)
+
+
+def paged_decode(args):
+    """The per-query C++ kernel over a paged pool (``PagedDecodeArgs``), reading every row's keys in place through its
+    block table: ``[B, Hq, 1, D]``, or None where it does not run (no extension, 16-bit inputs, a group above 64, a
+    pool whose head dimension is strided), and the caller gathers instead."""
+    q, key_cache, value_cache = args.q, args.key_cache, args.value_cache
+    if not (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and
+            q.shape[1] // key_cache.shape[1] <= 64 and key_cache.stride(-1) == 1 and value_cache.stride(-1) == 1
+            and compiled()):
+        return None
+    return torch.ops.fastpeft._cpu_paged_prefix_decode(*args)
 
 
 def autograd_forward(args, host):

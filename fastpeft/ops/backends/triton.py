@@ -47,3 +47,8 @@ class TritonBackend(Backend):
 
         return prefix_decode_fwd(args.q, args.k, args.v, args.prefix_k, args.prefix_v, args.prefix_index,
                                  args.prefix_lengths, args.key_padding_mask, args.causal, args.softmax_scale)
+
+    def paged_decode(self, args):
+        from ...kernels.prefix_decode import paged_prefix_decode_fwd
+
+        return paged_prefix_decode_fwd(*args)
