@@ -364,7 +364,7 @@ def test_removing_an_adapter_ends_its_running_requests(setup):
     events = []
     while not events or events[-1][0] == "token":
         events.append(request.events.get(timeout=TIMEOUT_S))
-    assert events[-1][0] == "error" and "removed" in events[-1][1]
+    assert events[-1][0] == "error" and events[-1][1].reason == "adapter_removed" and "removed" in str(events[-1][1])
     _wait_idle(server)
 
 

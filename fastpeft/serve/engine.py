@@ -58,8 +58,18 @@ class QueueFull(Exception):
     """The engine's waiting queue is full (the server answers 429)."""
 
 
-class AdapterRemoved(Exception):
-    pass
+@dataclass(frozen=True)
+class RequestFailed:
+    """Why the engine ended a request with an error, carried by its ``("error", RequestFailed)`` event. ``reason``:
+    ``"adapter_removed"`` (its adapter was removed while it waited or ran), ``"adapter_not_loaded"`` (the bank has
+    no such adapter when the request's turn comes), ``"shutting_down"`` or ``"internal"`` (a step failed). A front
+    end answers from it rather than from the engine's adapter list, which may not have caught up yet."""
+
+    reason: str
+    message: str
+
+    def __str__(self):
+        return self.message
 
 
 @dataclass(frozen=True)
@@ -91,7 +101,7 @@ class GenerationRequest:
     """One completion. ``adapter`` is a bank adapter name or None (the base model). ``max_tokens`` 0: prefill only
     (the prompt's log-probabilities, no token). Events arrive on ``events`` (anything with ``put``; a ``queue.Queue``
     by default): ``("token", id)`` per new token, then ``("done", finish_reason)`` (``"stop"``: end-of-sequence token;
-    ``"length"``: max_tokens; ``"cancelled"``) or ``("error", message)``.
+    ``"length"``: max_tokens; ``"cancelled"``) or ``("error", RequestFailed)``.
 
     Log-probabilities are opt-in, as extra events among those: ``logprobs=k`` (0 .. ``MAX_LOGPROBS``) puts
     ``("logprobs", TokenLogprob)`` right before each ``("token", id)`` (the token's log-probability and the ``k``
@@ -326,14 +336,15 @@ class Engine:
         def remove(bank):
             if name not in bank:
                 raise KeyError(name)
+            failure = RequestFailed("adapter_removed", f"adapter {name!r} was removed")
             for row in [r for r in self._rows if r.request.adapter == name]:
-                self._finish(row, error=f"adapter {name!r} was removed")
+                self._finish(row, error=failure)
             with self._lock:
                 dropped = [group for group in self._waiting if group[0].adapter == name]
                 for group in dropped:
                     self._waiting.remove(group)
             for request in [request for group in dropped for request in group]:
-                request.events.put(("error", f"adapter {name!r} was removed"))
+                request.events.put(("error", failure))
             bank.remove(name)
 
         self.call(remove)
@@ -366,13 +377,14 @@ class Engine:
                 self._step()
             except Exception as exc:  # a failing step must not leave requests waiting forever
                 for row in list(self._rows):
-                    self._finish(row, error=f"internal error: {exc}")
+                    self._finish(row, error=RequestFailed("internal", f"internal error: {exc}"))
+        shutting_down = RequestFailed("shutting_down", "the server is shutting down")
         for row in list(self._rows):
-            self._finish(row, error="the server is shutting down")
+            self._finish(row, error=shutting_down)
         with self._lock:
             waiting, self._waiting = [request for group in self._waiting for request in group], deque()
         for request in waiting:
-            request.events.put(("error", "the server is shutting down"))
+            request.events.put(("error", shutting_down))
 
     def _step(self):
         for row in [r for r in self._rows if r.request.cancelled]:
@@ -408,7 +420,8 @@ class Engine:
             prefix_slot, offset = bank.slot_of(adapter), bank.num_virtual_tokens(adapter)
         else:
             for request in group:
-                request.events.put(("error", f"adapter {adapter!r} is not loaded"))
+                request.events.put(("error", RequestFailed("adapter_not_loaded",
+                                                           f"adapter {adapter!r} is not loaded")))
             return []
         rows = []
         for request in group:

@@ -100,13 +100,10 @@ class EngineClient:
             raise APIError(400, str(error), param="max_tokens") from None
         return [GenerationStream(self, request, request.events.pending) for request in group]
 
-    def error_of(self, request, message):
-        """The ``APIError`` for the engine's ``("error", message)`` on ``request``."""
-        if self.stopping:
-            return APIError(503, message)
-        if request.adapter is not None and request.adapter not in self.engine.adapter_names():
-            return APIError(409, message)
-        return APIError(500, message)
+    def error_of(self, request, failure):
+        """The ``APIError`` for the engine's ``("error", RequestFailed)`` on ``request``."""
+        status = {"adapter_removed": 409, "adapter_not_loaded": 409, "shutting_down": 503}.get(failure.reason, 500)
+        return APIError(503 if self.stopping else status, failure.message)
 
     async def add_adapter(self, name, path):
         try:
