@@ -85,8 +85,9 @@ class QueueFull(Exception):
 class RequestFailed:
     """Why the engine ended a request with an error, carried by its ``("error", RequestFailed)`` event. ``reason``:
     ``"adapter_removed"`` (its adapter was removed while it waited or ran), ``"adapter_not_loaded"`` (the bank has
-    no such adapter when the request's turn comes), ``"shutting_down"`` or ``"internal"`` (a step failed). A front
-    end answers from it rather than from the engine's adapter list, which may not have caught up yet."""
+    no such adapter when the request's turn comes), ``"shutting_down"`` or ``"internal"`` (its forward or its token's
+    pick failed, or a step failed beyond telling its rows apart). A front end answers from it rather than from the
+    engine's adapter list, which may not have caught up yet."""
 
     reason: str
     message: str
