@@ -148,15 +148,27 @@ def test_bench_quick_kernel_on_cuda(tmp_path):
 
 
 def test_serve_load_test_quick_agrees_with_peft(tmp_path):
-    """The HTTP load test (--quick): every response equals PEFT's greedy continuation (teacher-forced oracle) and
-    the cached PEFT baseline's tokens; the record has both sides' throughput and the server's memory."""
+    """The HTTP load test (--quick: 2 and 4 streaming clients): every response equals PEFT's greedy continuation
+    (teacher-forced oracle) and the cached PEFT baseline's tokens; the run (the harness's schema) has both sides'
+    throughput, time to first token and inter-token latency, the KV bytes the pool's blocks held (never more than the
+    slot cache would have) and the server's memory."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     run = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_serve_http.py"), "--quick",
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=root)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    (path,) = tmp_path.glob("serve-http-cpu-*-quick.json")
+    (path,) = tmp_path.glob("serve-http-*-cpu.json")
     record = json.loads(path.read_text())
-    assert record["responses_equal_to_peft_forward"] == record["requests"] == 8
-    assert record["peft_cached_one_tenant_at_a_time"]["responses_equal_to_serve"] == 8
-    assert record["serve"]["failed"] == 0 and record["serve"]["rss_after_bytes"] > 0
-    assert record["speedup_tokens_per_s"] > 0
+    harness.validate_run(record)
+    assert (tmp_path / path.name.replace(".json", ".md")).read_text().count("| 2 clients | fastpeft serve |") == 1
+    values = {(r["case"], r["provider"], r["metric"]): r["value"] for r in record["results"]}
+    baseline = ("one request at a time", "PEFT + KV cache")
+    for case in (("2 clients", "fastpeft serve"), ("4 clients", "fastpeft serve"), baseline):
+        for metric in ("throughput", "ttft_p50", "ttft_p99", "itl_p50", "itl_p99", "latency_p50", "latency_p99"):
+            assert values[(*case, metric)] > 0, (case, metric)
+        assert values[(*case, "ttft_p50")] <= values[(*case, "ttft_p99")]
+        if case == baseline:
+            continue
+        assert values[(*case, "equal_to_peft_forward")] == values[(*case, "equal_to_peft_cached")] == 8
+        assert values[(*case, "speedup_vs_peft")] > 0 and values[(*case, "rss_after")] > 0
+        assert 0 < values[(*case, "kv_held_peak")] <= values[(*case, "kv_pool")] == values[(*case, "slot_cache")]
+        assert record["engine_stats"][case[0].split()[0]]["failed"] == 0

@@ -26,31 +26,14 @@ import torch
 
 from fastpeft import tiny
 
+from .serve_fixtures import EngineGate
+from .serve_fixtures import peft_greedy as _reference
+from .serve_fixtures import peft_tenant as _peft_model
+from .serve_fixtures import tiny_llama as _model
+
 TIMEOUT_S = 60
 BASE = "tiny-llama"
 TOKEN = "s3cret"
-
-
-def _model(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=tiny.VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         pad_token_id=tiny.PAD_ID, bos_token_id=tiny.BOS_ID, eos_token_id=tiny.EOS_ID,
-                         initializer_range=0.3)  # larger than the default 0.02, so that the scores depend on the keys
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(config).eval()
-
-
-def _peft_model(kind, seed):
-    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
-
-    config = (PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3) if kind == "prefix" else
-              PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return get_peft_model(_model(), config).eval()
 
 
 @pytest.fixture(scope="module")
@@ -70,17 +53,6 @@ def setup(tmp_path_factory):
                           default_temperature=0.0).start()
     yield {"server": server, "tenants": tenants, "later": str(extra / "tenant-c")}
     server.close()
-
-
-def _reference(peft_model, prompt, max_tokens):
-    """PEFT (or the bare model for None) for this prompt alone: greedy ids, ended at eos like the server."""
-    from fastpeft.integration.reference_generate import generate_without_cache
-
-    ids = tiny.build_tokenizer()(prompt, return_tensors="pt")["input_ids"]
-    generated, _ = generate_without_cache(peft_model if peft_model is not None else _model(), ids,
-                                          max_new_tokens=max_tokens, eos_token_id=tiny.EOS_ID)
-    new = generated[0, ids.shape[1]:].tolist()
-    return new[:new.index(tiny.EOS_ID)] if tiny.EOS_ID in new else new
 
 
 def _call(server, method, path, body=None, headers=None, raw=None):
@@ -266,7 +238,7 @@ def test_full_queue_answers_429(setup):
 
     threads = []
     try:
-        # max_batch 4 free slots + max_queue 2 waiting requests are accepted while paused; the next is refused.
+        # max_batch 4 free rows + max_queue 2 waiting requests are accepted while paused; the next is refused.
         for _ in range(6):
             threads.append(threading.Thread(target=client))
             threads[-1].start()
@@ -282,7 +254,7 @@ def test_full_queue_answers_429(setup):
     assert [status for status, _ in results] == [200] * 6
 
 
-def test_client_disconnect_mid_stream_frees_its_slot(setup):
+def test_client_disconnect_mid_stream_frees_its_row(setup):
     server = setup["server"]
     engine = server.engine
     _wait_idle(server)
@@ -368,6 +340,53 @@ def test_removing_an_adapter_ends_its_running_requests(setup):
     _wait_idle(server)
 
 
+def test_an_adapter_removed_mid_stream_ends_that_stream_alone_and_frees_its_blocks(setup):
+    """Over HTTP: a tenant's stream is running when the admin removes its adapter. The stream gets an error event
+    (409) before ``[DONE]``; another tenant's stream running beside it ends in full, equal to PEFT's; once idle the
+    pool holds no block."""
+    server, tenants = setup["server"], setup["tenants"]
+    engine = server.engine
+    tokenizer = tiny.build_tokenizer()
+    _wait_idle(server)
+    engine.add_adapter("doomed", tenants["tenant-a"])
+    doomed_running = threading.Event()
+    streams = {}
+
+    def read(name, body):
+        request = urllib.request.Request(server.url + "/v1/completions", headers={"Content-Type": "application/json"},
+                                         data=json.dumps({**body, "stream": True, "return_token_ids": True}).encode())
+        chunks = []
+        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+            for line in response:
+                line = line.decode().strip()
+                if line == "data: [DONE]":
+                    break
+                if line.startswith("data: "):
+                    chunks.append(json.loads(line[len("data: "):]))
+                    if name == "doomed" and len(chunks) == 2:
+                        doomed_running.set()
+        streams[name] = chunks
+
+    readers = [threading.Thread(target=read, args=("doomed", {"model": "doomed", "prompt": "go", "max_tokens": 200,
+                                                              "ignore_eos": True})),
+               threading.Thread(target=read, args=("beside", {"model": "tenant-b", "prompt": "hello world",
+                                                              "max_tokens": 150, "ignore_eos": True}))]
+    for reader in readers:
+        reader.start()
+    assert doomed_running.wait(TIMEOUT_S)
+    status, _ = _call(server, "DELETE", "/admin/adapters/doomed", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert status == 200
+    for reader in readers:
+        reader.join(TIMEOUT_S)
+    doomed = streams["doomed"]
+    assert doomed[-1]["error"]["code"] == 409 and "removed" in doomed[-1]["error"]["message"]
+    assert 2 <= sum(len(chunk["choices"][0].get("token_ids", [])) for chunk in doomed[:-1]) < 200
+    beside = [t for chunk in streams["beside"] for t in chunk["choices"][0].get("token_ids", [])]
+    assert beside == _greedy(tenants["tenant-b"], tokenizer("hello world")["input_ids"], 150)
+    _wait_idle(server)
+    assert engine.kv_usage().blocks_in_use == 0 and "doomed" not in engine.adapter_names()
+
+
 def test_joining_rows_prefill_together_and_decode_with_running_ones(setup):
     """Engine level: requests of different lengths and adapters admitted in one prefill (right-padded), joining rows
     that already decode, each equal to its tenant alone; a seeded sampled request repeats itself."""
@@ -405,32 +424,39 @@ def test_joining_rows_prefill_together_and_decode_with_running_ones(setup):
     assert sampled[0].generated == expected[0, ids.shape[1]:].tolist()
 
 
-def test_rows_move_down_when_a_lower_slot_frees_and_keep_their_tokens(setup):
-    """Engine level: two requests take slots 0 and 1; the one in slot 0 ends after one token, so the other moves
-    down to slot 0 (decode steps read the first n slots in place) and keeps decoding from its moved cache: its
-    tokens equal its tenant alone. Slot 1 is zeroed behind it."""
+def test_a_row_whose_neighbour_ends_keeps_decoding_and_the_ended_rows_blocks_go_back(setup):
+    """Engine level: two requests admitted in one step; one ends at its first token, the other keeps decoding from its
+    own blocks (its tokens equal its tenant alone). Right after that step, the pool holds exactly the blocks of the
+    running one's tokens (the ended one's went back); once idle, none."""
     from fastpeft.serve import GenerationRequest
 
     server, tenants = setup["server"], setup["tenants"]
     engine = server.engine
     tokenizer = tiny.build_tokenizer()
     _wait_idle(server)
-    engine.pause()
+    before = EngineGate(engine).wait()
     short = engine.submit(GenerationRequest(prompt_ids=tokenizer("short")["input_ids"], adapter="tenant-a",
                                             max_tokens=1))
-    long = engine.submit(GenerationRequest(prompt_ids=tokenizer("a longer prompt here")["input_ids"],
-                                           adapter="tenant-b", max_tokens=12, ignore_eos=True))
-    moves = engine.stats["slot_moves"]
-    engine.resume()
+    long_prompt = tokenizer("a longer prompt here")["input_ids"]
+    long = engine.submit(GenerationRequest(prompt_ids=long_prompt, adapter="tenant-b", max_tokens=12,
+                                           ignore_eos=True))
+    after_one_step = EngineGate(engine)
+    before.release()
+    after_one_step.wait()
+    try:   # one step: both prefilled together, the short one ended, the long one decoded its second token
+        assert short.finish_reason == "length" and len(long.generated) == 2 and engine.running == 1
+        block = engine.pool.block_size
+        assert engine.kv_usage().blocks_in_use == -(-(len(long_prompt) + 1) // block)
+    finally:
+        after_one_step.release()
     _wait_idle(server)
-    assert engine.stats["slot_moves"] == moves + 1
     assert short.generated == _reference(tenants["tenant-a"], "short", 1)
     from fastpeft.integration.reference_generate import generate_without_cache
 
-    ids = tokenizer("a longer prompt here", return_tensors="pt")["input_ids"]
+    ids = torch.tensor([long_prompt])
     expected, _ = generate_without_cache(tenants["tenant-b"], ids, max_new_tokens=12)
     assert long.generated == expected[0, ids.shape[1]:].tolist()
-    assert all(float(keys[1].abs().sum()) == 0 for keys in engine.cache.keys)
+    assert engine.kv_usage().blocks_in_use == 0
 
 
 # ----- the HTTP layer: body limit, keep-alive, schema, validation, metrics, drain ----------------------------------
@@ -557,25 +583,32 @@ def test_metrics_count_requests_tokens_latencies_and_kv_use(setup):
     assert grew("fastpeft_completion_tokens_total", adapter="tenant-a") == 6
     assert grew("fastpeft_time_to_first_token_seconds_count") == 1
     assert grew("fastpeft_inter_token_latency_seconds_count") == 5
-    assert after[("fastpeft_kv_bytes_total", ())] == engine.cache.nbytes
-    assert after[("fastpeft_kv_blocks_total", ())] == engine.max_batch
+    pool = engine.pool
+    assert after[("fastpeft_kv_bytes_total", ())] == pool.nbytes == pool.num_blocks * pool.bytes_per_block
+    assert after[("fastpeft_kv_blocks_total", ())] == pool.num_blocks
+    assert after[("fastpeft_kv_block_tokens", ())] == pool.block_size
     assert after[("fastpeft_kv_blocks_in_use", ())] == 0 and after[("fastpeft_requests_running", ())] == 0
-    # a running request holds a block (a slot) and its bytes; queued ones show as waiting
-    running = engine.submit(GenerationRequest(prompt_ids=[tiny.BOS_ID, 65], adapter="tenant-b", max_tokens=200,
+    # a running request holds the blocks its tokens fill, and their bytes; queued ones show as waiting
+    prompt = [tiny.BOS_ID, 65]
+    running = engine.submit(GenerationRequest(prompt_ids=prompt, adapter="tenant-b", max_tokens=200,
                                               ignore_eos=True))
     assert running.events.get(timeout=TIMEOUT_S)[0] == "token"
+    gate = EngineGate(engine).wait()   # the engine stands still between two steps while the metrics are read
     engine.pause()
     try:
         queued = engine.submit(GenerationRequest(prompt_ids=[tiny.BOS_ID, 66], max_tokens=2))
         during = _metrics(server)
+        # every token in the pool but the last one picked (fed at the next step)
+        held_blocks = -(-(len(prompt) + len(running.generated) - 1) // pool.block_size)
     finally:
         running.cancel()
+        gate.release()
         engine.resume()
     _wait_idle(server)
     assert queued.finish_reason is not None
     assert during[("fastpeft_requests_running", ())] == 1 and during[("fastpeft_requests_waiting", ())] == 1
-    assert during[("fastpeft_kv_blocks_in_use", ())] == 1
-    assert during[("fastpeft_kv_bytes_in_use", ())] == engine.cache.nbytes // engine.max_batch
+    assert during[("fastpeft_kv_blocks_in_use", ())] == held_blocks >= 1
+    assert during[("fastpeft_kv_bytes_in_use", ())] == held_blocks * pool.bytes_per_block
 
 
 def test_drain_finishes_requests_in_flight_and_refuses_new_ones_with_503():
@@ -843,7 +876,7 @@ def test_the_end_of_sequence_token_keeps_its_logprob(setup):
     ("/v1/completions", {"logprobs": True}, "logprobs"),
     ("/v1/completions", {"echo": "yes"}, "echo"),
     ("/v1/completions", {"n": 0}, "n"),
-    ("/v1/completions", {"n": 5}, "n"),  # more than the server's 4 slots
+    ("/v1/completions", {"n": 5}, "n"),  # more than the server's 4 rows
     ("/v1/completions", {"n": 1.5}, "n"),
     ("/v1/completions", {"n": 2, "best_of": 3}, "best_of"),
     ("/v1/completions", {"seed": 1 << 63}, "seed"),
@@ -854,7 +887,7 @@ def test_the_end_of_sequence_token_keeps_its_logprob(setup):
     ("/v1/completions", {"prompt": [[65, "a"]]}, "prompt"),
     ("/v1/completions", {"prompt": [[65], 66]}, "prompt"),
     ("/v1/completions", {"prompt": [[65, 10 ** 6]]}, "prompt"),
-    ("/v1/completions", {"prompt": ["a"] * 4, "n": 2}, "n"),  # 8 choices > 4 slots + 2 queue places
+    ("/v1/completions", {"prompt": ["a"] * 4, "n": 2}, "n"),  # 8 choices > 4 rows + 2 queue places
     ("/v1/chat/completions", {"logprobs": 1}, "logprobs"),
     ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
     ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
@@ -872,7 +905,7 @@ def test_bad_logprob_n_and_prompt_values_answer_400_naming_the_param(setup, path
 
 def test_engine_groups_of_continuations_are_checked():
     """``continuations`` copies a request with seeds ``seed + i``; ``Engine.submit`` refuses a group that does not
-    share its prompt and adapter, or needs more slots than ``max_batch``, and out-of-range logprob counts."""
+    share its prompt and adapter, or needs more rows than ``max_batch``, and out-of-range logprob counts."""
     from fastpeft.bank import AdapterBank
     from fastpeft.serve import Engine, GenerationRequest
     from fastpeft.serve.engine import MAX_LOGPROBS, continuations
@@ -909,6 +942,7 @@ def test_serve_command_help(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: fastpeft serve") and "--adapters" in out and "--admin-token" in out
+    assert "--kv-cache-tokens" in out and "--kv-cache-memory" in out and "--max-prefill-tokens" in out
 
 
 def test_serve_command_refuses_bad_arguments(tmp_path, capsys):
@@ -917,6 +951,18 @@ def test_serve_command_refuses_bad_arguments(tmp_path, capsys):
     assert cli.main(["serve", "--adapters", str(tmp_path / "missing")]) == 2
     assert "no such directory" in capsys.readouterr().err
     assert cli.main(["serve", "--max-batch", "0"]) == 2
+    assert cli.main(["serve", "--kv-cache-tokens", "64", "--kv-cache-memory", "1MiB"]) == 2
+    assert "at most one of --kv-cache-tokens and --kv-cache-memory" in capsys.readouterr().err
+    assert cli.main(["serve", "--kv-cache-memory", "lots"]) == 2
+    assert "expected a size" in capsys.readouterr().err
+    assert cli.main(["serve", "--max-prefill-tokens", "0"]) == 2
+
+
+def test_serve_command_reads_kv_cache_sizes():
+    from fastpeft.cli.serve import parse_size
+
+    assert [parse_size(text) for text in ("4096", "512MiB", "2GiB", "1.5GB", "64k", " 3 mb ")] == [
+        4096, 512 << 20, 2 << 30, 1_500_000_000, 64 << 10, 3_000_000]
 
 
 def test_serve_command_end_to_end(tmp_path):
@@ -932,7 +978,8 @@ def test_serve_command_end_to_end(tmp_path):
     for name in ("FASTPEFT_DEBUG", "FASTPEFT_BACKEND", "TRITON_INTERPRET"):
         env.pop(name, None)
     process = subprocess.Popen([sys.executable, "-m", "fastpeft", "serve", "--adapters", str(tmp_path / "adapters"),
-                                "--port", "0", "--default-temperature", "0", "--max-tokens-limit", "200"],
+                                "--port", "0", "--default-temperature", "0", "--max-tokens-limit", "200",
+                                "--kv-block-size", "8", "--kv-cache-memory", "2MiB", "--max-prefill-tokens", "4"],
                                cwd=tmp_path, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -49,7 +49,7 @@ class Timing:
         return {"p20": self.p20_ms, "p50": self.median_ms, "p80": self.p80_ms}
 
 
-def _percentile(sorted_values, q):
+def percentile(sorted_values, q):
     """Linear-interpolated percentile of an ascending list, q in [0, 1]."""
     position = q * (len(sorted_values) - 1)
     low, high = math.floor(position), math.ceil(position)
@@ -58,7 +58,7 @@ def _percentile(sorted_values, q):
 
 def _timing_from_samples(samples_ms):
     ordered = sorted(samples_ms)
-    return Timing(statistics.median(ordered), _percentile(ordered, 0.2), _percentile(ordered, 0.8))
+    return Timing(statistics.median(ordered), percentile(ordered, 0.2), percentile(ordered, 0.8))
 
 
 def time_cpu(fn, warmup=2, min_reps=5, max_reps=50, budget_s=1.0):
@@ -304,10 +304,10 @@ def validate_run(run):
                 raise ValueError(f"results[{i}]['quantiles'] must be ordered p20 <= p50 <= p80")
 
 
-def results_path(run, out_dir):
-    """``out_dir/<date>-<device>.json``; a second run on the same day gets ``-2``, ``-3``, ... rather than
-    overwriting the first."""
-    stem = f"{run['date'][:10]}-{device_slug(run['device'])}"
+def results_path(run, out_dir, name=None):
+    """``out_dir/<date>-<device>.json`` (``<name>-<date>-<device>.json`` for a benchmark with a file name of its
+    own); a second run on the same day gets ``-2``, ``-3``, ... rather than overwriting the first."""
+    stem = f"{name + '-' if name else ''}{run['date'][:10]}-{device_slug(run['device'])}"
     path = os.path.join(out_dir, f"{stem}.json")
     counter = 2
     while os.path.exists(path):
@@ -316,11 +316,11 @@ def results_path(run, out_dir):
     return path
 
 
-def write_run(run, out_dir):
-    """Validate and write the run as JSON; returns the path."""
+def write_run(run, out_dir, name=None):
+    """Validate and write the run as JSON (named as ``results_path`` says); returns the path."""
     validate_run(run)
     os.makedirs(out_dir, exist_ok=True)
-    path = results_path(run, out_dir)
+    path = results_path(run, out_dir, name)
     with open(path, "w") as f:
         json.dump(run, f, indent=2)
     return path
@@ -393,6 +393,7 @@ PLOTTED = {  # suite -> (metric, unit, axis label, log scale): the one metric ea
     "kernel": ("time", "ms", "time (ms), lower is better", True),
     "training": ("throughput", "tokens/s", "tokens/s, higher is better", False),
     "serving": ("throughput", "tokens/s", "generated tokens/s, higher is better", True),
+    "serve_http": ("throughput", "tokens/s", "generated tokens/s over HTTP, higher is better", False),
 }
 
 

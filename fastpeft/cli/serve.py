@@ -2,9 +2,15 @@
 continuous batching (``fastpeft.serve``). Without ``--model``: the built-in model of ``fastpeft.tiny``."""
 
 import os
+import re
 
 from .. import loading
+from ..serve.engine import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_PREFILL_TOKENS
 from . import common
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12, "k": 2 ** 10,
+               "kib": 2 ** 10, "m": 2 ** 20, "mib": 2 ** 20, "g": 2 ** 30, "gib": 2 ** 30, "t": 2 ** 40,
+               "tib": 2 ** 40}
 
 
 def add_parser(sub):
@@ -28,7 +34,19 @@ def add_parser(sub):
     serve.add_argument("--max-len", type=int, default=512, metavar="N",
                        help="most tokens (prompt + completion) per request (512)")
     serve.add_argument("--max-queue", type=int, default=64, metavar="N",
-                       help="requests waiting for a slot before the server answers 429 (64)")
+                       help="requests waiting beyond the free batch rows before the server answers 429 (64)")
+    serve.add_argument("--kv-block-size", type=int, default=DEFAULT_BLOCK_SIZE, metavar="N",
+                       help=f"tokens per block of the KV cache pool ({DEFAULT_BLOCK_SIZE})")
+    serve.add_argument("--kv-cache-tokens", type=int, metavar="N",
+                       help="size of the KV cache pool in tokens of every layer (default: --max-batch x --max-len, "
+                            "so that a full batch of the longest requests fits); requests wait in the queue while "
+                            "the pool cannot hold every token they may write")
+    serve.add_argument("--kv-cache-memory", metavar="SIZE",
+                       help="size of the KV cache pool in bytes instead (keys and values of every layer), e.g. "
+                            "536870912, 512MiB, 2GiB, 1.5GB")
+    serve.add_argument("--max-prefill-tokens", type=int, default=DEFAULT_MAX_PREFILL_TOKENS, metavar="N",
+                       help="prompt tokens prefilled per step; a longer prompt is prefilled in chunks between "
+                            f"decode steps of the running requests ({DEFAULT_MAX_PREFILL_TOKENS})")
     serve.add_argument("--max-tokens-limit", type=int, default=256, metavar="N",
                        help="largest max_tokens a request may ask for (256)")
     serve.add_argument("--default-temperature", type=float, default=1.0,
@@ -48,12 +66,27 @@ def add_parser(sub):
     serve.set_defaults(func=run)
 
 
+def parse_size(text):
+    """Bytes of a size written as an integer, or a number with a unit: ``KB``/``MB``/``GB``/``TB`` (powers of 1000),
+    ``KiB``/``MiB``/``GiB``/``TiB`` or ``K``/``M``/``G``/``T`` (powers of 1024); case-insensitive."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", text)
+    unit = match and match.group(2).lower()
+    if not match or unit not in _SIZE_UNITS:
+        raise common.CLIError(f"--kv-cache-memory {text!r}: expected a size such as 536870912, 512MiB or 2GiB")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
 def run(args):
     for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-len", args.max_len, 2),
                              ("--max-queue", args.max_queue, 0), ("--max-tokens-limit", args.max_tokens_limit, 1),
-                             ("--drain-timeout", args.drain_timeout, 0)):
-        if value < low:
+                             ("--drain-timeout", args.drain_timeout, 0), ("--kv-block-size", args.kv_block_size, 1),
+                             ("--kv-cache-tokens", args.kv_cache_tokens, 1),
+                             ("--max-prefill-tokens", args.max_prefill_tokens, 1)):
+        if value is not None and value < low:
             raise common.CLIError(f"{flag} must be at least {low}, got {value}")
+    if args.kv_cache_tokens is not None and args.kv_cache_memory is not None:
+        raise common.CLIError("give at most one of --kv-cache-tokens and --kv-cache-memory")
+    kv_cache_bytes = None if args.kv_cache_memory is None else parse_size(args.kv_cache_memory)
     if not 0 <= args.port < 65536:
         raise common.CLIError(f"--port must lie in [0, 65535], got {args.port}")
     if args.adapters is not None and not os.path.isdir(args.adapters):
@@ -73,7 +106,7 @@ def run(args):
         model, tokenizer = loading.load_base(args.model, device, dtype)
         base_name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     if args.ray_replicas is not None:
-        return _run_ray(args, device)
+        return _run_ray(args, device, kv_cache_bytes)
     adapters = adapter_dirs(args.adapters) if args.adapters else {}
     token = args.admin_token or os.environ.get("FASTPEFT_ADMIN_TOKEN") or None
     try:
@@ -81,7 +114,7 @@ def run(args):
                               admin_token=token, max_batch=args.max_batch, max_len=args.max_len,
                               max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
                               default_temperature=args.default_temperature, log_requests=args.log_requests,
-                              drain_timeout=args.drain_timeout)
+                              drain_timeout=args.drain_timeout, **_engine_kv_options(args, kv_cache_bytes))
     except ImportError as error:
         raise common.CLIError(str(error)) from error
     print(f"fastpeft serve: {base_name} + {len(adapters)} adapter(s) on {server.url}/v1 "
@@ -96,7 +129,13 @@ def run(args):
     return 0
 
 
-def _run_ray(args, device):
+def _engine_kv_options(args, kv_cache_bytes):
+    """The KV pool and chunked-prefill keyword arguments of ``build_server`` / ``ray_serve.build_app``."""
+    return dict(kv_block_size=args.kv_block_size, kv_cache_tokens=args.kv_cache_tokens, kv_cache_bytes=kv_cache_bytes,
+                max_prefill_tokens=args.max_prefill_tokens)
+
+
+def _run_ray(args, device, kv_cache_bytes):
     """``--ray-replicas``: the Ray Serve application of ``fastpeft.serve.ray_serve`` on ``--host:--port``."""
     if args.ray_replicas < 1:
         raise common.CLIError(f"--ray-replicas must be at least 1, got {args.ray_replicas}")
@@ -120,7 +159,7 @@ def _run_ray(args, device):
                     base_name=args.served_model_name, num_replicas=args.ray_replicas,
                     max_adapters_per_replica=args.ray_adapters_per_replica, max_batch=args.max_batch,
                     max_len=args.max_len, max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
-                    default_temperature=args.default_temperature)
+                    default_temperature=args.default_temperature, **_engine_kv_options(args, kv_cache_bytes))
     serve.run(app, name="fastpeft", route_prefix="/")
     print(f"fastpeft serve (Ray Serve, {args.ray_replicas} replicas) on http://{args.host}:{args.port}/v1",
           flush=True)

@@ -110,36 +110,6 @@ def cache_layer_key_values(cache, layer):
     return cache.key_cache[layer], cache.value_cache[layer]
 
 
-def in_place_decode_cache(keys, values, lengths, width):
-    """A transformers ``Cache`` for one decode step (one new token per row) over preallocated storage, copying
-    nothing: ``keys`` / ``values`` hold one ``[n, Hkv, >= width + 1, D]`` tensor per layer whose row b holds
-    ``lengths[b]`` (``[n]``) cached tokens left-aligned (``width`` = the longest). Each layer's ``update`` writes the
-    step's new key/value of row b in place at column ``lengths[b]`` and hands attention the views
-    ``[n, Hkv, width + 1, D]``; a row's columns past ``lengths[b]`` are stale and must be masked by the caller's
-    attention mask. ``get_seq_length`` is ``width``, so masks cover ``width + 1`` keys."""
-    from transformers.cache_utils import Cache, DynamicLayer
-
-    class InPlaceDecodeLayer(DynamicLayer):
-        def __init__(self, layer_keys, layer_values):
-            super().__init__()
-            self.storage_keys, self.storage_values = layer_keys, layer_values
-            self.keys, self.values = layer_keys[:, :, :width], layer_values[:, :, :width]
-            self.dtype, self.device = layer_keys.dtype, layer_keys.device
-            self.is_initialized = True
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            if key_states.shape[-2] != 1:
-                raise ValueError(f"an in-place decode cache takes one new token per row, got {key_states.shape[-2]}")
-            rows = torch.arange(key_states.shape[0], device=key_states.device)
-            self.storage_keys[rows, :, lengths] = key_states[:, :, 0]
-            self.storage_values[rows, :, lengths] = value_states[:, :, 0]
-            self.keys = self.storage_keys[:, :, :width + 1]
-            self.values = self.storage_values[:, :, :width + 1]
-            return self.keys, self.values
-
-    return Cache(layers=[InPlaceDecodeLayer(k, v) for k, v in zip(keys, values)])
-
-
 # ----- generation ------------------------------------------------------------------------------------------------
 
 

@@ -9,9 +9,9 @@ they are imported when ``build_server`` runs, so ``Engine`` works without them.
 
 import os
 
-from .engine import Engine, GenerationRequest, KVUsage, QueueFull, SlotCache
+from .engine import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_PREFILL_TOKENS, Engine, GenerationRequest, KVUsage, QueueFull
 
-__all__ = ["Engine", "GenerationRequest", "KVUsage", "QueueFull", "SlotCache", "build_server", "adapter_dirs"]
+__all__ = ["Engine", "GenerationRequest", "KVUsage", "QueueFull", "build_server", "adapter_dirs"]
 
 
 def adapter_dirs(folder):
@@ -26,11 +26,14 @@ def adapter_dirs(folder):
 
 def build_server(model, tokenizer, adapters=None, base_name="base", host="127.0.0.1", port=0, admin_token=None,
                  max_batch=16, max_len=512, max_queue=64, max_tokens_limit=256, default_max_tokens=16,
-                 default_temperature=1.0, log_requests=False, drain_timeout=30.0):
+                 default_temperature=1.0, log_requests=False, drain_timeout=30.0, kv_block_size=DEFAULT_BLOCK_SIZE,
+                 kv_cache_tokens=None, kv_cache_bytes=None, max_prefill_tokens=DEFAULT_MAX_PREFILL_TOKENS):
     """A started engine and a ``server.Server`` bound to ``host:port`` (0: an ephemeral port), not yet serving:
     call ``server.start()`` (background thread) or ``server.serve_forever()``; ``server.close()`` stops both.
 
     ``adapters``: ``{name: PEFT adapter directory or PeftModel}`` loaded into a new ``AdapterBank`` on ``model``.
+    ``max_batch``, ``max_len``, ``max_queue``, ``kv_block_size``, ``kv_cache_tokens`` / ``kv_cache_bytes`` and
+    ``max_prefill_tokens``: the ``Engine``'s (``block_size`` is ``kv_block_size``).
     """
     from ..bank import AdapterBank
 
@@ -46,7 +49,9 @@ def build_server(model, tokenizer, adapters=None, base_name="base", host="127.0.
         if name == base_name:
             raise ValueError(f"adapter name {name!r} is the base model's served name")
         bank.add(name, source)
-    client = EngineClient(Engine(bank, max_batch=max_batch, max_len=max_len, max_queue=max_queue).start())
+    client = EngineClient(Engine(bank, max_batch=max_batch, max_len=max_len, max_queue=max_queue,
+                                 block_size=kv_block_size, kv_cache_tokens=kv_cache_tokens,
+                                 kv_cache_bytes=kv_cache_bytes, max_prefill_tokens=max_prefill_tokens).start())
     config = ServeConfig(tokenizer, base_name, admin_token=admin_token, max_tokens_limit=max_tokens_limit,
                          default_max_tokens=default_max_tokens, default_temperature=default_temperature,
                          max_choices=max_batch, max_request_choices=max_batch + max_queue)

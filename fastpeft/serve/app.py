@@ -32,7 +32,7 @@ or route, 409 adapter removed mid-request, 413 body too large, 429 queue full, 5
 shutting down, 504 no token for ``EVENT_TIMEOUT_S``.
 
 A client that goes away is heard on the ASGI receive channel (``http.disconnect``), streamed or not, queued or
-running: its request is cancelled and its slot freed at the next token boundary. ``DrainState`` is the graceful
+running: its request is cancelled and its KV blocks freed at the next token boundary. ``DrainState`` is the graceful
 stop: once draining, new requests get 503 while those in flight finish (``server.py`` drains on SIGTERM).
 """
 

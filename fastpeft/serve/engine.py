@@ -1,25 +1,41 @@
 """Continuous batching over ``fastpeft.AdapterBank``: requests join and leave the running batch at token boundaries,
 each row with its own adapter, through fastpeft's prefix attention.
 
-The KV cache (``SlotCache``). One tensor per layer for keys and one for values, ``[max_batch, Hkv, max_len, D]``,
-allocated once: a request owns one slot (row) from admission to its end. Its tokens sit left-aligned at
-``0 .. length-1``; everything after is stale and masked. The cache holds only the request's own tokens: its adapter's
-prefix is read from the bank's tables through ``prefix_index`` at every step (never copied into the cache), so two
-tenants sending the same prompt share nothing but the frozen weights.
+KV memory (``kv_pool.KVBlockPool``). One pool of fixed-size blocks (``block_size`` tokens of every layer's keys and
+values), allocated once; a request holds the blocks its tokens fill, listed in its ``BlockTable``, and gives them
+back when it ends. The pool holds only the requests' own tokens: an adapter's prefix K/V stays in the bank's prefix
+tables, stored once and read through ``prefix_index`` at every step (never copied into a request's blocks), so two
+tenants sending the same prompt share nothing but the frozen weights. The ``n`` continuations of one prompt
+(``continuations``) share the prompt's blocks (``KVBlockPool.fork``: reference counts; a shared, partly filled last
+block is copied when a continuation first writes into it).
 
-A step. (1) Requests waiting in the queue take free slots and are prefilled together in one forward (right-padded,
-positions from the mask, as ``AdapterBank.__call__``); each row's real K/V are copied into its slot and its first
-token picked from its last real position. The ``n`` continuations of one prompt (``continuations``) are admitted
-together and prefilled once: the prompt's K/V are copied from its slot into the others' slots (``_share_prompt``),
-and every continuation picks its first token from the same logits. (2) One decode forward feeds every running row its last token. Running rows occupy slots
-``0 .. B-1`` (admission takes the lowest free slot; a row is moved down once when a slot below it frees up), so the
-step's cache is the storage's first B rows cut to the longest length ``S`` + 1, as views
-(``compat.in_place_decode_cache``): each layer writes row b's new key/value in place at column ``length_b`` of its
-slot, and nothing is gathered or copied per step. The attention mask is ``[B, S + 1]``: ``1`` for a row's
-``length + 1`` keys (its cached ones and the new one), ``0`` for the stale columns after them; positions are
-``P + length`` (PEFT's numbering: the virtual tokens first). The fused attention then sees, per row, exactly its
-prefix, its own keys and the new key: one query under bottom-right causal alignment sees every unmasked key. (3) Rows that produced an end-of-sequence token, reached ``max_tokens``, were cancelled
-(their client went away) or whose adapter was removed leave; their slot is free for the next step.
+Admission. A request is admitted when a batch row is free (``max_batch``) and the pool can hold every token it may
+still write (prompt + ``max_tokens`` - 1: the last token picked is never fed back) on top of what the admitted
+requests may still write. Blocks are taken only as tokens arrive (``kv_usage`` counts those), but admission counts
+every admitted request's worst case, so a running request always finds the blocks it needs: nothing is ever evicted
+or recomputed, and a request that does not fit now waits in the queue (first come, first served) until running ones
+end. ``submit`` refuses (ValueError, a 400) a request whose worst case exceeds the whole pool, and raises
+``QueueFull`` (a 429) only when more than ``max_queue`` requests would wait beyond the free rows.
+
+A step. (1) Prefill, chunked: prompts being prefilled, oldest first, then newly admitted ones, get their next chunk
+within ``max_prefill_tokens`` prompt tokens per step, in one forward (right-padded; each row's earlier chunks are
+read from its blocks). A prompt longer than the budget is prefilled over several steps, so it never stalls the
+running decodes for longer than one chunk. When a prompt's last chunk ran, its continuations take its blocks (the
+first) or forks of them (the others) and pick their first token from the same logits. (2) One decode forward feeds
+every running row its last token; attention reads each row's prefix entry and its tokens through its block table
+(``fastpeft.ops.paged_prefix_decode``; nothing is gathered or copied). (3) Rows that produced an end-of-sequence
+token, reached ``max_tokens``, were cancelled (their client went away) or whose adapter was removed leave; their
+blocks go back to the pool.
+
+The engine drives the bank through its public serving API alone: per forward ``pool.append(table, n)`` for each
+row, ``cache = pool.step_cache(tables, counts)``, ``routing = bank.route(adapters, B)`` and ``bank.forward(ids,
+cache.attention_mask(), routing.position_offsets[:, None] + cache.positions(), routing.prefix_index, cache)``, then
+``cache.check_consumed``. Positions follow PEFT's numbering (the virtual tokens first).
+
+Failures. A forward that raises is run again row by row, so that only the rows that fail alone end (with
+``RequestFailed("internal", ...)``) and the others go on with their logits; rewriting a row's K/V in the retry is
+harmless (the same tokens at the same positions). Picking a row's token (sampling, log-probabilities) fails that row
+alone. Anything else that raises in a step ends every admitted request with an internal error.
 
 Log-probabilities. A request that asks (``logprobs``, ``prompt_logprobs``) gets, beside its tokens, their
 log-probabilities under the model and the most likely alternatives: ``log_softmax`` in float32 of the model's raw
@@ -27,10 +43,10 @@ logits (its adapter's, as PEFT's forward gives them), before repetition penalty,
 what OpenAI's API and vLLM (its default ``raw_logprobs``) report and what lm-evaluation-harness sums as a
 log-likelihood: the model's distribution, independent of how a token was then picked; the warped one would change
 with the sampling settings and give ``-inf`` to every token outside top-k/top-p. Prompt log-probabilities come from
-the prefill's logits (position ``i`` scores prompt token ``i + 1``; the first token has none).
+the prefill chunks' logits (position ``i`` scores prompt token ``i + 1``; the first token has none).
 
-Thread model. One engine thread owns the bank and the model: adding and removing adapters are commands it runs
-between steps (so no running row ever reads a table entry that was freed and reused). HTTP handler threads only
+Thread model. One engine thread owns the bank, the model and the pool: adding and removing adapters are commands it
+runs between steps (so no running row ever reads a table entry that was freed and reused). HTTP handler threads only
 submit requests (a bounded queue: ``QueueFull`` when it is full) and read each request's event queue.
 """
 
@@ -42,9 +58,16 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..bank import NO_ADAPTER_SLOT
-from ..prefix_tables import pad_aware_positions
 from ..sampling import check_sampling, logits_processors
+from .kv_pool import BlockTable, KVBlockPool
+
+DEFAULT_BLOCK_SIZE = 16
+"""Tokens per KV block (vLLM's default: a request's partly filled last block wastes little, block tables stay
+short)."""
+
+DEFAULT_MAX_PREFILL_TOKENS = 512
+"""Prompt tokens one step prefills at most: a longer prompt takes several steps, each followed by a decode step of
+the running requests."""
 
 
 MAX_LOGPROBS = 20
@@ -62,8 +85,9 @@ class QueueFull(Exception):
 class RequestFailed:
     """Why the engine ended a request with an error, carried by its ``("error", RequestFailed)`` event. ``reason``:
     ``"adapter_removed"`` (its adapter was removed while it waited or ran), ``"adapter_not_loaded"`` (the bank has
-    no such adapter when the request's turn comes), ``"shutting_down"`` or ``"internal"`` (a step failed). A front
-    end answers from it rather than from the engine's adapter list, which may not have caught up yet."""
+    no such adapter when the request's turn comes), ``"shutting_down"`` or ``"internal"`` (its forward or its token's
+    pick failed, or a step failed beyond telling its rows apart). A front end answers from it rather than from the
+    engine's adapter list, which may not have caught up yet."""
 
     reason: str
     message: str
@@ -74,9 +98,9 @@ class RequestFailed:
 
 @dataclass(frozen=True)
 class KVUsage:
-    """How much of the engine's KV storage running requests hold (``Engine.kv_usage``): ``blocks_in_use`` of
-    ``blocks_total`` blocks of ``block_tokens`` token positions each, and the bytes those blocks take. For the slot
-    cache a block is one slot (``max_len`` positions), held by one request from admission to its end."""
+    """How much of the engine's KV pool running requests hold (``Engine.kv_usage``): ``blocks_in_use`` of
+    ``blocks_total`` blocks of ``block_tokens`` token positions each, and the bytes those blocks take (keys and values
+    of every layer). A block shared by several continuations of one prompt counts once."""
 
     blocks_in_use: int
     blocks_total: int
@@ -128,7 +152,7 @@ class GenerationRequest:
     _cancelled: bool = False
 
     def cancel(self):
-        """Ask the engine to drop this request at the next token boundary (its slot is freed then)."""
+        """Ask the engine to drop this request at the next token boundary (its KV blocks are freed then)."""
         self._cancelled = True
 
     @property
@@ -139,9 +163,9 @@ class GenerationRequest:
 def continuations(request, n):
     """``n`` requests continuing ``request``'s prompt: ``request`` itself, then copies of it with their own ``events``
     queues. Submit them together (``Engine.submit`` of the list): the prompt is prefilled once and every continuation
-    decodes from a copy of its K/V. With a ``seed``, continuation ``i`` samples from a generator seeded with
-    ``seed + i`` (vLLM's rule for ``n > 1``): a seeded request repeats itself, and its first continuation is what the
-    request alone gives."""
+    decodes from its K/V blocks, shared (``KVBlockPool.fork``). With a ``seed``, continuation ``i`` samples from a
+    generator seeded with ``seed + i`` (vLLM's rule for ``n > 1``): a seeded request repeats itself, and its first
+    continuation is what the request alone gives."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
     copies = [replace(request, seed=None if request.seed is None else request.seed + i, events=queue.Queue(),
@@ -162,65 +186,106 @@ def _token_logprobs(logits, tokens, top_counts):
 
 
 class _Row:
-    """A running request: its slot, cache length, table entry, position offset and the token not yet fed."""
+    """An admitted request: its block table (None while its prompt is prefilled), the token it feeds next, its
+    sampling state."""
 
-    __slots__ = ("request", "slot", "length", "prefix_slot", "offset", "last_token", "generator", "processors")
+    __slots__ = ("request", "table", "last_token", "generator", "processors")
 
-    def __init__(self, request, slot, prefix_slot, offset, generator):
-        self.request, self.slot, self.prefix_slot, self.offset = request, slot, prefix_slot, offset
-        self.length, self.last_token, self.generator = 0, None, generator
+    def __init__(self, request, generator):
+        self.request, self.generator = request, generator
+        self.table, self.last_token = None, None
         self.processors = logits_processors(bool(request.temperature), request.temperature, request.top_k,
                                              request.top_p, request.repetition_penalty)
 
 
-class SlotCache:
-    """Per-slot KV storage: keys and values ``[max_batch, Hkv, max_len, D]`` per layer, allocated once."""
+class _Prompt:
+    """The prompt of a group of continuations (``rows``, one or more), being prefilled chunk by chunk into ``table``
+    (``table.num_tokens``: its tokens fed so far); ``logprobs``: its prompt log-probabilities so far, when a row
+    asked."""
 
-    def __init__(self, num_layers, max_batch, num_kv_heads, max_len, head_dim, device, dtype):
-        shape = (max_batch, num_kv_heads, max_len, head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.max_len = max_len
+    __slots__ = ("rows", "table", "logprobs")
+
+    def __init__(self, rows):
+        self.rows, self.table = rows, BlockTable()
+        self.logprobs = [] if any(row.request.prompt_logprobs is not None for row in rows) else None
 
     @property
-    def nbytes(self):
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+    def ids(self):
+        return self.rows[0].request.prompt_ids
+
+    @property
+    def adapter(self):
+        return self.rows[0].request.adapter
+
+
+class _Feed:
+    """One row of a forward: the tokens it feeds into ``table`` (whose ``append`` made room for them), for
+    ``adapter``."""
+
+    __slots__ = ("table", "tokens", "adapter")
+
+    def __init__(self, table, tokens, adapter):
+        self.table, self.tokens, self.adapter = table, tokens, adapter
 
 
 class Engine:
-    """Continuous batching of ``GenerationRequest`` s over an open ``AdapterBank``.
+    """Continuous batching of ``GenerationRequest`` s over an open decoder-only ``AdapterBank``.
 
     Arguments:
-        bank: the ``AdapterBank`` (the engine thread becomes its only user once ``start`` ran).
-        max_batch: the most requests decoding together (slots).
-        max_len: the most tokens (prompt + generated) a request may hold in its slot.
-        max_queue: the most requests waiting for a slot; ``submit`` raises ``QueueFull`` beyond.
+        bank: the ``AdapterBank`` (the engine thread becomes its only user once ``start`` ran). An encoder-decoder
+            bank (``EncoderDecoderAdapterBank``: T5, BART) is not served.
+        max_batch: the most requests admitted together (prefilling or decoding: the rows of a decode step).
+        max_len: the most tokens (prompt + generated) one request may hold.
+        max_queue: the most requests waiting beyond the free rows; ``submit`` raises ``QueueFull`` beyond.
         eos_token_ids: ids that end a request (``finish_reason="stop"``); default the model's generation config.
+        block_size: tokens per KV block.
+        kv_cache_tokens, kv_cache_bytes: the pool's size, as tokens (rounded up to whole blocks) or as bytes (keys
+            and values of every layer, rounded down to whole blocks); at most one. Default ``max_batch * max_len``
+            tokens: the memory a cache of ``max_len`` slots per row would take, so every batch of ``max_batch``
+            requests of ``max_len`` tokens fits.
+        max_prefill_tokens: prompt tokens one step prefills at most (chunked prefill).
     """
 
-    def __init__(self, bank, max_batch=16, max_len=512, max_queue=64, eos_token_ids=None):
-        if max_batch < 1 or max_len < 2 or max_queue < 0:
-            raise ValueError(f"need max_batch >= 1, max_len >= 2, max_queue >= 0; got {max_batch}, {max_len}, "
-                             f"{max_queue}")
+    def __init__(self, bank, max_batch=16, max_len=512, max_queue=64, eos_token_ids=None,
+                 block_size=DEFAULT_BLOCK_SIZE, kv_cache_tokens=None, kv_cache_bytes=None,
+                 max_prefill_tokens=DEFAULT_MAX_PREFILL_TOKENS):
+        from ..bank_seq2seq import EncoderDecoderAdapterBank
+
+        if isinstance(bank, EncoderDecoderAdapterBank):
+            raise ValueError("the serving engine runs decoder-only banks; an EncoderDecoderAdapterBank (T5, MT5, "
+                             "BART) is not served yet")
+        for name, value, low in (("max_batch", max_batch, 1), ("max_len", max_len, 2), ("max_queue", max_queue, 0),
+                                 ("block_size", block_size, 1), ("max_prefill_tokens", max_prefill_tokens, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if kv_cache_tokens is not None and kv_cache_bytes is not None:
+            raise ValueError("give at most one of kv_cache_tokens and kv_cache_bytes")
+        if kv_cache_tokens is None and kv_cache_bytes is None:
+            kv_cache_tokens = max_batch * max_len
         self.bank = bank
         g = bank.geometry
-        self.cache = SlotCache(g.num_layers, max_batch, g.num_kv_heads, max_len, g.head_dim, bank.device, bank.dtype)
+        self.pool = KVBlockPool.from_budget(g.num_layers, g.num_kv_heads, g.head_dim, block_size,
+                                            budget_bytes=kv_cache_bytes, budget_tokens=kv_cache_tokens,
+                                            device=bank.device, dtype=bank.dtype)
         self.max_batch, self.max_len, self.max_queue = max_batch, max_len, max_queue
+        self.max_prefill_tokens = max_prefill_tokens
         if eos_token_ids is None:
             eos = getattr(getattr(bank.model, "generation_config", None), "eos_token_id", None)
             eos_token_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         self.eos_token_ids = set(eos_token_ids)
-        self._waiting = deque()
+        self._model_name = type(bank.model).__name__
+        self._waiting = deque()   # groups of continuations of one prompt, first come first served
+        self._prompts = []        # admitted groups whose prompt is being prefilled (_Prompt)
+        self._rows = []           # decoding rows (_Row)
+        self._held = 0            # requests admitted and not ended: the rows of _prompts and _rows
         self._commands = deque()
-        self._rows = []
-        self._free_slots = list(range(max_batch - 1, -1, -1))
         self._lock = threading.Condition()
         self._paused = False
         self._stop = False
         self._thread = None
         self._adapter_names = tuple(bank.names)
         self.stats = {"steps": 0, "prefills": 0, "prefill_tokens": 0, "max_rows": 0, "tokens": 0, "finished": 0,
-                      "cancelled": 0, "slot_moves": 0}
+                      "cancelled": 0, "failed": 0}
 
     # ----- control ---------------------------------------------------------------------------------------------
 
@@ -237,7 +302,7 @@ class Engine:
             self._thread.join(timeout)
 
     def pause(self):
-        """Admit no new request until ``resume`` (running rows go on). For maintenance and tests."""
+        """Admit no new request until ``resume`` (admitted ones go on). For maintenance and tests."""
         with self._lock:
             self._paused = True
 
@@ -248,28 +313,28 @@ class Engine:
 
     @property
     def running(self):
-        return len(self._rows)
+        """Requests admitted and not ended (their prompt being prefilled, or decoding)."""
+        return self._held
 
     def kv_usage(self):
-        """A ``KVUsage`` snapshot of the KV storage held by running requests (safe to read from any thread)."""
-        with self._lock:
-            in_use = self.max_batch - len(self._free_slots)
-        slot_bytes = self.cache.nbytes // self.max_batch
-        return KVUsage(blocks_in_use=in_use, blocks_total=self.max_batch, block_tokens=self.max_len,
-                       bytes_in_use=in_use * slot_bytes, bytes_total=self.cache.nbytes)
+        """A ``KVUsage`` snapshot of the pool (safe to read from any thread)."""
+        pool = self.pool
+        in_use = pool.blocks_in_use
+        return KVUsage(blocks_in_use=in_use, blocks_total=pool.num_blocks, block_tokens=pool.block_size,
+                       bytes_in_use=in_use * pool.bytes_per_block, bytes_total=pool.nbytes)
 
     @property
     def waiting(self):
-        """Requests waiting for a slot (each continuation of a prompt counts)."""
+        """Requests waiting for admission (each continuation of a prompt counts)."""
         with self._lock:
             return sum(len(group) for group in self._waiting)
 
     def submit(self, request):
         """Queue ``request``, or a list of requests continuing one prompt (``continuations``: same ``prompt_ids`` and
-        ``adapter``), admitted together when enough slots are free and prefilled once. Raises ``QueueFull`` when
-        the requests would wait beyond ``max_queue`` requests past the free slots, ``ValueError`` when one cannot fit
-        its slot (prompt + max_tokens > max_len), holds no token or has a setting out of range, or when a group does
-        not share its prompt or needs more than ``max_batch`` slots. Returns ``request``."""
+        ``adapter``), admitted together and prefilled once. Raises ``QueueFull`` when the requests would wait beyond
+        ``max_queue`` requests past the free rows; ``ValueError`` when one holds no token, has a setting out of range
+        or cannot fit ``max_len`` (prompt + max_tokens), when a group does not share its prompt or needs more than
+        ``max_batch`` rows, or when the group could never fit the KV pool, even alone. Returns ``request``."""
         group = list(request) if isinstance(request, (list, tuple)) else [request]
         if not group:
             raise ValueError("no request to submit (an empty list)")
@@ -279,14 +344,21 @@ class Engine:
         if any(member.prompt_ids != first.prompt_ids or member.adapter != first.adapter for member in group[1:]):
             raise ValueError("the continuations of one prompt must share their prompt_ids and adapter")
         if len(group) > self.max_batch:
-            raise ValueError(f"n={len(group)} continuations of one prompt need more slots than the server's "
+            raise ValueError(f"n={len(group)} continuations of one prompt need more rows than the server's "
                              f"max_batch of {self.max_batch}")
+        needed = self._prompt_blocks_to_come(first, len(group), BlockTable())
+        if needed > self.pool.num_blocks:
+            pool = self.pool
+            raise ValueError(f"prompt ({len(first.prompt_ids)} tokens) + max_tokens ({first.max_tokens})"
+                             f"{f' for n={len(group)} continuations' if len(group) > 1 else ''} needs {needed} KV "
+                             f"blocks of {pool.block_size} tokens; the server's KV pool holds {pool.num_blocks}")
         with self._lock:
-            # Up to max_queue requests wait beyond those the free slots take at the next step.
+            # Up to max_queue requests wait beyond those the free rows take at the next step.
             waiting = sum(len(queued) for queued in self._waiting)
-            if waiting + len(group) > self.max_queue + len(self._free_slots):
-                raise QueueFull(f"{waiting} requests are waiting for {len(self._free_slots)} free slots "
-                                f"(at most {self.max_queue} may wait beyond the free slots)")
+            free_rows = self.max_batch - self._held
+            if waiting + len(group) > self.max_queue + free_rows:
+                raise QueueFull(f"{waiting} requests are waiting for {free_rows} free rows "
+                                f"(at most {self.max_queue} may wait beyond the free rows)")
             self._waiting.append(group)
             self._lock.notify_all()
         return request
@@ -331,7 +403,7 @@ class Engine:
         return list(self._adapter_names)
 
     def remove_adapter(self, name):
-        """Remove adapter ``name`` between steps; its running and waiting requests end with an error first."""
+        """Remove adapter ``name`` between steps; its admitted and waiting requests end with an error first."""
 
         def remove(bank):
             if name not in bank:
@@ -339,6 +411,8 @@ class Engine:
             failure = RequestFailed("adapter_removed", f"adapter {name!r} was removed")
             for row in [r for r in self._rows if r.request.adapter == name]:
                 self._finish(row, error=failure)
+            for prompt in [p for p in self._prompts if p.adapter == name]:
+                self._end_prompt(prompt, failure)
             with self._lock:
                 dropped = [group for group in self._waiting if group[0].adapter == name]
                 for group in dropped:
@@ -357,7 +431,7 @@ class Engine:
     def _loop(self):
         while True:
             with self._lock:
-                while not self._stop and not self._commands and not self._rows and (
+                while not self._stop and not self._commands and not self._held and (
                         self._paused or not self._waiting):
                     self._lock.wait()
                 if self._stop:
@@ -376,216 +450,246 @@ class Engine:
             try:
                 self._step()
             except Exception as exc:  # a failing step must not leave requests waiting forever
-                for row in list(self._rows):
-                    self._finish(row, error=RequestFailed("internal", f"internal error: {exc}"))
+                self._end_admitted(RequestFailed("internal", f"internal error: {exc}"))
         shutting_down = RequestFailed("shutting_down", "the server is shutting down")
-        for row in list(self._rows):
-            self._finish(row, error=shutting_down)
+        self._end_admitted(shutting_down)
         with self._lock:
             waiting, self._waiting = [request for group in self._waiting for request in group], deque()
         for request in waiting:
             request.events.put(("error", shutting_down))
 
     def _step(self):
-        for row in [r for r in self._rows if r.request.cancelled]:
-            self._finish(row, reason="cancelled")
-        joining, taken = [], 0  # groups of continuations of one prompt; the slots they take
-        with self._lock:
-            while self._waiting and not self._paused:
-                live = [request for request in self._waiting[0] if not request.cancelled]
-                if taken + len(live) > len(self._free_slots):
-                    break  # first come, first served: a group waits for its slots, later requests wait behind it
-                for request in self._waiting.popleft():
-                    if request.cancelled:
-                        request.finish_reason = "cancelled"
-                        self.stats["cancelled"] += 1
-                        request.events.put(("done", "cancelled"))
-                if live:
-                    joining.append(live)
-                    taken += len(live)
-        if joining:
-            self._prefill(joining)
+        self._drop_cancelled()
+        budget, chunks = self.max_prefill_tokens, []   # (prompt, tokens it feeds this step)
+        for prompt in self._prompts:   # admitted earlier, oldest first
+            if budget == 0:
+                break
+            count = min(len(prompt.ids) - prompt.table.num_tokens, budget)
+            chunks.append((prompt, count))
+            budget -= count
+        while budget > 0:
+            prompt = self._admit_next()
+            if prompt is None:
+                break
+            count = min(len(prompt.ids), budget)
+            chunks.append((prompt, count))
+            budget -= count
+        self.stats["max_rows"] = max(self.stats["max_rows"], self._held)
+        if chunks:
+            self._prefill(chunks)
         if self._rows:
             self._decode()
-        self.stats["max_rows"] = max(self.stats["max_rows"], len(self._rows))
 
-    def _admit(self, group):
-        """``_Row`` s in free slots for a group of continuations of one prompt, or [] after ending them (their
-        adapter is gone)."""
-        bank = self.bank
-        adapter = group[0].adapter
-        if adapter is None:
-            prefix_slot, offset = NO_ADAPTER_SLOT, 0
-        elif adapter in bank:
-            prefix_slot, offset = bank.slot_of(adapter), bank.num_virtual_tokens(adapter)
-        else:
-            for request in group:
-                request.events.put(("error", RequestFailed("adapter_not_loaded",
-                                                           f"adapter {adapter!r} is not loaded")))
-            return []
-        rows = []
-        for request in group:
-            generator = None
-            if request.temperature and request.seed is not None:
-                generator = torch.Generator(bank.device).manual_seed(request.seed)
-            with self._lock:
-                slot = min(self._free_slots)  # the lowest: running rows stay packed at the front (_compact_slots)
-                self._free_slots.remove(slot)
-            rows.append(_Row(request, slot, prefix_slot, offset, generator))
-        return rows
-
-    def _prefill(self, groups):
-        """Prefill one row per prompt (the first continuation of each group) in one forward, copy each prompt's
-        K/V into its other continuations' slots, then pick every continuation's first token."""
-        bank = self.bank
-        groups = [rows for rows in map(self._admit, groups) if rows]
-        if not groups:
-            return
-        for rows in groups:
-            self._rows.extend(rows)  # from here on, a failing step ends them (and frees their slots)
-        leaders = [rows[0] for rows in groups]
-        device = bank.device
-        lengths = [len(row.request.prompt_ids) for row in leaders]
-        width = max(lengths)
-        ids = torch.zeros(len(leaders), width, dtype=torch.long)
-        mask = torch.zeros(len(leaders), width, dtype=torch.long)
-        for b, row in enumerate(leaders):
-            ids[b, :lengths[b]] = torch.tensor(row.request.prompt_ids)
-            mask[b, :lengths[b]] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        prefix_index = torch.tensor([row.prefix_slot for row in leaders], dtype=torch.int32, device=device)
-        offsets = torch.tensor([row.offset for row in leaders], dtype=torch.long, device=device)
-        from transformers import DynamicCache
-
-        from ..integration import compat
-
-        with torch.inference_mode():
-            cache = DynamicCache(config=bank.model.config)
-            logits = bank.forward(ids, mask, pad_aware_positions(mask, offsets), prefix_index, cache)
-            last = torch.tensor(lengths, device=device) - 1
-            next_logits = logits[torch.arange(len(leaders), device=device), last]
-            for layer in range(len(self.cache.keys)):
-                keys, values = compat.cache_layer_key_values(cache, layer)
-                for b, row in enumerate(leaders):
-                    self.cache.keys[layer][row.slot, :, :lengths[b]] = keys[b, :, :lengths[b]]
-                    self.cache.values[layer][row.slot, :, :lengths[b]] = values[b, :, :lengths[b]]
-            for b, rows in enumerate(groups):
-                rows[0].length = lengths[b]
-                self._share_prompt(rows[0], rows[1:])
-                self._put_prompt_logprobs(rows, logits[b, :lengths[b] - 1])
-        self.stats["prefills"] += 1
-        self.stats["prefill_tokens"] += sum(lengths)
-        group_of_row = torch.tensor([b for b, rows in enumerate(groups) for _ in rows], device=device)
-        self._emit([row for rows in groups for row in rows], next_logits[group_of_row])
-
-    def _share_prompt(self, prefilled, rows):
-        """Start ``rows`` (more continuations of ``prefilled``'s prompt) from copies of its prompt K/V. The slot cache
-        keeps each row's tokens in its own slot, so sharing the prompt's K/V is one copy per continuation, never a
-        forward; a block pool would let them reference the prompt's blocks instead."""
-        if not rows:
-            return
-        slots = torch.tensor([row.slot for row in rows], device=self.bank.device)
-        length = prefilled.length
-        for keys, values in zip(self.cache.keys, self.cache.values):
-            keys[slots, :, :length] = keys[prefilled.slot, :, :length]
-            values[slots, :, :length] = values[prefilled.slot, :, :length]
-        for row in rows:
-            row.length = length
+    # ----- admission -------------------------------------------------------------------------------------------
 
     @staticmethod
-    def _put_prompt_logprobs(rows, logits):
-        """``("prompt_logprobs", [None, TokenLogprob, ...])`` to each of ``rows`` (continuations of one prompt) that
-        asked, from ``logits [L - 1, vocab]``: the prefill's logits at the prompt's positions but its last, position
-        ``i`` scoring prompt token ``i + 1``."""
-        counts = [row.request.prompt_logprobs for row in rows if row.request.prompt_logprobs is not None]
-        if not counts:
-            return
-        prompt = rows[0].request.prompt_ids
-        entries = _token_logprobs(logits, prompt[1:], [max(counts)] * (len(prompt) - 1)) if len(prompt) > 1 else []
-        for row in rows:
-            count = row.request.prompt_logprobs
-            if count is not None:
-                row.request.events.put(("prompt_logprobs", [None] + [
-                    TokenLogprob(entry.token, entry.logprob, entry.top[:count]) for entry in entries]))
+    def _tokens_at_most(request):
+        """The most tokens ``request`` writes into the pool: its prompt, and every token it picks but the last (a
+        request ends on the token it picks; only the ones before are fed back)."""
+        return len(request.prompt_ids) + max(request.max_tokens - 1, 0)
 
-    def _compact_slots(self):
-        """Move rows into slots ``0 .. n-1`` (n running rows), so that a decode step reads the slot storage's first n
-        rows as views. A row moves only when one below n freed up while it ran (admission takes the lowest free
-        slot): one copy of its cached tokens, not one per step. The vacated slot is zeroed like a finished one."""
-        n = len(self._rows)
-        with self._lock:
-            holes = sorted(slot for slot in self._free_slots if slot < n)
-        movers = [row for row in self._rows if row.slot >= n]
-        for row, target in zip(movers, holes):
-            for keys, values in zip(self.cache.keys, self.cache.values):
-                keys[target, :, :row.length] = keys[row.slot, :, :row.length]
-                values[target, :, :row.length] = values[row.slot, :, :row.length]
-                keys[row.slot, :, :row.length].zero_()
-                values[row.slot, :, :row.length].zero_()
+    def _prompt_blocks_to_come(self, request, n, table):
+        """Blocks ``n`` continuations of ``request``'s prompt may still take from the pool, ``table`` holding the
+        part of the prompt prefilled so far: the first continuation's blocks (the prompt's among them), and the
+        others' own blocks past the prompt's whole ones (the first of them a copy of the prompt's partly filled last
+        block, which the last continuation to write into it keeps). ``_blocks_to_come`` counts the same once they
+        decode."""
+        block_size = self.pool.block_size
+        prompt_length, total = len(request.prompt_ids), self._tokens_at_most(request)
+        blocks = self.pool.blocks_needed(table, total - table.num_tokens)
+        if n > 1 and total > prompt_length:
+            blocks += (n - 1) * (-(-total // block_size) - prompt_length // block_size)
+        return blocks
+
+    def _blocks_to_come(self):
+        """Blocks the admitted requests may still take, at most (each one's worst case)."""
+        pool = self.pool
+        blocks, shared_partial = 0, set()
+        for row in self._rows:   # each decoding row feeds at least one more token
+            table = row.table
+            blocks += pool.blocks_needed(table, self._tokens_at_most(row.request) - table.num_tokens)
+            if table.num_tokens % pool.block_size and pool.ref_count(table.blocks[-1]) > 1:
+                shared_partial.add(table.blocks[-1])
+        # blocks_needed counts a copy of a shared, partly filled last block for each table holding it; the last of
+        # them to write finds it no longer shared and writes in place.
+        blocks -= len(shared_partial)
+        return blocks + sum(self._prompt_blocks_to_come(prompt.rows[0].request, len(prompt.rows), prompt.table)
+                            for prompt in self._prompts)
+
+    def _admit_next(self):
+        """The ``_Prompt`` of the first waiting group, admitted, or None when it cannot start now (paused, no free
+        rows, or not enough blocks beyond what admitted requests may still take: it waits, and so do the groups
+        behind it). Groups whose requests were all cancelled, or whose adapter is gone, end on the way."""
+        while True:
             with self._lock:
-                self._free_slots.remove(target)
-                self._free_slots.append(row.slot)
-            row.slot = target
-            self.stats["slot_moves"] += 1
+                if not self._waiting or self._paused:
+                    return None
+                group = self._waiting[0]
+                live = [request for request in group if not request.cancelled]
+                if live and (len(live) > self.max_batch - self._held or self._prompt_blocks_to_come(
+                        live[0], len(live), BlockTable()) > self.pool.num_free_blocks - self._blocks_to_come()):
+                    return None
+                self._waiting.popleft()
+                self._held += len(live)
+            for request in group:
+                if request.cancelled:
+                    request.finish_reason = "cancelled"
+                    self.stats["cancelled"] += 1
+                    request.events.put(("done", "cancelled"))
+            if not live:
+                continue
+            adapter = live[0].adapter
+            rows = [_Row(request, self._generator(request)) for request in live]
+            if adapter is not None and adapter not in self.bank:
+                failure = RequestFailed("adapter_not_loaded", f"adapter {adapter!r} is not loaded")
+                for row in rows:
+                    self._finish(row, error=failure)
+                continue
+            prompt = _Prompt(rows)
+            self._prompts.append(prompt)
+            return prompt
+
+    def _generator(self, request):
+        if request.temperature and request.seed is not None:
+            return torch.Generator(self.bank.device).manual_seed(request.seed)
+        return None
+
+    # ----- forwards --------------------------------------------------------------------------------------------
+
+    def _prefill(self, chunks):
+        """Feed each prompt of ``chunks`` its next ``count`` tokens in one forward; a prompt whose last chunk ran
+        starts decoding."""
+        feeds = []
+        for prompt, count in chunks:
+            start = prompt.table.num_tokens
+            self.pool.append(prompt.table, count)
+            feeds.append(_Feed(prompt.table, prompt.ids[start:start + count], prompt.adapter))
+        scoring_prompt = any(prompt.logprobs is not None for prompt, _ in chunks)
+        results = self._forward(feeds, every_position=scoring_prompt)
+        self.stats["prefills"] += 1
+        self.stats["prefill_tokens"] += sum(count for _, count in chunks)
+        for (prompt, count), logits in zip(chunks, results):
+            if isinstance(logits, Exception):
+                self._end_prompt(prompt, RequestFailed("internal", f"internal error: {logits}"))
+                continue
+            if prompt.logprobs is not None:
+                self._score_prompt(prompt, logits, count)
+            if prompt.table.num_tokens == len(prompt.ids):
+                self._start_decoding(prompt, logits[-1])
+
+    def _score_prompt(self, prompt, logits, count):
+        """Extend ``prompt.logprobs`` with the chunk's: ``logits [count, vocab]`` at its positions, position ``i``
+        scoring prompt token ``i + 1`` (the prompt's last position scores none)."""
+        start = prompt.table.num_tokens - count
+        scored = min(count, len(prompt.ids) - 1 - start)
+        if scored > 0:
+            top = max(row.request.prompt_logprobs for row in prompt.rows if row.request.prompt_logprobs is not None)
+            prompt.logprobs += _token_logprobs(logits[:scored], prompt.ids[start + 1:start + 1 + scored],
+                                               [top] * scored)
+
+    def _start_decoding(self, prompt, logits):
+        """The prompt is in the pool: its first continuation takes its blocks, the others share them (forks), each
+        gets its prompt log-probabilities (when asked) and picks its first token from ``logits [vocab]``."""
+        self._prompts.remove(prompt)
+        rows = prompt.rows
+        rows[0].table = prompt.table
+        for row in rows[1:]:
+            row.table = self.pool.fork(prompt.table)
+        if prompt.logprobs is not None:
+            for row in rows:
+                count = row.request.prompt_logprobs
+                if count is not None:
+                    row.request.events.put(("prompt_logprobs", [None] + [
+                        TokenLogprob(entry.token, entry.logprob, entry.top[:count]) for entry in prompt.logprobs]))
+        self._rows.extend(rows)
+        self._emit(rows, logits.unsqueeze(0).expand(len(rows), -1))
 
     def _decode(self):
-        from ..integration import compat
-
-        self._compact_slots()
-        bank = self.bank
-        rows = sorted(self._rows, key=lambda row: row.slot)  # slot b holds batch row b
-        device = bank.device
-        B = len(rows)
-        lengths = torch.tensor([row.length for row in rows], device=device)
-        S = max(row.length for row in rows)
-        with torch.inference_mode():
-            # The new key of row b lands at column lengths[b] of its slot, in place; columns past it are stale.
-            cache = compat.in_place_decode_cache([keys[:B] for keys in self.cache.keys],
-                                                 [values[:B] for values in self.cache.values], lengths, S)
-            mask = (torch.arange(S + 1, device=device) <= lengths.unsqueeze(1)).long()
-            ids = torch.tensor([[row.last_token] for row in rows], device=device)
-            positions = (torch.tensor([row.offset for row in rows], device=device) + lengths).unsqueeze(1)
-            prefix_index = torch.tensor([row.prefix_slot for row in rows], dtype=torch.int32, device=device)
-            logits = bank.forward(ids, mask, positions, prefix_index, cache, logits_to_keep=1)
+        rows = list(self._rows)
         for row in rows:
-            row.length += 1
+            self.pool.append(row.table, 1)   # admission reserved the block, if the token needs a new one
+        results = self._forward([_Feed(row.table, [row.last_token], row.request.adapter) for row in rows],
+                                every_position=False)
         self.stats["steps"] += 1
-        self._emit(rows, logits[:, -1])
+        going = []
+        for row, logits in zip(rows, results):
+            if isinstance(logits, Exception):
+                self._finish(row, error=RequestFailed("internal", f"internal error: {logits}"))
+            else:
+                going.append((row, logits))
+        if going:
+            self._emit([row for row, _ in going], torch.cat([logits for _, logits in going]))
+
+    def _forward(self, feeds, every_position):
+        """Each feed's logits: ``[len(tokens), vocab]`` with ``every_position``, else ``[1, vocab]`` at its last
+        token. One forward for all; when it raises, one per row, so that a row that fails alone gets its exception in
+        place of logits and the others their logits."""
+        try:
+            return self._forward_together(feeds, every_position)
+        except Exception as error:
+            if len(feeds) == 1:
+                return [error]
+        results = []
+        for feed in feeds:
+            try:
+                results.append(self._forward_together([feed], every_position)[0])
+            except Exception as error:
+                results.append(error)
+        return results
+
+    def _forward_together(self, feeds, every_position):
+        """One forward of ``feeds`` through the bank's serving API (see the module's docstring)."""
+        bank = self.bank
+        counts = [len(feed.tokens) for feed in feeds]
+        width = max(counts)
+        ids = torch.zeros(len(feeds), width, dtype=torch.long)   # right-padded; padding is never written or read
+        for b, feed in enumerate(feeds):
+            ids[b, :counts[b]] = torch.tensor(feed.tokens)
+        routing = bank.route([feed.adapter for feed in feeds], len(feeds))
+        cache = self.pool.step_cache([feed.table for feed in feeds], counts)
+        # Logits of the last columns only, from the shortest row's last token on (unless every position is asked).
+        keep = 0 if every_position else width - min(counts) + 1
+        with torch.inference_mode():
+            logits = bank.forward(ids.to(bank.device), cache.attention_mask(),
+                                  routing.position_offsets[:, None] + cache.positions(), routing.prefix_index, cache,
+                                  logits_to_keep=keep)
+        cache.check_consumed(self._model_name)
+        first_column = width - logits.shape[1]   # a model that ignores logits_to_keep returns every column
+        if every_position:
+            return [logits[b, :count] for b, count in enumerate(counts)]
+        return [logits[b, count - 1 - first_column].unsqueeze(0) for b, count in enumerate(counts)]
+
+    # ----- tokens and endings ----------------------------------------------------------------------------------
 
     def _emit(self, rows, logits):
         """Pick each row's next token from ``logits [B, vocab]``, hand it (and its log-probabilities, when asked) to
-        the client, end finished rows. A row with ``max_tokens`` 0 ends here without a token."""
+        the client, end finished rows. A row with ``max_tokens`` 0 ends here without a token; a row whose pick
+        raises ends with an internal error, alone."""
         picking = [(b, row) for b, row in enumerate(rows) if row.request.max_tokens > 0]
-        for b, row in enumerate(rows):
+        for row in rows:
             if row.request.max_tokens == 0:
                 self._finish(row, reason="length")
         if not picking:
             return
         greedy = logits.float().argmax(-1).tolist()
-        tokens = []
+        picked = []
         for b, row in picking:
-            request = row.request
-            if request.temperature or row.processors:
-                ids = torch.tensor([request.prompt_ids + request.generated], device=logits.device)
-                scores = row.processors(ids, logits[b:b + 1].float())
-                if request.temperature:
-                    tokens.append(int(torch.multinomial(scores.softmax(-1), 1, generator=row.generator)[0, 0]))
-                else:
-                    tokens.append(int(scores.argmax(-1)[0]))
-            else:
-                tokens.append(greedy[b])
+            try:
+                picked.append((b, row, self._pick(row, logits[b:b + 1], greedy[b])))
+            except Exception as error:
+                self._finish(row, error=RequestFailed("internal", f"internal error: {error}"))
         # From the raw logits (not the processors' scores): the model's distribution, see the module's docstring.
-        asking = [i for i, (_, row) in enumerate(picking) if row.request.logprobs is not None]
+        asking = [(b, row, token) for b, row, token in picked if row.request.logprobs is not None]
         logprobs = {}
         if asking:
-            entries = _token_logprobs(logits[[picking[i][0] for i in asking]], [tokens[i] for i in asking],
-                                      [picking[i][1].request.logprobs for i in asking])
-            logprobs = dict(zip(asking, entries))
-        for i, ((_, row), token) in enumerate(zip(picking, tokens)):
+            entries = _token_logprobs(logits[[b for b, _, _ in asking]], [token for _, _, token in asking],
+                                      [row.request.logprobs for _, row, _ in asking])
+            logprobs = {id(row): entry for (_, row, _), entry in zip(asking, entries)}
+        for _, row, token in picked:
             request = row.request
             self.stats["tokens"] += 1
-            if i in logprobs:
-                request.events.put(("logprobs", logprobs[i]))
+            if id(row) in logprobs:
+                request.events.put(("logprobs", logprobs[id(row)]))
             if token in self.eos_token_ids and not request.ignore_eos:
                 self._finish(row, reason="stop")
                 continue
@@ -595,18 +699,57 @@ class Engine:
             if len(request.generated) >= request.max_tokens:
                 self._finish(row, reason="length")
 
+    @staticmethod
+    def _pick(row, logits, greedy_token):
+        """``row``'s next token from its ``logits [1, vocab]`` (``greedy_token``: their argmax)."""
+        request = row.request
+        if not (request.temperature or row.processors):
+            return greedy_token
+        ids = torch.tensor([request.prompt_ids + request.generated], device=logits.device)
+        scores = row.processors(ids, logits.float())
+        if request.temperature:
+            return int(torch.multinomial(scores.softmax(-1), 1, generator=row.generator)[0, 0])
+        return int(scores.argmax(-1)[0])
+
+    def _drop_cancelled(self):
+        for row in [r for r in self._rows if r.request.cancelled]:
+            self._finish(row, reason="cancelled")
+        for prompt in list(self._prompts):
+            for row in [r for r in prompt.rows if r.request.cancelled]:
+                prompt.rows.remove(row)
+                self._finish(row, reason="cancelled")
+            if not prompt.rows:   # no continuation left to prefill it for
+                self._prompts.remove(prompt)
+                self.pool.free(prompt.table)
+
+    def _end_prompt(self, prompt, failure):
+        """End every continuation of a prompt being prefilled with ``failure``; its blocks go back."""
+        self._prompts.remove(prompt)
+        self.pool.free(prompt.table)
+        for row in prompt.rows:
+            self._finish(row, error=failure)
+
+    def _end_admitted(self, failure):
+        """End every admitted request with ``failure`` (a step failed beyond telling rows apart, or shutdown)."""
+        for prompt in list(self._prompts):
+            self._end_prompt(prompt, failure)
+        for row in list(self._rows):
+            self._finish(row, error=failure)
+
     def _finish(self, row, reason=None, error=None):
+        """End an admitted ``row`` (decoding, or waiting for its prompt's prefill): its blocks go back to the pool
+        (blocks shared with other continuations stay theirs) and its client gets ``("done", reason)`` or
+        ``("error", error)``."""
         if row in self._rows:
             self._rows.remove(row)
-        # Masked keys are never attended to; zeroing the slot anyway means no later occupant's step even loads
-        # this tenant's K/V.
-        for keys, values in zip(self.cache.keys, self.cache.values):
-            keys[row.slot, :, :row.length].zero_()
-            values[row.slot, :, :row.length].zero_()
+        if row.table is not None:
+            self.pool.free(row.table)
         with self._lock:
-            self._free_slots.append(row.slot)
+            self._held -= 1
         request = row.request
         if error is not None:
+            if error.reason == "internal":
+                self.stats["failed"] += 1
             request.events.put(("error", error))
             return
         request.finish_reason = reason
@@ -614,4 +757,3 @@ class Engine:
         if reason == "cancelled":
             self.stats["cancelled"] += 1
         request.events.put(("done", reason))
-

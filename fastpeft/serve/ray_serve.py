@@ -36,6 +36,7 @@ except ImportError as error:  # pragma: no cover - exercised only where Ray is m
 
 from . import adapter_dirs
 from .app import ServeConfig, create_app
+from .engine import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_PREFILL_TOKENS
 from .engine_client import EngineClient
 from .protocol import APIError
 
@@ -67,7 +68,8 @@ class TenantReplica:
     """One engine (base model, bank, continuous batching) in this replica's process; adapters loaded on demand."""
 
     def __init__(self, adapters_dir, model_dir=None, max_batch=16, max_len=512, max_queue=64,
-                 max_adapters_per_replica=16):
+                 max_adapters_per_replica=16, kv_block_size=DEFAULT_BLOCK_SIZE, kv_cache_tokens=None,
+                 kv_cache_bytes=None, max_prefill_tokens=DEFAULT_MAX_PREFILL_TOKENS):
         from .. import loading
         from ..bank import AdapterBank
         from .engine import Engine
@@ -79,7 +81,9 @@ class TenantReplica:
             model = tiny.build_model()
         else:
             model, _ = loading.load_base(model_dir, "cpu")
-        self.engine = Engine(AdapterBank(model), max_batch=max_batch, max_len=max_len, max_queue=max_queue).start()
+        self.engine = Engine(AdapterBank(model), max_batch=max_batch, max_len=max_len, max_queue=max_queue,
+                             block_size=kv_block_size, kv_cache_tokens=kv_cache_tokens, kv_cache_bytes=kv_cache_bytes,
+                             max_prefill_tokens=max_prefill_tokens).start()
         self.client = EngineClient(self.engine)
 
         async def load(name):
@@ -249,7 +253,8 @@ class OpenAIIngress:
 
 def build_app(adapters_dir, model_dir=None, base_name=None, num_replicas=2, max_adapters_per_replica=16,
               replica_cpus=1, max_batch=16, max_len=512, max_queue=64, max_tokens_limit=256, default_max_tokens=16,
-              default_temperature=1.0):
+              default_temperature=1.0, kv_block_size=DEFAULT_BLOCK_SIZE, kv_cache_tokens=None, kv_cache_bytes=None,
+              max_prefill_tokens=DEFAULT_MAX_PREFILL_TOKENS):
     """The Ray Serve application: ``serve.run(build_app(...))`` (after ``ray.init``) serves it on Ray's HTTP proxy.
 
     Arguments:
@@ -259,7 +264,8 @@ def build_app(adapters_dir, model_dir=None, base_name=None, num_replicas=2, max_
         num_replicas: ``TenantReplica`` count; each holds the base model and up to ``max_adapters_per_replica``
             adapters (least recently used evicted past that).
         replica_cpus: CPUs Ray reserves per replica (``ray_actor_options``; pass GPUs the same way for CUDA).
-        max_batch, max_len, max_queue: each replica's engine (``fastpeft serve``'s flags).
+        max_batch, max_len, max_queue, kv_block_size, kv_cache_tokens, kv_cache_bytes, max_prefill_tokens: each
+            replica's engine (``fastpeft serve``'s flags).
         max_tokens_limit, default_max_tokens, default_temperature: the ingress's request limits and defaults.
     """
     if not os.path.isdir(adapters_dir):
@@ -267,7 +273,8 @@ def build_app(adapters_dir, model_dir=None, base_name=None, num_replicas=2, max_
     base_name = base_name or _base_name(model_dir)
     replicas = TenantReplica.options(num_replicas=num_replicas, ray_actor_options={"num_cpus": replica_cpus}).bind(
         adapters_dir, model_dir=model_dir, max_batch=max_batch, max_len=max_len, max_queue=max_queue,
-        max_adapters_per_replica=max_adapters_per_replica)
+        max_adapters_per_replica=max_adapters_per_replica, kv_block_size=kv_block_size,
+        kv_cache_tokens=kv_cache_tokens, kv_cache_bytes=kv_cache_bytes, max_prefill_tokens=max_prefill_tokens)
     return OpenAIIngress.options(ray_actor_options={"num_cpus": 0}).bind(
         replicas, adapters_dir, model_dir, base_name, max_tokens_limit=max_tokens_limit,
         default_max_tokens=default_max_tokens, default_temperature=default_temperature, max_choices=max_batch,
