@@ -117,3 +117,44 @@ def _watch_blocks(engine, stop, peak):
     while not stop.is_set():
         peak.append(engine.kv_usage().blocks_in_use)
         time.sleep(0.001)
+
+
+def test_n_continuations_share_one_encoder_pass_and_a_seed_repeats(family_setup):
+    """n=3 continuations of one prompt: the encoder runs once for them (and never in a decode step), their
+    cross-attention blocks are shared; sampled with a seed, the group repeats itself and its first continuation is
+    what the request alone gives; greedy continuations equal PEFT's each."""
+    with _bank(family_setup) as bank:
+        encoder_calls = []
+        hook = bank.model.get_encoder().register_forward_hook(lambda *args: encoder_calls.append(1))
+        engine = Engine(bank, max_batch=4, max_len=64, block_size=4).start()
+        try:
+            prompt = _prompt(40, 9)
+
+            def sampled(n):
+                group = continuations(GenerationRequest(prompt, adapter="prompt", max_tokens=8, temperature=1.0,
+                                                        seed=7, ignore_eos=True), n)
+                _run(engine, [group])
+                return [request.generated for request in group]
+
+            first, again = sampled(3), sampled(3)
+            assert first == again and len({tuple(tokens) for tokens in first}) > 1
+            assert encoder_calls == [1, 1]
+            assert sampled(1) == first[:1]
+            greedy = continuations(GenerationRequest(prompt, adapter="prefix", max_tokens=6), 2)
+            _run(engine, [greedy])
+            assert engine.kv_usage().blocks_in_use == 0
+        finally:
+            engine.stop()
+            hook.remove()
+    expected, _ = _expected(family_setup, "prefix", prompt, 6)
+    assert [request.generated for request in greedy] == [expected, expected]
+
+
+def test_prompt_logprobs_are_refused_naming_the_field(family_setup):
+    with _bank(family_setup) as bank:
+        engine = Engine(bank, max_batch=2, max_len=32)
+        assert not engine.scores_prompt
+        with pytest.raises(ValueError, match="prompt_logprobs"):
+            engine.submit(GenerationRequest([5, 6, 7], prompt_logprobs=1))
+        with pytest.raises(ValueError, match="context"):
+            engine.submit(GenerationRequest(list(range(3, 30)), max_tokens=10))

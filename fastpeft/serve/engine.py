@@ -32,6 +32,19 @@ row, ``cache = pool.step_cache(tables, counts)``, ``routing = bank.route(adapter
 cache.attention_mask(), routing.position_offsets[:, None] + cache.positions(), routing.prefix_index, cache)``, then
 ``cache.check_consumed``. Positions follow PEFT's numbering (the virtual tokens first).
 
+Encoder-decoders (T5, MT5, BART: an ``EncoderDecoderAdapterBank``). What differs sits behind a small seam
+(``model_kinds``: what a request writes into the pool, how one forward runs); admission, batching, continuations,
+sampling, endings and adapter commands are this same code. A request's prompt is the encoder's input: its prefill is
+one step that runs the encoder once (prompt-tuning and p-tuning adapters' virtual tokens in front, ``bank.encode``)
+and the decoder's first step from the model's decoder start token, whose cross-attention K/V of every encoder
+position are written once into pool blocks listed by a second block table of the request (shared, never copied, by
+its ``n`` continuations, like the start token's block), and kept until the request ends. Every decode step reads
+them through ``fastpeft.ops.paged_prefix_decode`` with no prefix; the decoder's self-attention K/V go into the
+request's blocks, a prefix-tuning adapter's prefix read from the bank's tables. Admission counts both tables' blocks
+(encoder positions + the start token and ``max_tokens - 1`` fed-back tokens); an encoder pass is not split, so the
+prefill budget counts encoder positions and the last prompt a step admits may pass it. The decoder does not score
+the prompt: ``prompt_logprobs`` is refused (ValueError), and the HTTP app answers ``echo`` with 400.
+
 Failures. A forward that raises is run again row by row, so that only the rows that fail alone end (with
 ``RequestFailed("internal", ...)``) and the others go on with their logits; rewriting a row's K/V in the retry is
 harmless (the same tokens at the same positions). Picking a row's token (sampling, log-probabilities) fails that row
@@ -310,6 +323,12 @@ class Engine:
         with self._lock:
             self._paused = False
             self._lock.notify_all()
+
+    @property
+    def scores_prompt(self):
+        """Whether requests may ask for their prompt's log-probabilities (``prompt_logprobs``): a decoder-only model
+        scores its prompt; an encoder-decoder's decoder does not (the prompt is the encoder's input)."""
+        return self._kind.scores_prompt
 
     @property
     def running(self):
