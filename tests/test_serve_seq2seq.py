@@ -158,3 +158,125 @@ def test_prompt_logprobs_are_refused_naming_the_field(family_setup):
             engine.submit(GenerationRequest([5, 6, 7], prompt_logprobs=1))
         with pytest.raises(ValueError, match="context"):
             engine.submit(GenerationRequest(list(range(3, 30)), max_tokens=10))
+
+
+# ----- over HTTP, through the official openai client ---------------------------------------------------------------
+
+BASE = "seq2seq-base"
+TOKEN = "admin-secret"
+
+
+@pytest.fixture(scope="module")
+def served(family_setup):
+    """``fastpeft serve``'s app on the family's tiny model with the four tenants; a pool of 24 blocks of 4 positions,
+    so that a few requests (each needs up to ~8 blocks at worst) hold it all and the others wait for blocks."""
+    pytest.importorskip("openai")
+    from fastpeft import tiny
+    from fastpeft.serve import build_server
+
+    server = build_server(tiny_seq2seq(family_setup["family"]), tiny.build_tokenizer(), family_setup["tenants"],
+                          base_name=BASE, admin_token=TOKEN, max_batch=6, max_len=80, max_queue=16,
+                          max_tokens_limit=64, default_temperature=0.0, kv_block_size=4,
+                          kv_cache_tokens=96).start()
+    yield {**family_setup, "server": server}
+    server.close()
+
+
+def _client(served):
+    import openai
+
+    return openai.OpenAI(base_url=served["server"].url + "/v1", api_key=TOKEN, max_retries=0, timeout=TIMEOUT_S)
+
+
+def _wait_idle(engine):
+    deadline = time.monotonic() + TIMEOUT_S
+    while (engine.running or engine.waiting) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.running == 0 and engine.waiting == 0
+
+
+def test_concurrent_mixed_completions_equal_peft_and_wait_for_blocks(served):
+    """Twelve concurrent completions (every kind, no adapter; prompts as token ids) on a pool that holds a few of
+    them at once: every one completes (no 429: the queue holds them), its tokens and their log-probabilities equal
+    PEFT's forward loop for its adapter alone; the pool, not the rows, limited how many ran together."""
+    engine = served["server"].engine
+    _wait_idle(engine)
+    client = _client(served)
+    cases = [(adapter, _prompt(100 + i, length), max_tokens) for i, (adapter, length, max_tokens) in
+             enumerate(MIX + (("p-tuning", 4, 6), ("prefix-proj", 3, 9), (None, 8, 5), ("prefix", 2, 7)))]
+    replies = [None] * len(cases)
+
+    def ask(i):
+        adapter, prompt, max_tokens = cases[i]
+        replies[i] = client.completions.create(model=adapter or BASE, prompt=prompt, max_tokens=max_tokens,
+                                               temperature=0, logprobs=1, extra_body={"return_token_ids": True})
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(cases))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT_S)
+    for (adapter, prompt, max_tokens), reply in zip(cases, replies):
+        tokens, logprobs = _expected(served, adapter, prompt, max_tokens)
+        choice = reply.choices[0]
+        assert choice.token_ids == tokens, adapter
+        assert choice.finish_reason == ("length" if len(tokens) == max_tokens else "stop")
+        assert choice.logprobs.token_logprobs[:len(tokens)] == pytest.approx(logprobs[:len(tokens)], abs=1e-4)
+        assert reply.usage.prompt_tokens == len(prompt) and reply.usage.completion_tokens == len(tokens)
+    assert 1 < engine.stats["max_rows"] < 6
+    _wait_idle(engine)
+    assert engine.kv_usage().blocks_in_use == 0
+
+
+def test_streaming_equals_the_whole_reply(served):
+    client = _client(served)
+    for adapter in ("prefix", "prompt", None):
+        arguments = dict(model=adapter or BASE, prompt=_prompt(7, 6), max_tokens=12, temperature=0)
+        whole = client.completions.create(**arguments)
+        chunks = list(client.completions.create(**arguments, stream=True, stream_options={"include_usage": True}))
+        assert "".join(chunk.choices[0].text for chunk in chunks if chunk.choices) == whole.choices[0].text
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+        assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_n_choices_with_a_seed_are_reproducible(served):
+    client = _client(served)
+    arguments = dict(model="prefix-proj", prompt=_prompt(8, 5), max_tokens=10, temperature=1.0, n=3, seed=11,
+                     extra_body={"ignore_eos": True, "return_token_ids": True})
+    first, again = client.completions.create(**arguments), client.completions.create(**arguments)
+    assert [c.token_ids for c in first.choices] == [c.token_ids for c in again.choices]
+    assert len({tuple(c.token_ids) for c in first.choices}) > 1 and first.usage.completion_tokens == 30
+
+
+def test_echo_and_prompt_logprobs_are_refused_with_400(served):
+    import openai
+
+    client = _client(served)
+    for extra in ({"echo": True}, {"echo": True, "logprobs": 2, "max_tokens": 0}):
+        with pytest.raises(openai.BadRequestError) as error:
+            client.completions.create(model="prompt", prompt=_prompt(9, 4), **{"max_tokens": 3, **extra})
+        assert error.value.status_code == 400 and error.value.param == "echo"
+        assert "encoder" in error.value.message
+
+
+def test_an_adapter_removed_mid_stream_ends_that_stream_and_frees_its_blocks(served):
+    import openai
+
+    engine = served["server"].engine
+    _wait_idle(engine)
+    client = _client(served)
+    engine.add_adapter("doomed", served["tenants"]["prefix"])
+    stream = client.completions.create(model="doomed", prompt=_prompt(10, 5), max_tokens=60, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    received = 0
+    with pytest.raises(openai.APIError) as error:
+        for _ in stream:
+            received += 1
+            if received == 2:
+                assert client.delete(served["server"].url + "/admin/adapters/doomed", cast_to=object)["deleted"]
+    assert "removed" in str(error.value) and 2 <= received < 60
+    _wait_idle(engine)
+    assert engine.kv_usage().blocks_in_use == 0 and "doomed" not in engine.adapter_names()
+    reply = client.completions.create(model="prefix", prompt=_prompt(10, 5), max_tokens=5, temperature=0,
+                                      extra_body={"return_token_ids": True})
+    assert reply.choices[0].token_ids == _expected(served, "prefix", _prompt(10, 5), 5)[0]
