@@ -280,3 +280,81 @@ def test_an_adapter_removed_mid_stream_ends_that_stream_and_frees_its_blocks(ser
     reply = client.completions.create(model="prefix", prompt=_prompt(10, 5), max_tokens=5, temperature=0,
                                       extra_body={"return_token_ids": True})
     assert reply.choices[0].token_ids == _expected(served, "prefix", _prompt(10, 5), 5)[0]
+
+
+# ----- the command line ------------------------------------------------------------------------------------------
+
+def test_serve_command_with_the_built_in_t5(tmp_path):
+    """``python -m fastpeft serve --model t5`` with a folder of seq2seq adapters (prefix tuning, prompt tuning), as a
+    user starts it: each adapter's greedy reply to a text prompt equals PEFT's forward loop for it alone; echo gets
+    400; SIGTERM drains and the process exits 0."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+
+    from fastpeft import tiny
+
+    tenants = {}
+    for name, config, seed in (("support", PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4), 5),
+                               ("sales", PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=6), 6)):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            tenants[name] = get_peft_model(tiny.build_t5_model(), config).eval()
+            with torch.no_grad():
+                for parameter in tenants[name].parameters():
+                    if parameter.requires_grad:
+                        parameter.normal_(0, 1)
+        tenants[name].save_pretrained(str(tmp_path / "adapters" / name))
+    env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+    for name in ("FASTPEFT_DEBUG", "FASTPEFT_BACKEND", "TRITON_INTERPRET", "FASTPEFT_ADMIN_TOKEN"):
+        env.pop(name, None)
+    process = subprocess.Popen([sys.executable, "-m", "fastpeft", "serve", "--model", "t5", "--adapters",
+                                str(tmp_path / "adapters"), "--port", "0", "--default-temperature", "0",
+                                "--kv-block-size", "8", "--kv-cache-tokens", "256"],
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def post(url, body):
+        request = urllib.request.Request(url + "/v1/completions", headers={"Content-Type": "application/json"},
+                                         data=json.dumps(body).encode())
+        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+            return json.load(response)
+
+    try:
+        line = process.stdout.readline()
+        assert "fastpeft-tiny-t5 + 2 adapter(s) on http://127.0.0.1:" in line, (
+            line, process.stderr.read() if process.poll() is not None else "")
+        url = line.split(" on ", 1)[1].split("/v1", 1)[0]
+        ids = tiny.build_tokenizer()("Hello there")["input_ids"]
+        for name in ("support", "sales"):
+            reply = post(url, {"model": name, "prompt": "Hello there", "max_tokens": 8, "return_token_ids": True})
+            assert reply["choices"][0]["token_ids"] == peft_alone_greedy(tenants[name], ids, 8)[0], name
+        with pytest.raises(urllib.error.HTTPError) as error:
+            post(url, {"model": "sales", "prompt": "Hello there", "echo": True})
+        assert error.value.code == 400 and json.load(error.value)["error"]["param"] == "echo"
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=TIMEOUT_S)
+        assert process.returncode == 0 and "fastpeft serve: stopped" in out, (out, err)
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.communicate(timeout=TIMEOUT_S)
+
+
+def test_load_base_loads_an_encoder_decoder_directory(tmp_path):
+    from fastpeft import loading, tiny
+
+    model = tiny.build_t5_model()
+    model.save_pretrained(str(tmp_path))
+    tiny.build_tokenizer().save_pretrained(str(tmp_path))
+    loaded, _ = loading.load_base(str(tmp_path), "cpu", encoder_decoder=True)
+    assert type(loaded).__name__ == "T5ForConditionalGeneration"
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, decoder_input_ids=ids).logits,
+                           model(input_ids=ids, decoder_input_ids=ids).logits)
