@@ -80,19 +80,23 @@ def _expected(setup, adapter, prompt, max_tokens):
     return peft_alone_greedy(model, prompt, max_tokens)
 
 
-@pytest.mark.parametrize("max_batch,kv_cache_tokens", [(8, None), (3, None), (8, 40)])
-def test_mixed_concurrent_requests_equal_peft_alone(family_setup, max_batch, kv_cache_tokens):
+@pytest.mark.parametrize("max_batch,kv_cache_tokens,max_prefill_tokens", [(8, None, 512), (8, None, 12),
+                                                                          (3, None, 512), (8, 40, 512)])
+def test_mixed_concurrent_requests_equal_peft_alone(family_setup, max_batch, kv_cache_tokens, max_prefill_tokens):
     """Every kind and no adapter in one running batch, on a pool of small blocks (the encoder positions and the
-    decoder tokens cross block boundaries): each request's greedy tokens equal PEFT's for its adapter alone. With 3
-    rows, requests join as others end, so a decode step mixes rows of different decoder lengths; with a pool of 40
-    token positions (10 blocks) requests wait for blocks (admission by worst case) and every one completes."""
+    decoder tokens cross block boundaries): each request's greedy tokens and their log-probabilities equal PEFT's for
+    its adapter alone. With a prefill budget of 12 encoder positions, or 3 rows, requests join while others decode,
+    so a decode step mixes rows of different decoder lengths; with a pool of 40 token positions (10 blocks) requests
+    wait for blocks (admission by worst case) and every one completes."""
     with _bank(family_setup) as bank:
-        engine = Engine(bank, max_batch=max_batch, max_len=64, block_size=4, kv_cache_tokens=kv_cache_tokens)
+        engine = Engine(bank, max_batch=max_batch, max_len=64, block_size=4, kv_cache_tokens=kv_cache_tokens,
+                        max_prefill_tokens=max_prefill_tokens)
         peak, stop = [], threading.Event()
         engine.start()
         try:
             requests = [GenerationRequest(_prompt(i, length), adapter=adapter, max_tokens=max_tokens, logprobs=0)
                         for i, (adapter, length, max_tokens) in enumerate(MIX)]
+            encoder_positions = sum(length + bank.encoder_virtual_tokens(adapter) for adapter, length, _ in MIX)
             watcher = threading.Thread(target=_watch_blocks, args=(engine, stop, peak), daemon=True)
             watcher.start()
             events = _run(engine, requests)
@@ -108,6 +112,9 @@ def test_mixed_concurrent_requests_equal_peft_alone(family_setup, max_batch, kv_
         served = [value.logprob for kind, value in events[id(request)] if kind == "logprobs"]
         assert served == pytest.approx(logprobs, abs=1e-4), (i, adapter)
     assert engine.stats["max_rows"] == min(max_batch, len(MIX)) or kv_cache_tokens is not None
+    assert engine.stats["prefill_tokens"] == encoder_positions
+    if max_prefill_tokens < 512:   # the budget spread the admissions over several steps
+        assert engine.stats["prefills"] > 1
     if kv_cache_tokens is not None:   # the pool, not the rows, held requests back; nothing was evicted
         assert engine.stats["max_rows"] < len(MIX) and max(peak) <= engine.pool.num_blocks
         assert engine.stats["failed"] == 0
@@ -168,8 +175,8 @@ TOKEN = "admin-secret"
 
 @pytest.fixture(scope="module")
 def served(family_setup):
-    """``fastpeft serve``'s app on the family's tiny model with the four tenants; a pool of 24 blocks of 4 positions,
-    so that a few requests (each needs up to ~8 blocks at worst) hold it all and the others wait for blocks."""
+    """``fastpeft serve``'s app on the family's tiny model with the four tenants; a pool of 16 blocks of 4 positions,
+    so that a few requests (each needs 3 to 8 blocks at worst) hold it all and the others wait for blocks."""
     pytest.importorskip("openai")
     from fastpeft import tiny
     from fastpeft.serve import build_server
@@ -177,7 +184,7 @@ def served(family_setup):
     server = build_server(tiny_seq2seq(family_setup["family"]), tiny.build_tokenizer(), family_setup["tenants"],
                           base_name=BASE, admin_token=TOKEN, max_batch=6, max_len=80, max_queue=16,
                           max_tokens_limit=64, default_temperature=0.0, kv_block_size=4,
-                          kv_cache_tokens=96).start()
+                          kv_cache_tokens=64).start()
     yield {**family_setup, "server": server}
     server.close()
 
@@ -196,9 +203,9 @@ def _wait_idle(engine):
 
 
 def test_concurrent_mixed_completions_equal_peft_and_wait_for_blocks(served):
-    """Twelve concurrent completions (every kind, no adapter; prompts as token ids) on a pool that holds a few of
-    them at once: every one completes (no 429: the queue holds them), its tokens and their log-probabilities equal
-    PEFT's forward loop for its adapter alone; the pool, not the rows, limited how many ran together."""
+    """Twelve concurrent completions (every kind, no adapter; prompts as token ids) on a pool that holds at most 5
+    of them at once: every one completes (no 429: the queue holds them), its tokens and their log-probabilities equal
+    PEFT's forward loop for its adapter alone; the pool, not the 6 rows, limited how many ran together."""
     engine = served["server"].engine
     _wait_idle(engine)
     client = _client(served)
@@ -259,6 +266,20 @@ def test_echo_and_prompt_logprobs_are_refused_with_400(served):
         assert "encoder" in error.value.message
 
 
+def test_a_client_that_goes_away_mid_stream_is_cancelled_and_its_blocks_freed(served):
+    engine = served["server"].engine
+    _wait_idle(engine)
+    cancelled = engine.stats["cancelled"]
+    stream = _client(served).completions.create(model="p-tuning", prompt=_prompt(12, 6), max_tokens=40,
+                                                temperature=0, stream=True, extra_body={"ignore_eos": True})
+    for received, _ in enumerate(stream, start=1):
+        if received == 2:
+            break
+    stream.close()
+    _wait_idle(engine)
+    assert engine.stats["cancelled"] == cancelled + 1 and engine.kv_usage().blocks_in_use == 0
+
+
 def test_an_adapter_removed_mid_stream_ends_that_stream_and_frees_its_blocks(served):
     import openai
 
@@ -266,7 +287,7 @@ def test_an_adapter_removed_mid_stream_ends_that_stream_and_frees_its_blocks(ser
     _wait_idle(engine)
     client = _client(served)
     engine.add_adapter("doomed", served["tenants"]["prefix"])
-    stream = client.completions.create(model="doomed", prompt=_prompt(10, 5), max_tokens=60, temperature=0,
+    stream = client.completions.create(model="doomed", prompt=_prompt(10, 5), max_tokens=40, temperature=0,
                                        stream=True, extra_body={"ignore_eos": True})
     received = 0
     with pytest.raises(openai.APIError) as error:
@@ -274,7 +295,7 @@ def test_an_adapter_removed_mid_stream_ends_that_stream_and_frees_its_blocks(ser
             received += 1
             if received == 2:
                 assert client.delete(served["server"].url + "/admin/adapters/doomed", cast_to=object)["deleted"]
-    assert "removed" in str(error.value) and 2 <= received < 60
+    assert "removed" in str(error.value) and 2 <= received < 40
     _wait_idle(engine)
     assert engine.kv_usage().blocks_in_use == 0 and "doomed" not in engine.adapter_names()
     reply = client.completions.create(model="prefix", prompt=_prompt(10, 5), max_tokens=5, temperature=0,

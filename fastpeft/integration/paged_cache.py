@@ -189,8 +189,9 @@ class _PagedLayer(DynamicLayer):
 
 class PagedCrossAttentionCache(Cache):
     """The cross-attention half of one encoder-decoder forward over a paged pool: row ``b``'s encoder positions
-    ``0 .. lengths[b] - 1`` (its virtual tokens then its input, packed to the left: ``EncoderDecoderAdapterBank.encode``'s
-    layout, so they need no mask) in the blocks of its cross-attention block table.
+    ``0 .. lengths[b] - 1`` (its virtual tokens then its input, packed to the left:
+    ``EncoderDecoderAdapterBank.encode``'s layout, so they need no mask) in the blocks of its cross-attention block
+    table.
 
     Arguments:
         key_caches, value_caches: the pool's, one ``[num_blocks, Hkv, block_size, D]`` tensor per decoder layer.

@@ -260,7 +260,8 @@ class Engine:
             and values of every layer, rounded down to whole blocks); at most one. Default ``max_batch * max_len``
             tokens: the memory a cache of ``max_len`` slots per row would take, so every batch of ``max_batch``
             requests of ``max_len`` tokens fits.
-        max_prefill_tokens: prompt tokens one step prefills at most (chunked prefill).
+        max_prefill_tokens: prompt tokens one step prefills at most (chunked prefill; an encoder-decoder's encoder
+            positions, whose last prompt in a step may pass it).
     """
 
     def __init__(self, bank, max_batch=16, max_len=512, max_queue=64, eos_token_ids=None,
@@ -607,7 +608,9 @@ class Engine:
         scoring_prompt = any(prompt.logprobs is not None for prompt, _ in chunks)
         results = self._forward(feeds, every_position=scoring_prompt)
         self.stats["prefills"] += 1
-        self.stats["prefill_tokens"] += sum(count for _, count in chunks)
+        # Prompt tokens prefilled: an encoder-decoder's are its encoder positions.
+        self.stats["prefill_tokens"] += sum(count if prompt.cross_table is None else prompt.encoder_tokens
+                                            for prompt, count in chunks)
         for (prompt, count), logits in zip(chunks, results):
             if isinstance(logits, Exception):
                 self._end_prompt(prompt, RequestFailed("internal", f"internal error: {logits}"))
