@@ -21,7 +21,9 @@ one batch, each row as PEFT runs it alone:
   layers' K/V in its ``PrefixTables`` and the decoder reads them through ``prefix_index``.
 
 The encoder runs once per request (``encode``); ``generate`` hands its output to transformers' own ``generate``,
-which then runs the decoder alone at every step, each row's prefix (if any) read from the tables.
+which then runs the decoder alone at every step, each row's prefix (if any) read from the tables. The serving engine
+(``fastpeft.serve``) runs ``route``, ``encode`` and ``forward`` itself, over its paged KV pool
+(``decoder_kv_shape``, ``encoder_virtual_tokens`` and ``forward``'s per-row decoder positions are for it).
 """
 
 import contextlib

@@ -52,7 +52,8 @@ def add_parser(sub):
                             "536870912, 512MiB, 2GiB, 1.5GB")
     serve.add_argument("--max-prefill-tokens", type=int, default=DEFAULT_MAX_PREFILL_TOKENS, metavar="N",
                        help="prompt tokens prefilled per step; a longer prompt is prefilled in chunks between "
-                            f"decode steps of the running requests ({DEFAULT_MAX_PREFILL_TOKENS})")
+                            "decode steps of the running requests (an encoder-decoder's encoder pass is not split: "
+                            f"the last prompt of a step may pass it) ({DEFAULT_MAX_PREFILL_TOKENS})")
     serve.add_argument("--max-tokens-limit", type=int, default=256, metavar="N",
                        help="largest max_tokens a request may ask for (256)")
     serve.add_argument("--default-temperature", type=float, default=1.0,

@@ -3,8 +3,9 @@
 ``build_server`` puts the pieces together for a loaded base model: an ``AdapterBank`` holding every adapter of a
 folder, the continuous-batching ``Engine`` (``engine.py``), its asyncio client (``engine_client.py``), the FastAPI
 app (``app.py``, models in ``protocol.py``, ``/metrics`` in ``metrics.py``) and uvicorn (``server.py``). The model is
-touched by the engine's thread alone. The HTTP parts need the ``serve`` extra (``pip install "fastpeft[serve]"``):
-they are imported when ``build_server`` runs, so ``Engine`` works without them.
+touched by the engine's thread alone. The base model is a causal LM or an encoder-decoder (T5, MT5, BART: a request's
+prompt is the encoder's input; ``model_kinds.py`` holds what differs). The HTTP parts need the ``serve`` extra (``pip
+install "fastpeft[serve]"``): they are imported when ``build_server`` runs, so ``Engine`` works without them.
 """
 
 import os
