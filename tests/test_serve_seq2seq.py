@@ -157,6 +157,39 @@ def test_n_continuations_share_one_encoder_pass_and_a_seed_repeats(family_setup)
     assert [request.generated for request in greedy] == [expected, expected]
 
 
+def test_a_decode_step_that_fails_for_one_row_ends_that_row_alone(family_setup, monkeypatch):
+    """The bank's decoder forward raises in decode steps whenever a batch holds a p-tuning row: the engine runs the
+    step again row by row, so the p-tuning requests end with an internal error (their self- and cross-attention
+    blocks freed) and the others, in the same steps, complete equal to PEFT's."""
+    with _bank(family_setup) as bank:
+        broken_entry = bank.slot_of("p-tuning").encoder
+        forward = bank.forward
+
+        def failing_forward(encoder_outputs, encoder_mask, ids, routing, cache=None, **kwargs):
+            if not cache.cross_attention_cache.writing and broken_entry in routing.prompt_entries:
+                raise RuntimeError("p-tuning's decode step is broken")
+            return forward(encoder_outputs, encoder_mask, ids, routing, cache, **kwargs)
+
+        monkeypatch.setattr(bank, "forward", failing_forward)
+        engine = Engine(bank, max_batch=4, max_len=64, block_size=4).start()
+        try:
+            jobs = [("prefix", _prompt(50, 5), 6), ("p-tuning", _prompt(51, 4), 6), (None, _prompt(52, 6), 6),
+                    ("p-tuning", _prompt(53, 3), 6)]
+            requests = [GenerationRequest(prompt, adapter=adapter, max_tokens=max_tokens)
+                        for adapter, prompt, max_tokens in jobs]
+            events = _run(engine, requests)
+            assert engine.stats["failed"] == 2 and engine.kv_usage().blocks_in_use == 0
+        finally:
+            engine.stop()
+    for (adapter, prompt, max_tokens), request in zip(jobs, requests):
+        end = events[id(request)][-1]
+        if adapter == "p-tuning":
+            assert end[0] == "error" and end[1].reason == "internal" and "broken" in end[1].message
+            assert len(request.generated) == 1   # its first token came from the step that wrote its cross K/V
+        else:
+            assert end[0] == "done" and request.generated == _expected(family_setup, adapter, prompt, max_tokens)[0]
+
+
 def test_prompt_logprobs_are_refused_naming_the_field(family_setup):
     with _bank(family_setup) as bank:
         engine = Engine(bank, max_batch=2, max_len=32)
