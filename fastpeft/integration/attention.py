@@ -27,6 +27,10 @@ position bias (the ``position_bias`` keyword, which does not hold the mask) reac
 A decode step over a paged KV pool (the serving engine's; ``paged_cache.PagedKVCache``) passes its cache as the
 ``fastpeft_paged`` keyword too: the cache's layers write the new token into the pool and hand attention that token
 alone, and the attention function reads each row's keys through its block table (``fastpeft.ops.paged_prefix_decode``).
+An encoder-decoder's step passes ``paged_cache.EncoderDecoderPagedCache``, whose ``for_module`` says which view an
+attention module reads: a decode step's cross-attention reads each row's encoder positions from the pool that way
+(with no prefix; T5's zero bias over the model's empty placeholder keys adds nothing), and a decoder self-attention
+over keys gathered right-aligned from the pool gets T5's prefix columns for each row's own context length.
 """
 
 import contextlib
