@@ -129,11 +129,13 @@ def _watch_blocks(engine, stop, peak):
 def test_n_continuations_share_one_encoder_pass_and_a_seed_repeats(family_setup):
     """n=3 continuations of one prompt: the encoder runs once for them (and never in a decode step), their
     cross-attention blocks are shared; sampled with a seed, the group repeats itself and its first continuation is
-    what the request alone gives; greedy continuations equal PEFT's each."""
+    what the request alone gives; greedy continuations equal PEFT's each. The pool holds exactly the group's worst
+    case counting the shared blocks once: 4 blocks of encoder positions (9 + 4 virtual tokens) and 2 blocks of
+    decoder tokens per continuation (the start token's block shared until each writes into it)."""
     with _bank(family_setup) as bank:
         encoder_calls = []
         hook = bank.model.get_encoder().register_forward_hook(lambda *args: encoder_calls.append(1))
-        engine = Engine(bank, max_batch=4, max_len=64, block_size=4).start()
+        engine = Engine(bank, max_batch=4, max_len=64, block_size=4, kv_cache_tokens=4 * (4 + 3 * 2)).start()
         try:
             prompt = _prompt(40, 9)
 
