@@ -281,6 +281,19 @@ def test_streaming_equals_the_whole_reply(served):
         assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
+def test_a_stop_string_cuts_the_text_and_ends_the_request(served):
+    client = _client(served)
+    arguments = dict(model="prompt", prompt=_prompt(13, 5), max_tokens=12, temperature=0,
+                     extra_body={"ignore_eos": True})
+    text = client.completions.create(**arguments).choices[0].text
+    stop = next(char for char in text[1:] if char.isprintable())
+    for stream in (False, True):
+        reply = client.completions.create(**arguments, stop=[stop], stream=stream)
+        choices = [chunk.choices[0] for chunk in reply] if stream else reply.choices
+        assert "".join(choice.text for choice in choices) == text[:text.index(stop)]
+        assert choices[-1].finish_reason == "stop"
+
+
 def test_n_choices_with_a_seed_are_reproducible(served):
     client = _client(served)
     arguments = dict(model="prefix-proj", prompt=_prompt(8, 5), max_tokens=10, temperature=1.0, n=3, seed=11,
