@@ -366,7 +366,7 @@ class Engine:
         if len(group) > self.max_batch:
             raise ValueError(f"n={len(group)} continuations of one prompt need more rows than the server's "
                              f"max_batch of {self.max_batch}")
-        needed = self._prompt_blocks_to_come(first, len(group), BlockTable(), BlockTable())
+        needed = self._prompt_blocks_to_come(first, len(group), BlockTable())
         if needed > self.pool.num_blocks:
             pool = self.pool
             raise ValueError(f"prompt ({len(first.prompt_ids)} tokens) + max_tokens ({first.max_tokens})"
@@ -516,10 +516,10 @@ class Engine:
         before are fed back)."""
         return len(self._kind.decoder_prompt(request)) + max(request.max_tokens - 1, 0)
 
-    def _prompt_blocks_to_come(self, request, n, table, cross_table):
+    def _prompt_blocks_to_come(self, request, n, table, cross_table=None):
         """Blocks ``n`` continuations of ``request``'s prompt may still take from the pool, ``table`` holding the
         part of the prompt prefilled so far and ``cross_table`` its encoder positions written so far (encoder-
-        decoders: shared by every continuation, never written again): the first continuation's blocks (the prompt's
+        decoders: shared by every continuation, never written again; None: none yet): the first continuation's blocks (the prompt's
         among them), and the others' own blocks past the prompt's whole ones (the first of them a copy of the
         prompt's partly filled last block, which the last continuation to write into it keeps). ``_blocks_to_come``
         counts the same once they decode."""
@@ -528,6 +528,7 @@ class Engine:
         blocks = self.pool.blocks_needed(table, total - table.num_tokens)
         encoder_tokens = self._kind.encoder_tokens(request)
         if encoder_tokens:
+            cross_table = cross_table or BlockTable()
             blocks += self.pool.blocks_needed(cross_table, encoder_tokens - cross_table.num_tokens)
         if n > 1 and total > prompt_length:
             blocks += (n - 1) * (-(-total // block_size) - prompt_length // block_size)
@@ -546,7 +547,7 @@ class Engine:
         # them to write finds it no longer shared and writes in place.
         blocks -= len(shared_partial)
         return blocks + sum(self._prompt_blocks_to_come(prompt.rows[0].request, len(prompt.rows), prompt.table,
-                                                        prompt.cross_table or BlockTable())
+                                                        prompt.cross_table)
                             for prompt in self._prompts)
 
     def _admit_next(self):
@@ -560,8 +561,7 @@ class Engine:
                 group = self._waiting[0]
                 live = [request for request in group if not request.cancelled]
                 if live and (len(live) > self.max_batch - self._held or self._prompt_blocks_to_come(
-                        live[0], len(live), BlockTable(), BlockTable()) >
-                        self.pool.num_free_blocks - self._blocks_to_come()):
+                        live[0], len(live), BlockTable()) > self.pool.num_free_blocks - self._blocks_to_come()):
                     return None
                 self._waiting.popleft()
                 self._held += len(live)
@@ -572,16 +572,16 @@ class Engine:
                     request.events.put(("done", "cancelled"))
             if not live:
                 continue
-            adapter = live[0].adapter
-            context = self._kind.decoder_prompt(live[0])
-            rows = [_Row(request, self._generator(request), context) for request in live]
+            first = live[0]
+            ids = self._kind.decoder_prompt(first)
+            rows = [_Row(request, self._generator(request), ids) for request in live]
+            adapter = first.adapter
             if adapter is not None and adapter not in self.bank:
                 failure = RequestFailed("adapter_not_loaded", f"adapter {adapter!r} is not loaded")
                 for row in rows:
                     self._finish(row, error=failure)
                 continue
-            request = live[0]
-            prompt = _Prompt(rows, self._kind.decoder_prompt(request), self._kind.encoder_tokens(request))
+            prompt = _Prompt(rows, ids, self._kind.encoder_tokens(first))
             self._prompts.append(prompt)
             return prompt
 
