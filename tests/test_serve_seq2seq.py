@@ -192,6 +192,35 @@ def test_a_decode_step_that_fails_for_one_row_ends_that_row_alone(family_setup, 
             assert end[0] == "done" and request.generated == _expected(family_setup, adapter, prompt, max_tokens)[0]
 
 
+def test_a_decode_step_ignores_a_mask_the_model_built_only_where_the_caller_says_so():
+    """BART's decoder builds a mask of ones when it gets none, which fastpeft's mask function hands to attention on
+    accelerators: a paged decode step whose caller passed no mask (``model_mask_redundant``) reads the block table
+    alone and gives what it gives without that mask; any other paged decode step still refuses a mask."""
+    from types import SimpleNamespace
+
+    from fastpeft.integration.attention import PAGED_KWARG, fastpeft_attention_forward
+    from fastpeft.serve.kv_pool import BlockTable, KVBlockPool
+
+    pool = KVBlockPool(1, 2, 8, 4, 3)
+    table = BlockTable()
+    pool.append(table, 6)
+    torch.manual_seed(0)
+    for cache in pool.key_caches + pool.value_caches:
+        cache.normal_()
+    module = SimpleNamespace(layer_idx=0, is_causal=True, training=False)
+    query = torch.randn(1, 4, 1, 8)
+    new = torch.zeros(1, 2, 1, 8)   # the layer wrote the new token's K/V into the pool already
+    ones = torch.ones(1, 1, 1, 6, dtype=torch.bool)
+    with torch.inference_mode():
+        def attend(mask, redundant):
+            step = pool.step_cache([table], [1], model_mask_redundant=redundant)
+            return fastpeft_attention_forward(module, query, new, new, mask, **{PAGED_KWARG: step})[0]
+
+        assert torch.equal(attend(ones, True), attend(None, False))
+        with pytest.raises(ValueError, match="takes no attention mask"):
+            attend(ones, False)
+
+
 def test_prompt_logprobs_are_refused_naming_the_field(family_setup):
     with _bank(family_setup) as bank:
         engine = Engine(bank, max_batch=2, max_len=32)

@@ -554,7 +554,7 @@ def _paged_decode(module, paged, query, prefix_k, prefix_v, prefix_index, prefix
     the new token): ``[B, Hq, 1, D]``. The op covers plain softmax attention over the prefix entry and the row's tokens;
     anything that would change the scores is refused rather than dropped."""
     name = type(module).__name__
-    if attention_mask is not None:
+    if attention_mask is not None and not getattr(paged, "model_mask_redundant", False):
         raise ValueError(f"{name}: a paged decode step takes no attention mask (each row's keys are its seq_lens "
                          "tokens in the pool); pass PagedKVCache.attention_mask(), which is None for decode")
     if position_bias is not None:

@@ -21,6 +21,9 @@ Positions are the caller's (``positions`` gives each token's index in its row; a
 bank's rows do); ``get_seq_length`` is ``max_context``, so masks built by the model cover ``max_context + L`` keys.
 ``gather_decode=True`` makes a decode step gather like a prefill chunk: for a model whose attention adds a position
 bias the paged op does not (T5's relative bias; right-aligned keys keep every row's distances exact).
+``model_mask_redundant=True``: the caller passes the model no mask for a decode step, so a mask that reaches attention
+was built by the model itself from nothing (BART's decoder makes one of ones) and says nothing the block table does
+not: the paged read ignores it rather than refusing it (fastpeft's mask function hands one over on accelerators).
 
 Encoder-decoders (``EncoderDecoderPagedCache``). The decoder's self-attention is a ``PagedKVCache``; its
 cross-attention K/V live in the same pool, in blocks listed by a block table of their own per request
@@ -50,9 +53,11 @@ class PagedKVCache(Cache):
             then padding up to ``max(query_lens)``).
         gather_decode: a decode step (every row feeds one token) hands attention the gathered keys, as a prefill
             chunk does, instead of having it read them through the block table.
+        model_mask_redundant: a decode step's attention ignores a mask the model built itself (see above).
     """
 
-    def __init__(self, key_caches, value_caches, block_table, context_lens, query_lens, gather_decode=False):
+    def __init__(self, key_caches, value_caches, block_table, context_lens, query_lens, gather_decode=False,
+                 model_mask_redundant=False):
         if not key_caches or len(key_caches) != len(value_caches):
             raise ValueError("key_caches and value_caches must hold one tensor per layer")
         if not len(context_lens) == len(query_lens) == block_table.shape[0] > 0:
@@ -69,6 +74,7 @@ class PagedKVCache(Cache):
         self.context_lens, self.query_lens = list(context_lens), list(query_lens)
         self.max_context, self.width = max(context_lens), max(query_lens)
         self.decode = self.width == 1 and not gather_decode
+        self.model_mask_redundant = model_mask_redundant
         seq_lens = [c + n for c, n in zip(context_lens, query_lens)]
         self.max_seq_len = max(seq_lens)
         self.seq_lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)

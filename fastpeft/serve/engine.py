@@ -40,7 +40,8 @@ and the decoder's first step from the model's decoder start token, whose cross-a
 position are written once into pool blocks listed by a second block table of the request (shared, never copied, by
 its ``n`` continuations, like the start token's block), and kept until the request ends. Every decode step reads
 them through ``fastpeft.ops.paged_prefix_decode`` with no prefix; the decoder's self-attention K/V go into the
-request's blocks, a prefix-tuning adapter's prefix read from the bank's tables. Admission counts both tables' blocks
+request's blocks, a prefix-tuning adapter's prefix read from the bank's tables, and are read in place as a causal LM's
+(BART) or gathered (T5, whose relative position bias the paged op does not add). Admission counts both tables' blocks
 (encoder positions + the start token and ``max_tokens - 1`` fed-back tokens); an encoder pass is not split, so the
 prefill budget counts encoder positions and the last prompt a step admits may pass it. The decoder does not score
 the prompt: ``prompt_logprobs`` is refused (ValueError), and the HTTP app answers ``echo`` with 400.
@@ -519,10 +520,10 @@ class Engine:
     def _prompt_blocks_to_come(self, request, n, table, cross_table=None):
         """Blocks ``n`` continuations of ``request``'s prompt may still take from the pool, ``table`` holding the
         part of the prompt prefilled so far and ``cross_table`` its encoder positions written so far (encoder-
-        decoders: shared by every continuation, never written again; None: none yet): the first continuation's blocks (the prompt's
-        among them), and the others' own blocks past the prompt's whole ones (the first of them a copy of the
-        prompt's partly filled last block, which the last continuation to write into it keeps). ``_blocks_to_come``
-        counts the same once they decode."""
+        decoders: shared by every continuation, never written again; None: none yet): the first continuation's
+        blocks (the prompt's among them), and the others' own blocks past the prompt's whole ones (the first of them
+        a copy of the prompt's partly filled last block, which the last continuation to write into it keeps).
+        ``_blocks_to_come`` counts the same once they decode."""
         block_size = self.pool.block_size
         prompt_length, total = len(self._kind.decoder_prompt(request)), self._tokens_at_most(request)
         blocks = self.pool.blocks_needed(table, total - table.num_tokens)

@@ -16,14 +16,15 @@ self-attention K/V go into the row's blocks (a prefix-tuning adapter's prefix re
 ``prefix_index``, never copied) and its cross-attention reads the row's encoder positions from the pool through
 ``fastpeft.ops.paged_prefix_decode`` with no prefix (``integration.paged_cache.EncoderDecoderPagedCache``). An
 encoder pass is not split: the prefill budget counts encoder positions, and the last prompt a step admits may pass
-it. The decoder's self-attention keys of a decode step are gathered from the blocks (right-aligned, with a mask)
-rather than read by the paged op, which adds no position bias: T5's relative bias needs one, and BART's decoder
-makes a mask of its own that the paged op refuses on an accelerator. The prompt is not scored by the decoder, so
-prompt log-probabilities (``echo``) do not exist here and are refused.
+it. The decoder's self-attention reads its keys through the block table too (BART), except where the decoder adds a
+relative position bias, which the paged op does not: T5's decode steps gather the keys from the blocks
+(right-aligned, with a mask; the bias of every row's keys and prefix columns stays exact). The prompt is not scored
+by the decoder, so prompt log-probabilities (``echo``) do not exist here and are refused.
 """
 
 import torch
 
+from ..integration import compat
 from ..integration.paged_cache import EncoderDecoderPagedCache, PagedCrossAttentionCache
 
 
@@ -88,6 +89,8 @@ class EncoderDecoder:
             raise ValueError(f"{type(bank.model).__name__}'s config has no decoder_start_token_id: the engine starts "
                              "every request's decoder from it")
         self.start_token = start
+        # The paged op adds no position bias: a decoder with a relative one (T5) gathers its keys at decode steps.
+        self._gather_decode = compat.decoder_relative_bias(bank.model) is not None
         self._virtual_tokens = {}
         self.refresh()
 
@@ -115,7 +118,8 @@ class EncoderDecoder:
         B = len(feeds)
         ids = _right_padded([feed.tokens for feed in feeds]).to(bank.device)
         routing = bank.route([feed.adapter for feed in feeds], B)
-        self_attention = pool.step_cache([feed.table for feed in feeds], [1] * B, gather_decode=True)
+        self_attention = pool.step_cache([feed.table for feed in feeds], [1] * B, gather_decode=self._gather_decode,
+                                         model_mask_redundant=True)
         cross_tables = pool.block_table_tensor([feed.cross_table for feed in feeds])
         first = feeds[0].encoder_ids is not None
         with torch.inference_mode():
