@@ -21,7 +21,9 @@ one batch, each row as PEFT runs it alone:
   layers' K/V in its ``PrefixTables`` and the decoder reads them through ``prefix_index``.
 
 The encoder runs once per request (``encode``); ``generate`` hands its output to transformers' own ``generate``,
-which then runs the decoder alone at every step, each row's prefix (if any) read from the tables.
+which then runs the decoder alone at every step, each row's prefix (if any) read from the tables. The serving engine
+(``fastpeft.serve``) runs ``route``, ``encode`` and ``forward`` itself, over its paged KV pool
+(``decoder_kv_shape``, ``encoder_virtual_tokens`` and ``forward``'s per-row decoder positions are for it).
 """
 
 import contextlib
@@ -32,7 +34,8 @@ import torch
 from .adapters import PREFIX_TUNING, check_compatible, encoder_decoder_prefix_layers, split_prefix
 from .bank import AdapterBank, BankOutput
 from .integration import compat
-from .integration.attention import PREFIX_KWARG, DecoderSelfAttentionPrefix, generating_with_prefix
+from .integration.attention import (PREFIX_KWARG, DecoderSelfAttentionPrefix, generating_with_prefix,
+                                    is_decoder_self_attention)
 from .integration.peft.checks import (check_decoder_positions_shiftable, check_encoder_decoder_prefix,
                                       decoder_self_attention_layers)
 from .prefix_tables import NO_ADAPTER_SLOT, PrefixTables, Routing, pad_aware_positions
@@ -195,6 +198,25 @@ class EncoderDecoderAdapterBank(AdapterBank):
         slot = self.slot_of(name)
         return self._tables.length(slot.decoder) + self._prompts.length(slot.encoder)
 
+    def encoder_virtual_tokens(self, name):
+        """How many virtual tokens adapter ``name`` (None: no adapter) puts in front of its rows' encoder input: its
+        count for prompt tuning and p-tuning, 0 for prefix tuning and None. ``KeyError`` for an unknown name."""
+        if name is None:
+            return 0
+        slot = self.slot_of(name)
+        return self._prompts.length(slot.encoder) if slot.encoder != NO_ADAPTER_SLOT else 0
+
+    @property
+    def decoder_kv_shape(self):
+        """``(num_layers, num_kv_heads, head_dim)`` of the decoder's attention (its self-attention and its
+        cross-attention alike): the layout of a KV cache of the decoder, which may differ from the encoder's
+        (``geometry``)."""
+        module = next(module for module in self.model.get_decoder().modules()
+                      if getattr(module, "layer_idx", None) == 0 and is_decoder_self_attention(module))
+        heads = getattr(module, "n_heads", None) or getattr(module, "num_heads")
+        head_dim = getattr(module, "key_value_proj_dim", None) or getattr(module, "head_dim")
+        return self._decoder_layers, heads, head_dim
+
     @property
     def storage_bytes(self):
         """Bytes held by the decoder's prefix tables and the encoder's prompts."""
@@ -290,17 +312,29 @@ class EncoderDecoderAdapterBank(AdapterBank):
         packed, encoder_mask = pack_encoder_rows(embeddings, attention_mask, prompts, prompt_lengths)
         return self.model.get_encoder()(inputs_embeds=packed, attention_mask=encoder_mask), encoder_mask
 
-    def forward(self, encoder_outputs, encoder_attention_mask, decoder_input_ids, routing, cache=None):
+    def forward(self, encoder_outputs, encoder_attention_mask, decoder_input_ids, routing, cache=None,
+                decoder_attention_mask=None, decoder_start_positions=None):
         """One decoder forward with the bank's prefixes, for callers that run their own decoding: ``encode``'s
         output and mask, ``decoder_input_ids [B, T]`` (the decoder's tokens after ``cache``'s), ``routing`` from
         ``route`` (rows in the order of ``encode``'s), ``cache``: a transformers ``EncoderDecoderCache`` of the
         decoder's own tokens (filled in place) or None. Returns the logits ``[B, T, vocab]``. Nothing is checked;
-        call under ``torch.inference_mode()``."""
+        call under ``torch.inference_mode()``.
+
+        For a cache whose rows hold different numbers of tokens (the serving engine's paged pool, keys gathered
+        right-aligned): ``decoder_attention_mask [B, cache length + T]`` (1 = a key the row sees) and
+        ``decoder_start_positions [B]`` integer, each row's first new token's index in its own decoder sequence
+        (the decoder would number every row from the cache's length)."""
         self._check_open()
         spec = self._decoder_prefix(routing.decoder.prefix_index) if routing.reads_prefix else None
-        with self._decoder_positions(routing):
+        positions = self._decoder_positions(routing)
+        if decoder_start_positions is not None:
+            offsets = routing.decoder.position_offsets + decoder_start_positions.to(self.device) - \
+                compat.cache_length(cache)
+            positions = compat.decoder_positions_shifted(self.model, offsets)
+        with positions:
             out = self.model(encoder_outputs=encoder_outputs, attention_mask=encoder_attention_mask,
                              decoder_input_ids=decoder_input_ids, use_cache=cache is not None,
+                             decoder_attention_mask=decoder_attention_mask,
                              **compat.cache_kwargs(self.model, cache), **({PREFIX_KWARG: spec} if spec else {}))
         if spec is not None:
             spec.check_consumed(type(self.model).__name__, "the adapters' prefixes")

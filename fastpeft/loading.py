@@ -24,12 +24,13 @@ def prepare_transformers():
     hf_logging.disable_progress_bar()
 
 
-def load_base(model_dir, device, dtype=None, load_in_4bit=False, load_in_8bit=False):
+def load_base(model_dir, device, dtype=None, load_in_4bit=False, load_in_8bit=False, encoder_decoder=False):
     """(model, tokenizer) from a transformers directory on ``device`` (a torch.device or its name) in ``dtype`` (None:
     the checkpoint's), through bitsandbytes with ``load_in_4bit``/``load_in_8bit``; the tokenizer pads on the left
-    and has a pad token."""
+    and has a pad token. A causal LM; with ``encoder_decoder``, an encoder-decoder's directory (its config says
+    ``is_encoder_decoder``: T5, BART) loads as a seq2seq LM."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     device = torch.device(device)
 
@@ -46,7 +47,8 @@ def load_base(model_dir, device, dtype=None, load_in_4bit=False, load_in_8bit=Fa
             BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype) if load_in_4bit
             else BitsAndBytesConfig(load_in_8bit=True))
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    seq2seq = encoder_decoder and getattr(AutoConfig.from_pretrained(model_dir), "is_encoder_decoder", False)
+    model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(model_dir, **kwargs)
     if "quantization_config" not in kwargs:
         model = model.to(device)
     if model.generation_config.pad_token_id is None:

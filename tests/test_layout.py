@@ -65,7 +65,7 @@ def _sources():
 def test_the_scan_sees_the_package():
     # A broken scan (no files, no imports found) would make the layering tests below pass vacuously.
     modules = {_module_name(path): _imported_modules(path) for path in _sources()}
-    assert "fastpeft.serve.engine" in modules and "fastpeft.bank_seq2seq" in modules["fastpeft.serve.engine"]
+    assert "fastpeft.serve.model_kinds" in modules and "fastpeft.bank_seq2seq" in modules["fastpeft.serve.model_kinds"]
     assert "fastpeft.cli" in modules["fastpeft.__main__"]
 
 

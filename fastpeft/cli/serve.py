@@ -1,5 +1,6 @@
 """``fastpeft serve``: an OpenAI-compatible HTTP server for many soft-prompt adapters of one base model, with
-continuous batching (``fastpeft.serve``). Without ``--model``: the built-in model of ``fastpeft.tiny``."""
+continuous batching (``fastpeft.serve``). Without ``--model``: the built-in model of ``fastpeft.tiny``; ``--model t5``:
+its built-in T5 (``tiny.build_t5_model``), an encoder-decoder whose requests' prompts are the encoder's input."""
 
 import os
 import re
@@ -7,6 +8,9 @@ import re
 from .. import loading
 from ..serve.engine import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_PREFILL_TOKENS
 from . import common
+
+BUILTIN_T5 = "t5"
+"""``--model`` value naming the built-in small T5 (a directory of that name is given as ``./t5``)."""
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12, "k": 2 ** 10,
                "kib": 2 ** 10, "m": 2 ** 20, "mib": 2 ** 20, "g": 2 ** 30, "gib": 2 ** 30, "t": 2 ** 40,
@@ -20,10 +24,12 @@ def add_parser(sub):
                     "/v1/chat/completions (streamed or not), /v1/models. A request's 'model' names its adapter "
                     "(the base model's name: no adapter). Requests join and leave the running batch at token "
                     "boundaries, each row with its own adapter.")
-    serve.add_argument("--model", metavar="DIR", help="base model directory (default: the built-in small model)")
+    serve.add_argument("--model", metavar="DIR", help="base model directory: a causal LM, or an encoder-decoder (T5, "
+                       "MT5, BART; a request's prompt is the encoder's input) (default: the built-in small model; "
+                       f"'{BUILTIN_T5}': the built-in small T5)")
     serve.add_argument("--served-model-name", metavar="NAME",
                        help="the base model's name in requests (default: the model directory's name, or "
-                            "'fastpeft-tiny' for the built-in model)")
+                            "'fastpeft-tiny' / 'fastpeft-tiny-t5' for the built-in models)")
     serve.add_argument("--adapters", metavar="DIR", help="load every subfolder of DIR holding a PEFT adapter "
                        "(adapter_config.json), named after the subfolder")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
@@ -46,7 +52,8 @@ def add_parser(sub):
                             "536870912, 512MiB, 2GiB, 1.5GB")
     serve.add_argument("--max-prefill-tokens", type=int, default=DEFAULT_MAX_PREFILL_TOKENS, metavar="N",
                        help="prompt tokens prefilled per step; a longer prompt is prefilled in chunks between "
-                            f"decode steps of the running requests ({DEFAULT_MAX_PREFILL_TOKENS})")
+                            "decode steps of the running requests (an encoder-decoder's encoder pass is not split: "
+                            f"the last prompt of a step may pass it) ({DEFAULT_MAX_PREFILL_TOKENS})")
     serve.add_argument("--max-tokens-limit", type=int, default=256, metavar="N",
                        help="largest max_tokens a request may ask for (256)")
     serve.add_argument("--default-temperature", type=float, default=1.0,
@@ -91,8 +98,11 @@ def run(args):
         raise common.CLIError(f"--port must lie in [0, 65535], got {args.port}")
     if args.adapters is not None and not os.path.isdir(args.adapters):
         raise common.CLIError(f"--adapters {args.adapters}: no such directory")
-    if args.model is not None:
+    if args.model not in (None, BUILTIN_T5):
         common.require_model_dir(args.model)
+    if args.model == BUILTIN_T5 and args.ray_replicas is not None:
+        raise common.CLIError(f"--ray-replicas loads the base model from a directory; --model {BUILTIN_T5} (the "
+                              "built-in T5) is served by this process only")
     loading.prepare_transformers()
     from .. import tiny
     from ..serve import adapter_dirs, build_server
@@ -102,8 +112,11 @@ def run(args):
     if args.model is None:
         model, tokenizer = tiny.build_model(dtype=dtype).to(device), tiny.build_tokenizer()
         base_name = args.served_model_name or "fastpeft-tiny"
+    elif args.model == BUILTIN_T5:
+        model, tokenizer = tiny.build_t5_model(dtype=dtype).to(device), tiny.build_tokenizer()
+        base_name = args.served_model_name or "fastpeft-tiny-t5"
     else:
-        model, tokenizer = loading.load_base(args.model, device, dtype)
+        model, tokenizer = loading.load_base(args.model, device, dtype, encoder_decoder=True)
         base_name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     if args.ray_replicas is not None:
         return _run_ray(args, device, kv_cache_bytes)

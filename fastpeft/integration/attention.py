@@ -27,6 +27,10 @@ position bias (the ``position_bias`` keyword, which does not hold the mask) reac
 A decode step over a paged KV pool (the serving engine's; ``paged_cache.PagedKVCache``) passes its cache as the
 ``fastpeft_paged`` keyword too: the cache's layers write the new token into the pool and hand attention that token
 alone, and the attention function reads each row's keys through its block table (``fastpeft.ops.paged_prefix_decode``).
+An encoder-decoder's step passes ``paged_cache.EncoderDecoderPagedCache``, whose ``for_module`` says which view an
+attention module reads: a decode step's cross-attention reads each row's encoder positions from the pool that way
+(with no prefix; T5's zero bias over the model's empty placeholder keys adds nothing), and a decoder self-attention
+over keys gathered right-aligned from the pool gets T5's prefix columns for each row's own context length.
 """
 
 import contextlib
@@ -337,7 +341,7 @@ def _no_prefix(key, columns=1):
     return empty, empty, index, lengths
 
 
-def _prefix_position_bias(relative, query_length, key_length, prefix_length, row_lengths=None):
+def _prefix_position_bias(relative, query_length, key_length, prefix_length, row_lengths=None, row_contexts=None):
     """The position bias ``[1, H, L, P]`` of the P prefix columns as T5 computes it when the prefix is a cache of P
     tokens before the ``key_length`` keys (PEFT's prefix tuning): its own ``compute_bias`` with the prefix entries at
     positions ``0 .. P-1`` and query i (of the L last keys' positions) at ``P + key_length - L + i``.
@@ -345,7 +349,22 @@ def _prefix_position_bias(relative, query_length, key_length, prefix_length, row
     ``row_lengths`` ``[B]``: each row's own prefix length ``n <= P`` (a ragged prefix table read through
     ``prefix_index``: ``AdapterBank``), a cache of n tokens in PEFT. Row b's entry p then sits ``n - p`` before its
     keys, as column ``p + P - n`` of the P-token cache does: its columns are those, shifted (the ones past n, hidden by
-    the row's length, repeat the last). Returns ``[B, H, L, P]`` then."""
+    the row's length, repeat the last). Returns ``[B, H, L, P]`` then.
+
+    ``row_contexts`` ``[B]``: each row's own tokens before its queries, where rows differ (keys gathered right-aligned
+    from a paged pool: ``key_length - query_length`` is the longest row's). Row b's entry p then sits
+    ``n + row_contexts[b] + i - p`` before query i: its column of a bias computed over ``M = P + max(contexts)``
+    memory positions with the queries at ``M + i``."""
+    if row_contexts is not None:
+        rows = row_contexts.shape[0]
+        lengths = (row_lengths if row_lengths is not None else
+                   torch.full((rows,), prefix_length, device=row_contexts.device)).to(row_contexts.device).long()
+        memory = prefix_length + key_length - query_length   # >= n + context of every row
+        columns = relative.compute_bias(query_length, memory, past_seen_tokens=memory)
+        shifted = torch.arange(prefix_length, device=row_contexts.device) + (memory - lengths - row_contexts)[:, None]
+        index = shifted.clamp(max=memory - 1).to(columns.device)[:, None, None, :].expand(rows, columns.shape[1],
+                                                                                          query_length, prefix_length)
+        return columns.expand(rows, *columns.shape[1:]).gather(3, index)
     columns = relative.compute_bias(query_length, prefix_length,
                                     past_seen_tokens=prefix_length + key_length - query_length)
     if row_lengths is None:
@@ -357,7 +376,8 @@ def _prefix_position_bias(relative, query_length, key_length, prefix_length, row
     return columns.expand(rows, *columns.shape[1:]).gather(3, index)
 
 
-def _attention_bias(module, position_bias, query, key, prefix_columns, relative=None, row_lengths=None):
+def _attention_bias(module, position_bias, query, key, prefix_columns, relative=None, row_lengths=None,
+                    row_contexts=None):
     """T5's ``position_bias`` ``[1 or B, H, L, S]`` as the kernels' ``attn_bias`` over ``[prefix ; keys]``, in the
     query's dtype (differentiably: a model that trains its relative attention bias gets its gradient), or None.
 
@@ -379,8 +399,8 @@ def _attention_bias(module, position_bias, query, key, prefix_columns, relative=
                          f"{tuple(getattr(position_bias, 'shape', ()))}; fastpeft attention takes one "
                          f"[1 or B, H, L, S={S}] over the keys")
     if position_bias.shape[-1] != prefix_columns + S and relative is not None:
-        columns = _prefix_position_bias(relative, query.shape[2], S, prefix_columns,
-                                        row_lengths).to(position_bias.dtype)
+        columns = _prefix_position_bias(relative, query.shape[2], S, prefix_columns, row_lengths,
+                                        row_contexts).to(position_bias.dtype)
         rows = max(columns.shape[0], position_bias.shape[0])
         position_bias = torch.cat([columns.expand(rows, *columns.shape[1:]),
                                    position_bias.expand(rows, *position_bias.shape[1:])], dim=-1)
@@ -467,7 +487,13 @@ def fastpeft_attention_forward(module, query, key, value, attention_mask, dropou
     relative = getattr(spec, "relative_bias", None)
     if spec is not None:
         spec = spec.for_module(module)
+    paged = kwargs.get(PAGED_KWARG)
+    if paged is not None and hasattr(paged, "for_module"):   # an encoder-decoder's: self- or cross-attention view
+        paged = paged.for_module(module)
     position_bias = kwargs.get("position_bias")
+    if isinstance(position_bias, torch.Tensor) and key.shape[2] == 0 and position_bias.shape[-1] == 0:
+        # T5's cross-attention bias (zeros) over the empty placeholder of a paged decode step: it adds nothing.
+        position_bias = None
     if spec is not None:
         prefix_k, prefix_v = spec.layer(getattr(module, "layer_idx", None))
         if prefix_k is None:  # a layer the prefix skips (PEFT's prefix tuning of Gemma models)
@@ -493,7 +519,6 @@ def fastpeft_attention_forward(module, query, key, value, attention_mask, dropou
         # RoPE's fp32 cos/sin promote q and k to fp32 while v leaves its autocast matmul in bf16/fp16.
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
         prefix_k, prefix_v = prefix_k.to(dtype), prefix_v.to(dtype)
-    paged = kwargs.get(PAGED_KWARG)
     if paged is not None and paged.decode:
         out = _paged_decode(module, paged, query, prefix_k, prefix_v, prefix_index, prefix_lengths, attention_mask,
                             scaling, position_bias, kwargs.get("sliding_window"), dropout)
@@ -502,7 +527,11 @@ def fastpeft_attention_forward(module, query, key, value, attention_mask, dropou
     row_lengths = None
     if relative is not None and spec is not None and spec.prefix_index is not None and prefix_lengths is not None:
         row_lengths = prefix_lengths[prefix_index.long()]
-    attn_bias = _attention_bias(module, position_bias, query, key, prefix_k.shape[-2], relative, row_lengths)
+    # Over a paged pool's gathered keys (right-aligned), each row's queries follow its own context, which the prefix
+    # columns' bias depends on too.
+    row_contexts = getattr(paged, "context_lens_tensor", None) if spec is not None else None
+    attn_bias = _attention_bias(module, position_bias, query, key, prefix_k.shape[-2], relative, row_lengths,
+                                row_contexts)
     if not causal and key.shape[2] < query.shape[2]:
         key, value, attention_mask, attn_bias = _pad_keys_to_queries(key, value, attention_mask, attn_bias,
                                                                      query.shape[2])
@@ -525,7 +554,7 @@ def _paged_decode(module, paged, query, prefix_k, prefix_v, prefix_index, prefix
     the new token): ``[B, Hq, 1, D]``. The op covers plain softmax attention over the prefix entry and the row's tokens;
     anything that would change the scores is refused rather than dropped."""
     name = type(module).__name__
-    if attention_mask is not None:
+    if attention_mask is not None and not getattr(paged, "model_mask_redundant", False):
         raise ValueError(f"{name}: a paged decode step takes no attention mask (each row's keys are its seq_lens "
                          "tokens in the pool); pass PagedKVCache.attention_mask(), which is None for decode")
     if position_bias is not None:

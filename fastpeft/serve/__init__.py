@@ -3,8 +3,9 @@
 ``build_server`` puts the pieces together for a loaded base model: an ``AdapterBank`` holding every adapter of a
 folder, the continuous-batching ``Engine`` (``engine.py``), its asyncio client (``engine_client.py``), the FastAPI
 app (``app.py``, models in ``protocol.py``, ``/metrics`` in ``metrics.py``) and uvicorn (``server.py``). The model is
-touched by the engine's thread alone. The HTTP parts need the ``serve`` extra (``pip install "fastpeft[serve]"``):
-they are imported when ``build_server`` runs, so ``Engine`` works without them.
+touched by the engine's thread alone. The base model is a causal LM or an encoder-decoder (T5, MT5, BART: a request's
+prompt is the encoder's input; ``model_kinds.py`` holds what differs). The HTTP parts need the ``serve`` extra (``pip
+install "fastpeft[serve]"``): they are imported when ``build_server`` runs, so ``Engine`` works without them.
 """
 
 import os
@@ -31,7 +32,8 @@ def build_server(model, tokenizer, adapters=None, base_name="base", host="127.0.
     """A started engine and a ``server.Server`` bound to ``host:port`` (0: an ephemeral port), not yet serving:
     call ``server.start()`` (background thread) or ``server.serve_forever()``; ``server.close()`` stops both.
 
-    ``adapters``: ``{name: PEFT adapter directory or PeftModel}`` loaded into a new ``AdapterBank`` on ``model``.
+    ``adapters``: ``{name: PEFT adapter directory or PeftModel}`` loaded into a new ``AdapterBank`` on ``model`` (a
+    causal LM, or an encoder-decoder: T5, MT5, BART, whose prompts are the encoder's input).
     ``max_batch``, ``max_len``, ``max_queue``, ``kv_block_size``, ``kv_cache_tokens`` / ``kv_cache_bytes`` and
     ``max_prefill_tokens``: the ``Engine``'s (``block_size`` is ``kv_block_size``).
     """
@@ -49,11 +51,13 @@ def build_server(model, tokenizer, adapters=None, base_name="base", host="127.0.
         if name == base_name:
             raise ValueError(f"adapter name {name!r} is the base model's served name")
         bank.add(name, source)
-    client = EngineClient(Engine(bank, max_batch=max_batch, max_len=max_len, max_queue=max_queue,
-                                 block_size=kv_block_size, kv_cache_tokens=kv_cache_tokens,
-                                 kv_cache_bytes=kv_cache_bytes, max_prefill_tokens=max_prefill_tokens).start())
+    engine = Engine(bank, max_batch=max_batch, max_len=max_len, max_queue=max_queue, block_size=kv_block_size,
+                    kv_cache_tokens=kv_cache_tokens, kv_cache_bytes=kv_cache_bytes,
+                    max_prefill_tokens=max_prefill_tokens)
+    client = EngineClient(engine.start())
     config = ServeConfig(tokenizer, base_name, admin_token=admin_token, max_tokens_limit=max_tokens_limit,
                          default_max_tokens=default_max_tokens, default_temperature=default_temperature,
-                         max_choices=max_batch, max_request_choices=max_batch + max_queue)
+                         max_choices=max_batch, max_request_choices=max_batch + max_queue,
+                         scores_prompt=engine.scores_prompt)
     return Server(create_app(config, client), client, host=host, port=port, log_requests=log_requests,
                   drain_timeout=drain_timeout)

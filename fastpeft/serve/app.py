@@ -21,7 +21,8 @@ numbered prompt-major (prompt p's j-th is choice ``p * n + j``) as OpenAI does. 
 are submitted as one group (prefilled once); with a ``seed`` continuation j samples from ``seed + j``. ``logprobs:
 k`` returns OpenAI's legacy log-probabilities per choice (``logprobs.py``), the end-of-sequence token that ended a
 choice last (as vLLM); ``echo: true`` puts the prompt before the completion, its tokens' log-probabilities first
-(None for the first token), and ``max_tokens: 0`` scores the prompt alone. Chat takes ``logprobs: true`` and
+(None for the first token), and ``max_tokens: 0`` scores the prompt alone (an encoder-decoder base answers ``echo``
+with 400: its prompt is the encoder's input, which no model scores). Chat takes ``logprobs: true`` and
 ``top_logprobs: k``. Log-probabilities are the adapter's model's, before any sampling transform (``engine.py``); a
 stream sends each chunk's tokens' entries with it. ``usage`` counts every prompt once and every choice's tokens.
 One reply multiplexes every choice's stream (one task each feeding one queue).
@@ -81,6 +82,7 @@ class ServeConfig:
     max_body_bytes: int = MAX_BODY_BYTES
     max_choices: int = 16           # n at most: the continuations of one prompt run together (the engine's max_batch)
     max_request_choices: int = 80   # prompts x n at most: what the engine holds at once (max_batch + max_queue)
+    scores_prompt: bool = True      # False for an encoder-decoder, whose decoder does not score the prompt: no echo
 
 
 class DrainState:
@@ -333,6 +335,10 @@ class OpenAIServing:
                                 f"generates", param="best_of")
         top_logprobs = self._top_logprobs(body, chat)
         echo = not chat and body.echo
+        if echo and not config.scores_prompt:
+            raise APIError(400, "echo is not available for this encoder-decoder model: its prompt is the encoder's "
+                                "input, which the decoder does not score (there are no prompt log-probabilities to "
+                                "echo)", param="echo")
         if chat:
             prompts = [(self._chat_ids(body.messages), None)]
         else:

@@ -32,6 +32,20 @@ row, ``cache = pool.step_cache(tables, counts)``, ``routing = bank.route(adapter
 cache.attention_mask(), routing.position_offsets[:, None] + cache.positions(), routing.prefix_index, cache)``, then
 ``cache.check_consumed``. Positions follow PEFT's numbering (the virtual tokens first).
 
+Encoder-decoders (T5, MT5, BART: an ``EncoderDecoderAdapterBank``). What differs sits behind a small seam
+(``model_kinds``: what a request writes into the pool, how one forward runs); admission, batching, continuations,
+sampling, endings and adapter commands are this same code. A request's prompt is the encoder's input: its prefill is
+one step that runs the encoder once (prompt-tuning and p-tuning adapters' virtual tokens in front, ``bank.encode``)
+and the decoder's first step from the model's decoder start token, whose cross-attention K/V of every encoder
+position are written once into pool blocks listed by a second block table of the request (shared, never copied, by
+its ``n`` continuations, like the start token's block), and kept until the request ends. Every decode step reads
+them through ``fastpeft.ops.paged_prefix_decode`` with no prefix; the decoder's self-attention K/V go into the
+request's blocks, a prefix-tuning adapter's prefix read from the bank's tables, and are read in place as a causal LM's
+(BART) or gathered (T5, whose relative position bias the paged op does not add). Admission counts both tables' blocks
+(encoder positions + the start token and ``max_tokens - 1`` fed-back tokens); an encoder pass is not split, so the
+prefill budget counts encoder positions and the last prompt a step admits may pass it. The decoder does not score
+the prompt: ``prompt_logprobs`` is refused (ValueError), and the HTTP app answers ``echo`` with 400.
+
 Failures. A forward that raises is run again row by row, so that only the rows that fail alone end (with
 ``RequestFailed("internal", ...)``) and the others go on with their logits; rewriting a row's K/V in the retry is
 harmless (the same tokens at the same positions). Picking a row's token (sampling, log-probabilities) fails that row
@@ -60,6 +74,7 @@ import torch
 
 from ..sampling import check_sampling, logits_processors
 from .kv_pool import BlockTable, KVBlockPool
+from .model_kinds import model_kind
 
 DEFAULT_BLOCK_SIZE = 16
 """Tokens per KV block (vLLM's default: a request's partly filled last block wastes little, block tables stay
@@ -186,32 +201,33 @@ def _token_logprobs(logits, tokens, top_counts):
 
 
 class _Row:
-    """An admitted request: its block table (None while its prompt is prefilled), the token it feeds next, its
-    sampling state."""
+    """An admitted request: its block table (None while its prompt is prefilled) and an encoder-decoder's
+    cross-attention one, the token it feeds next, its sampling state (``context``: the tokens before its generated
+    ones that a repetition penalty sees, the decoder's: the prompt, or an encoder-decoder's start token)."""
 
-    __slots__ = ("request", "table", "last_token", "generator", "processors")
+    __slots__ = ("request", "table", "cross_table", "last_token", "generator", "processors", "context")
 
-    def __init__(self, request, generator):
-        self.request, self.generator = request, generator
-        self.table, self.last_token = None, None
+    def __init__(self, request, generator, context):
+        self.request, self.generator, self.context = request, generator, context
+        self.table, self.cross_table, self.last_token = None, None, None
         self.processors = logits_processors(bool(request.temperature), request.temperature, request.top_k,
                                              request.top_p, request.repetition_penalty)
 
 
 class _Prompt:
     """The prompt of a group of continuations (``rows``, one or more), being prefilled chunk by chunk into ``table``
-    (``table.num_tokens``: its tokens fed so far); ``logprobs``: its prompt log-probabilities so far, when a row
-    asked."""
+    (``table.num_tokens``: its tokens fed so far); ``ids``: the tokens prefilled (a decoder-only model's prompt, an
+    encoder-decoder's start token); ``encoder_tokens`` and ``cross_table``: its encoder positions and their
+    cross-attention blocks (encoder-decoders; 0 and None otherwise); ``logprobs``: its prompt log-probabilities so
+    far, when a row asked."""
 
-    __slots__ = ("rows", "table", "logprobs")
+    __slots__ = ("rows", "table", "ids", "encoder_tokens", "cross_table", "logprobs")
 
-    def __init__(self, rows):
-        self.rows, self.table = rows, BlockTable()
+    def __init__(self, rows, ids, encoder_tokens):
+        self.rows, self.table, self.ids = rows, BlockTable(), ids
+        self.encoder_tokens = encoder_tokens
+        self.cross_table = BlockTable() if encoder_tokens else None
         self.logprobs = [] if any(row.request.prompt_logprobs is not None for row in rows) else None
-
-    @property
-    def ids(self):
-        return self.rows[0].request.prompt_ids
 
     @property
     def adapter(self):
@@ -220,20 +236,22 @@ class _Prompt:
 
 class _Feed:
     """One row of a forward: the tokens it feeds into ``table`` (whose ``append`` made room for them), for
-    ``adapter``."""
+    ``adapter``; an encoder-decoder's row also reads ``cross_table``, and on its first step (``encoder_ids``: the
+    prompt) writes it."""
 
-    __slots__ = ("table", "tokens", "adapter")
+    __slots__ = ("table", "tokens", "adapter", "cross_table", "encoder_ids")
 
-    def __init__(self, table, tokens, adapter):
+    def __init__(self, table, tokens, adapter, cross_table=None, encoder_ids=None):
         self.table, self.tokens, self.adapter = table, tokens, adapter
+        self.cross_table, self.encoder_ids = cross_table, encoder_ids
 
 
 class Engine:
-    """Continuous batching of ``GenerationRequest`` s over an open decoder-only ``AdapterBank``.
+    """Continuous batching of ``GenerationRequest`` s over an open ``AdapterBank``.
 
     Arguments:
-        bank: the ``AdapterBank`` (the engine thread becomes its only user once ``start`` ran). An encoder-decoder
-            bank (``EncoderDecoderAdapterBank``: T5, BART) is not served.
+        bank: the ``AdapterBank`` (the engine thread becomes its only user once ``start`` ran): a causal LM's or an
+            encoder-decoder's (``EncoderDecoderAdapterBank``: T5, MT5, BART; ``model_kinds.EncoderDecoder``).
         max_batch: the most requests admitted together (prefilling or decoding: the rows of a decode step).
         max_len: the most tokens (prompt + generated) one request may hold.
         max_queue: the most requests waiting beyond the free rows; ``submit`` raises ``QueueFull`` beyond.
@@ -243,17 +261,13 @@ class Engine:
             and values of every layer, rounded down to whole blocks); at most one. Default ``max_batch * max_len``
             tokens: the memory a cache of ``max_len`` slots per row would take, so every batch of ``max_batch``
             requests of ``max_len`` tokens fits.
-        max_prefill_tokens: prompt tokens one step prefills at most (chunked prefill).
+        max_prefill_tokens: prompt tokens one step prefills at most (chunked prefill; an encoder-decoder's encoder
+            positions, whose last prompt in a step may pass it).
     """
 
     def __init__(self, bank, max_batch=16, max_len=512, max_queue=64, eos_token_ids=None,
                  block_size=DEFAULT_BLOCK_SIZE, kv_cache_tokens=None, kv_cache_bytes=None,
                  max_prefill_tokens=DEFAULT_MAX_PREFILL_TOKENS):
-        from ..bank_seq2seq import EncoderDecoderAdapterBank
-
-        if isinstance(bank, EncoderDecoderAdapterBank):
-            raise ValueError("the serving engine runs decoder-only banks; an EncoderDecoderAdapterBank (T5, MT5, "
-                             "BART) is not served yet")
         for name, value, low in (("max_batch", max_batch, 1), ("max_len", max_len, 2), ("max_queue", max_queue, 0),
                                  ("block_size", block_size, 1), ("max_prefill_tokens", max_prefill_tokens, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -263,8 +277,9 @@ class Engine:
         if kv_cache_tokens is None and kv_cache_bytes is None:
             kv_cache_tokens = max_batch * max_len
         self.bank = bank
-        g = bank.geometry
-        self.pool = KVBlockPool.from_budget(g.num_layers, g.num_kv_heads, g.head_dim, block_size,
+        self._kind = model_kind(bank)
+        num_layers, num_kv_heads, head_dim = self._kind.kv_shape
+        self.pool = KVBlockPool.from_budget(num_layers, num_kv_heads, head_dim, block_size,
                                             budget_bytes=kv_cache_bytes, budget_tokens=kv_cache_tokens,
                                             device=bank.device, dtype=bank.dtype)
         self.max_batch, self.max_len, self.max_queue = max_batch, max_len, max_queue
@@ -310,6 +325,12 @@ class Engine:
         with self._lock:
             self._paused = False
             self._lock.notify_all()
+
+    @property
+    def scores_prompt(self):
+        """Whether requests may ask for their prompt's log-probabilities (``prompt_logprobs``): a decoder-only model
+        scores its prompt; an encoder-decoder's decoder does not (the prompt is the encoder's input)."""
+        return self._kind.scores_prompt
 
     @property
     def running(self):
@@ -369,6 +390,9 @@ class Engine:
             raise ValueError("the prompt holds no token")
         if isinstance(request.max_tokens, bool) or not isinstance(request.max_tokens, int) or request.max_tokens < 0:
             raise ValueError(f"max_tokens must be a non-negative integer, got {request.max_tokens!r}")
+        if request.prompt_logprobs is not None and not self._kind.scores_prompt:
+            raise ValueError("prompt_logprobs: an encoder-decoder's prompt is its encoder's input, which its decoder "
+                             "does not score; there are no prompt log-probabilities")
         if len(request.prompt_ids) + request.max_tokens > self.max_len:
             raise ValueError(f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) exceeds "
                              f"the server's context of {self.max_len} tokens")
@@ -446,6 +470,7 @@ class Engine:
                 else:
                     exc_info = None
                 self._adapter_names = tuple(self.bank.names)
+                self._kind.refresh()
                 done.put((True, result) if exc_info is None else (False, exc_info))
             try:
                 self._step()
@@ -461,8 +486,8 @@ class Engine:
     def _step(self):
         self._drop_cancelled()
         budget, chunks = self.max_prefill_tokens, []   # (prompt, tokens it feeds this step)
-        for prompt in self._prompts:   # admitted earlier, oldest first
-            if budget == 0:
+        for prompt in self._prompts:   # admitted earlier, oldest first (an encoder-decoder's prompts end in one step)
+            if budget <= 0:
                 break
             count = min(len(prompt.ids) - prompt.table.num_tokens, budget)
             chunks.append((prompt, count))
@@ -471,9 +496,13 @@ class Engine:
             prompt = self._admit_next()
             if prompt is None:
                 break
-            count = min(len(prompt.ids), budget)
+            if self._kind.chunked_prefill:
+                count = min(len(prompt.ids), budget)
+                budget -= count
+            else:   # an encoder pass is not split: the budget counts its positions, the last prompt may pass it
+                count = len(prompt.ids)
+                budget -= prompt.encoder_tokens
             chunks.append((prompt, count))
-            budget -= count
         self.stats["max_rows"] = max(self.stats["max_rows"], self._held)
         if chunks:
             self._prefill(chunks)
@@ -482,21 +511,26 @@ class Engine:
 
     # ----- admission -------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _tokens_at_most(request):
-        """The most tokens ``request`` writes into the pool: its prompt, and every token it picks but the last (a
-        request ends on the token it picks; only the ones before are fed back)."""
-        return len(request.prompt_ids) + max(request.max_tokens - 1, 0)
+    def _tokens_at_most(self, request):
+        """The most tokens ``request`` writes into its blocks: its prefilled tokens (the prompt; an encoder-decoder's
+        start token), and every token it picks but the last (a request ends on the token it picks; only the ones
+        before are fed back)."""
+        return len(self._kind.decoder_prompt(request)) + max(request.max_tokens - 1, 0)
 
-    def _prompt_blocks_to_come(self, request, n, table):
+    def _prompt_blocks_to_come(self, request, n, table, cross_table=None):
         """Blocks ``n`` continuations of ``request``'s prompt may still take from the pool, ``table`` holding the
-        part of the prompt prefilled so far: the first continuation's blocks (the prompt's among them), and the
-        others' own blocks past the prompt's whole ones (the first of them a copy of the prompt's partly filled last
-        block, which the last continuation to write into it keeps). ``_blocks_to_come`` counts the same once they
-        decode."""
+        part of the prompt prefilled so far and ``cross_table`` its encoder positions written so far (encoder-
+        decoders: shared by every continuation, never written again; None: none yet): the first continuation's
+        blocks (the prompt's among them), and the others' own blocks past the prompt's whole ones (the first of them
+        a copy of the prompt's partly filled last block, which the last continuation to write into it keeps).
+        ``_blocks_to_come`` counts the same once they decode."""
         block_size = self.pool.block_size
-        prompt_length, total = len(request.prompt_ids), self._tokens_at_most(request)
+        prompt_length, total = len(self._kind.decoder_prompt(request)), self._tokens_at_most(request)
         blocks = self.pool.blocks_needed(table, total - table.num_tokens)
+        encoder_tokens = self._kind.encoder_tokens(request)
+        if encoder_tokens:
+            cross_table = cross_table or BlockTable()
+            blocks += self.pool.blocks_needed(cross_table, encoder_tokens - cross_table.num_tokens)
         if n > 1 and total > prompt_length:
             blocks += (n - 1) * (-(-total // block_size) - prompt_length // block_size)
         return blocks
@@ -513,7 +547,8 @@ class Engine:
         # blocks_needed counts a copy of a shared, partly filled last block for each table holding it; the last of
         # them to write finds it no longer shared and writes in place.
         blocks -= len(shared_partial)
-        return blocks + sum(self._prompt_blocks_to_come(prompt.rows[0].request, len(prompt.rows), prompt.table)
+        return blocks + sum(self._prompt_blocks_to_come(prompt.rows[0].request, len(prompt.rows), prompt.table,
+                                                        prompt.cross_table)
                             for prompt in self._prompts)
 
     def _admit_next(self):
@@ -538,14 +573,16 @@ class Engine:
                     request.events.put(("done", "cancelled"))
             if not live:
                 continue
-            adapter = live[0].adapter
-            rows = [_Row(request, self._generator(request)) for request in live]
+            first = live[0]
+            ids = self._kind.decoder_prompt(first)
+            rows = [_Row(request, self._generator(request), ids) for request in live]
+            adapter = first.adapter
             if adapter is not None and adapter not in self.bank:
                 failure = RequestFailed("adapter_not_loaded", f"adapter {adapter!r} is not loaded")
                 for row in rows:
                     self._finish(row, error=failure)
                 continue
-            prompt = _Prompt(rows)
+            prompt = _Prompt(rows, ids, self._kind.encoder_tokens(first))
             self._prompts.append(prompt)
             return prompt
 
@@ -563,11 +600,18 @@ class Engine:
         for prompt, count in chunks:
             start = prompt.table.num_tokens
             self.pool.append(prompt.table, count)
-            feeds.append(_Feed(prompt.table, prompt.ids[start:start + count], prompt.adapter))
+            encoder_ids = None
+            if prompt.cross_table is not None:   # an encoder-decoder's first step writes its encoder positions
+                self.pool.append(prompt.cross_table, prompt.encoder_tokens)
+                encoder_ids = prompt.rows[0].request.prompt_ids
+            feeds.append(_Feed(prompt.table, prompt.ids[start:start + count], prompt.adapter, prompt.cross_table,
+                               encoder_ids))
         scoring_prompt = any(prompt.logprobs is not None for prompt, _ in chunks)
         results = self._forward(feeds, every_position=scoring_prompt)
         self.stats["prefills"] += 1
-        self.stats["prefill_tokens"] += sum(count for _, count in chunks)
+        # Prompt tokens prefilled: an encoder-decoder's are its encoder positions.
+        self.stats["prefill_tokens"] += sum(count if prompt.cross_table is None else prompt.encoder_tokens
+                                            for prompt, count in chunks)
         for (prompt, count), logits in zip(chunks, results):
             if isinstance(logits, Exception):
                 self._end_prompt(prompt, RequestFailed("internal", f"internal error: {logits}"))
@@ -592,9 +636,11 @@ class Engine:
         gets its prompt log-probabilities (when asked) and picks its first token from ``logits [vocab]``."""
         self._prompts.remove(prompt)
         rows = prompt.rows
-        rows[0].table = prompt.table
+        rows[0].table, rows[0].cross_table = prompt.table, prompt.cross_table
         for row in rows[1:]:
             row.table = self.pool.fork(prompt.table)
+            if prompt.cross_table is not None:
+                row.cross_table = self.pool.fork(prompt.cross_table)
         if prompt.logprobs is not None:
             for row in rows:
                 count = row.request.prompt_logprobs
@@ -608,8 +654,8 @@ class Engine:
         rows = list(self._rows)
         for row in rows:
             self.pool.append(row.table, 1)   # admission reserved the block, if the token needs a new one
-        results = self._forward([_Feed(row.table, [row.last_token], row.request.adapter) for row in rows],
-                                every_position=False)
+        results = self._forward([_Feed(row.table, [row.last_token], row.request.adapter, row.cross_table)
+                                 for row in rows], every_position=False)
         self.stats["steps"] += 1
         going = []
         for row, logits in zip(rows, results):
@@ -638,26 +684,8 @@ class Engine:
         return results
 
     def _forward_together(self, feeds, every_position):
-        """One forward of ``feeds`` through the bank's serving API (see the module's docstring)."""
-        bank = self.bank
-        counts = [len(feed.tokens) for feed in feeds]
-        width = max(counts)
-        ids = torch.zeros(len(feeds), width, dtype=torch.long)   # right-padded; padding is never written or read
-        for b, feed in enumerate(feeds):
-            ids[b, :counts[b]] = torch.tensor(feed.tokens)
-        routing = bank.route([feed.adapter for feed in feeds], len(feeds))
-        cache = self.pool.step_cache([feed.table for feed in feeds], counts)
-        # Logits of the last columns only, from the shortest row's last token on (unless every position is asked).
-        keep = 0 if every_position else width - min(counts) + 1
-        with torch.inference_mode():
-            logits = bank.forward(ids.to(bank.device), cache.attention_mask(),
-                                  routing.position_offsets[:, None] + cache.positions(), routing.prefix_index, cache,
-                                  logits_to_keep=keep)
-        cache.check_consumed(self._model_name)
-        first_column = width - logits.shape[1]   # a model that ignores logits_to_keep returns every column
-        if every_position:
-            return [logits[b, :count] for b, count in enumerate(counts)]
-        return [logits[b, count - 1 - first_column].unsqueeze(0) for b, count in enumerate(counts)]
+        """One forward of ``feeds`` through the bank's serving API (the model kind's: see the module's docstring)."""
+        return self._kind.forward(self.pool, feeds, every_position, self._model_name)
 
     # ----- tokens and endings ----------------------------------------------------------------------------------
 
@@ -705,7 +733,7 @@ class Engine:
         request = row.request
         if not (request.temperature or row.processors):
             return greedy_token
-        ids = torch.tensor([request.prompt_ids + request.generated], device=logits.device)
+        ids = torch.tensor([row.context + request.generated], device=logits.device)
         scores = row.processors(ids, logits.float())
         if request.temperature:
             return int(torch.multinomial(scores.softmax(-1), 1, generator=row.generator)[0, 0])
@@ -720,14 +748,19 @@ class Engine:
                 self._finish(row, reason="cancelled")
             if not prompt.rows:   # no continuation left to prefill it for
                 self._prompts.remove(prompt)
-                self.pool.free(prompt.table)
+                self._free_prompt(prompt)
 
     def _end_prompt(self, prompt, failure):
         """End every continuation of a prompt being prefilled with ``failure``; its blocks go back."""
         self._prompts.remove(prompt)
-        self.pool.free(prompt.table)
+        self._free_prompt(prompt)
         for row in prompt.rows:
             self._finish(row, error=failure)
+
+    def _free_prompt(self, prompt):
+        self.pool.free(prompt.table)
+        if prompt.cross_table is not None:
+            self.pool.free(prompt.cross_table)
 
     def _end_admitted(self, failure):
         """End every admitted request with ``failure`` (a step failed beyond telling rows apart, or shutdown)."""
@@ -742,8 +775,9 @@ class Engine:
         ``("error", error)``."""
         if row in self._rows:
             self._rows.remove(row)
-        if row.table is not None:
-            self.pool.free(row.table)
+        for table in (row.table, row.cross_table):
+            if table is not None:
+                self.pool.free(table)
         with self._lock:
             self._held -= 1
         request = row.request

@@ -199,10 +199,12 @@ class KVBlockPool:
         rows = [table.blocks + [-1] * (width - len(table.blocks)) for table in tables]
         return torch.tensor(rows, dtype=torch.int32).to(device if device is not None else self.key_caches[0].device)
 
-    def step_cache(self, tables, num_new_tokens):
+    def step_cache(self, tables, num_new_tokens, gather_decode=False, model_mask_redundant=False):
         """The transformers ``Cache`` for one forward whose row ``b`` feeds ``num_new_tokens[b]`` (>= 1) tokens
         that ``append`` already made room for in ``tables[b]``: every layer writes them into the pool, and attention
-        reads each row's earlier tokens through its block table (``fastpeft.integration.paged_cache``)."""
+        reads each row's earlier tokens through its block table (``fastpeft.integration.paged_cache``; with
+        ``gather_decode`` a decode step's keys are gathered, as a prefill chunk's; ``model_mask_redundant``: see
+        ``PagedKVCache``)."""
         from ..integration.paged_cache import PagedKVCache
 
         if len(tables) != len(num_new_tokens) or not tables:
@@ -214,4 +216,5 @@ class KVBlockPool:
                                  "append them to the table first (and feed at least one)")
         return PagedKVCache(self.key_caches, self.value_caches, self.block_table_tensor(tables),
                             [table.num_tokens - count for table, count in zip(tables, num_new_tokens)],
-                            list(num_new_tokens))
+                            list(num_new_tokens), gather_decode=gather_decode,
+                            model_mask_redundant=model_mask_redundant)
