@@ -1,0 +1,215 @@
+"""MultiPrefixTrainer / MultiPrefixModel on encoder-decoders (T5, MT5, BART) against plain PEFT, tenant by tenant.
+
+Four tenants, one of each kind PEFT's ``PeftModelForSeq2SeqLM`` trains (prefix tuning with and without projection,
+prompt tuning, p-tuning), each with its own number of virtual tokens, share every batch; encoder rows are padded on
+either side, the decoder's labels right-padded with -100 (some rows with unlabelled targets). Each tenant must get
+what PEFT gives it on its own rows alone (a PeftModel with the same config and initial values, fed that tenant's rows
+unpadded, i.e. right-padded as ``fastpeft.data.collate`` pads): the same loss and logits, the same gradients, after
+three AdamW steps the same parameters (a tenant absent from a step untouched), and saved adapters that PEFT loads and
+runs to the same logits.
+
+What would change the numbers if it were wrong: a prompt row's virtual tokens in front of its own real tokens in the
+bidirectional encoder (its own count, whichever side it was padded on), a prefix row's decoder reading PEFT's layer
+``2i mod num_layers`` with positions after its own P (BART's per-row position embedding, T5's relative bias), the loss
+normalised per tenant, the gradient reaching each tenant from its rows only.
+
+Tolerance. float32 rounding on these tiny random models is itself of the order of 1e-5 (PEFT's own float32 gradient of
+a p-tuning MLP on MT5 lies 5e-5 from its float64 gradient). Gradients are therefore held to relative 1e-5 against PEFT
+in float32, or, where PEFT's float32 gradient is itself further than that from its float64 one, to four times PEFT's
+own float32 error against float64 (a tolerance that scales with the truth, STYLE.md).
+"""
+
+import copy
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+from peft import PeftModel  # noqa: E402
+
+from fastpeft.data import IGNORE_INDEX  # noqa: E402
+from fastpeft.multi import MultiPrefixModel, MultiPrefixTrainer  # noqa: E402
+from fastpeft.multi_seq2seq import EncoderDecoderMultiPrefixModel  # noqa: E402
+from tests.bank_fixtures import relative_error  # noqa: E402
+from tests.reference import assert_close  # noqa: E402
+from tests.test_bank_seq2seq import ADAPTER_KINDS, VOCAB, tiny_seq2seq  # noqa: E402
+
+FAMILIES = ("t5", "mt5", "bart")
+LR, WEIGHT_DECAY = 1e-2, 0.1  # weight decay on, so that a stepped idle tenant would drift
+TENANTS = tuple(ADAPTER_KINDS)  # prefix (P=3), prefix-proj (P=5), prompt (P=4), p-tuning (P=6)
+
+
+def make_batch(seed, tenants, lengths, target_lengths, left_pad=(), unlabelled=()):
+    """A mixed batch as rows: encoder ids (unpadded), decoder targets (unpadded, -100 for rows in ``unlabelled`` and
+    on the first target of row 0). ``left_pad``: rows padded on the left in the mixed batch."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(3, VOCAB, (n,), generator=g) for n in lengths]
+    targets = [torch.randint(3, VOCAB, (n,), generator=g) for n in target_lengths]
+    targets[0][0] = IGNORE_INDEX
+    for b in unlabelled:
+        targets[b][:] = IGNORE_INDEX
+    return {"tenants": list(tenants), "rows": rows, "targets": targets, "left_pad": set(left_pad)}
+
+
+# Three steps. Step 1 has no labelled token of "p-tuning" (a row whose targets are all -100), so it must not move;
+# steps 1 and 3 have left-padded encoder rows; "prefix" has two rows in most steps.
+BATCHES = [
+    make_batch(1, ["prefix", "prompt", "p-tuning", "prefix-proj", "prefix", "prompt"], [5, 3, 6, 4, 2, 7],
+               [3, 4, 2, 5, 3, 1], left_pad=[1, 4]),
+    make_batch(2, ["prompt", "prefix-proj", "p-tuning", "prefix", "prefix-proj"], [4, 6, 3, 5, 2], [2, 3, 4, 1, 5],
+               unlabelled=[2]),
+    make_batch(3, ["p-tuning", "prefix", "prompt", "prefix-proj", "p-tuning", "prefix"], [7, 2, 5, 3, 4, 6],
+               [4, 2, 3, 3, 5, 2], left_pad=[0, 2, 5]),
+]
+
+
+def padded(batch, keep=None, respect_sides=True):
+    """``input_ids``, ``attention_mask``, ``labels`` of the rows ``keep`` (default all): encoder rows padded with 0 on
+    the side the batch says (or all on the right), targets right-padded with -100."""
+    keep = range(len(batch["rows"])) if keep is None else keep
+    rows = [batch["rows"][b] for b in keep]
+    targets = [batch["targets"][b] for b in keep]
+    width, target_width = max(len(r) for r in rows), max(len(t) for t in targets)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full((len(rows), target_width), IGNORE_INDEX)
+    for i, (b, row, target) in enumerate(zip(keep, rows, targets)):
+        left = respect_sides and b in batch["left_pad"]
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span], mask[i, span] = row, 1
+        labels[i, :len(target)] = target
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def tenant_rows(batch, name):
+    return [b for b, tenant in enumerate(batch["tenants"]) if tenant == name]
+
+
+def has_labels(batch, name):
+    return any(bool((batch["targets"][b] != IGNORE_INDEX).any()) for b in tenant_rows(batch, name))
+
+
+def peft_models(family):
+    """One PEFT model per tenant on its own copy of the backbone, its prompt parameters drawn from a seed, in train
+    mode (dropout is off in these configs)."""
+    models = {}
+    for i, name in enumerate(TENANTS):
+        torch.manual_seed(100 + i)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            models[name] = peft.get_peft_model(tiny_seq2seq(family), ADAPTER_KINDS[name](peft))
+        models[name].train()
+    return models
+
+
+def grads(module):
+    return {k: p.grad.detach().clone() for k, p in module.named_parameters() if p.grad is not None}
+
+
+def params(module):
+    return {k: p.detach().clone() for k, p in module.named_parameters()}
+
+
+def peft_step_gradients(model, batch, name):
+    """PEFT's loss, logits and prompt-encoder gradients for tenant ``name``'s rows of ``batch``, unpadded (right
+    padding), in the model's dtype."""
+    model.zero_grad()
+    out = model(**padded(batch, tenant_rows(batch, name), respect_sides=False))
+    out.loss.backward()
+    result = out.loss.item(), out.logits.detach(), grads(model.prompt_encoder["default"])
+    model.zero_grad()
+    return result
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = _run(family, tmp_path_factory.mktemp(family))
+        return cache[family]
+
+    return get
+
+
+def _run(family, directory):
+    """Run the three steps both ways (and PEFT's first step in float64 too); keep what the tests compare."""
+    references = peft_models(family)
+    trainer = MultiPrefixTrainer(tiny_seq2seq(family), lr=LR, weight_decay=WEIGHT_DECAY)
+    for name, model in references.items():
+        trainer.add_adapter(name, model)
+    initial = {name: params(trainer.encoder(name)) for name in TENANTS}
+
+    first = BATCHES[0]
+    peft_first = {name: peft_step_gradients(references[name], first, name) for name in TENANTS}
+    peft_first64 = {name: peft_step_gradients(copy.deepcopy(references[name]).double(), first, name)
+                    for name in TENANTS}
+
+    # PEFT, one tenant at a time, on its own rows, stepped only when they carry labels.
+    for name, model in references.items():
+        optimizer = torch.optim.AdamW(model.prompt_encoder.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+        for batch in BATCHES:
+            if not has_labels(batch, name):
+                continue
+            optimizer.zero_grad()
+            model(**padded(batch, tenant_rows(batch, name), respect_sides=False)).loss.backward()
+            optimizer.step()
+
+    # The trainer: loss, logits and gradients of the first batch, then the three training steps.
+    trainer.model.train()
+    inputs = padded(first)
+    out = trainer(inputs["input_ids"], first["tenants"], attention_mask=inputs["attention_mask"],
+                  labels=inputs["labels"])
+    out.loss.backward()
+    multi_grads = {name: grads(trainer.encoder(name)) for name in TENANTS}
+    trainer.zero_grad()
+    results, snapshots = [], []
+    for batch in BATCHES:
+        snapshots.append({name: params(trainer.encoder(name)) for name in TENANTS})
+        inputs = padded(batch)
+        results.append(trainer.training_step(inputs["input_ids"], batch["tenants"],
+                                             attention_mask=inputs["attention_mask"], labels=inputs["labels"]))
+    snapshots.append({name: params(trainer.encoder(name)) for name in TENANTS})
+    return dict(family=family, trainer=trainer, references=references, initial=initial, peft_first=peft_first,
+                peft_first64=peft_first64, multi_first=out, multi_grads=multi_grads, results=results,
+                snapshots=snapshots, directory=directory)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loss_and_logits_equal_peft_per_tenant(runs, family):
+    run = runs(family)
+    trainer = run["trainer"]
+    assert isinstance(trainer.prefix_model, EncoderDecoderMultiPrefixModel)
+    out = run["multi_first"]
+    first = BATCHES[0]
+    assert out.logits.shape == (len(first["rows"]), max(len(t) for t in first["targets"]), VOCAB)
+    for name in TENANTS:
+        loss, logits, _ = run["peft_first"][name]
+        assert out.adapter_losses[name] == pytest.approx(loss, rel=1e-5), name
+        for i, b in enumerate(tenant_rows(first, name)):
+            T = len(first["targets"][b])
+            err = relative_error(out.logits[b, :T], logits[i, :T])
+            assert err < 1e-5, f"{family}: row {b} ({name}, left-padded: {b in first['left_pad']}) logits {err:.2e}"
+    # The combined loss is the sum of the per-tenant means.
+    assert out.loss.item() == pytest.approx(sum(run["peft_first"][n][0] for n in TENANTS), rel=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradients_equal_peft_per_tenant(runs, family):
+    run = runs(family)
+    for name in TENANTS:
+        expected, expected64 = run["peft_first"][name][2], run["peft_first64"][name][2]
+        actual = run["multi_grads"][name]
+        assert actual.keys() == expected.keys(), name
+        for key in expected:
+            assert float(expected[key].norm()) > 0
+            peft_noise = relative_error(expected[key].double(), expected64[key])
+            if peft_noise < 1e-5:
+                assert_close(actual[key], expected[key], 1e-5, name=f"{family} {name}.{key}.grad")
+            else:
+                assert_close(actual[key], expected64[key], 4 * peft_noise,
+                             name=f"{family} {name}.{key}.grad (PEFT's own float32 error {peft_noise:.1e})")
