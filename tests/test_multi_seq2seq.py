@@ -113,10 +113,11 @@ def peft_models(family):
     mode (dropout is off in these configs)."""
     models = {}
     for i, name in enumerate(TENANTS):
+        base = tiny_seq2seq(family)  # which seeds the generator itself
         torch.manual_seed(100 + i)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            models[name] = peft.get_peft_model(tiny_seq2seq(family), ADAPTER_KINDS[name](peft))
+            models[name] = peft.get_peft_model(base, ADAPTER_KINDS[name](peft))
         models[name].train()
     return models
 
@@ -290,3 +291,188 @@ def test_saved_adapters_load_in_peft_with_the_trainers_logits(runs, family):
         for i, b in enumerate(keep):
             T = len(batch["targets"][b])
             assert_close(logits[b, :T], peft_logits[i, :T], 1e-5, name=f"{family} {name} row {b} logits")
+
+
+def one_step_losses_and_grads(trainer, peft_model, name, batch):
+    """(ours, PEFT's) loss and gradients of ``name``'s rows of ``batch`` (the trainer's forward on the whole batch)."""
+    inputs = padded(batch)
+    trainer.model.train()
+    out = trainer(inputs["input_ids"], batch["tenants"], attention_mask=inputs["attention_mask"],
+                  labels=inputs["labels"])
+    out.loss.backward()
+    ours = out.adapter_losses[name], grads(trainer.encoder(name))
+    trainer.zero_grad()
+    loss, _, expected = peft_step_gradients(peft_model.train(), batch, name)
+    return ours, (loss, expected)
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_decoder_shallower_than_the_prefix_trains_layer_two_i_mod_num_layers(family):
+    """A 3-layer encoder and a 2-layer decoder: decoder layer 1 reads (and trains) the adapter's layer 2, as PEFT's
+    cache layout has it; the adapter's layer 1 gets no gradient in either."""
+    shape = dict(encoder_layers=3, decoder_layers=2)
+    base = tiny_seq2seq(family, **shape)
+    torch.manual_seed(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = peft.get_peft_model(base, ADAPTER_KINDS["prefix"](peft))
+    trainer = MultiPrefixTrainer(tiny_seq2seq(family, **shape))
+    trainer.add_adapter("prefix", reference)
+    trainer.add_adapter("prompt", ADAPTER_KINDS["prompt"](peft))
+    batch = make_batch(4, ["prefix", "prompt", "prefix"], [4, 6, 3], [3, 2, 4], left_pad=[2])
+    (loss, actual), (expected_loss, expected) = one_step_losses_and_grads(trainer, reference, "prefix", batch)
+    assert loss == pytest.approx(expected_loss, rel=1e-5)
+    assert_close(actual["embedding.weight"], expected["embedding.weight"], 1e-5, name=f"{family} prefix grad")
+
+
+@pytest.mark.parametrize("shape, message", [
+    (dict(encoder_layers=2, decoder_layers=3), "decoder of BartForConditionalGeneration has 3 layers"),
+    (dict(decoder_heads=8), "decoder of BartForConditionalGeneration has 8"),
+])
+def test_prefix_peft_cannot_run_on_the_decoder_is_refused_by_name(shape, message):
+    """A decoder deeper than the prefix's num_layers (PEFT: IndexError) or with other heads (PEFT: a size mismatch) is
+    refused by name as ``fastpeft.accelerate`` and ``AdapterBank`` refuse it, from a config or a PeftModel; prompt
+    tuning, which never reaches the decoder, still trains there."""
+    model = MultiPrefixModel(tiny_seq2seq("bart", **shape))
+    with pytest.raises(ValueError, match=message):
+        model.add_adapter("prefix", ADAPTER_KINDS["prefix"](peft))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = peft.get_peft_model(tiny_seq2seq("bart", **shape), ADAPTER_KINDS["prefix"](peft))
+    with pytest.raises(ValueError, match=message):
+        model.add_adapter("prefix", peft_model)
+    assert model.adapters == []
+    model.add_adapter("prompt", ADAPTER_KINDS["prompt"](peft))
+    out = model(torch.tensor([[5, 6, 7]]), labels=torch.tensor([[8, 9]]), adapter_ids=[0])
+    out.loss.backward()
+    assert float(model.encoder("prompt").embedding.weight.grad.norm()) > 0
+
+
+def test_layerdrop_backbone_refuses_prefix_tuning_by_name():
+    import transformers
+
+    config = transformers.BartConfig(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                     decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                     vocab_size=VOCAB, decoder_layerdrop=0.1)
+    model = MultiPrefixModel(transformers.BartForConditionalGeneration(config))
+    with pytest.raises(ValueError, match=r"LayerDrop \(config.decoder_layerdrop=0.1\)"):
+        model.add_adapter("prefix", ADAPTER_KINDS["prefix"](peft))
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path):
+    trainer = MultiPrefixTrainer(tiny_seq2seq("t5"))
+    trainer.add_adapter("prompt", ADAPTER_KINDS["prompt"](peft))
+    ids = torch.randint(3, VOCAB, (2, 4))
+    with pytest.raises(ValueError, match="task_type must be SEQ_2_SEQ_LM"):
+        trainer.add_adapter("causal", peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    with pytest.raises(ValueError, match="LORA"):
+        trainer.add_adapter("lora", peft.LoraConfig(task_type="SEQ_2_SEQ_LM"))
+    from tests.models import tiny_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        causal = peft.get_peft_model(tiny_model("llama"), peft.PromptTuningConfig(task_type="CAUSAL_LM",
+                                                                                   num_virtual_tokens=2))
+    causal.save_pretrained(tmp_path / "causal")
+    with pytest.raises(ValueError, match="task_type 'CAUSAL_LM' \\(expected 'SEQ_2_SEQ_LM'\\)"):
+        trainer.add_adapter("causal", tmp_path / "causal")
+    with pytest.raises(ValueError, match="labels are required"):
+        trainer.training_step(ids, ["prompt", "prompt"])
+    with pytest.raises(ValueError, match="labels must be an integer tensor"):
+        trainer(ids, ["prompt", "prompt"], labels=torch.ones(3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels must be an integer tensor"):
+        trainer(ids, ["prompt", "prompt"], labels=torch.ones(2, 2))
+    with pytest.raises(ValueError, match="every row of attention_mask needs a real token"):
+        trainer(ids, ["prompt", "prompt"], attention_mask=torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0]]),
+                labels=torch.ones(2, 2, dtype=torch.long))
+    with pytest.raises(KeyError, match="nobody"):
+        trainer(ids, ["prompt", "nobody"], labels=torch.ones(2, 2, dtype=torch.long))
+    assert trainer.adapters == ["prompt"]
+
+
+@pytest.mark.parametrize("name", TENANTS)
+def test_new_adapter_is_initialised_like_get_peft_model(name):
+    base = tiny_seq2seq("t5")  # which seeds the generator itself
+    torch.manual_seed(7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = peft.get_peft_model(base, ADAPTER_KINDS[name](peft))
+    trainer = MultiPrefixTrainer(tiny_seq2seq("t5"))
+    torch.manual_seed(7)
+    trainer.add_adapter(name, ADAPTER_KINDS[name](peft))
+    assert trainer.config(name).to_dict() == reference.peft_config["default"].to_dict()
+    expected, actual = params(reference.prompt_encoder["default"]), params(trainer.encoder(name))
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(actual[key], expected[key]), key
+
+
+def test_train_over_records_pads_like_hand_built_steps():
+    """``train`` collates encoder-decoder records (encoder ids and decoder targets of their own lengths, right-padded
+    apart) into the steps one would build by hand."""
+    batch = BATCHES[0]
+    records = [{"task": tenant, "input_ids": row.tolist(), "labels": target.tolist()}
+               for tenant, row, target in zip(batch["tenants"], batch["rows"], batch["targets"])]
+
+    def fresh():
+        trainer = MultiPrefixTrainer(tiny_seq2seq("bart"), lr=LR)
+        for i, name in enumerate(TENANTS):
+            torch.manual_seed(100 + i)
+            trainer.add_adapter(name, ADAPTER_KINDS[name](peft))
+        return trainer
+
+    with pytest.raises(ValueError, match="needs labels"):
+        fresh().train([{"task": "prompt", "input_ids": [5, 6]}])
+    trainer = fresh()
+    history = trainer.train(records, batch_size=4, shuffle=False)
+    assert [r["step"] for r in history] == [1, 2]
+    by_hand = fresh()
+    for chunk in (range(0, 4), range(4, 6)):
+        inputs = padded(batch, list(chunk), respect_sides=False)
+        by_hand.training_step(inputs["input_ids"], [batch["tenants"][b] for b in chunk],
+                              attention_mask=inputs["attention_mask"], labels=inputs["labels"])
+    for name in TENANTS:
+        for key, value in params(by_hand.encoder(name)).items():
+            assert torch.equal(params(trainer.encoder(name))[key], value), f"{name}.{key}"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    batch = BATCHES[2]
+    inputs = padded(batch)
+    results = []
+    for checkpointing in (False, True):
+        trainer = MultiPrefixTrainer(tiny_seq2seq("t5"), gradient_checkpointing=checkpointing)
+        for i, name in enumerate(TENANTS):
+            torch.manual_seed(100 + i)
+            trainer.add_adapter(name, ADAPTER_KINDS[name](peft))
+        trainer.model.train()
+        trainer(inputs["input_ids"], batch["tenants"], attention_mask=inputs["attention_mask"],
+                labels=inputs["labels"]).loss.backward()
+        results.append({name: grads(trainer.encoder(name)) for name in TENANTS})
+    for name in TENANTS:
+        for key, expected in results[0][name].items():
+            assert_close(results[1][name][key], expected, 1e-6, name=f"{name}.{key}")
+
+
+def test_saved_adapters_continue_training_from_their_tables(runs, tmp_path):
+    """A saved directory of each kind loads back as its saved table (a p-tuning head's or a projection's output, as
+    PEFT loads it) and trains on."""
+    source = runs("t5")["trainer"]
+    trainer = MultiPrefixTrainer(tiny_seq2seq("t5"), lr=LR)
+    for name in TENANTS:
+        source.save_adapter(name, tmp_path / name)
+        trainer.add_adapter(name, tmp_path / name)
+        with torch.no_grad():
+            saved = source.prefix_model.encoder(name)
+            from fastpeft.multi import prompt_encoder_output
+
+            table = prompt_encoder_output(saved, source.config(name))
+        assert_close(trainer.encoder(name).embedding.weight, table, 1e-6, name=f"reloaded {name}")
+    batch = BATCHES[0]
+    inputs = padded(batch)
+    before = {name: trainer.encoder(name).embedding.weight.detach().clone() for name in TENANTS}
+    result = trainer.training_step(inputs["input_ids"], batch["tenants"], attention_mask=inputs["attention_mask"],
+                                   labels=inputs["labels"])
+    assert sorted(result["updated"]) == sorted(TENANTS)
+    for name in TENANTS:
+        assert not torch.equal(trainer.encoder(name).embedding.weight, before[name]), name
