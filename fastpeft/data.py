@@ -91,17 +91,23 @@ def load_examples(path):
     return examples
 
 
-def encode(examples, tokenizer, max_length):
+def encode(examples, tokenizer, max_length, encoder_decoder=False):
     """Tokenize examples into ``EncodedExample`` rows of at most ``max_length`` tokens.
 
     Row layout: ``[bos] prompt completion [eos]``; labels copy the ids of the completion and the eos and
     are ``IGNORE_INDEX`` on bos and the prompt. Rows whose completion is cut away entirely by
     ``max_length`` carry no loss and are dropped. Returns ``(rows, dropped_count)``.
+
+    ``encoder_decoder``: rows of an encoder-decoder LM instead, from prompt/completion examples: ``input_ids`` the
+    prompt with the tokenizer's own special tokens (the encoder's input), ``labels`` ``completion [eos]`` (the
+    decoder's targets), each cut to ``max_length``. A plain-text example (no prompt) is refused: it names no input.
     """
     if max_length < 2:
         raise ValueError(f"--max-length must be at least 2, got {max_length}")
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if encoder_decoder:
+        return _encode_seq2seq(examples, tokenizer, max_length, eos)
     rows, dropped = [], 0
     for example in examples:
         prompt_ids = bos + (tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
@@ -114,6 +120,18 @@ def encode(examples, tokenizer, max_length):
             continue
         rows.append(EncodedExample(input_ids, labels, example.task))
     return rows, dropped
+
+
+def _encode_seq2seq(examples, tokenizer, max_length, eos):
+    rows = []
+    for number, example in enumerate(examples, 1):
+        if not example.prompt:
+            raise ValueError(f"example {number} has no prompt: an encoder-decoder trains on {{\"prompt\": ..., "
+                             "\"completion\": ...} examples (the prompt is the encoder's input)")
+        input_ids = tokenizer(example.prompt)["input_ids"][:max_length]
+        labels = (tokenizer(example.completion, add_special_tokens=False)["input_ids"] + eos)[:max_length]
+        rows.append(EncodedExample(input_ids, labels, example.task))
+    return rows, 0
 
 
 def _field(record, name):

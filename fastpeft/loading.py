@@ -27,9 +27,10 @@ def prepare_transformers():
 def load_base(model_dir, device, dtype=None, load_in_4bit=False, load_in_8bit=False):
     """(model, tokenizer) from a transformers directory on ``device`` (a torch.device or its name) in ``dtype`` (None:
     the checkpoint's), through bitsandbytes with ``load_in_4bit``/``load_in_8bit``; the tokenizer pads on the left
-    and has a pad token."""
+    and has a pad token. The model is a causal LM (``AutoModelForCausalLM``), or an encoder-decoder LM
+    (``AutoModelForSeq2SeqLM``: T5, MT5, BART) where the directory's config says ``is_encoder_decoder``."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     device = torch.device(device)
 
@@ -46,7 +47,9 @@ def load_base(model_dir, device, dtype=None, load_in_4bit=False, load_in_8bit=Fa
             BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype) if load_in_4bit
             else BitsAndBytesConfig(load_in_8bit=True))
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    model_class = (AutoModelForSeq2SeqLM if getattr(AutoConfig.from_pretrained(model_dir), "is_encoder_decoder", False)
+                   else AutoModelForCausalLM)
+    model = model_class.from_pretrained(model_dir, **kwargs)
     if "quantization_config" not in kwargs:
         model = model.to(device)
     if model.generation_config.pad_token_id is None:
