@@ -476,3 +476,96 @@ def test_saved_adapters_continue_training_from_their_tables(runs, tmp_path):
     assert sorted(result["updated"]) == sorted(TENANTS)
     for name in TENANTS:
         assert not torch.equal(trainer.encoder(name).embedding.weight, before[name]), name
+
+
+def _fresh_trainer(seed=0, family="t5"):
+    """A MultiPrefixTrainer (per-tenant SGD) on ``family`` with the four tenants initialised from ``seed``."""
+    trainer = MultiPrefixTrainer(tiny_seq2seq(family), optimizer_factory=optimizer)
+    for i, name in enumerate(TENANTS):
+        torch.manual_seed(seed * 100 + i)
+        trainer.add_adapter(name, ADAPTER_KINDS[name](peft))
+    trainer.model.train()
+    return trainer
+
+
+def test_transformers_trainer_trains_the_module_as_multi_prefix_trainer(tmp_path):
+    """``transformers.Trainer`` drives the encoder-decoder ``MultiPrefixModel`` with ``AdapterBatchCollator``
+    (encoder-decoder records): its steps (its "sgd": plain SGD over every tenant) equal ``MultiPrefixTrainer``'s
+    per-tenant plain SGD on the same batch."""
+    from transformers import Trainer, TrainingArguments
+
+    from fastpeft.data import AdapterBatchCollator, collate
+
+    batch = BATCHES[0]
+    reference = _fresh_trainer()
+    for name in TENANTS:
+        reference.optimizer(name).param_groups[0].update(momentum=0.0, weight_decay=0.0)
+    records = [{"adapter_ids": reference.prefix_model.adapter_id(tenant), "input_ids": row.tolist(),
+                "labels": target.tolist()}
+               for tenant, row, target in zip(batch["tenants"], batch["rows"], batch["targets"])]
+    inputs = collate(records, pad_token_id=0, encoder_decoder=True)
+    for _ in range(2):
+        reference.training_step(inputs["input_ids"], batch["tenants"], attention_mask=inputs["attention_mask"],
+                                labels=inputs["labels"])
+    model = _fresh_trainer().prefix_model
+    initial = {name: params(model.encoder(name)) for name in TENANTS}
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=len(records), max_steps=2,
+                             learning_rate=LR, optim="sgd", weight_decay=0.0, lr_scheduler_type="constant",
+                             warmup_steps=0, max_grad_norm=0.0, save_strategy="no", report_to=[], use_cpu=True,
+                             seed=0, disable_tqdm=True, dataloader_num_workers=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Trainer(model=model, args=args, train_dataset=records,
+                data_collator=AdapterBatchCollator(model.adapters, pad_token_id=0, encoder_decoder=True)).train()
+    for name in TENANTS:
+        for key, expected in params(reference.encoder(name)).items():
+            assert float((expected - initial[name][key]).norm()) > 0
+            assert_close(params(model.encoder(name))[key] - initial[name][key], expected - initial[name][key], 1e-4,
+                         name=f"Trainer {name}.{key} update")
+
+
+def _ddp_run(trainer, rows):
+    """Gradients of one forward/backward on ``rows`` of the first batch, then two training steps."""
+    batch = BATCHES[0]
+    inputs = padded(batch, rows)
+    args = (inputs["input_ids"], [batch["tenants"][b] for b in rows])
+    kwargs = dict(attention_mask=inputs["attention_mask"], labels=inputs["labels"])
+    out = trainer(*args, **kwargs)
+    out.loss.backward()
+    result = {"grads": {name: grads(trainer.encoder(name)) for name in TENANTS}, "counts": out.token_counts}
+    trainer.zero_grad()
+    result["steps"] = [trainer.training_step(*args, **kwargs) for _ in range(2)]
+    result["params"] = {name: params(trainer.encoder(name)) for name in TENANTS}
+    return result
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        # Rank 1 starts from other values: DDP must broadcast rank 0's adapters.
+        result = _ddp_run(_fresh_trainer(seed=rank), [0, 1, 2] if rank == 0 else [3, 4, 5])
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    """Rank 0 holds the first three rows (prefix, prompt, p-tuning: the longest prompt), rank 1 the others
+    (prefix-proj, prefix, prompt): each tenant's gradients and steps equal one process holding all six."""
+    from tests.distributed import run_workers
+
+    run_workers(_ddp_worker, (2, str(tmp_path / "rendezvous"), str(tmp_path)), init_file=str(tmp_path / "rendezvous"))
+    single = _ddp_run(_fresh_trainer(seed=0), list(range(6)))
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result["counts"] == single["counts"]
+        for name, expected in single["grads"].items():
+            for key, value in expected.items():
+                assert_close(result["grads"][name][key], value, 1e-5, name=f"rank {rank} {name}.{key}.grad")
+        for got, want in zip(result["steps"], single["steps"]):
+            assert sorted(got["updated"]) == sorted(want["updated"]) == sorted(TENANTS)
+            assert got["adapter_losses"] == pytest.approx(want["adapter_losses"], rel=1e-5)
+        for name, expected in single["params"].items():
+            for key, value in expected.items():
+                assert_close(result["params"][name][key], value, 1e-5, name=f"rank {rank} {name}.{key}")
