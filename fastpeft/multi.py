@@ -163,9 +163,10 @@ class MultiPrefixModel(torch.nn.Module):
     encoder_decoder = False
     _LABEL_SHIFT = 1
 
-    def __new__(cls, model, *args, **kwargs):
+    def __new__(cls, model=None, *args, **kwargs):
         # One public class: an encoder-decoder backbone (T5, MT5, BART) gets the model whose prompts go through the
         # encoder with each row and whose prefixes reach the decoder's self-attention (fastpeft.multi_seq2seq).
+        # (``model`` defaults to None for copy and pickle, which call ``__new__`` with no arguments.)
         if cls is MultiPrefixModel and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
             from .multi_seq2seq import EncoderDecoderMultiPrefixModel
 

@@ -618,3 +618,15 @@ def test_bf16_trains_with_fp32_adapters(family, how):
     for name in TENANTS:
         for p in low.encoder(name).parameters():
             assert p.dtype == torch.float32 and low.optimizer(name).state[p]["momentum_buffer"].dtype == torch.float32
+
+
+def test_the_public_class_builds_the_encoder_decoder_model_and_copies_keep_their_class():
+    from tests.models import tiny_model
+
+    seq2seq, causal = MultiPrefixModel(tiny_seq2seq("t5")), MultiPrefixModel(tiny_model("llama"))
+    assert type(seq2seq) is EncoderDecoderMultiPrefixModel and seq2seq.encoder_decoder
+    assert type(causal) is MultiPrefixModel and not causal.encoder_decoder
+    seq2seq.add_adapter("prompt", ADAPTER_KINDS["prompt"](peft))
+    for model in (seq2seq, causal):
+        copied = copy.deepcopy(model)  # copy and pickle call __new__ without the backbone
+        assert type(copied) is type(model) and copied.adapters == model.adapters
