@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import (PREFIX_TUNING, PROMPT_LEARNING_TYPES, PROMPT_TUNING, PromptAdapter, check_compatible,
-                       encoder_decoder_prefix_layers, load_prompt_adapter)
+                       encoder_decoder_prefix_layers, load_prompt_adapter, plain_config)
 from .integration import compat
 from .integration.attention import PREFIX_KWARG, DecoderSelfAttentionPrefix, PrefixSpec, autocast_dtype
 from .integration.peft.checks import (check_decoder_positions_shiftable, check_encoder_decoder_prefix,
@@ -45,11 +45,6 @@ from .prefix_tables import pack_encoder_rows
 __all__ = ["EncoderDecoderMultiPrefixModel"]
 
 SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
-
-
-def _plain(value):
-    """PEFT's str-valued enums (PeftType, TaskType) as their plain string values."""
-    return getattr(value, "value", value)
 
 
 class EncoderDecoderMultiPrefixModel(MultiPrefixModel):
@@ -78,8 +73,8 @@ class EncoderDecoderMultiPrefixModel(MultiPrefixModel):
 
     # ------------------------------------------------------------------ adapters
 
-    def _kind(self, index):
-        return _plain(self._configs[index].peft_type)
+    def _is_prefix(self, index):
+        return self._configs[index].peft_type == PREFIX_TUNING  # PEFT's PeftType is a str enum
 
     def _check_adapter(self, adapter):
         """Refuse ``adapter`` (a ``PromptAdapter``: what PEFT saves) unless it is a seq2seq prompt-learning adapter
@@ -95,14 +90,13 @@ class EncoderDecoderMultiPrefixModel(MultiPrefixModel):
 
     def _check_encoder(self, config, encoder, source):
         """``_check_adapter`` of a config and its prompt encoder, through what PEFT would save of them."""
-        peft_type = _plain(config.peft_type)
-        if peft_type not in PROMPT_LEARNING_TYPES:
+        settings = plain_config(config)
+        if settings["peft_type"] not in PROMPT_LEARNING_TYPES:
             raise ValueError(f"{source}: {self._backbone.user} trains {', '.join(PROMPT_LEARNING_TYPES)} adapters, "
-                             f"got {peft_type}")
+                             f"got {settings['peft_type']}")
         with torch.no_grad():
             embeddings = prompt_encoder_output(encoder, config).detach().to("cpu", torch.float32)
-        settings = {key: _plain(value) for key, value in config.to_dict().items()}
-        self._check_adapter(PromptAdapter(peft_type, settings, embeddings, source))
+        self._check_adapter(PromptAdapter(settings["peft_type"], settings, embeddings, source))
 
     def _new_encoder(self, config):
         """PEFT's prompt encoder for ``config``, built as ``PeftModel`` builds it (``_setup_prompt_encoder``)."""
@@ -110,26 +104,25 @@ class EncoderDecoderMultiPrefixModel(MultiPrefixModel):
         from peft.tuners.prefix_tuning.model import PrefixEncoder
         from peft.tuners.prompt_tuning.model import PromptEmbedding
 
-        peft_type = _plain(config.peft_type)
-        if peft_type == PREFIX_TUNING:
+        if config.peft_type == PREFIX_TUNING:
             return PrefixEncoder(config)
-        if peft_type == PROMPT_TUNING:
+        if config.peft_type == PROMPT_TUNING:
             return PromptEmbedding(config, self.base_model.get_input_embeddings())
         return PromptEncoder(config)
 
     def _create(self, config):
         from peft.utils import _prepare_prompt_learning_config
 
-        peft_type = _plain(config.peft_type)
-        if peft_type not in PROMPT_LEARNING_TYPES:
+        settings = plain_config(config)
+        if settings["peft_type"] not in PROMPT_LEARNING_TYPES:
             raise ValueError(f"config: {self._backbone.user} trains {', '.join(PROMPT_LEARNING_TYPES)} adapters, "
-                             f"got {peft_type}")
+                             f"got {settings['peft_type']}")
+        if settings["task_type"] not in (None, SEQ_2_SEQ_LM):
+            raise ValueError(f"config: task_type must be {SEQ_2_SEQ_LM} on the encoder-decoder "
+                             f"{type(self.base_model).__name__}, got {settings['task_type']}")
         config = copy.deepcopy(config)
         if config.task_type is None:
             config.task_type = SEQ_2_SEQ_LM
-        if _plain(config.task_type) != SEQ_2_SEQ_LM:
-            raise ValueError(f"config: task_type must be {SEQ_2_SEQ_LM} on the encoder-decoder "
-                             f"{type(self.base_model).__name__}, got {_plain(config.task_type)}")
         config.inference_mode = False
         if config.num_transformer_submodules is None:
             config.num_transformer_submodules = 2  # what PeftModel sets for SEQ_2_SEQ_LM
@@ -191,8 +184,8 @@ class EncoderDecoderMultiPrefixModel(MultiPrefixModel):
         rows_per_adapter, counts, world = self._statistics(adapter_ids, labels)
         # The adapters with rows on any process, in adapter order: every process runs the same parameters.
         present = rows_per_adapter.nonzero().flatten().tolist()
-        prompts = [i for i in present if self._kind(i) != PREFIX_TUNING]
-        prefixes = [i for i in present if self._kind(i) == PREFIX_TUNING]
+        prompts = [i for i in present if not self._is_prefix(i)]
+        prefixes = [i for i in present if self._is_prefix(i)]
 
         embed = self.base_model.get_input_embeddings()
         embeddings = embed(input_ids)  # PEFT's word embeddings (BART's scaled ones)
