@@ -550,7 +550,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.slow  # two spawned processes: ~10 s on an idle 2-core machine, 30 s under load
+@pytest.mark.slow  # two spawned processes: 30 s on the shared 2-core machine under load 8
 def test_ddp_two_processes_equal_one_process(tmp_path):
     """Rank 0 holds the first three rows (prefix, prompt, p-tuning: the longest prompt), rank 1 the others
     (prefix-proj, prefix, prompt): each tenant's gradients and steps equal one process holding all six."""
