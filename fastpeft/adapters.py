@@ -30,6 +30,11 @@ def _plain(value):
     return getattr(value, "value", value)
 
 
+def plain_config(peft_config):
+    """A PEFT config object as the dict ``adapter_config.json`` holds: its fields, enums as plain strings."""
+    return {key: _plain(value) for key, value in peft_config.to_dict().items()}
+
+
 @dataclass(frozen=True)
 class PromptAdapter:
     """A PEFT prompt-learning adapter in the form PEFT saves it.
@@ -148,7 +153,7 @@ def _read_peft_model(peft_model, adapter_name):
     if name not in peft_model.peft_config:
         raise ValueError(f"the PeftModel has no adapter {name!r} (it has {sorted(peft_model.peft_config)})")
     peft_config = peft_model.peft_config[name]
-    config = {key: _plain(value) for key, value in peft_config.to_dict().items()}
+    config = plain_config(peft_config)
     _check_prompt_learning(config, f"PeftModel adapter {name!r}")
     encoder = peft_model.prompt_encoder[name]
     if peft_config.inference_mode:

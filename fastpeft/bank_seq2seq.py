@@ -38,7 +38,7 @@ from .integration.attention import (PREFIX_KWARG, DecoderSelfAttentionPrefix, ge
                                     is_decoder_self_attention)
 from .integration.peft.checks import (check_decoder_positions_shiftable, check_encoder_decoder_prefix,
                                       decoder_self_attention_layers)
-from .prefix_tables import NO_ADAPTER_SLOT, PrefixTables, Routing, pad_aware_positions
+from .prefix_tables import NO_ADAPTER_SLOT, PrefixTables, Routing, pack_encoder_rows
 from .sampling import drawing_from
 
 __all__ = ["EncoderDecoderAdapterBank", "EncoderDecoderRouting", "EncoderDecoderSlot", "EncoderPrompts",
@@ -113,27 +113,6 @@ class EncoderPrompts:
         width = max(self.length(entry) for entry in entries)
         index = torch.tensor(entries, dtype=torch.long, device=self.device)
         return self._table[index, :width], self._lengths[index]
-
-
-def pack_encoder_rows(embeddings, attention_mask, prompts, prompt_lengths):
-    """An encoder's batch with each row's virtual tokens in front of its real tokens, as PEFT runs the row alone.
-
-    Arguments: ``embeddings [B, L, hidden]`` of the input tokens, ``attention_mask [B, L]`` (rows padded on either
-    side, or anywhere), ``prompts [B, P, hidden]`` and ``prompt_lengths [B]`` (``EncoderPrompts.gather``).
-
-    Returns ``(packed [B, W, hidden], mask [B, W])``: row b holds its ``n_b`` virtual tokens, then its real tokens in
-    order (at ``pad_aware_positions``), then padding; ``W = max_b(n_b + L_b)``, the longest row."""
-    B, L, hidden = embeddings.shape
-    lengths = prompt_lengths + attention_mask.sum(-1)
-    width = int(lengths.max())
-    # One column more, which takes the padding's embeddings and is cut off.
-    packed = embeddings.new_zeros(B, width + 1, hidden)
-    if prompts.shape[1]:
-        packed[:, :prompts.shape[1]] = prompts
-    target = pad_aware_positions(attention_mask, prompt_lengths).masked_fill(attention_mask == 0, width)
-    packed.scatter_(1, target.unsqueeze(-1).expand(B, L, hidden), embeddings)
-    mask = torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
-    return packed[:, :width], mask.long()
 
 
 class EncoderDecoderAdapterBank(AdapterBank):

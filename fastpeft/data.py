@@ -91,17 +91,23 @@ def load_examples(path):
     return examples
 
 
-def encode(examples, tokenizer, max_length):
+def encode(examples, tokenizer, max_length, encoder_decoder=False):
     """Tokenize examples into ``EncodedExample`` rows of at most ``max_length`` tokens.
 
     Row layout: ``[bos] prompt completion [eos]``; labels copy the ids of the completion and the eos and
     are ``IGNORE_INDEX`` on bos and the prompt. Rows whose completion is cut away entirely by
     ``max_length`` carry no loss and are dropped. Returns ``(rows, dropped_count)``.
+
+    ``encoder_decoder``: rows of an encoder-decoder LM instead, from prompt/completion examples: ``input_ids`` the
+    prompt with the tokenizer's own special tokens (the encoder's input), ``labels`` ``completion [eos]`` (the
+    decoder's targets), each cut to ``max_length``. A plain-text example (no prompt) is refused: it names no input.
     """
     if max_length < 2:
         raise ValueError(f"--max-length must be at least 2, got {max_length}")
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if encoder_decoder:
+        return _encode_seq2seq(examples, tokenizer, max_length, eos)
     rows, dropped = [], 0
     for example in examples:
         prompt_ids = bos + (tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
@@ -116,6 +122,18 @@ def encode(examples, tokenizer, max_length):
     return rows, dropped
 
 
+def _encode_seq2seq(examples, tokenizer, max_length, eos):
+    rows = []
+    for number, example in enumerate(examples, 1):
+        if not example.prompt:
+            raise ValueError(f"example {number} has no prompt: an encoder-decoder trains on {{\"prompt\": ..., "
+                             "\"completion\": ...} examples (the prompt is the encoder's input)")
+        input_ids = tokenizer(example.prompt)["input_ids"][:max_length]
+        labels = (tokenizer(example.completion, add_special_tokens=False)["input_ids"] + eos)[:max_length]
+        rows.append(EncodedExample(input_ids, labels, example.task))
+    return rows, 0
+
+
 def _field(record, name):
     """``record[name]`` for mappings, ``record.name`` for objects (dataclasses such as ``EncodedExample``); None when
     absent."""
@@ -124,14 +142,18 @@ def _field(record, name):
     return getattr(record, name, None)
 
 
-def collate(records, pad_token_id, max_length=None):
+def collate(records, pad_token_id, max_length=None, encoder_decoder=False):
     """Right-pad records into ``input_ids`` (``pad_token_id`` on padding), ``attention_mask`` (1 = real token) and
     ``labels`` (``IGNORE_INDEX`` on padding), each a ``[B, max_len]`` long tensor, returned as a dict.
 
     A record is a mapping or an object (``EncodedExample``, any dataclass) with ``input_ids`` (list of ints or 1-D
     tensor) and optional ``labels`` of the same length (``IGNORE_INDEX`` = no loss; absent or None: loss on every
     token). ``max_length`` cuts longer records to their first tokens. Raises ValueError for a record without
-    ``input_ids``, without tokens, or with labels of another length."""
+    ``input_ids``, without tokens, or with labels of another length.
+
+    ``encoder_decoder``: records of an encoder-decoder LM, whose ``input_ids`` are the encoder's input and whose
+    ``labels`` (required, of any length) the decoder's targets; ``labels`` are then right-padded to their own longest
+    row, ``[B, max_label_len]`` (``max_length`` cuts both)."""
     rows = []
     for record in records:
         ids = _field(record, "input_ids")
@@ -139,23 +161,25 @@ def collate(records, pad_token_id, max_length=None):
             raise ValueError("every record needs input_ids")
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
         labels = _field(record, "labels")
+        if labels is None and encoder_decoder:
+            raise ValueError("every record of an encoder-decoder needs labels (the decoder's targets)")
         labels = ids.clone() if labels is None else torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-        if labels.shape != ids.shape:
+        if labels.shape != ids.shape and not encoder_decoder:
             raise ValueError(f"a record's labels ({labels.numel()}) and input_ids ({ids.numel()}) differ in length")
         if max_length is not None:
             ids, labels = ids[:max_length], labels[:max_length]
-        if ids.numel() == 0:
-            raise ValueError("a record has no tokens")
+        if ids.numel() == 0 or labels.numel() == 0:
+            raise ValueError("a record has no tokens" if ids.numel() == 0 else "a record has no labels")
         rows.append((ids, labels))
     width = max(len(ids) for ids, _ in rows)
+    label_width = max(len(row_labels) for _, row_labels in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    labels = torch.full((len(rows), label_width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (row_ids, row_labels) in enumerate(rows):
-        n = len(row_ids)
-        input_ids[i, :n] = row_ids
-        labels[i, :n] = row_labels
-        attention_mask[i, :n] = 1
+        input_ids[i, :len(row_ids)] = row_ids
+        labels[i, :len(row_labels)] = row_labels
+        attention_mask[i, :len(row_ids)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
@@ -169,12 +193,13 @@ class AdapterBatchCollator:
     ``remove_unused_columns``, which drops every field the model's forward does not take) or by name under
     ``adapter_field`` (default ``"task"``; with Trainer, pass ``remove_unused_columns=False`` to keep it).
     Raises KeyError for a name not in ``adapters``, IndexError for an index out of range, ValueError for a record
-    naming none.
+    naming none. ``encoder_decoder``: records of an encoder-decoder, as ``collate`` takes them.
     """
 
-    def __init__(self, adapters, pad_token_id=0, adapter_field="task", max_length=None):
+    def __init__(self, adapters, pad_token_id=0, adapter_field="task", max_length=None, encoder_decoder=False):
         self.adapters = list(adapters)
         self.pad_token_id, self.adapter_field, self.max_length = pad_token_id, adapter_field, max_length
+        self.encoder_decoder = encoder_decoder
         self._index = {name: i for i, name in enumerate(self.adapters)}
 
     def adapter_id(self, record):
@@ -209,15 +234,15 @@ class AdapterBatchCollator:
                            f"{sorted(unknown)}; adapters: {self.adapters}")
 
     def __call__(self, records):
-        batch = collate(records, self.pad_token_id, self.max_length)
+        batch = collate(records, self.pad_token_id, self.max_length, self.encoder_decoder)
         batch["adapter_ids"] = torch.tensor([self.adapter_id(record) for record in records], dtype=torch.long)
         return batch
 
 
-def batches(rows, batch_size, pad_token_id, seed):
-    """Endless stream of shuffled, right-padded batches: each epoch visits every row once, in an order drawn
-    from ``seed`` and the epoch number. Yields ``(epoch, batch, tasks)`` with ``tasks`` the rows' task names;
-    the last batch of an epoch may be smaller."""
+def batches(rows, batch_size, pad_token_id, seed, encoder_decoder=False):
+    """Endless stream of shuffled, right-padded batches (``collate``'s, ``encoder_decoder`` included): each epoch
+    visits every row once, in an order drawn from ``seed`` and the epoch number. Yields ``(epoch, batch, tasks)`` with
+    ``tasks`` the rows' task names; the last batch of an epoch may be smaller."""
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     epoch = 0
@@ -226,5 +251,5 @@ def batches(rows, batch_size, pad_token_id, seed):
         random.Random(seed * 1_000_003 + epoch).shuffle(order)
         for start in range(0, len(order), batch_size):
             chosen = [rows[i] for i in order[start:start + batch_size]]
-            yield epoch, collate(chosen, pad_token_id), [row.task for row in chosen]
+            yield epoch, collate(chosen, pad_token_id, encoder_decoder=encoder_decoder), [row.task for row in chosen]
         epoch += 1

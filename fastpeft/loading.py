@@ -24,13 +24,21 @@ def prepare_transformers():
     hf_logging.disable_progress_bar()
 
 
-def load_base(model_dir, device, dtype=None, load_in_4bit=False, load_in_8bit=False, encoder_decoder=False):
+def is_encoder_decoder(model_dir):
+    """Whether the transformers directory ``model_dir`` holds an encoder-decoder (its config's
+    ``is_encoder_decoder``: T5, MT5, BART)."""
+    from transformers import AutoConfig
+
+    return bool(getattr(AutoConfig.from_pretrained(model_dir), "is_encoder_decoder", False))
+
+
+def load_base(model_dir, device, dtype=None, load_in_4bit=False, load_in_8bit=False):
     """(model, tokenizer) from a transformers directory on ``device`` (a torch.device or its name) in ``dtype`` (None:
     the checkpoint's), through bitsandbytes with ``load_in_4bit``/``load_in_8bit``; the tokenizer pads on the left
-    and has a pad token. A causal LM; with ``encoder_decoder``, an encoder-decoder's directory (its config says
-    ``is_encoder_decoder``: T5, BART) loads as a seq2seq LM."""
+    and has a pad token. The model is a causal LM (``AutoModelForCausalLM``), or an encoder-decoder LM
+    (``AutoModelForSeq2SeqLM``: T5, MT5, BART) where the directory's config says ``is_encoder_decoder``."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     device = torch.device(device)
 
@@ -47,8 +55,8 @@ def load_base(model_dir, device, dtype=None, load_in_4bit=False, load_in_8bit=Fa
             BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype) if load_in_4bit
             else BitsAndBytesConfig(load_in_8bit=True))
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
-    seq2seq = encoder_decoder and getattr(AutoConfig.from_pretrained(model_dir), "is_encoder_decoder", False)
-    model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(model_dir, **kwargs)
+    model_class = AutoModelForSeq2SeqLM if is_encoder_decoder(model_dir) else AutoModelForCausalLM
+    model = model_class.from_pretrained(model_dir, **kwargs)
     if "quantization_config" not in kwargs:
         model = model.to(device)
     if model.generation_config.pad_token_id is None:

@@ -7,6 +7,10 @@ differentiably, one prefix table per layer from the adapters present in the batc
 row b's prefix through ``prefix_index`` and its backward hands every table entry the gradient summed over the rows
 that used it, so each adapter receives exactly the gradient of its own rows.
 
+Encoder-decoders (T5, MT5, BART): ``MultiPrefixModel(model)`` (and so ``MultiPrefixTrainer``) builds
+``fastpeft.multi_seq2seq.EncoderDecoderMultiPrefixModel``, which trains prefix-tuning, prompt-tuning and p-tuning
+adapters mixed in one batch, each row as PEFT's ``PeftModelForSeq2SeqLM`` runs it.
+
 Two ways to drive it:
 
 - ``MultiPrefixModel``: a ``torch.nn.Module`` whose only trainable parameters are the adapters' PEFT
@@ -75,7 +79,7 @@ from .prefix_tables import Routing, offset_positions
 from .training_loop import Updater, optimizer_step, run_steps
 
 __all__ = ["MultiPrefixModel", "MultiPrefixModelOutput", "MultiPrefixTrainer", "MultiPrefixOutput",
-           "SaveAdaptersCallback", "IGNORE_INDEX", "MIXED_PRECISION"]
+           "SaveAdaptersCallback", "IGNORE_INDEX", "MIXED_PRECISION", "prompt_encoder_output"]
 
 MIXED_PRECISION = {None: None, "no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 BACKBONE_ATTR = "base_model"  # the backbone's name inside MultiPrefixModel (and its state-dict prefix)
@@ -88,16 +92,25 @@ def _distributed():
     return 0, 1
 
 
-def _encoder_output(encoder, num_virtual_tokens):
-    """The prefix of a PEFT ``PrefixEncoder``, ``[P, num_layers * 2 * Hkv * head_dim]`` fp32.
+def prompt_encoder_output(encoder, config):
+    """What PEFT's prompt encoder ``encoder`` (of adapter configuration ``config``) outputs and saves
+    (``get_prompt_embedding_to_save``), differentiably, fp32: a ``PrefixEncoder``'s prefix ``[P, num_layers * 2 * Hkv *
+    head_dim]``; a ``PromptEmbedding``'s (prompt tuning) or ``PromptEncoder``'s (p-tuning) virtual-token embeddings
+    ``[P * num_transformer_submodules, hidden]``.
 
-    With a projection MLP (present only when the adapter was created for training with ``prefix_projection``) it is
-    the MLP applied to the P virtual-token embeddings, computed once per step rather than once per row as PEFT does
-    (the same values; the gradient of the shared output is the sum over rows). Otherwise the embedding table itself,
-    which is what PEFT's ``embedding(arange(P))`` returns."""
+    With a projection MLP (a prefix created for training with ``prefix_projection``) or a p-tuning MLP/LSTM head it is
+    the head applied to the virtual-token embeddings, computed once per step rather than once per row as PEFT's prefix
+    tuning does (the same values; the gradient of the shared output is the sum over rows). Otherwise (no head, or an
+    adapter loaded in inference mode, whose table holds the saved output) the embedding table itself, which is what
+    PEFT's ``embedding(arange(n))`` returns."""
+    device = encoder.embedding.weight.device
     if getattr(encoder, "transform", None) is not None:
-        tokens = torch.arange(num_virtual_tokens, device=encoder.embedding.weight.device)
+        tokens = torch.arange(int(config.num_virtual_tokens), device=device)
         return encoder.transform(encoder.embedding(tokens))
+    if getattr(encoder, "mlp_head", None) is not None:
+        # One row of all the virtual tokens, as PEFT runs it: an LSTM head mixes them along the sequence.
+        tokens = torch.arange(encoder.embedding.num_embeddings, device=device)
+        return encoder(tokens[None])[0]
     return encoder.embedding.weight
 
 
@@ -144,11 +157,27 @@ class MultiPrefixModel(torch.nn.Module):
 
     # transformers.Trainer must not pass num_items_in_batch: the loss normalises per adapter itself.
     accepts_loss_kwargs = False
+    # Whether the backbone is an encoder-decoder (fastpeft.multi_seq2seq's subclass), and how far a label sits after
+    # the position whose logits predict it: one for a causal LM (token i predicts label i+1), none for a decoder fed
+    # the labels shifted right.
+    encoder_decoder = False
+    _LABEL_SHIFT = 1
+
+    def __new__(cls, model=None, *args, **kwargs):
+        # One public class: an encoder-decoder backbone (T5, MT5, BART) gets the model whose prompts go through the
+        # encoder with each row and whose prefixes reach the decoder's self-attention (fastpeft.multi_seq2seq).
+        # (``model`` defaults to None for copy and pickle, which call ``__new__`` with no arguments.)
+        if cls is MultiPrefixModel and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            from .multi_seq2seq import EncoderDecoderMultiPrefixModel
+
+            cls = EncoderDecoderMultiPrefixModel
+        return super().__new__(cls)
 
     def __init__(self, model, *, gradient_checkpointing: bool = False, user: str = "MultiPrefixModel"):
         super().__init__()
         self._backbone = FrozenBackbone(
             model, user, eval_mode=False, freeze=True, gradient_checkpointing=gradient_checkpointing,
+            encoder_decoder=self.encoder_decoder,
             peft_hint="pass peft_model.get_base_model() and add the PeftModel's adapter with add_adapter(name, "
                       "peft_model)")
         self.geometry = self._backbone.geometry
@@ -312,19 +341,7 @@ class MultiPrefixModel(torch.nn.Module):
                                                                            adapter_ids)
         B, L = input_ids.shape
         N = len(self._names)
-        _, world = _distributed()
-        rows_per_adapter = torch.bincount(adapter_ids, minlength=N).to(torch.float64)
-        counts = None
-        if labels is not None:
-            tokens_per_row = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).to(torch.float64)
-            counts = torch.zeros(N, dtype=torch.float64, device=input_ids.device).index_add_(0, adapter_ids,
-                                                                                             tokens_per_row)
-            if world > 1:
-                # Every process builds its tables from the adapters with rows on any process: all then run the same
-                # parameters (DDP and FSDP reduce the same gradients everywhere) and each gets its token counts.
-                statistics = torch.stack([rows_per_adapter, counts])
-                torch.distributed.all_reduce(statistics)
-                rows_per_adapter, counts = statistics.unbind(0)
+        rows_per_adapter, counts, world = self._statistics(adapter_ids, labels)
 
         # Table entries: the adapters with rows, in adapter order; each row reads its adapter's entry.
         entries = rows_per_adapter.nonzero().flatten().tolist()
@@ -349,13 +366,34 @@ class MultiPrefixModel(torch.nn.Module):
             return MultiPrefixModelOutput(logits=logits)
         return self._loss(logits, labels, adapter_ids, counts, world)
 
+    def _statistics(self, adapter_ids, labels):
+        """``(rows_per_adapter [N], token_counts [N] or None without labels, world size)``, float64, summed over all
+        processes: each adapter's rows and labelled tokens (a label counts where some position's logits predict it,
+        ``_LABEL_SHIFT``)."""
+        N = len(self._names)
+        _, world = _distributed()
+        rows_per_adapter = torch.bincount(adapter_ids, minlength=N).to(torch.float64)
+        counts = None
+        if labels is not None:
+            tokens_per_row = (labels[:, self._LABEL_SHIFT:] != IGNORE_INDEX).sum(dim=1).to(torch.float64)
+            counts = torch.zeros(N, dtype=torch.float64, device=adapter_ids.device).index_add_(0, adapter_ids,
+                                                                                               tokens_per_row)
+            if world > 1:
+                # Every process builds its tables from the adapters with rows on any process: all then run the same
+                # parameters (DDP and FSDP reduce the same gradients everywhere) and each gets its token counts.
+                statistics = torch.stack([rows_per_adapter, counts])
+                torch.distributed.all_reduce(statistics)
+                rows_per_adapter, counts = statistics.unbind(0)
+        return rows_per_adapter, counts, world
+
     def _tables(self, entries, lengths, dtype):
         """Per-layer prefix tables of the adapters ``entries`` (their ``lengths`` virtual tokens): one
         ``[T, Hkv, Pmax, D]`` tensor per layer, in ``dtype``, entry t zero-padded after ``lengths[t]``. PEFT's
         layout: the encoder output viewed as ``[P, 2 * num_layers, Hkv, D]``, slot 2i is layer i's keys and 2i+1
         its values."""
         p_max = max(lengths)
-        flats = [F.pad(_encoder_output(self.prefix_encoders[i], length).to(dtype), (0, 0, 0, p_max - length))
+        flats = [F.pad(prompt_encoder_output(self.prefix_encoders[i], self._configs[i]).to(dtype),
+                       (0, 0, 0, p_max - length))
                  for i, length in zip(entries, lengths)]
         g = self.geometry
         return split_prefix(torch.stack(flats), g.num_layers, g.num_kv_heads, g.head_dim)
@@ -388,9 +426,11 @@ class MultiPrefixModel(torch.nn.Module):
 
     def _loss(self, logits, labels, adapter_ids, counts, world):
         B, L, vocab = logits.shape
-        # Causal-LM loss as transformers computes it: fp32 logits, labels shifted left, -100 ignored.
-        token_losses = F.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), labels[:, 1:].reshape(-1),
-                                       ignore_index=IGNORE_INDEX, reduction="none").view(B, L - 1)
+        shift = self._LABEL_SHIFT
+        # The LM loss as transformers computes it: fp32 logits, labels shifted left by _LABEL_SHIFT, -100 ignored.
+        token_losses = F.cross_entropy(logits[:, :L - shift].float().reshape(-1, vocab),
+                                       labels[:, shift:].reshape(-1), ignore_index=IGNORE_INDEX,
+                                       reduction="none").view(B, L - shift)
         row_sums = token_losses.sum(dim=1)
         # Row weight 1/n_t (n_t: adapter t's labelled tokens over all processes) makes the sum over rows the sum of
         # per-adapter means; the world factor undoes the gradient averaging over processes.
@@ -408,10 +448,10 @@ class MultiPrefixModel(torch.nn.Module):
     # ------------------------------------------------------------------ saving and giving the backbone back
 
     def save_adapter(self, name: str, directory):
-        """Write adapter ``name`` as PEFT writes a prefix-tuning adapter: ``adapter_config.json`` (its config with
+        """Write adapter ``name`` as PEFT writes a prompt-learning adapter: ``adapter_config.json`` (its config with
         ``inference_mode`` true) and ``adapter_model.safetensors`` holding one fp32 tensor ``prompt_embeddings``
-        ``[P, num_layers * 2 * Hkv * head_dim]`` (with projection: the MLP's output). Loads with
-        ``PeftModel.from_pretrained``. Under ``torch.distributed`` only rank 0 writes."""
+        (``prompt_encoder_output``: a prefix ``[P, num_layers * 2 * Hkv * head_dim]``, with projection the MLP's
+        output). Loads with ``PeftModel.from_pretrained``. Under ``torch.distributed`` only rank 0 writes."""
         from safetensors.torch import save_file
 
         index = self.adapter_id(name)
@@ -423,7 +463,7 @@ class MultiPrefixModel(torch.nn.Module):
         os.makedirs(directory, exist_ok=True)
         config = self._configs[index]
         with torch.no_grad():
-            embeddings = _encoder_output(self.prefix_encoders[index], int(config.num_virtual_tokens))
+            embeddings = prompt_encoder_output(self.prefix_encoders[index], config)
         embeddings = embeddings.detach().to(device="cpu", dtype=torch.float32).contiguous()
         save_file({EMBEDDINGS_KEY: embeddings}, os.path.join(directory, SAFETENSORS_FILE), metadata={"format": "pt"})
         config = copy.deepcopy(config)
@@ -658,7 +698,7 @@ class MultiPrefixTrainer:
 
     def training_step(self, input_ids, adapters: Sequence[str], attention_mask=None, labels=None) -> dict:
         """One optimisation step on a mixed batch (arguments as in ``forward``; labels default to input_ids with
-        ``-100`` at padding). The backbone is put in train mode (as transformers' Trainer does; activation
+        ``-100`` at padding, except on an encoder-decoder, which needs its decoder's targets). The backbone is put in train mode (as transformers' Trainer does; activation
         checkpointing only acts in train mode).
 
         Every adapter with labelled tokens in the batch (over all processes) takes one step of its own optimizer
@@ -668,6 +708,8 @@ class MultiPrefixTrainer:
         loss over all processes}, "updated": [names stepped]}``.
         """
         batch = self._batch(input_ids, adapters, attention_mask, labels)
+        if labels is None and self.prefix_model.encoder_decoder:
+            raise ValueError("labels are required to train an encoder-decoder: the decoder's target token ids [B, T]")
         if labels is None:
             mask = batch["attention_mask"]
             batch["labels"] = batch["input_ids"].masked_fill(mask == 0, IGNORE_INDEX) if mask is not None else \
@@ -698,7 +740,8 @@ class MultiPrefixTrainer:
 
         records: a sequence (list, ``datasets.Dataset``, ...) of mappings or objects with ``input_ids`` (list of
             ints or 1-D tensor), optional ``labels`` (same length, ``-100`` = no loss; default ``input_ids``: loss on
-            every token) and the adapter name under ``adapter_field`` (default ``"task"``).
+            every token) and the adapter name under ``adapter_field`` (default ``"task"``). Encoder-decoders: ``input_ids``
+            the encoder's input, ``labels`` (required, any length) the decoder's targets.
         batch_size: rows per process and step (under DDP the global batch is ``batch_size * world_size`` rows;
             rank r takes rows r, r + world_size, ... of it).
         epochs, max_steps: passes over the data; stop early after ``max_steps`` steps.
@@ -715,7 +758,8 @@ class MultiPrefixTrainer:
             raise ValueError(f"batch_size must be >= 1 and epochs, max_steps >= 0; got {batch_size}, {epochs}, "
                              f"{max_steps}")
         collator = AdapterBatchCollator(self.adapters, adapter_field=adapter_field, max_length=max_length,
-                                        pad_token_id=self._pad_token_id(pad_token_id))
+                                        pad_token_id=self._pad_token_id(pad_token_id),
+                                        encoder_decoder=self.prefix_model.encoder_decoder)
         collator.check_records(records)
         rank, world = _distributed()
         global_batch = batch_size * world

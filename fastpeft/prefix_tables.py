@@ -16,6 +16,11 @@ Positions. Two rules, PEFT's two numberings of a row whose entry holds P virtual
   PEFT gives it alone.
 - ``offset_positions`` (training, PEFT's ``forward``): ``P .. P+L-1`` whatever the padding, ``arange(L) + P``, as
   PEFT's prefix-tuning forward numbers every row of a batch (its cache of P prefix tokens precedes each row).
+
+An encoder-decoder's prompt-tuning and p-tuning rows put their virtual tokens in front of the encoder's input
+instead: ``pack_encoder_rows`` lays each row out as ``[its virtual tokens ; its real tokens ; padding]`` (the real
+tokens at ``pad_aware_positions``), which the encoder-decoder bank (serving) and the encoder-decoder multi-prefix
+model (training) both run.
 """
 
 from typing import NamedTuple
@@ -51,6 +56,27 @@ def offset_positions(sequence_length, position_offsets):
     pad-aware)."""
     steps = torch.arange(sequence_length, device=position_offsets.device)
     return position_offsets.to(torch.long).unsqueeze(1) + steps.unsqueeze(0)
+
+
+def pack_encoder_rows(embeddings, attention_mask, prompts, prompt_lengths):
+    """An encoder's batch with each row's virtual tokens in front of its real tokens, as PEFT runs the row alone.
+
+    Arguments: ``embeddings [B, L, hidden]`` of the input tokens, ``attention_mask [B, L]`` (rows padded on either
+    side, or anywhere), ``prompts [B, P, hidden]`` and ``prompt_lengths [B]`` (``EncoderPrompts.gather``).
+
+    Returns ``(packed [B, W, hidden], mask [B, W])``: row b holds its ``n_b`` virtual tokens, then its real tokens in
+    order (at ``pad_aware_positions``), then padding; ``W = max_b(n_b + L_b)``, the longest row."""
+    B, L, hidden = embeddings.shape
+    lengths = prompt_lengths + attention_mask.sum(-1)
+    width = int(lengths.max())
+    # One column more, which takes the padding's embeddings and is cut off.
+    packed = embeddings.new_zeros(B, width + 1, hidden)
+    if prompts.shape[1]:
+        packed[:, :prompts.shape[1]] = prompts
+    target = pad_aware_positions(attention_mask, prompt_lengths).masked_fill(attention_mask == 0, width)
+    packed.scatter_(1, target.unsqueeze(-1).expand(B, L, hidden), embeddings)
+    mask = torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
+    return packed[:, :width], mask.long()
 
 
 class PrefixTables:

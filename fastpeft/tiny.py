@@ -127,11 +127,12 @@ def build_t5_model(seed=0, dtype=torch.float32, **config_overrides):
     return model.to(dtype).eval()
 
 
-def save_tiny(directory, seed=0):
+def save_tiny(directory, seed=0, encoder_decoder=False):
     """Write the built-in model and its tokenizer to ``directory`` (config, safetensors weights, tokenizer
-    files), loadable with ``AutoModelForCausalLM`` / ``AutoTokenizer``. Returns the directory."""
+    files), loadable with ``AutoModelForCausalLM`` / ``AutoTokenizer``; with ``encoder_decoder`` the built-in T5
+    (``build_t5_model``, loadable with ``AutoModelForSeq2SeqLM``) instead. Returns the directory."""
     os.makedirs(directory, exist_ok=True)
-    build_model(seed).save_pretrained(directory)
+    (build_t5_model(seed) if encoder_decoder else build_model(seed)).save_pretrained(directory)
     build_tokenizer().save_pretrained(directory)
     # Name the generic fast-tokenizer class: transformers 4.x does not know v5's "TokenizersBackend" alias.
     config_path = os.path.join(directory, "tokenizer_config.json")

@@ -341,6 +341,94 @@ def test_generate_two_adapters_matches_plain_peft(trained, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# train on an encoder-decoder --model (the built-in T5)
+
+
+@pytest.fixture(scope="module")
+def t5_data(tmp_path_factory):
+    """The built-in T5 saved as a model directory, and prompt/completion files with and without tasks."""
+    root = tmp_path_factory.mktemp("t5")
+    tiny.save_tiny(str(root / "base"), encoder_decoder=True)
+    tasks = _write(root / "tasks.jsonl", "\n".join(
+        json.dumps({"task": t, "prompt": f"{t} question {i}", "completion": f"{t} answer {i}"})
+        for i in range(4) for t in ("alpha", "beta")))
+    single = _write(root / "qa.jsonl", "\n".join(json.dumps({"prompt": f"Q{i}", "completion": f"A{i}"})
+                                                for i in range(4)))
+    return root, tasks, single
+
+
+@pytest.mark.skipif(not MULTI_PRESENT, reason="fastpeft.MultiPrefixTrainer not present")
+@pytest.mark.parametrize("method", ["prefix", "ptuning"])
+def test_train_tasks_on_an_encoder_decoder(t5_data, method, tmp_path):
+    """One adapter per task on the built-in T5, in shared batches: each task's PEFT SEQ_2_SEQ_LM adapter moved from
+    its initial values, its loss fell, and it loads in plain PEFT, where its loss on its own examples is what the
+    trainer computes for them."""
+    from peft import PeftModel
+    from transformers import AutoModelForSeq2SeqLM
+
+    from fastpeft import MultiPrefixTrainer
+
+    root, tasks, _ = t5_data
+    out = tmp_path / "out"
+    assert cli.main(["train", "--model", str(root / "base"), "--data", str(tasks), "--method", method,
+                     "--virtual-tokens", "4", "--max-steps", "3", "--batch-size", "8", "--out", str(out)]) == 0
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["tasks"] == ["alpha", "beta"] and len(log["steps"]) == 3
+    assert all(sorted(step["updated"]) == ["alpha", "beta"] for step in log["steps"])
+    for task in ("alpha", "beta"):
+        assert log["steps"][-1]["adapter_losses"][task] < log["steps"][0]["adapter_losses"][task]
+    tokenizer = tiny.build_tokenizer()
+    examples = data.load_examples(str(tasks))
+    rows, _ = data.encode(examples, tokenizer, 512, encoder_decoder=True)
+    trainer = MultiPrefixTrainer(AutoModelForSeq2SeqLM.from_pretrained(str(root / "base")))
+    for task in ("alpha", "beta"):
+        config = json.loads((out / task / "adapter_config.json").read_text())
+        assert config["task_type"] == "SEQ_2_SEQ_LM" and config["num_virtual_tokens"] == 4
+        assert config["peft_type"] == {"prefix": "PREFIX_TUNING", "ptuning": "P_TUNING"}[method]
+        assert config["base_model_name_or_path"] == str((root / "base").resolve())
+        trainer.add_adapter(task, str(out / task))
+        own = data.collate([row for row in rows if row.task == task], tokenizer.pad_token_id, encoder_decoder=True)
+        loaded = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(str(root / "base")),
+                                           str(out / task)).eval()
+        with torch.no_grad():
+            expected = loaded(**own).loss.item()
+            ours = trainer(own["input_ids"], [task] * len(own["input_ids"]), attention_mask=own["attention_mask"],
+                         labels=own["labels"]).adapter_losses[task]
+        assert ours == pytest.approx(expected, rel=1e-5)
+
+
+def test_train_one_adapter_on_an_encoder_decoder(t5_data, tmp_path):
+    """Without tasks: PEFT's PeftModelForSeq2SeqLM under fastpeft.accelerate; the adapter loads in plain PEFT."""
+    from peft import PeftModel
+    from transformers import AutoModelForSeq2SeqLM
+
+    root, _, single = t5_data
+    out = tmp_path / "one"
+    assert cli.main(["train", "--model", str(root / "base"), "--data", str(single), "--method", "prompt",
+                     "--virtual-tokens", "3", "--max-steps", "2", "--batch-size", "4", "--out", str(out),
+                     *ACCELERATE_FLAGS]) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_2_SEQ_LM" and config["peft_type"] == "PROMPT_TUNING"
+    model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(str(root / "base")), str(out))
+    batch = tiny.build_tokenizer()(["Q1"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch, labels=torch.tensor([[65, 49]])).logits).all()
+
+
+@pytest.mark.parametrize("data_file, message", [
+    (None, "is an encoder-decoder; the built-in task is for causal LMs"),
+    ("text", "example 1 has no prompt: an encoder-decoder trains on"),
+])
+def test_train_on_an_encoder_decoder_refuses_data_without_inputs(t5_data, data_file, message, tmp_path, capsys):
+    root, _, _ = t5_data
+    extra = [] if data_file is None else ["--data", str(_write(tmp_path / "lines.txt", "hello\nworld\n"))]
+    assert cli.main(["train", "--model", str(root / "base"), "--out", str(tmp_path / "o"), *extra]) != 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
 # bad arguments: one line on stderr, non-zero exit, no traceback
 
 

@@ -18,7 +18,8 @@ FORBIDDEN = {
     "fastpeft.bench": ("cli", "serve"),
     "fastpeft.bank": ("serve", "cli", "bench", "multi"),
     "fastpeft.bank_seq2seq": ("serve", "cli", "bench", "multi"),
-    "fastpeft.multi": ("serve", "cli", "bench", "bank"),
+    "fastpeft.multi": ("serve", "cli", "bench", "bank", "bank_seq2seq"),
+    "fastpeft.multi_seq2seq": ("serve", "cli", "bench", "bank", "bank_seq2seq"),
     # adapter files in PEFT's format know nothing of models, kernels or their users
     "fastpeft.adapters": ("ops", "integration", "bank", "multi", "serve", "cli", "bench", "backbone"),
     # the shared core under the bank, the trainer and the engine

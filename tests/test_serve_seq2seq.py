@@ -450,7 +450,7 @@ def test_load_base_loads_an_encoder_decoder_directory(tmp_path):
     model = tiny.build_t5_model()
     model.save_pretrained(str(tmp_path))
     tiny.build_tokenizer().save_pretrained(str(tmp_path))
-    loaded, _ = loading.load_base(str(tmp_path), "cpu", encoder_decoder=True)
+    loaded, _ = loading.load_base(str(tmp_path), "cpu")
     assert type(loaded).__name__ == "T5ForConditionalGeneration"
     ids = torch.tensor([[5, 6, 7]])
     with torch.no_grad():

@@ -18,7 +18,19 @@ steps are interleaved (PEFT, fastpeft, fastpeft+ckpt, then again), so a change o
 every provider alike. Each timed step follows an untimed step of the same copy (``lead_in=1``), as every step of a
 training run follows one of the same model: timed right after another copy's step, a step starts with that copy's
 data in the caches (at L=64 on CPU this alone moved fastpeft from 0.99x to 0.96x of PEFT). ``length`` (``fastpeft bench --length``) replaces the default sequence length.
+
+A second case trains mixed tenants on an encoder-decoder (``models.build_seq2seq_lm``: t5-base's shape in bfloat16 on
+CUDA, the built-in small T5 on CPU): three tenants, one of each kind PEFT trains there (prompt tuning P=20, prefix
+tuning P=10, p-tuning P=8), ``B`` rows of ``L`` encoder tokens and ``T`` targets each. ``peft``: three PEFT models,
+one AdamW step per tenant on its own rows; ``fastpeft``: one ``MultiPrefixTrainer`` step on the three tenants' rows
+mixed in one batch (each tenant its own AdamW). Parity before any step: the largest relative error over the tenants
+of the loss and of the prompt parameters' gradient, against PEFT in the same dtype on CUDA, and on CPU against PEFT in
+float64, for PEFT's float32 run too (on the built-in T5 at L=64 PEFT's own float32 gradient of the prefix lies 5.9e-3
+from its float64 one, the fused path's 2.6e-5). The mixed encoder batch is as wide as its longest row (prompt
+rows carry 20 virtual tokens, prefix rows none), which the per-tenant batches are not.
 """
+
+import copy
 
 import torch
 
@@ -79,6 +91,105 @@ def _stepper(model, batch):
 
 
 def run(recorder, device, quick=False, length=None):
+    _run_prefix_step(recorder, device, quick, length)
+    _run_mixed_seq2seq(recorder, device, quick)
+
+
+def _seq2seq_tenants(hidden_size):
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType
+
+    task = TaskType.SEQ_2_SEQ_LM
+    return {"prompt": PromptTuningConfig(task_type=task, num_virtual_tokens=20),
+            "prefix": PrefixTuningConfig(task_type=task, num_virtual_tokens=10),
+            "p-tuning": PromptEncoderConfig(task_type=task, num_virtual_tokens=8, encoder_hidden_size=hidden_size)}
+
+
+def _run_mixed_seq2seq(recorder, device, quick):
+    from peft import get_peft_model
+
+    from .models import build_seq2seq_lm
+
+    if device.type == "cuda":
+        cfg = dict(B=8, L=512, T=128, dtype="bfloat16", warmup=1 if quick else 2, reps=3 if quick else 6)
+    else:
+        cfg = dict(B=8, L=32 if quick else 64, T=16, dtype="float32", warmup=1, reps=2 if quick else 15)
+    dtype = getattr(torch, cfg["dtype"])
+    base, description = build_seq2seq_lm(device, dtype)
+    tenants = _seq2seq_tenants(base.config.d_model)
+    recorder.log(f"[training] mixed encoder-decoder tenants: {description}; {len(tenants)} tenants x B={cfg['B']} "
+                 f"L={cfg['L']} T={cfg['T']} {cfg['dtype']}")
+    shape = {"model": description, "tenants": len(tenants), "B": cfg["B"], "L": cfg["L"], "T": cfg["T"],
+             "dtype": cfg["dtype"], "method": "prompt P=20, prefix P=10, p-tuning P=8"}
+    case = f"mixed seq2seq tenants x{len(tenants)} B{cfg['B']} L{cfg['L']} T{cfg['T']} {cfg['dtype']}"
+    batches = {}
+    for i, name in enumerate(tenants):
+        input_ids, attention_mask = random_batch(base.config.vocab_size, cfg["B"], cfg["L"], device, seed=i)
+        labels, _ = random_batch(base.config.vocab_size, cfg["B"], cfg["T"], device, seed=100 + i)
+        batches[name] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    peft_models = {}
+    for name, config in tenants.items():
+        torch.manual_seed(0)
+        peft_models[name] = get_peft_model(build_seq2seq_lm(device, dtype)[0], config).train()
+    updaters = {name: Updater(ps, torch.optim.AdamW(ps, lr=1e-3))
+                for name, ps in ((n, [p for p in m.parameters() if p.requires_grad]) for n, m in peft_models.items())}
+
+    def peft_step():
+        for name, model in peft_models.items():
+            optimizer_step(lambda: model(**batches[name]), [updaters[name]])
+
+    steps = {BASELINE: peft_step}
+    try:
+        import fastpeft
+
+        trainer = fastpeft.MultiPrefixTrainer(base, lr=1e-3)
+        for name, model in peft_models.items():
+            trainer.add_adapter(name, model)  # PEFT's initial values
+        trainer.model.train()
+        names = [name for name in tenants for _ in range(cfg["B"])]
+        mixed = {key: torch.cat([batches[name][key] for name in tenants]) for key in batches[names[0]]}
+        # On CPU the truth is PEFT in float64 (PEFT's float32 run is measured against it too).
+        in_float64 = device.type == "cpu"
+        reference_name = "PEFT per tenant on its own rows, same model and initial values" + (
+            ", in float64" if in_float64 else "")
+        errors = {"fastpeft": ([], []), BASELINE: ([], [])}
+        out = trainer(mixed["input_ids"], names, attention_mask=mixed["attention_mask"], labels=mixed["labels"])
+        for name, model in peft_models.items():
+            reference = copy.deepcopy(model).double() if in_float64 else model
+            reference_loss, reference_grad = _loss_and_grad(reference, batches[name])
+            grad = torch.autograd.grad(out.loss, list(trainer.encoder(name).parameters()), retain_graph=True)
+            measured = {"fastpeft": (torch.tensor(out.adapter_losses[name]),
+                                     torch.cat([g.flatten().float() for g in grad]))}
+            if in_float64:
+                measured[BASELINE] = _loss_and_grad(model, batches[name])
+            for provider, (loss, gradient) in measured.items():
+                errors[provider][0].append(harness.relative_error(loss.cpu(), reference_loss.cpu()))
+                errors[provider][1].append(harness.relative_error(gradient, reference_grad))
+        for provider, (loss_errors, grad_errors) in errors.items():
+            for metric, values in (("parity_loss", loss_errors), ("parity_grad", grad_errors)):
+                if values:
+                    recorder.add(SUITE, case, shape, provider, metric, max(values), "rel", reference=reference_name)
+        del out
+
+        def fastpeft_step():
+            trainer.training_step(mixed["input_ids"], names, attention_mask=mixed["attention_mask"],
+                                  labels=mixed["labels"])
+        steps["fastpeft"] = fastpeft_step
+    except Exception as exc:  # report, keep the baseline's numbers
+        recorder.note(f"MultiPrefixTrainer on {description} failed: {exc.__class__.__name__}: "
+                      f"{str(exc).strip()[:300]}")
+    timings = harness.time_interleaved(steps, device, warmup=cfg["warmup"], reps=cfg["reps"], lead_in=1)
+    tokens_per_step = len(tenants) * cfg["B"] * (cfg["L"] + cfg["T"])
+    for label, timing in timings.items():
+        recorder.add_time(SUITE, case, shape, label, timing)
+        recorder.add(SUITE, case, shape, label, "throughput", tokens_per_step / (timing.median_ms * 1e-3), "tokens/s")
+        peak = harness.peak_memory_bytes(steps[label], device)
+        if peak is not None:
+            recorder.add(SUITE, case, shape, label, "peak_memory", peak / 2**20, "MiB")
+        if label != BASELINE:
+            recorder.add(SUITE, case, shape, label, "speedup", timings[BASELINE].median_ms / timing.median_ms, "x")
+
+
+def _run_prefix_step(recorder, device, quick, length):
     cfg = settings(device, quick, length)
     dtype = getattr(torch, cfg["dtype"])
     model, description = _prefix_model(device, dtype, cfg["P"])

@@ -109,6 +109,8 @@ def run(args):
 
     device = common.resolve_device(args.device)
     dtype = common.resolve_dtype(args.dtype, device)
+    if args.ray_replicas is not None:  # every replica loads the model itself
+        return _run_ray(args, device, kv_cache_bytes)
     if args.model is None:
         model, tokenizer = tiny.build_model(dtype=dtype).to(device), tiny.build_tokenizer()
         base_name = args.served_model_name or "fastpeft-tiny"
@@ -116,10 +118,8 @@ def run(args):
         model, tokenizer = tiny.build_t5_model(dtype=dtype).to(device), tiny.build_tokenizer()
         base_name = args.served_model_name or "fastpeft-tiny-t5"
     else:
-        model, tokenizer = loading.load_base(args.model, device, dtype, encoder_decoder=True)
+        model, tokenizer = loading.load_base(args.model, device, dtype)
         base_name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
-    if args.ray_replicas is not None:
-        return _run_ray(args, device, kv_cache_bytes)
     adapters = adapter_dirs(args.adapters) if args.adapters else {}
     token = args.admin_token or os.environ.get("FASTPEFT_ADMIN_TOKEN") or None
     try:
@@ -154,6 +154,9 @@ def _run_ray(args, device, kv_cache_bytes):
         raise common.CLIError(f"--ray-replicas must be at least 1, got {args.ray_replicas}")
     if args.adapters is None:
         raise common.CLIError("--ray-replicas needs --adapters: every replica loads adapters from that folder")
+    if args.model is not None and loading.is_encoder_decoder(args.model):
+        raise common.CLIError(f"--ray-replicas serves causal LMs; --model {args.model} is an encoder-decoder, served "
+                              "by this process only")
     if device.type != "cpu":
         raise common.CLIError("--ray-replicas runs replicas on CPU here; for GPUs build the application with "
                               "fastpeft.serve.ray_serve.build_app(..., ray_actor_options) in Python")

@@ -1,5 +1,6 @@
-"""``fastpeft train``: prefix / prompt / p-tuning of a causal LM on a text or JSONL file -> a PEFT adapter
-directory (one per task when the data names several tasks)."""
+"""``fastpeft train``: prefix / prompt / p-tuning of a causal LM, or of an encoder-decoder LM (T5, MT5, BART) on
+prompt/completion examples, on a text or JSONL file -> a PEFT adapter directory (one per task when the data names
+several tasks)."""
 
 import contextlib
 import json
@@ -22,8 +23,11 @@ def add_parser(sub):
         description="Train a soft prompt on a causal LM with PEFT, accelerated by fastpeft.accelerate, and save "
                     "a PEFT adapter (loadable with PeftModel.from_pretrained) plus train_log.json. Data: a text "
                     "file (one example per line) or JSONL with {\"text\": ...} or {\"prompt\": ..., "
-                    "\"completion\": ...} (loss on the completion only). Without --model, the built-in small "
-                    "model (fastpeft.tiny) is used and saved to OUT/base-model.")
+                    "\"completion\": ...} (loss on the completion only). An encoder-decoder --model (T5, MT5, "
+                    "BART) trains on prompt/completion examples: the prompt is the encoder's input, the completion "
+                    "the decoder's target. Examples with a \"task\" train one adapter per task in shared batches "
+                    "(fastpeft.MultiPrefixTrainer). Without --model, the built-in small model (fastpeft.tiny) is "
+                    "used and saved to OUT/base-model.")
     train.add_argument("--method", choices=METHODS, default="prefix",
                        help="prefix: prefix tuning; prefix-projection: prefix tuning with the MLP "
                             "reparametrization; prompt: prompt tuning; ptuning: p-tuning (default: prefix)")
@@ -60,18 +64,28 @@ def add_parser(sub):
 
 
 
-def _peft_config(method, virtual_tokens, hidden_size):
+def _peft_config(method, virtual_tokens, hidden_size, encoder_decoder=False):
     from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType
 
+    task_type = TaskType.SEQ_2_SEQ_LM if encoder_decoder else TaskType.CAUSAL_LM
     if method == "prefix":
-        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=virtual_tokens)
+        return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=virtual_tokens)
     if method == "prefix-projection":
-        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=virtual_tokens,
+        return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=virtual_tokens,
                                   prefix_projection=True, encoder_hidden_size=hidden_size)
     if method == "prompt":
-        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=virtual_tokens)
-    return PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=virtual_tokens,
+        return PromptTuningConfig(task_type=task_type, num_virtual_tokens=virtual_tokens)
+    return PromptEncoderConfig(task_type=task_type, num_virtual_tokens=virtual_tokens,
                                encoder_hidden_size=hidden_size)
+
+
+def _is_encoder_decoder(args):
+    """Whether ``--model`` is an encoder-decoder LM (its config says ``is_encoder_decoder``); the built-in model is
+    not."""
+    if args.model is None:
+        return False
+    config = common.read_json(os.path.join(args.model, "config.json"), "--model")
+    return bool(isinstance(config, dict) and config.get("is_encoder_decoder"))
 
 
 def _validate_train_args(args):
@@ -79,6 +93,10 @@ def _validate_train_args(args):
         raise common.CLIError(f"--data {args.data}: no such file")
     if args.model is not None:
         common.require_model_dir(args.model)
+    args.encoder_decoder = _is_encoder_decoder(args)
+    if args.encoder_decoder and args.data is None:
+        raise common.CLIError(f"--model {args.model} is an encoder-decoder; the built-in task is for causal LMs: pass "
+                              "--data with {\"prompt\": ..., \"completion\": ...} examples")
     for flag, value, low in (("--virtual-tokens", args.virtual_tokens, 1), ("--batch-size", args.batch_size, 1),
                              ("--max-length", args.max_length, 2)):
         if value < low:
@@ -137,9 +155,10 @@ def _load_training_examples(args):
     for task in tasks:
         if not task.strip() or task in (".", "..") or "/" in task or os.sep in task:
             raise common.CLIError(f"--data {args.data}: task name {task!r} cannot be a directory name under --out")
-    if not args.method.startswith("prefix"):
+    if not args.method.startswith("prefix") and not args.encoder_decoder:
         raise common.CLIError(f"--data {args.data} names {len(tasks)} tasks: training one adapter per task in shared "
-                       f"batches supports --method prefix and prefix-projection, not {args.method}")
+                       f"batches of a causal LM supports --method prefix and prefix-projection, not {args.method} "
+                       "(an encoder-decoder --model takes every method)")
     if args.no_accelerate:
         raise common.CLIError("--no-accelerate: training several tasks in shared batches runs on fastpeft's fused "
                        "attention (fastpeft.MultiPrefixTrainer); PEFT has no such mode")
@@ -243,12 +262,15 @@ def _train(args, examples, tasks, staging):
     # model_dir is recorded in adapter_config.json as the base model (what `fastpeft generate` loads)
 
     model, tokenizer = loading.load_base(load_dir, device, dtype, args.load_in_4bit, args.load_in_8bit)
-    rows, dropped = data_module.encode(examples, tokenizer, args.max_length)
+    try:
+        rows, dropped = data_module.encode(examples, tokenizer, args.max_length, args.encoder_decoder)
+    except ValueError as exc:
+        raise common.CLIError(f"--data {args.data}: {exc}") from None
     if not rows:
         raise common.CLIError(f"no example keeps a completion token within --max-length {args.max_length}")
     steps_per_epoch = -(-len(rows) // args.batch_size)
     total_steps = args.max_steps or max(1, round(args.epochs * steps_per_epoch))
-    stream = data_module.batches(rows, args.batch_size, tokenizer.pad_token_id, args.seed)
+    stream = data_module.batches(rows, args.batch_size, tokenizer.pad_token_id, args.seed, args.encoder_decoder)
     from ..integration.geometry import BaseGeometry
 
     hidden_size = BaseGeometry.of(model.config).hidden_size
@@ -260,7 +282,7 @@ def _train(args, examples, tasks, staging):
     if tasks:
         return _train_tasks(args, model, model_dir, tasks, hidden_size, stream, total_steps, device, log, staging)
 
-    model = get_peft_model(model, _peft_config(args.method, args.virtual_tokens, hidden_size))
+    model = get_peft_model(model, _peft_config(args.method, args.virtual_tokens, hidden_size, args.encoder_decoder))
     if not args.no_accelerate:
         import fastpeft
         model = fastpeft.accelerate(model)
@@ -315,7 +337,7 @@ def _train_tasks(args, model, model_dir, tasks, hidden_size, stream, total_steps
     trainer = fastpeft.MultiPrefixTrainer(model, lr=args.lr, max_grad_norm=1.0,
                                           gradient_checkpointing=args.gradient_checkpointing)
     for task in tasks:
-        trainer.add_adapter(task, _peft_config(args.method, args.virtual_tokens, hidden_size))
+        trainer.add_adapter(task, _peft_config(args.method, args.virtual_tokens, hidden_size, args.encoder_decoder))
 
     def step(batch, row_tasks):
         result = trainer.training_step(batch["input_ids"], row_tasks, attention_mask=batch["attention_mask"],

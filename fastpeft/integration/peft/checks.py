@@ -132,16 +132,23 @@ def check_backbone(peft_model):
     # every decoder self-attention is checked at every call instead (PrefixSpec.check_consumed).
     attention.check_supported_model(base, "fastpeft.accelerate", prefix_kwargs=prefix and not encoder_decoder,
                                     handwritten_families=True)
-    for name in ("layerdrop", "decoder_layerdrop") if prefix else ():
-        rate = compat.config_attribute(base.config, name)
-        if rate:
-            raise attention.UnsupportedModelError(
-                f"fastpeft.accelerate cannot run prefix tuning on {type(base).__name__} with LayerDrop "
-                f"(config.{name}={rate}): a layer skipped at random in training takes no prefix, which the check "
-                "that every layer's attention received its prefix cannot tell from a layer that drops it")
+    if prefix:
+        check_no_layerdrop(base, "fastpeft.accelerate")
     if prefix and encoder_decoder:
         check_decoder_positions_shiftable(base, "fastpeft.accelerate")
         decoder_self_attention_layers(base)
+
+
+def check_no_layerdrop(base, user):
+    """Raise ``attention.UnsupportedModelError`` if ``base`` skips layers at random in training (LayerDrop:
+    ``config.layerdrop`` / ``decoder_layerdrop``), which a prefix cannot be run with; ``user`` names the caller."""
+    for name in ("layerdrop", "decoder_layerdrop"):
+        rate = compat.config_attribute(base.config, name)
+        if rate:
+            raise attention.UnsupportedModelError(
+                f"{user} cannot run prefix tuning on {type(base).__name__} with LayerDrop "
+                f"(config.{name}={rate}): a layer skipped at random in training takes no prefix, which the check "
+                "that every layer's attention received its prefix cannot tell from a layer that drops it")
 
 
 def check_decoder_positions_shiftable(base, user):
