@@ -141,7 +141,8 @@ class MultiPrefixModel(torch.nn.Module):
         model: a transformers causal LM (``PreTrainedModel``; full precision or loaded in 4/8 bit through
             bitsandbytes), not a ``PeftModel``. It becomes this module's ``base_model``: its parameters are frozen
             (``requires_grad_(False)``) and it is switched to the ``"fastpeft"`` attention implementation;
-            ``restore()`` switches it back.
+            ``restore()`` switches it back. An encoder-decoder LM (T5, MT5, BART) makes this class build
+            ``fastpeft.multi_seq2seq.EncoderDecoderMultiPrefixModel`` (prefix, prompt and p-tuning adapters).
         gradient_checkpointing: enable activation checkpointing on the backbone (non-reentrant, which keeps the
             prefix tables, passed as keyword arguments, in the recomputed graph). PEFT refuses this for prefix
             tuning; here it gives the same gradients. It acts in train mode only, as transformers'.
@@ -552,7 +553,9 @@ class MultiPrefixTrainer:
     Arguments:
         model: a transformers causal LM (``PreTrainedModel``; full precision or loaded in 4/8 bit through
             bitsandbytes), not a ``PeftModel``. Its parameters are frozen (``requires_grad_(False)``) and it is
-            switched to the ``"fastpeft"`` attention implementation; ``restore_model()`` switches it back.
+            switched to the ``"fastpeft"`` attention implementation; ``restore_model()`` switches it back. On an
+            encoder-decoder LM (T5, MT5, BART) the adapters may be prefix, prompt or p-tuning ones
+            (``fastpeft.multi_seq2seq``), the records' ``labels`` the decoder's targets.
         lr, weight_decay: of the default optimizer, ``torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)``.
         optimizer_factory: ``callable(params) -> torch.optim.Optimizer``, called once per adapter with that
             adapter's parameters (overrides lr/weight_decay).
