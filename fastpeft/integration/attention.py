@@ -30,6 +30,7 @@ alone, and the attention function reads each row's keys through its block table 
 """
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -72,12 +73,15 @@ class PrefixSpec:
     prefix_lengths: Optional[torch.Tensor] = None
     query_positions: Optional[torch.Tensor] = None
     # The layers' attention calls share one plan (``prefix_attention_prevalidated``'s ``plan_cache``): validated and
-    # planned by the first layer, reused by the others. Per object (``dataclasses.replace`` starts a new one), so
-    # per forward call; the index, lengths and mask tensors must keep their values while the object is in use.
-    plan_cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
+    # planned by the first layer, reused by the others. Per forward call (``at_positions`` starts a new one); the
+    # index, lengths and mask tensors must keep their values while the object is in use.
+    plan_cache: dict = field(default_factory=dict, compare=False, repr=False, kw_only=True)
     # The layer_idx of every attention call that took its entry (``layer``) since the spec was made or last checked:
     # ``check_consumed`` compares it with the layers the spec covers.
-    consumed: set = field(default_factory=set, init=False, compare=False, repr=False)
+    # Both are init fields so that a copy made by ``dataclasses.replace`` shares them: FSDP2 (``fully_shard``) rebuilds
+    # every dataclass among a sharded layer's inputs that way, to hook the tensors needing gradients, and each layer then
+    # reads and records through its own copy of the spec the forward was given.
+    consumed: set = field(default_factory=set, compare=False, repr=False, kw_only=True)
 
     @classmethod
     def build(cls, keys, values, prefix_index=None, prefix_lengths=None, check_values=True):
@@ -105,6 +109,11 @@ class PrefixSpec:
                     int(prefix_lengths.min()) < 0 or int(prefix_lengths.max()) > P):
                 raise ValueError(f"prefix_lengths values must lie in [0, P={P}]")
         return cls(keys, values, prefix_index, prefix_lengths)
+
+    def at_positions(self, query_positions):
+        """This spec for another call: ``query_positions`` set, a fresh plan and a fresh count of the layers that
+        read it."""
+        return dataclasses.replace(self, query_positions=query_positions, plan_cache={}, consumed=set())
 
     def layer(self, layer_idx):
         """``(keys, values)`` of layer ``layer_idx`` (``(None, None)``: that layer sees no prefix), recorded in

@@ -1,0 +1,188 @@
+"""FSDP2 (``fully_shard``) over an accelerated PEFT model, two CPU processes over gloo, against one process: the loss
+of every step, the parameters, the saved adapter (PEFT's own ``save_pretrained`` of the one-process model), the
+resume from it, fastpeft's attention in every layer of every step, and the named error of a wrap that leaves a
+prompt parameter unsharded.
+
+Each test spawns two processes (tens of seconds on a 2-core machine): they run in ``.ci/run-distributed``
+(``FASTPEFT_DISTRIBUTED_TESTS=1``), not in ``.ci/run``.
+"""
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+from tests.distributed import run_workers
+from tests.reference import assert_close
+
+pytestmark = pytest.mark.skipif(os.environ.get("FASTPEFT_DISTRIBUTED_TESTS") != "1",
+                                reason="multi-process FSDP2 tests: bash .ci/run-distributed")
+
+peft = pytest.importorskip("peft")
+
+STEPS, LR = 3, 1e-2
+# Four rows, two per process; every process holds the same number of labelled tokens (rows padded 0 and 1 on both), so
+# FSDP's averaging of the two processes' gradients is the gradient of the whole batch's mean loss.
+BATCH = dict(seed=5, batch=4, length=6, left_pad=(0, 1, 1, 0))
+
+
+def _batch():
+    from tests.accelerate_helpers import batch_and_labels
+
+    return batch_and_labels("llama", **BATCH)
+
+
+def _model(method, prompt_seed=0):
+    """The accelerated PEFT model of ``method`` on the tiny Llama (always the same backbone), prompt parameters drawn
+    from ``prompt_seed``."""
+    import fastpeft
+    from tests.accelerate_helpers import make_peft_model
+    from tests.models import tiny_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = tiny_model("llama", attn_implementation="sdpa")
+        model = fastpeft.accelerate(make_peft_model("llama", method, seed=prompt_seed, base=base))
+    model.train()
+    return model
+
+
+def _train(model, rows):
+    """STEPS AdamW steps on ``rows`` of the batch; the loss of each step."""
+    ids, mask, labels = _batch()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    losses = []
+    for _ in range(STEPS):
+        loss = model(input_ids=ids[rows], attention_mask=mask[rows], labels=labels[rows]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.detach())
+    return losses
+
+
+def _init(rank, world, init_file):
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+
+
+def _fsdp_worker(rank, world, init_file, out_dir, method):
+    from fastpeft.integration import sharding
+    from fastpeft.observe import attention_calls
+
+    _init(rank, world, init_file)
+    try:
+        model = sharding.shard(_model(method))
+        rows = slice(2 * rank, 2 * rank + 2)
+        with attention_calls() as calls:
+            losses = _train(model, rows)
+        # The whole batch's loss of each step: the mean of the two processes' (equal token counts).
+        losses = torch.stack(losses)
+        torch.distributed.all_reduce(losses)
+        sharding.save_pretrained(model, os.path.join(out_dir, "adapter"))
+        result = {"losses": (losses / world).tolist(), "calls": dict(calls)}
+
+        # Resume: a model started elsewhere takes the saved adapter and gives the trained model's loss.
+        ids, mask, labels = _batch()
+        with torch.no_grad():
+            result["trained_loss"] = float(model(input_ids=ids[rows], attention_mask=mask[rows],
+                                                 labels=labels[rows]).loss)
+        resumed = sharding.shard(_model(method, prompt_seed=7))
+        if method == "prefix_projection":
+            with pytest.raises(ValueError, match="projection MLP"):
+                sharding.load_adapter(resumed, os.path.join(out_dir, "adapter"))
+        else:
+            sharding.load_adapter(resumed, os.path.join(out_dir, "adapter"))
+            with torch.no_grad():
+                result["resumed_loss"] = float(resumed(input_ids=ids[rows], attention_mask=mask[rows],
+                                                       labels=labels[rows]).loss)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", ["prefix", "prefix_projection", "prompt"])
+def test_fsdp2_trains_and_saves_as_one_process(method, tmp_path):
+    from peft import PeftModel
+
+    from tests.accelerate_helpers import real_token_logits
+    from tests.models import tiny_model
+
+    init = str(tmp_path / "rendezvous")
+    run_workers(_fsdp_worker, (2, init, str(tmp_path), method), init_file=init, timeout_s=150)
+
+    # One process, plain PEFT (not accelerated), the whole batch; PEFT's own save_pretrained.
+    from tests.accelerate_helpers import make_peft_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        single = make_peft_model("llama", method)
+    single.train()
+    expected_losses = torch.stack(_train(single, slice(0, 4)))
+    single.save_pretrained(str(tmp_path / "single"))
+
+    layers = single.get_base_model().config.num_hidden_layers
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert_close(torch.tensor(result["losses"]), expected_losses, 1e-5, f"rank {rank} losses")
+        # fastpeft's fused attention (sdpa on CPU) ran in every layer of every step, never its reference path.
+        assert result["calls"] == {"sdpa": STEPS * layers}
+        if method != "prefix_projection":
+            assert result["resumed_loss"] == pytest.approx(result["trained_loss"], rel=1e-6)
+
+    # The adapter written from the sharded model is PEFT's file for file.
+    from safetensors.torch import load_file
+
+    ours, theirs = tmp_path / "adapter", tmp_path / "single"
+    assert sorted(os.listdir(ours)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert json.loads((ours / "adapter_config.json").read_text()) == \
+        json.loads((theirs / "adapter_config.json").read_text())
+    saved, expected = load_file(ours / "adapter_model.safetensors"), load_file(theirs / "adapter_model.safetensors")
+    assert saved.keys() == expected.keys() == {"prompt_embeddings"}
+    assert saved["prompt_embeddings"].dtype == torch.float32
+    assert_close(saved["prompt_embeddings"], expected["prompt_embeddings"], 1e-5, "prompt_embeddings")
+
+    # And PEFT loads it: the same logits as the one-process model.
+    ids, mask, labels = _batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = PeftModel.from_pretrained(tiny_model("llama", attn_implementation="sdpa"), str(ours))
+        single.eval()
+        with torch.no_grad():
+            got, want = loaded(input_ids=ids, attention_mask=mask).logits, single(input_ids=ids,
+                                                                                  attention_mask=mask).logits
+    P = single.peft_config["default"].num_virtual_tokens
+    assert_close(real_token_logits(got, mask, P), real_token_logits(want, mask, P), 1e-5, "logits")
+
+
+def _unsharded_prompt_worker(rank, world, init_file, out_dir):
+    from torch.distributed.fsdp import fully_shard
+
+    from fastpeft.integration import sharding
+
+    _init(rank, world, init_file)
+    try:
+        model = _model("prefix_projection")
+        base = model.get_base_model()
+        for layer in base.model.layers:
+            fully_shard(layer)
+        fully_shard(base)  # the backbone alone: the prompt encoder stays outside every unit
+        ids, mask, labels = _batch()
+        with pytest.raises(sharding.UnshardedParameterError, match=r"prompt_encoder\.default\.embedding\.weight"):
+            model(input_ids=ids[:2], attention_mask=mask[:2], labels=labels[:2])
+        with pytest.raises(sharding.UnshardedParameterError, match="outside every fully_shard unit"):
+            sharding.check_sharded(model)
+        with torch.no_grad():  # inference needs no reduced gradient
+            model(input_ids=ids[:2], attention_mask=mask[:2])
+        open(os.path.join(out_dir, f"ok{rank}"), "w").close()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_prompt_parameter_outside_every_unit_is_a_named_error(tmp_path):
+    init = str(tmp_path / "rendezvous")
+    run_workers(_unsharded_prompt_worker, (2, init, str(tmp_path)), init_file=init, timeout_s=120)
+    assert (tmp_path / "ok0").exists() and (tmp_path / "ok1").exists()
