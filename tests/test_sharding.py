@@ -186,3 +186,111 @@ def test_a_prompt_parameter_outside_every_unit_is_a_named_error(tmp_path):
     init = str(tmp_path / "rendezvous")
     run_workers(_unsharded_prompt_worker, (2, init, str(tmp_path)), init_file=init, timeout_s=120)
     assert (tmp_path / "ok0").exists() and (tmp_path / "ok1").exists()
+
+
+# ------------------------------------------------------------------------ MultiPrefixTrainer over a sharded backbone
+
+
+def _multi_trainer(rank):
+    """test_multi's DDP trainer, its backbone sharded first when a process group exists. Rank 1's adapters start
+    from other values: rank 0's must be broadcast."""
+    from peft import PrefixTuningConfig
+
+    from fastpeft.integration import sharding
+    from fastpeft.multi import MultiPrefixTrainer
+    from tests.models import tiny_model
+    from tests.test_multi import DDP_ADAPTERS, LR, WEIGHT_DECAY
+
+    base = tiny_model("llama")
+    if torch.distributed.is_initialized():
+        sharding.shard(base)
+    if rank:
+        torch.manual_seed(1000 + rank)
+    trainer = MultiPrefixTrainer(base, lr=LR, weight_decay=WEIGHT_DECAY)
+    for name, kwargs in DDP_ADAPTERS.items():
+        trainer.add_adapter(name, PrefixTuningConfig(**kwargs))
+    trainer.model.train()
+    return trainer
+
+
+def _multi_worker(rank, world, init_file, out_dir):
+    from fastpeft.observe import attention_calls
+    from tests.test_multi import _ddp_run
+
+    _init(rank, world, init_file)
+    try:
+        trainer = _multi_trainer(rank)
+        with attention_calls() as calls:
+            result = _ddp_run(trainer, [0, 1, 2] if rank == 0 else [3, 4, 5])
+        result["calls"] = dict(calls)
+        trainer.save_pretrained(os.path.join(out_dir, "adapters"))
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_multi_prefix_trainer_over_a_sharded_backbone_equals_one_process(tmp_path):
+    """test_multi's DDP case (adapters living on one process only, one on none, token counts differing between the
+    processes) with the backbone sharded by FSDP2: gradients, per-adapter losses, two steps of each adapter's own
+    AdamW and the saved adapters equal one process holding the whole batch."""
+    from safetensors.torch import load_file
+
+    from tests.test_multi import DDP_ADAPTERS, _ddp_run, params
+
+    init = str(tmp_path / "rendezvous")
+    run_workers(_multi_worker, (2, init, str(tmp_path)), init_file=init, timeout_s=150)
+    single_trainer = _multi_trainer(0)
+    initial_idle = params(single_trainer.encoder("idle"))
+    single = _ddp_run(single_trainer, list(range(6)))
+    single_trainer.save_pretrained(tmp_path / "single")
+    layers = single_trainer.model.config.num_hidden_layers
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result["counts"] == single["counts"]
+        assert result["losses"] == pytest.approx(single["losses"], rel=1e-5)
+        for name, expected in single["grads"].items():
+            for key, value in expected.items():
+                assert_close(result["grads"][name][key], value, 1e-5, name=f"rank {rank} {name}.{key}.grad")
+        for got, want in zip(result["steps"], single["steps"]):
+            assert got["updated"] == want["updated"] == ["a", "b", "c"]
+            assert got["adapter_losses"] == pytest.approx(want["adapter_losses"], rel=1e-5)
+        for name, expected in single["params"].items():
+            for key, value in expected.items():
+                assert_close(result["params"][name][key], value, 1e-5, name=f"rank {rank} {name}.{key}")
+        for key, value in initial_idle.items():
+            assert torch.equal(result["params"]["idle"][key], value)
+        # One forward and two steps, each through fastpeft's fused attention in every layer.
+        assert result["calls"] == {"sdpa": 3 * layers}
+    for name in DDP_ADAPTERS:
+        ours, theirs = tmp_path / "adapters" / name, tmp_path / "single" / name
+        assert json.loads((ours / "adapter_config.json").read_text()) == \
+            json.loads((theirs / "adapter_config.json").read_text())
+        assert_close(load_file(ours / "adapter_model.safetensors")["prompt_embeddings"],
+                     load_file(theirs / "adapter_model.safetensors")["prompt_embeddings"], 1e-5, name)
+
+
+def _multi_unsynced_worker(rank, world, init_file, out_dir):
+    from peft import PrefixTuningConfig
+
+    from fastpeft.integration import sharding
+    from fastpeft.multi import MultiPrefixModel
+    from tests.models import tiny_model
+    from tests.test_multi import DDP_BATCH
+
+    _init(rank, world, init_file)
+    try:
+        model = MultiPrefixModel(sharding.shard(tiny_model("llama")))
+        model.add_adapter("a", PrefixTuningConfig(num_virtual_tokens=3))
+        with pytest.raises(sharding.UnshardedParameterError, match=r"prefix_encoders\.0\.embedding\.weight"):
+            model(input_ids=DDP_BATCH["input_ids"][:2], labels=DDP_BATCH["labels"][:2], adapter_ids=[0, 0])
+        open(os.path.join(out_dir, f"ok{rank}"), "w").close()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_multi_prefix_model_with_tables_outside_every_unit_is_a_named_error(tmp_path):
+    """A MultiPrefixModel trained by a loop of one's own over a sharded backbone, its tables neither sharded nor
+    averaged (MultiPrefixTrainer averages them; Trainer and accelerate shard them with the root)."""
+    init = str(tmp_path / "rendezvous")
+    run_workers(_multi_unsynced_worker, (2, init, str(tmp_path)), init_file=init, timeout_s=120)
+    assert (tmp_path / "ok0").exists() and (tmp_path / "ok1").exists()

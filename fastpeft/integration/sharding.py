@@ -18,7 +18,10 @@ its gradient reduced by nobody: each process would train its own prompt on its o
   ``adapter_model.safetensors`` with ``prompt_embeddings``), loadable by ``PeftModel.from_pretrained``.
 - ``load_adapter(peft_model, directory)``: resume training from such a directory: every process reads it and keeps
   its own shard.
-- ``full_parameters(module)``: the module's parameters as full tensors (a collective: every process calls it).
+- ``full_parameters(module)``, ``encoder_output(encoder, tokens)``: a module's parameters as full tensors, an encoder's
+  output on them (collectives: every process calls them).
+- ``average_gradients`` / ``broadcast_parameters``: for parameters kept replicated beside a sharded backbone
+  (``MultiPrefixTrainer``'s prefix tables), what DistributedDataParallel would do for them.
 """
 
 import copy
@@ -28,8 +31,8 @@ import torch
 
 from ..adapters import EMBEDDINGS_KEY, PREFIX_TUNING, PROMPT_TUNING, P_TUNING, SAFETENSORS_FILE, load_prompt_adapter
 
-__all__ = ["UnshardedParameterError", "shard", "is_sharded", "check_sharded", "full_parameters", "save_pretrained",
-           "load_adapter"]
+__all__ = ["UnshardedParameterError", "shard", "is_sharded", "check_sharded", "full_parameters", "encoder_output",
+           "save_pretrained", "load_adapter", "average_gradients", "broadcast_parameters"]
 
 # PEFT types whose saved tensor is the prompt encoder's output on its virtual-token ids.
 _SAVABLE_TYPES = (PREFIX_TUNING, PROMPT_TUNING, P_TUNING)
@@ -152,19 +155,53 @@ def full_parameters(module):
     return gathered
 
 
+def encoder_output(encoder, tokens):
+    """``encoder(tokens)`` computed on ``encoder``'s gathered parameters (``full_parameters``), without gradients:
+    what a prompt encoder saves, readable outside a sharded forward. Every process must call it."""
+    from torch.func import functional_call
+
+    parameters = full_parameters(encoder)
+    tokens = tokens.to(next(iter(parameters.values())).device)
+    with torch.no_grad():
+        return functional_call(encoder, parameters, (tokens,)).detach()
+
+
 def _prompt_embeddings(peft_model, adapter_name):
     """What PEFT's ``get_prompt_embedding_to_save`` returns, computed on the gathered parameters: the encoder on the
     adapter's virtual-token ids (prefix tuning: the first P), one row. Every process calls it."""
-    from torch.func import functional_call
-
     config = peft_model.peft_config[adapter_name]
-    encoder = peft_model.prompt_encoder[adapter_name]
-    parameters = full_parameters(encoder)
-    tokens = peft_model.prompt_tokens[adapter_name].unsqueeze(0).to(next(iter(parameters.values())).device)
+    tokens = peft_model.prompt_tokens[adapter_name].unsqueeze(0)
     if _peft_type(config) == PREFIX_TUNING:
         tokens = tokens[:, :config.num_virtual_tokens]
+    return encoder_output(peft_model.prompt_encoder[adapter_name], tokens)[0].to("cpu")
+
+
+def average_gradients(parameters):
+    """Average the gradients of ``parameters`` (replicated, the same on every process, in the same order) over the
+    processes, in one ``all_reduce``; a parameter without a gradient counts as zero, and keeps None only if it has
+    none on every process. A no-op in one process. (``MultiPrefixTrainer`` keeps its prefix tables replicated beside
+    a sharded backbone and averages their gradients with this, as DistributedDataParallel would.)"""
+    world = _world_size()
+    parameters = list(parameters)
+    if world == 1 or not parameters:
+        return
+    reference = parameters[0]
+    flags = torch.tensor([p.grad is not None for p in parameters], dtype=reference.dtype, device=reference.device)
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in parameters]
+                     + [flags])
+    torch.distributed.all_reduce(flat)
+    grads, flags = flat[:-len(parameters)], flat[-len(parameters):]
+    for param, chunk, flag in zip(parameters, grads.split([p.numel() for p in parameters]), flags.tolist()):
+        param.grad = (chunk / world).view_as(param) if flag else None
+
+
+def broadcast_parameters(parameters, src=0):
+    """Copy rank ``src``'s values of ``parameters`` (replicated, same order everywhere) to every process."""
+    if _world_size() == 1:
+        return
     with torch.no_grad():
-        return functional_call(encoder, parameters, (tokens,))[0].detach().to("cpu")
+        for param in parameters:
+            torch.distributed.broadcast(param.data, src)
 
 
 def _peft_type(config):
