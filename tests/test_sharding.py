@@ -294,3 +294,80 @@ def test_multi_prefix_model_with_tables_outside_every_unit_is_a_named_error(tmp_
     init = str(tmp_path / "rendezvous")
     run_workers(_multi_unsynced_worker, (2, init, str(tmp_path)), init_file=init, timeout_s=120)
     assert (tmp_path / "ok0").exists() and (tmp_path / "ok1").exists()
+
+
+# ---------------------------------------------------------------- transformers.Trainer with its FSDP2 settings
+
+
+TRAINER_STEPS = 4
+
+
+def _trainer_rows():
+    from tests.accelerate_helpers import batch_and_labels
+
+    # Unpadded rows: every process's half-batch holds as many labelled tokens as the other's.
+    ids, mask, labels = batch_and_labels("llama", seed=3, batch=8, length=6, left_pad=(0,) * 8)
+    return [{"input_ids": ids[i], "attention_mask": mask[i], "labels": labels[i]} for i in range(len(ids))]
+
+
+def _run_trainer(model, output_dir, per_device_batch, fsdp):
+    """TRAINER_STEPS AdamW steps of transformers.Trainer, a checkpoint every 2 (each with the adapter as PEFT saves
+    it); returns the logged losses."""
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    # Trainer's default state dict for FSDP is the full one: each checkpoint then holds the adapter as PEFT saves it.
+    fsdp_args = dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}) \
+        if fsdp else {}
+    args = TrainingArguments(output_dir=str(output_dir), per_device_train_batch_size=per_device_batch,
+                             max_steps=TRAINER_STEPS, learning_rate=1e-2, optim="adamw_torch",
+                             lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="steps",
+                             save_steps=2, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+                             dataloader_num_workers=0, **fsdp_args)
+    trainer = Trainer(model=model, args=args, train_dataset=_trainer_rows(), data_collator=default_data_collator)
+    trainer.train()
+    return trainer, [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def _trainer_worker(rank, world, port, out_dir):
+    from fastpeft.observe import attention_calls
+    from tests.fsdp_on_cpu import allow_fsdp_on_cpu
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    allow_fsdp_on_cpu()
+    with attention_calls() as calls:
+        trainer, losses = _run_trainer(_model("prefix_projection"), out_dir, 2, fsdp=True)
+    result = {"losses": losses, "calls": dict(calls), "fsdp": trainer.is_fsdp_enabled,
+              "parameter_types": sorted({type(p).__name__ for p in trainer.model.parameters()})}
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_trainer_with_fsdp2_equals_one_process(tmp_path):
+    """transformers.Trainer with ``fsdp="full_shard"`` and ``fsdp_config={"version": 2, ...}`` (accelerate's FSDP2
+    path, taken on CPU through tests/fsdp_on_cpu.py), two processes of 2 rows against one process of 4 rows without
+    FSDP: every step's loss, fastpeft's attention in every layer, each checkpoint's adapter (PEFT's files, written by
+    the accelerated model's save_pretrained from the Trainer's full state dict)."""
+    import random
+
+    from safetensors.torch import load_file
+
+    port = random.randint(20000, 40000)
+    out = tmp_path / "fsdp"
+    run_workers(_trainer_worker, (2, port, str(out)), init_file=str(tmp_path / "unused"), timeout_s=240)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, expected = _run_trainer(_model("prefix_projection"), tmp_path / "single", 4, fsdp=False)
+    layers = 2
+    for rank in range(2):
+        result = torch.load(out / f"rank{rank}.pt")
+        assert result["fsdp"] and result["parameter_types"] == ["DTensor"]
+        assert_close(torch.tensor(result["losses"]), torch.tensor(expected), 1e-5, f"rank {rank} losses")
+        assert result["calls"] == {"sdpa": TRAINER_STEPS * layers}
+    for step in (2, 4):
+        ours, theirs = out / f"checkpoint-{step}", tmp_path / "single" / f"checkpoint-{step}"
+        assert json.loads((ours / "adapter_config.json").read_text()) == \
+            json.loads((theirs / "adapter_config.json").read_text())
+        assert_close(load_file(ours / "adapter_model.safetensors")["prompt_embeddings"],
+                     load_file(theirs / "adapter_model.safetensors")["prompt_embeddings"], 1e-5, f"step {step}")

@@ -166,14 +166,27 @@ def encoder_output(encoder, tokens):
         return functional_call(encoder, parameters, (tokens,)).detach()
 
 
-def _prompt_embeddings(peft_model, adapter_name):
-    """What PEFT's ``get_prompt_embedding_to_save`` returns, computed on the gathered parameters: the encoder on the
-    adapter's virtual-token ids (prefix tuning: the first P), one row. Every process calls it."""
+def _prompt_embeddings(peft_model, adapter_name, state_dict=None):
+    """What PEFT's ``get_prompt_embedding_to_save`` returns: the encoder on the adapter's virtual-token ids (prefix
+    tuning: the first P), one row, on CPU. Its parameters come from ``state_dict`` (full tensors keyed as the model's
+    own, as ``transformers.Trainer`` hands a sharded model's to ``save_pretrained``) when it holds them, else from the
+    encoder, gathered when FSDP2 sharded them (then every process must call it)."""
+    from torch.func import functional_call
+
     config = peft_model.peft_config[adapter_name]
+    encoder = peft_model.prompt_encoder[adapter_name]
     tokens = peft_model.prompt_tokens[adapter_name].unsqueeze(0)
     if _peft_type(config) == PREFIX_TUNING:
         tokens = tokens[:, :config.num_virtual_tokens]
-    return encoder_output(peft_model.prompt_encoder[adapter_name], tokens)[0].to("cpu")
+    prefix = f"prompt_encoder.{adapter_name}."
+    names = [name for name, _ in encoder.named_parameters()]
+    if state_dict is not None and all(prefix + name in state_dict for name in names):
+        parameters = {name: state_dict[prefix + name] for name in names}
+        with torch.no_grad():
+            output = functional_call(encoder, parameters, (tokens.to(parameters[names[0]].device),))
+    else:
+        output = encoder_output(encoder, tokens)
+    return output[0].detach().to("cpu")
 
 
 def average_gradients(parameters):
@@ -208,14 +221,17 @@ def _peft_type(config):
     return getattr(config.peft_type, "value", config.peft_type)
 
 
-def save_pretrained(peft_model, directory, selected_adapters=None):
+def save_pretrained(peft_model, directory, selected_adapters=None, state_dict=None, is_main_process=None):
     """Write the adapters of a (sharded) ``PeftModel`` as PEFT's ``save_pretrained`` does: ``directory`` for the
     adapter ``"default"``, ``directory/<name>`` for another; ``adapter_config.json`` (``inference_mode`` true) and
     ``adapter_model.safetensors`` holding ``prompt_embeddings`` (prefix tuning with projection: the MLP's output).
 
-    Every process must call it: each adapter's prompt parameters (never the backbone's) are gathered, then rank 0
-    writes. Works on an unsharded model too. Raises ValueError for an unknown adapter or one that is not prefix
-    tuning, prompt tuning or p-tuning, and for ``directory`` naming a file.
+    Only the prompt parameters are gathered, never the backbone. With ``state_dict`` holding them whole (what
+    ``transformers.Trainer`` passes with a full state dict) nothing is gathered; otherwise parameters that FSDP2
+    sharded are gathered, and every process must call it (parameters left unsharded, e.g. after ``unshard()``, need
+    no other process). ``is_main_process`` (default: rank 0) writes. An accelerated model's own
+    ``save_pretrained`` comes here when it is sharded. Raises ValueError for an unknown adapter or one that is not
+    prefix tuning, prompt tuning or p-tuning, and for ``directory`` naming a file.
     """
     from safetensors.torch import save_file
 
@@ -230,9 +246,12 @@ def save_pretrained(peft_model, directory, selected_adapters=None):
     directory = os.fspath(directory)
     if os.path.isfile(directory):
         raise ValueError(f"{directory} is a file; save_pretrained writes a directory")
+    writes = _rank() == 0 if is_main_process is None else is_main_process
     for name in names:
-        embeddings = _prompt_embeddings(peft_model, name)
-        if _rank() != 0:
+        if not writes and state_dict is not None:
+            continue  # a full state dict lives on the writing process only: nothing to gather here
+        embeddings = _prompt_embeddings(peft_model, name, state_dict)
+        if not writes:
             continue
         target = directory if name == "default" else os.path.join(directory, name)
         os.makedirs(target, exist_ok=True)
@@ -241,8 +260,6 @@ def save_pretrained(peft_model, directory, selected_adapters=None):
         config = copy.deepcopy(peft_model.peft_config[name])
         config.inference_mode = True
         config.save_pretrained(target)
-    if _world_size() > 1:
-        torch.distributed.barrier()  # the files exist for every process once it returns
 
 
 def load_adapter(peft_model, directory, adapter_name="default"):
