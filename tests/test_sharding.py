@@ -371,3 +371,62 @@ def test_trainer_with_fsdp2_equals_one_process(tmp_path):
             json.loads((theirs / "adapter_config.json").read_text())
         assert_close(load_file(ours / "adapter_model.safetensors")["prompt_embeddings"],
                      load_file(theirs / "adapter_model.safetensors")["prompt_embeddings"], 1e-5, f"step {step}")
+
+
+# ------------------------------------------------------------------- accelerate launch with an FSDP config file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _accelerate_launch(out_dir, *script_args, attempts=2):
+    """``accelerate launch --config_file examples/accelerate_fsdp2.yaml`` of tests/fsdp_accelerate_script.py on two
+    CPU processes, fp32 (the config's bf16 overridden); a run that fails on a taken port is tried once more on
+    another."""
+    import random
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               GLOO_SOCKET_IFNAME="lo", ACCELERATE_USE_CPU="true", FASTPEFT_TEST_FSDP_ON_CPU="1")
+    for attempt in range(attempts):
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   os.path.join(ROOT, "examples", "accelerate_fsdp2.yaml"), "--num_processes", "2",
+                   "--mixed_precision", "no", "--main_process_port", str(random.randint(20000, 40000)),
+                   os.path.join(ROOT, "tests", "fsdp_accelerate_script.py"), "--out", str(out_dir), *script_args]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        if result.returncode == 0:
+            return
+        if "address already in use" not in result.stderr.lower() or attempt == attempts - 1:
+            pytest.fail(f"accelerate launch failed:\n{result.stderr[-4000:]}")
+
+
+def test_accelerate_launch_with_the_fsdp2_config_equals_one_process(tmp_path):
+    """The shipped config file (FSDP2, sharded checkpoints): every step's loss equals one process's, fastpeft's
+    attention runs in every layer, the adapter written by the model's save_pretrained is PEFT's, and a second launch
+    resumed from ``accelerator.save_state`` after step 2 takes step 3 as the first run did."""
+    from safetensors.torch import load_file
+
+    from tests.accelerate_helpers import make_peft_model
+
+    _accelerate_launch(tmp_path, "--method", "prefix", "--save-state-at", "2")
+    _accelerate_launch(tmp_path, "--method", "prefix", "--save-state-at", "2", "--resume", str(tmp_path / "state"))
+    first = json.loads((tmp_path / "result.json").read_text())
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        single = make_peft_model("llama", "prefix")
+    single.train()
+    expected = torch.stack(_train(single, slice(0, 4)))
+    single.save_pretrained(str(tmp_path / "single"))
+
+    assert first["distributed_type"] == "DistributedType.FSDP" and first["parameter_types"] == ["DTensor"]
+    assert_close(torch.tensor(first["losses"]), expected, 1e-5, "losses")
+    assert_close(torch.tensor(resumed["losses"]), expected[2:], 1e-5, "resumed losses")
+    assert first["calls"] == {"sdpa": STEPS * 2} and resumed["calls"] == {"sdpa": 2}
+    expected_prompt = load_file(tmp_path / "single" / "adapter_model.safetensors")["prompt_embeddings"]
+    for adapter in ("adapter", "resumed"):
+        assert json.loads((tmp_path / adapter / "adapter_config.json").read_text()) == \
+            json.loads((tmp_path / "single" / "adapter_config.json").read_text())
+        assert_close(load_file(tmp_path / adapter / "adapter_model.safetensors")["prompt_embeddings"],
+                     expected_prompt, 1e-5, adapter)
