@@ -310,7 +310,7 @@ def _trainer_rows():
     return [{"input_ids": ids[i], "attention_mask": mask[i], "labels": labels[i]} for i in range(len(ids))]
 
 
-def _run_trainer(model, output_dir, per_device_batch, fsdp):
+def _run_trainer(model, output_dir, per_device_batch, fsdp, resume=None):
     """TRAINER_STEPS AdamW steps of transformers.Trainer, a checkpoint every 2 (each with the adapter as PEFT saves
     it); returns the logged losses."""
     from transformers import Trainer, TrainingArguments, default_data_collator
@@ -324,7 +324,7 @@ def _run_trainer(model, output_dir, per_device_batch, fsdp):
                              save_steps=2, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
                              dataloader_num_workers=0, **fsdp_args)
     trainer = Trainer(model=model, args=args, train_dataset=_trainer_rows(), data_collator=default_data_collator)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     return trainer, [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
@@ -341,6 +341,9 @@ def _trainer_worker(rank, world, port, out_dir):
         trainer, losses = _run_trainer(_model("prefix_projection"), out_dir, 2, fsdp=True)
     result = {"losses": losses, "calls": dict(calls), "fsdp": trainer.is_fsdp_enabled,
               "parameter_types": sorted({type(p).__name__ for p in trainer.model.parameters()})}
+    # Resume from the step-2 checkpoint in a model started elsewhere: steps 3 and 4 again.
+    _, result["resumed_losses"] = _run_trainer(_model("prefix_projection", prompt_seed=7), out_dir, 2, fsdp=True,
+                                               resume=os.path.join(out_dir, "checkpoint-2"))
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -348,7 +351,7 @@ def test_trainer_with_fsdp2_equals_one_process(tmp_path):
     """transformers.Trainer with ``fsdp="full_shard"`` and ``fsdp_config={"version": 2, ...}`` (accelerate's FSDP2
     path, taken on CPU through tests/fsdp_on_cpu.py), two processes of 2 rows against one process of 4 rows without
     FSDP: every step's loss, fastpeft's attention in every layer, each checkpoint's adapter (PEFT's files, written by
-    the accelerated model's save_pretrained from the Trainer's full state dict)."""
+    the accelerated model's save_pretrained from the Trainer's full state dict) and ``resume_from_checkpoint``."""
     import random
 
     from safetensors.torch import load_file
@@ -364,6 +367,9 @@ def test_trainer_with_fsdp2_equals_one_process(tmp_path):
         result = torch.load(out / f"rank{rank}.pt")
         assert result["fsdp"] and result["parameter_types"] == ["DTensor"]
         assert_close(torch.tensor(result["losses"]), torch.tensor(expected), 1e-5, f"rank {rank} losses")
+        # The resumed log: steps 1-2 from the checkpoint's trainer state, steps 3-4 computed again.
+        assert_close(torch.tensor(result["resumed_losses"]), torch.tensor(expected), 1e-5,
+                     f"rank {rank} resumed losses")
         assert result["calls"] == {"sdpa": TRAINER_STEPS * layers}
     for step in (2, 4):
         ours, theirs = out / f"checkpoint-{step}", tmp_path / "single" / f"checkpoint-{step}"

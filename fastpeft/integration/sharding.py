@@ -32,7 +32,7 @@ import torch
 from ..adapters import EMBEDDINGS_KEY, PREFIX_TUNING, PROMPT_TUNING, P_TUNING, SAFETENSORS_FILE, load_prompt_adapter
 
 __all__ = ["UnshardedParameterError", "shard", "is_sharded", "check_sharded", "full_parameters", "encoder_output",
-           "save_pretrained", "load_adapter", "average_gradients", "broadcast_parameters"]
+           "save_pretrained", "load_adapter", "average_gradients", "broadcast_parameters", "leave_out_embedding_alias"]
 
 # PEFT types whose saved tensor is the prompt encoder's output on its virtual-token ids.
 _SAVABLE_TYPES = (PREFIX_TUNING, PROMPT_TUNING, P_TUNING)
@@ -142,6 +142,36 @@ def check_sharded(model, parameters=None):
             f"fully_shard unit: no process would reduce their gradients, so each of the {_world_size()} processes "
             "would train its own copy on its own rows. Call fully_shard on the whole model after its layers "
             "(fastpeft.integration.sharding.shard does)")
+
+
+def leave_out_embedding_alias(peft_model):
+    """Under FSDP2, leave PEFT's second name of the backbone's input embeddings out of ``peft_model``'s state dict.
+
+    A prompt-learning ``PeftModel`` registers the backbone's input embeddings again as ``word_embeddings``.
+    ``torch.distributed.checkpoint``'s full state dict of a sharded model keeps that second name although it is
+    frozen (``ignore_frozen_params`` drops one name per parameter), while loading one leaves it out: a
+    ``transformers.Trainer`` under FSDP2 saves checkpoints its ``resume_from_checkpoint`` then fails on
+    (``KeyError: 'word_embeddings.weight'``). While the model is sharded its state dict holds the tensor under the
+    backbone's name only, and loading does not count the alias as missing. Returns the two hook handles (``remove()``
+    them to undo); ``fastpeft.accelerate`` installs them."""
+    return [peft_model.register_state_dict_post_hook(_drop_embedding_alias),
+            peft_model.register_load_state_dict_post_hook(_embedding_alias_is_not_missing)]
+
+
+_EMBEDDING_ALIAS = "word_embeddings."  # PEFT's second name of the backbone's input embeddings
+
+
+# Module-level hooks (not closures): an accelerated model pickles and deep-copies with them.
+def _drop_embedding_alias(module, state_dict, prefix, local_metadata):
+    if is_sharded(module):
+        for key in [key for key in state_dict if key.startswith(prefix + _EMBEDDING_ALIAS)]:
+            del state_dict[key]
+
+
+def _embedding_alias_is_not_missing(module, incompatible_keys):
+    if is_sharded(module):
+        incompatible_keys.missing_keys[:] = [key for key in incompatible_keys.missing_keys
+                                             if not ("." + key).partition("." + _EMBEDDING_ALIAS)[1]]
 
 
 def full_parameters(module):

@@ -82,7 +82,8 @@ def accelerate(peft_model, *, strict=False):
 
     previous = attention.use_fastpeft_attention(peft_model.get_base_model())
     undo_handwritten = handwritten.patch(peft_model.get_base_model())
-    setattr(peft_model, STATE_ATTR, AccelerationState(previous, undo_handwritten))
+    setattr(peft_model, STATE_ATTR, AccelerationState(previous, undo_handwritten,
+                                                      sharding.leave_out_embedding_alias(peft_model)))
     # functools.partial rather than bound methods: a partial pickles and deep-copies by value (a bound method
     # pickles as getattr(model, function name), which the unpickled model would not have). It pickles the function
     # by its module and name, so these stay module-level functions under stable names.
@@ -113,6 +114,8 @@ def restore(peft_model):
     for name in _OVERRIDDEN_METHODS:
         peft_model.__dict__.pop(name, None)
     state.undo_handwritten()
+    for hook in state.hooks:
+        hook.remove()
     base = peft_model.get_base_model()
     if compat.uses_attention_interface(base):
         compat.set_attn_implementation(base, state.previous_attn_implementation)
