@@ -436,3 +436,134 @@ def test_accelerate_launch_with_the_fsdp2_config_equals_one_process(tmp_path):
             json.loads((tmp_path / "single" / "adapter_config.json").read_text())
         assert_close(load_file(tmp_path / adapter / "adapter_model.safetensors")["prompt_embeddings"],
                      expected_prompt, 1e-5, adapter)
+
+
+# ------------------------------------------------------------------------------------- mixed precision (bf16)
+
+
+def _bf16_worker(rank, world, init_file, out_dir, method):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from fastpeft.integration import sharding
+    from fastpeft.observe import attention_calls
+    from tests.accelerate_helpers import make_peft_model
+    from tests.models import tiny_model
+
+    _init(rank, world, init_file)
+    try:
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        rows = slice(2 * rank, 2 * rank + 2)
+        result = {}
+        for accelerated in (False, True):
+            if accelerated:
+                model = _model(method)
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    model = make_peft_model("llama", method, base=tiny_model("llama", attn_implementation="sdpa"))
+                model.train()
+            sharding.shard(model, mp_policy=policy)
+            with attention_calls() as calls:
+                losses = torch.stack(_train(model, rows)).float()
+            torch.distributed.all_reduce(losses)
+            prompt = sharding.full_parameters(model.prompt_encoder["default"])
+            result["fastpeft" if accelerated else "peft"] = {
+                "losses": (losses / world).tolist(), "calls": dict(calls), "prompt": prompt,
+                "dtypes": sorted({str(p.dtype) for p in model.parameters()})}
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", ["prefix_projection", "prompt"])
+def test_bf16_mixed_precision_within_peft_own_error(method, tmp_path):
+    """``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``: parameters stay float32 shards, layers
+    and the prompt encoder compute in bf16, gradients are reduced in float32. The accelerated model's losses and
+    trained prompt parameters are as close to one float32 process's as PEFT's own path under the same sharding and
+    policy (at most twice its error, plus 1e-3), with fastpeft's attention in every layer."""
+    from tests.accelerate_helpers import make_peft_model
+    from tests.reference import relative_error
+
+    init = str(tmp_path / "rendezvous")
+    run_workers(_bf16_worker, (2, init, str(tmp_path), method), init_file=init, timeout_s=150)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        single = make_peft_model("llama", method)
+    single.train()
+    exact_losses = torch.stack(_train(single, slice(0, 4)))
+    exact_prompt = {name: p.detach() for name, p in single.prompt_encoder["default"].named_parameters()}
+    result = torch.load(tmp_path / "rank0.pt")
+    ours, peft_bf16 = result["fastpeft"], result["peft"]
+    assert ours["dtypes"] == peft_bf16["dtypes"] == ["torch.float32"]
+    assert ours["calls"] == {"sdpa": STEPS * 2}
+    pairs = [("losses", torch.tensor(ours["losses"]), torch.tensor(peft_bf16["losses"]), exact_losses)]
+    pairs += [(name, ours["prompt"][name], peft_bf16["prompt"][name], exact) for name, exact in exact_prompt.items()]
+    for what, got, peft_got, exact in pairs:
+        ours_error, peft_error = relative_error(got, exact), relative_error(peft_got, exact)
+        assert peft_error > 0, f"{what}: PEFT's bf16 run equals float32, the check is void"
+        assert ours_error < 2 * peft_error + 1e-3, f"{what}: {ours_error} against PEFT's own {peft_error}"
+
+
+# ---------------------------------------------------------------------- 4-bit backbone (bitsandbytes, QLoRA-style)
+
+
+def _four_bit_model(path):
+    """The tiny Llama loaded in 4-bit nf4 with ``bnb_4bit_quant_storage=bfloat16`` (the storage FSDP shards as a
+    floating tensor, as for QLoRA under FSDP), float32 compute, a prefix-tuning adapter accelerated."""
+    import fastpeft
+    from tests.accelerate_helpers import make_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                                bnb_4bit_quant_storage=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, attn_implementation="sdpa",
+                                                    device_map="cpu")
+        model = fastpeft.accelerate(make_peft_model("llama", "prefix", base=base))
+    model.train()
+    return model
+
+
+def _four_bit_worker(rank, world, init_file, out_dir, path):
+    from fastpeft.integration import sharding
+    from fastpeft.observe import attention_calls
+
+    _init(rank, world, init_file)
+    try:
+        model = sharding.shard(_four_bit_model(path))
+        weight = model.get_base_model().model.layers[0].self_attn.q_proj.weight
+        with attention_calls() as calls:
+            losses = torch.stack(_train(model, slice(2 * rank, 2 * rank + 2)))
+        torch.distributed.all_reduce(losses)
+        sharding.save_pretrained(model, os.path.join(out_dir, "adapter"))
+        torch.save({"losses": (losses / world).tolist(), "calls": dict(calls), "weight": type(weight).__name__,
+                    "storage": str(weight.dtype)}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_four_bit_backbone_sharded_equals_one_process(tmp_path):
+    """A bitsandbytes 4-bit backbone (Linear4bit layers, bf16 quant storage) sharded with FSDP2 on CPU: its packed
+    weights become DTensor shards, each layer gathers them, and the losses and the saved adapter equal one process
+    training the same quantized model."""
+    pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file
+
+    from tests.models import tiny_model
+
+    path = str(tmp_path / "tiny-llama")
+    tiny_model("llama").save_pretrained(path)
+    init = str(tmp_path / "rendezvous")
+    run_workers(_four_bit_worker, (2, init, str(tmp_path), path), init_file=init, timeout_s=150)
+    single = _four_bit_model(path)
+    assert type(single.get_base_model().model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    expected = torch.stack(_train(single, slice(0, 4)))
+    single.save_pretrained(str(tmp_path / "single"))
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result["weight"] == "DTensor" and result["storage"] == "torch.bfloat16"
+        assert_close(torch.tensor(result["losses"]), expected, 1e-5, f"rank {rank} losses")
+        assert result["calls"] == {"sdpa": STEPS * 2}
+    assert_close(load_file(tmp_path / "adapter" / "adapter_model.safetensors")["prompt_embeddings"],
+                 load_file(tmp_path / "single" / "adapter_model.safetensors")["prompt_embeddings"], 1e-5, "adapter")

@@ -46,6 +46,21 @@ PREFIX_KWARG = "fastpeft_prefix"
 PAGED_KWARG = "fastpeft_paged"
 
 
+class _CallTracking:
+    """What the attention calls of one forward share through a ``PrefixSpec``: the plan (``plan_cache``) and the layers
+    that read their prefix (``consumed``). Deliberately not a container or a dataclass: FSDP2 (``fully_shard``)
+    rebuilds every dataclass among a sharded layer's inputs (``dataclasses.replace``, to hook the tensors needing
+    gradients) and, under a ``MixedPrecisionPolicy``, copies every dict, set, list and tuple inside while casting their
+    floating tensors; an object of its own kind passes through both untouched, so each layer reads and records through
+    the spec the forward was given."""
+
+    __slots__ = ("plan_cache", "consumed")
+
+    def __init__(self):
+        self.plan_cache = {}
+        self.consumed = set()
+
+
 @dataclass(frozen=True)
 class PrefixSpec:
     """Per-layer prefix K/V for one forward call.
@@ -72,16 +87,22 @@ class PrefixSpec:
     prefix_index: Optional[torch.Tensor] = None
     prefix_lengths: Optional[torch.Tensor] = None
     query_positions: Optional[torch.Tensor] = None
-    # The layers' attention calls share one plan (``prefix_attention_prevalidated``'s ``plan_cache``): validated and
-    # planned by the first layer, reused by the others. Per forward call (``at_positions`` starts a new one); the
-    # index, lengths and mask tensors must keep their values while the object is in use.
-    plan_cache: dict = field(default_factory=dict, compare=False, repr=False, kw_only=True)
-    # The layer_idx of every attention call that took its entry (``layer``) since the spec was made or last checked:
-    # ``check_consumed`` compares it with the layers the spec covers.
-    # Both are init fields so that a copy made by ``dataclasses.replace`` shares them: FSDP2 (``fully_shard``) rebuilds
-    # every dataclass among a sharded layer's inputs that way, to hook the tensors needing gradients, and each layer then
-    # reads and records through its own copy of the spec the forward was given.
-    consumed: set = field(default_factory=set, compare=False, repr=False, kw_only=True)
+    # What the layers' attention calls of one forward share (``_CallTracking``): an init field, so that the copies
+    # FSDP2 makes of a sharded layer's inputs carry the same object (see ``_CallTracking``).
+    tracking: _CallTracking = field(default_factory=_CallTracking, compare=False, repr=False, kw_only=True)
+
+    @property
+    def plan_cache(self):
+        """One plan for the layers' attention calls (``prefix_attention_prevalidated``'s ``plan_cache``): validated
+        and planned by the first layer, reused by the others. Per forward call (``at_positions`` starts a new one);
+        the index, lengths and mask tensors must keep their values while the spec is in use."""
+        return self.tracking.plan_cache
+
+    @property
+    def consumed(self):
+        """The layer_idx of every attention call that took its entry (``layer``) since the spec was made or last
+        checked: ``check_consumed`` compares it with the layers the spec covers."""
+        return self.tracking.consumed
 
     @classmethod
     def build(cls, keys, values, prefix_index=None, prefix_lengths=None, check_values=True):
@@ -113,7 +134,7 @@ class PrefixSpec:
     def at_positions(self, query_positions):
         """This spec for another call: ``query_positions`` set, a fresh plan and a fresh count of the layers that
         read it."""
-        return dataclasses.replace(self, query_positions=query_positions, plan_cache={}, consumed=set())
+        return dataclasses.replace(self, query_positions=query_positions, tracking=_CallTracking())
 
     def layer(self, layer_idx):
         """``(keys, values)`` of layer ``layer_idx`` (``(None, None)``: that layer sees no prefix), recorded in
