@@ -3,8 +3,10 @@ of every step, the parameters, the saved adapter (PEFT's own ``save_pretrained``
 resume from it, fastpeft's attention in every layer of every step, and the named error of a wrap that leaves a
 prompt parameter unsharded.
 
-Each test spawns two processes (tens of seconds on a 2-core machine): they run in ``.ci/run-distributed``
-(``FASTPEFT_DISTRIBUTED_TESTS=1``), not in ``.ci/run``.
+The tests that spawn processes (tens of seconds each on a 2-core machine) run in ``.ci/run-distributed``
+(``FASTPEFT_DISTRIBUTED_TESTS=1``), not in ``.ci/run``; the one-process tests at the end (FSDP2 over a process group of
+one, the spec's tracking through FSDP2's input rebuilding, saving and resuming without sharding, the refusals) run in
+both.
 """
 
 import json
@@ -17,8 +19,8 @@ import torch
 from tests.distributed import run_workers
 from tests.reference import assert_close
 
-pytestmark = pytest.mark.skipif(os.environ.get("FASTPEFT_DISTRIBUTED_TESTS") != "1",
-                                reason="multi-process FSDP2 tests: bash .ci/run-distributed")
+spawning = pytest.mark.skipif(os.environ.get("FASTPEFT_DISTRIBUTED_TESTS") != "1",
+                              reason="spawns processes: bash .ci/run-distributed")
 
 peft = pytest.importorskip("peft")
 
@@ -105,6 +107,7 @@ def _fsdp_worker(rank, world, init_file, out_dir, method):
 
 
 @pytest.mark.parametrize("method", ["prefix", "prefix_projection", "prompt"])
+@spawning
 def test_fsdp2_trains_and_saves_as_one_process(method, tmp_path):
     from peft import PeftModel
 
@@ -182,6 +185,7 @@ def _unsharded_prompt_worker(rank, world, init_file, out_dir):
         torch.distributed.destroy_process_group()
 
 
+@spawning
 def test_a_prompt_parameter_outside_every_unit_is_a_named_error(tmp_path):
     init = str(tmp_path / "rendezvous")
     run_workers(_unsharded_prompt_worker, (2, init, str(tmp_path)), init_file=init, timeout_s=120)
@@ -229,6 +233,7 @@ def _multi_worker(rank, world, init_file, out_dir):
         torch.distributed.destroy_process_group()
 
 
+@spawning
 def test_multi_prefix_trainer_over_a_sharded_backbone_equals_one_process(tmp_path):
     """test_multi's DDP case (adapters living on one process only, one on none, token counts differing between the
     processes) with the backbone sharded by FSDP2: gradients, per-adapter losses, two steps of each adapter's own
@@ -288,6 +293,7 @@ def _multi_unsynced_worker(rank, world, init_file, out_dir):
         torch.distributed.destroy_process_group()
 
 
+@spawning
 def test_multi_prefix_model_with_tables_outside_every_unit_is_a_named_error(tmp_path):
     """A MultiPrefixModel trained by a loop of one's own over a sharded backbone, its tables neither sharded nor
     averaged (MultiPrefixTrainer averages them; Trainer and accelerate shard them with the root)."""
@@ -347,6 +353,7 @@ def _trainer_worker(rank, world, port, out_dir):
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
+@spawning
 def test_trainer_with_fsdp2_equals_one_process(tmp_path):
     """transformers.Trainer with ``fsdp="full_shard"`` and ``fsdp_config={"version": 2, ...}`` (accelerate's FSDP2
     path, taken on CPU through tests/fsdp_on_cpu.py), two processes of 2 rows against one process of 4 rows without
@@ -406,6 +413,7 @@ def _accelerate_launch(out_dir, *script_args, attempts=2):
             pytest.fail(f"accelerate launch failed:\n{result.stderr[-4000:]}")
 
 
+@spawning
 def test_accelerate_launch_with_the_fsdp2_config_equals_one_process(tmp_path):
     """The shipped config file (FSDP2, sharded checkpoints): every step's loss equals one process's, fastpeft's
     attention runs in every layer, the adapter written by the model's save_pretrained is PEFT's, and a second launch
@@ -476,6 +484,7 @@ def _bf16_worker(rank, world, init_file, out_dir, method):
 
 
 @pytest.mark.parametrize("method", ["prefix_projection", "prompt"])
+@spawning
 def test_bf16_mixed_precision_within_peft_own_error(method, tmp_path):
     """``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``: parameters stay float32 shards, layers
     and the prompt encoder compute in bf16, gradients are reduced in float32. The accelerated model's losses and
@@ -543,6 +552,7 @@ def _four_bit_worker(rank, world, init_file, out_dir, path):
         torch.distributed.destroy_process_group()
 
 
+@spawning
 def test_four_bit_backbone_sharded_equals_one_process(tmp_path):
     """A bitsandbytes 4-bit backbone (Linear4bit layers, bf16 quant storage) sharded with FSDP2 on CPU: its packed
     weights become DTensor shards, each layer gathers them, and the losses and the saved adapter equal one process
@@ -567,3 +577,87 @@ def test_four_bit_backbone_sharded_equals_one_process(tmp_path):
         assert result["calls"] == {"sdpa": STEPS * 2}
     assert_close(load_file(tmp_path / "adapter" / "adapter_model.safetensors")["prompt_embeddings"],
                  load_file(tmp_path / "single" / "adapter_model.safetensors")["prompt_embeddings"], 1e-5, "adapter")
+
+
+# ------------------------------------------------------------------------------- one process (run in .ci/run too)
+
+
+@pytest.fixture
+def group_of_one(tmp_path):
+    """A gloo process group of this process alone (FSDP2 needs one), destroyed afterwards."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
+                                         world_size=1)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("policy", ["fp32", "bf16"])
+def test_fsdp2_in_one_process_counts_every_layer(policy, group_of_one):
+    """FSDP2 rebuilds every dataclass among a sharded layer's inputs, and under a MixedPrecisionPolicy copies the
+    containers inside while casting: the layers must still read and record through the spec the forward handed
+    down (the every-layer check failed on both before), and float32 sharding changes nothing."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from fastpeft.integration import sharding
+    from fastpeft.observe import attention_calls
+
+    plain = _model("prefix_projection")
+    ids, mask, labels = _batch()
+    expected = plain(input_ids=ids, attention_mask=mask, labels=labels).loss
+    mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if policy == "bf16" else None
+    model = sharding.shard(_model("prefix_projection"), mp_policy=mp_policy)
+    with attention_calls() as calls:
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+    assert calls == {"sdpa": 2}
+    grads = [p.grad for p in model.prompt_encoder.parameters()]
+    assert all(g is not None and g.full_tensor().abs().sum() > 0 for g in grads)
+    if policy == "fp32":
+        assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    else:
+        assert float(loss) == pytest.approx(float(expected), rel=2e-2)
+
+
+def test_save_pretrained_unsharded_is_peft_and_load_adapter_resumes(tmp_path):
+    """Without sharding, sharding.save_pretrained writes PEFT's own files (a second adapter in its subfolder, as PEFT
+    does) and load_adapter brings a prompt back; what load_adapter cannot resume is refused by name."""
+    from safetensors.torch import load_file
+
+    from fastpeft.integration import sharding
+    from tests.accelerate_helpers import peft_config
+
+    model = _model("prefix")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.add_adapter("other", peft_config("prefix", "llama", num_virtual_tokens=3))
+    sharding.save_pretrained(model, tmp_path / "ours")
+    type(model).save_pretrained(model, str(tmp_path / "peft"))
+    for sub in ("", "other"):
+        ours, theirs = tmp_path / "ours" / sub, tmp_path / "peft" / sub
+        assert json.loads((ours / "adapter_config.json").read_text()) == \
+            json.loads((theirs / "adapter_config.json").read_text())
+        assert torch.equal(load_file(ours / "adapter_model.safetensors")["prompt_embeddings"],
+                           load_file(theirs / "adapter_model.safetensors")["prompt_embeddings"])
+
+    resumed = _model("prefix", prompt_seed=7)
+    sharding.load_adapter(resumed, tmp_path / "ours")
+    assert torch.equal(resumed.prompt_encoder["default"].embedding.weight,
+                       model.prompt_encoder["default"].embedding.weight)
+    with pytest.raises(ValueError, match=r"shape \(3, 256\), adapter 'default' holds \(4, 256\)"):
+        sharding.load_adapter(resumed, tmp_path / "ours" / "other")
+    with pytest.raises(ValueError, match="PREFIX_TUNING adapter; adapter 'default' is PROMPT_TUNING"):
+        sharding.load_adapter(_model("prompt"), tmp_path / "ours")
+    with pytest.raises(ValueError, match="projection MLP"):
+        sharding.load_adapter(_model("prefix_projection"), tmp_path / "ours")
+    with pytest.raises(ValueError, match="selected_adapters: the model has no adapter 'nope'"):
+        sharding.save_pretrained(model, tmp_path / "x", selected_adapters=["nope"])
+
+
+def test_shard_needs_a_process_group():
+    from fastpeft.integration import sharding
+
+    with pytest.raises(ValueError, match="initialised process group"):
+        sharding.shard(_model("prefix"))
