@@ -14,14 +14,18 @@ its gradient reduced by nobody: each process would train its own prompt on its o
   would leave without a reduced gradient. An accelerated model's training forward checks it too, so a wrap made by
   hand, by ``transformers.Trainer`` or by ``accelerate`` is checked as well.
 - ``save_pretrained(peft_model, directory)``: every process calls it; the prompt parameters alone are gathered
-  (never the backbone), and rank 0 writes the directory PEFT's ``save_pretrained`` writes (``adapter_config.json``,
-  ``adapter_model.safetensors`` with ``prompt_embeddings``), loadable by ``PeftModel.from_pretrained``.
+  (never the backbone), or read from the full ``state_dict`` transformers' Trainer passes, and rank 0 writes the
+  directory PEFT's ``save_pretrained`` writes (``adapter_config.json``, ``adapter_model.safetensors`` with
+  ``prompt_embeddings``), loadable by ``PeftModel.from_pretrained``. An accelerated model's own ``save_pretrained``
+  comes here while it is sharded.
 - ``load_adapter(peft_model, directory)``: resume training from such a directory: every process reads it and keeps
   its own shard.
 - ``full_parameters(module)``, ``encoder_output(encoder, tokens)``: a module's parameters as full tensors, an encoder's
   output on them (collectives: every process calls them).
 - ``average_gradients`` / ``broadcast_parameters``: for parameters kept replicated beside a sharded backbone
   (``MultiPrefixTrainer``'s prefix tables), what DistributedDataParallel would do for them.
+- ``leave_out_embedding_alias(peft_model)``: the state-dict hooks ``fastpeft.accelerate`` installs so that
+  ``transformers.Trainer`` resumes a sharded PEFT model from its checkpoints.
 """
 
 import copy
