@@ -636,7 +636,8 @@ class MultiPrefixTrainer:
             return self.prefix_model
         if self._sharded_backbone:
             # The tables stay replicated beside the FSDP2 backbone: rank 0's values once per set of adapters (as DDP's
-            # construction broadcasts them), their gradients averaged after each backward (_average_gradients).
+            # construction broadcasts them), their gradients averaged after each backward
+            # (_average_gradients_after_backward).
             if not self._replicas_synced:
                 sharding.broadcast_parameters(self.prefix_model.prefix_encoders.parameters())
                 self._replicas_synced = True
@@ -791,7 +792,7 @@ class MultiPrefixTrainer:
 
     def save_adapter(self, name: str, directory):
         """Write adapter ``name`` as a PEFT prefix-tuning adapter directory (``MultiPrefixModel.save_adapter``).
-        Under ``torch.distributed`` only rank 0 writes."""
+        Under ``torch.distributed`` every process calls it and only rank 0 writes."""
         self.prefix_model.save_adapter(name, directory)
 
     def save_pretrained(self, directory, adapters: Optional[Sequence[str]] = None):

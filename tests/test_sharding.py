@@ -334,15 +334,20 @@ def _run_trainer(model, output_dir, per_device_batch, fsdp, resume=None):
     return trainer, [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-def _trainer_worker(rank, world, port, out_dir):
-    from fastpeft.observe import attention_calls
+def _trainer_process(rank, world, init_file):
+    """A process as torchrun starts one for Trainer (its rank in the environment), with its process group already
+    made from a file rendezvous (accelerate then takes it as it is): no port to clash on."""
     from tests.fsdp_on_cpu import allow_fsdp_on_cpu
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    warnings.simplefilter("ignore")
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    _init(rank, world, init_file)
     allow_fsdp_on_cpu()
+
+
+def _trainer_worker(rank, world, init_file, out_dir):
+    from fastpeft.observe import attention_calls
+
+    _trainer_process(rank, world, init_file)
     with attention_calls() as calls:
         trainer, losses = _run_trainer(_model("prefix_projection"), out_dir, 2, fsdp=True)
     result = {"losses": losses, "calls": dict(calls), "fsdp": trainer.is_fsdp_enabled,
@@ -359,13 +364,10 @@ def test_trainer_with_fsdp2_equals_one_process(tmp_path):
     path, taken on CPU through tests/fsdp_on_cpu.py), two processes of 2 rows against one process of 4 rows without
     FSDP: every step's loss, fastpeft's attention in every layer, each checkpoint's adapter (PEFT's files, written by
     the accelerated model's save_pretrained from the Trainer's full state dict) and ``resume_from_checkpoint``."""
-    import random
-
     from safetensors.torch import load_file
 
-    port = random.randint(20000, 40000)
-    out = tmp_path / "fsdp"
-    run_workers(_trainer_worker, (2, port, str(out)), init_file=str(tmp_path / "unused"), timeout_s=240)
+    out, init = tmp_path / "fsdp", str(tmp_path / "rendezvous")
+    run_workers(_trainer_worker, (2, init, str(out)), init_file=init, timeout_s=240)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _, expected = _run_trainer(_model("prefix_projection"), tmp_path / "single", 4, fsdp=False)
@@ -605,7 +607,7 @@ def test_fsdp2_in_one_process_counts_every_layer(policy, group_of_one):
 
     plain = _model("prefix_projection")
     ids, mask, labels = _batch()
-    expected = plain(input_ids=ids, attention_mask=mask, labels=labels).loss
+    expected = plain(input_ids=ids, attention_mask=mask, labels=labels).loss.detach()
     mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if policy == "bf16" else None
     model = sharding.shard(_model("prefix_projection"), mp_policy=mp_policy)
@@ -615,6 +617,7 @@ def test_fsdp2_in_one_process_counts_every_layer(policy, group_of_one):
     assert calls == {"sdpa": 2}
     grads = [p.grad for p in model.prompt_encoder.parameters()]
     assert all(g is not None and g.full_tensor().abs().sum() > 0 for g in grads)
+    loss = loss.detach()
     if policy == "fp32":
         assert float(loss) == pytest.approx(float(expected), rel=1e-6)
     else:
@@ -661,3 +664,89 @@ def test_shard_needs_a_process_group():
 
     with pytest.raises(ValueError, match="initialised process group"):
         sharding.shard(_model("prefix"))
+
+
+# ----------------------------------------------------- MultiPrefixModel under transformers.Trainer with FSDP2
+
+
+# test_multi_model's adapters with rows (one projected). Not its idle adapter: under FSDP2, Trainer's resume loads the
+# optimizer state through torch's set_optimizer_state_dict, which refuses a trainable parameter that has none ("Missing
+# optimizer state for parameter 'prefix_encoders.2.embedding.weight'"), as an adapter never stepped has none.
+TRAINER_ADAPTERS = ("short", "projected")
+
+
+def _multi_model():
+    """TRAINER_ADAPTERS on the tiny Llama, the same everywhere."""
+    from peft import PrefixTuningConfig
+
+    from fastpeft.multi import MultiPrefixModel
+    from tests.models import tiny_model
+    from tests.test_multi_model import ADAPTERS
+
+    model = MultiPrefixModel(tiny_model("llama"))
+    for i, name in enumerate(TRAINER_ADAPTERS):
+        torch.manual_seed(200 + i)
+        model.add_adapter(name, PrefixTuningConfig(task_type="CAUSAL_LM", **ADAPTERS[name]))
+    return model
+
+
+def _run_multi_model_trainer(output_dir, per_device_batch, fsdp, resume=None):
+    """Two AdamW steps of Trainer over test_multi_model's records (the whole set every step), a checkpoint after each
+    with SaveAdaptersCallback's PEFT directories; returns the logged losses."""
+    from transformers import Trainer, TrainingArguments
+
+    from fastpeft.data import AdapterBatchCollator
+    from fastpeft.multi import SaveAdaptersCallback
+    from tests.test_multi_model import RECORDS
+
+    model = _multi_model()
+    fsdp_args = dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}) \
+        if fsdp else {}
+    args = TrainingArguments(output_dir=str(output_dir), per_device_train_batch_size=per_device_batch, max_steps=2,
+                             learning_rate=1e-2, optim="adamw_torch", weight_decay=0.0, lr_scheduler_type="constant",
+                             warmup_steps=0, max_grad_norm=0.0, logging_steps=1, save_strategy="steps", save_steps=1,
+                             report_to=[], use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0,
+                             **fsdp_args)
+    trainer = Trainer(model=model, args=args, train_dataset=RECORDS,
+                      data_collator=AdapterBatchCollator(model.adapters, pad_token_id=0),
+                      callbacks=[SaveAdaptersCallback()])
+    trainer.train(resume_from_checkpoint=resume)
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def _multi_model_trainer_worker(rank, world, init_file, out_dir):
+    from fastpeft.observe import attention_calls
+
+    _trainer_process(rank, world, init_file)
+    with attention_calls() as calls:
+        losses = _run_multi_model_trainer(os.path.join(out_dir, "run"), 3, fsdp=True)
+    resumed = _run_multi_model_trainer(os.path.join(out_dir, "resumed"), 3, fsdp=True,
+                                       resume=os.path.join(out_dir, "run", "checkpoint-1"))
+    torch.save({"losses": losses, "resumed": resumed, "calls": dict(calls)}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@spawning
+def test_multi_prefix_model_under_trainer_with_fsdp2_equals_one_process(tmp_path):
+    """MultiPrefixModel (encoders and backbone sharded whole by Trainer's FSDP2), three rows per process against one
+    process holding all six: logged losses, the adapters SaveAdaptersCallback writes (gathered from the shards) and a
+    resume from checkpoint-1."""
+    from safetensors.torch import load_file
+
+    init = str(tmp_path / "rendezvous")
+    run_workers(_multi_model_trainer_worker, (2, init, str(tmp_path)), init_file=init, timeout_s=240)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = _run_multi_model_trainer(tmp_path / "single", 6, fsdp=False)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result["losses"] == pytest.approx(expected, rel=1e-5)
+        assert result["resumed"] == pytest.approx(expected, rel=1e-5)
+        assert result["calls"] == {"sdpa": 2 * 2}
+    for run in ("run", "resumed"):
+        for name in TRAINER_ADAPTERS:
+            ours = tmp_path / run / "checkpoint-2" / name
+            theirs = tmp_path / "single" / "checkpoint-2" / name
+            assert json.loads((ours / "adapter_config.json").read_text()) == \
+                json.loads((theirs / "adapter_config.json").read_text())
+            assert_close(load_file(ours / "adapter_model.safetensors")["prompt_embeddings"],
+                         load_file(theirs / "adapter_model.safetensors")["prompt_embeddings"], 1e-5, f"{run} {name}")
