@@ -74,6 +74,7 @@ from .adapters import EMBEDDINGS_KEY, PREFIX_TUNING, SAFETENSORS_FILE, check_com
     split_prefix
 from .backbone import FrozenBackbone
 from .data import IGNORE_INDEX, AdapterBatchCollator
+from .integration import sharding
 from .integration.attention import PrefixSpec, autocast_dtype
 from .prefix_tables import Routing, offset_positions
 from .training_loop import Updater, optimizer_step, run_steps
@@ -112,6 +113,29 @@ def prompt_encoder_output(encoder, config):
         tokens = torch.arange(encoder.embedding.num_embeddings, device=device)
         return encoder(tokens[None])[0]
     return encoder.embedding.weight
+
+
+def _gathered_encoder_output(encoder, config):
+    """``prompt_encoder_output`` without gradients, on the encoder's gathered parameters
+    (``sharding.full_parameters``), so that an encoder sharded by FSDP2 (a Trainer or accelerate wrapping a
+    ``MultiPrefixModel``) is read whole outside its forward. Every process must call it."""
+    from torch.func import functional_call
+
+    reader = _EncoderOutputReader(encoder, config)
+    parameters = {f"encoder.{name}": tensor for name, tensor in sharding.full_parameters(encoder).items()}
+    with torch.no_grad():
+        return functional_call(reader, parameters, ()).detach()
+
+
+class _EncoderOutputReader(torch.nn.Module):
+    """``prompt_encoder_output`` as a module's forward, for ``functional_call`` over substituted parameters."""
+
+    def __init__(self, encoder, config):
+        super().__init__()
+        self.encoder, self.config = encoder, config
+
+    def forward(self):
+        return prompt_encoder_output(self.encoder, self.config)
 
 
 @dataclass
@@ -184,6 +208,8 @@ class MultiPrefixModel(torch.nn.Module):
         self.geometry = self._backbone.geometry
         self.base_model = model
         self.prefix_encoders = torch.nn.ModuleList()
+        # Set by MultiPrefixTrainer when it averages the encoders' gradients itself beside a sharded backbone.
+        self._caller_averages_gradients = False
         self._names: List[str] = []
         self._configs: list = []
         self.register_state_dict_post_hook(_drop_backbone_entries)
@@ -338,6 +364,9 @@ class MultiPrefixModel(torch.nn.Module):
         shapes or types.
         """
         self._backbone.check_attention()
+        if self.training and torch.is_grad_enabled() and not self._caller_averages_gradients:
+            # Under FSDP2, encoders outside every fully_shard unit would train on this process's rows alone.
+            sharding.check_sharded(self, self.prefix_encoders.named_parameters(prefix="prefix_encoders"))
         input_ids, attention_mask, labels, adapter_ids = self._check_batch(input_ids, attention_mask, labels,
                                                                            adapter_ids)
         B, L = input_ids.shape
@@ -452,20 +481,20 @@ class MultiPrefixModel(torch.nn.Module):
         """Write adapter ``name`` as PEFT writes a prompt-learning adapter: ``adapter_config.json`` (its config with
         ``inference_mode`` true) and ``adapter_model.safetensors`` holding one fp32 tensor ``prompt_embeddings``
         (``prompt_encoder_output``: a prefix ``[P, num_layers * 2 * Hkv * head_dim]``, with projection the MLP's
-        output). Loads with ``PeftModel.from_pretrained``. Under ``torch.distributed`` only rank 0 writes."""
+        output). Loads with ``PeftModel.from_pretrained``. Under ``torch.distributed`` every process must call it
+        (encoders sharded by FSDP2 are gathered) and only rank 0 writes."""
         from safetensors.torch import save_file
 
         index = self.adapter_id(name)
-        if _distributed()[0] != 0:
-            return
         directory = os.fspath(directory)
         if os.path.isfile(directory):
             raise ValueError(f"{directory} is a file; save_adapter writes a directory")
-        os.makedirs(directory, exist_ok=True)
         config = self._configs[index]
-        with torch.no_grad():
-            embeddings = prompt_encoder_output(self.prefix_encoders[index], config)
-        embeddings = embeddings.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        embeddings = _gathered_encoder_output(self.prefix_encoders[index], config)
+        if _distributed()[0] != 0:
+            return
+        os.makedirs(directory, exist_ok=True)
+        embeddings = embeddings.to(device="cpu", dtype=torch.float32).contiguous()
         save_file({EMBEDDINGS_KEY: embeddings}, os.path.join(directory, SAFETENSORS_FILE), metadata={"format": "pt"})
         config = copy.deepcopy(config)
         config.inference_mode = True
@@ -570,7 +599,10 @@ class MultiPrefixTrainer:
     Under ``torch.distributed`` (a process group initialised before the first step) the model is wrapped in
     ``DistributedDataParallel`` (rank 0's initial values are broadcast) and token counts are summed over processes;
     every process must call each training step, and every forward with gradients must be followed by a backward, as
-    usual with DDP.
+    usual with DDP. A backbone too large for one device is sharded with FSDP2 before the trainer takes it
+    (``fastpeft.integration.sharding.shard(model)``: ``fully_shard`` on each decoder layer and on the model); the
+    prefix tables then stay whole on every process beside it, rank 0's values are broadcast (again after adapters
+    change) and their gradients are averaged over the processes at the end of every backward, as DDP would.
     """
 
     def __init__(self, model, *, lr: float = 1e-3, weight_decay: float = 0.0,
@@ -593,6 +625,10 @@ class MultiPrefixTrainer:
         self.max_grad_norm = max_grad_norm
         self._updaters: Dict[str, Updater] = {}
         self._ddp = None  # DistributedDataParallel over prefix_model, rebuilt when adapters change
+        # A backbone sharded with FSDP2 (fastpeft.integration.sharding.shard) before the trainer took it: no DDP then.
+        self._sharded_backbone = sharding.is_sharded(model)
+        self._replicas_synced = False
+        self.prefix_model._caller_averages_gradients = self._sharded_backbone
 
     # ------------------------------------------------------------------ adapters
 
@@ -628,12 +664,14 @@ class MultiPrefixTrainer:
         scheduler = self._scheduler_factory(optimizer) if self._scheduler_factory is not None else None
         self._updaters[name] = Updater(params, optimizer, scheduler)
         self._ddp = None
+        self._replicas_synced = False
 
     def remove_adapter(self, name):
         """Drop adapter ``name`` with its optimizer."""
         self.prefix_model.remove_adapter(name)
         del self._updaters[name]
         self._ddp = None
+        self._replicas_synced = False
 
     def _updater(self, name):
         if name not in self._updaters:
@@ -643,8 +681,16 @@ class MultiPrefixTrainer:
     # ------------------------------------------------------------------ forward
 
     def _module(self):
-        """The model, through DDP when gradients flow in a multi-process run."""
+        """The model, through DDP when gradients flow in a multi-process run, unless the backbone is sharded."""
         if _distributed()[1] == 1 or not torch.is_grad_enabled():
+            return self.prefix_model
+        if self._sharded_backbone:
+            # The tables stay replicated beside the FSDP2 backbone: rank 0's values once per set of adapters (as DDP's
+            # construction broadcasts them), their gradients averaged after each backward
+            # (_average_gradients_after_backward).
+            if not self._replicas_synced:
+                sharding.broadcast_parameters(self.prefix_model.prefix_encoders.parameters())
+                self._replicas_synced = True
             return self.prefix_model
         if self._ddp is None:
             from torch.nn.parallel import DistributedDataParallel
@@ -657,7 +703,18 @@ class MultiPrefixTrainer:
     def _run(self, batch):
         """``MultiPrefixModelOutput`` of a collated batch (``adapter_ids`` included), under the autocast chosen."""
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            return self._module()(**batch)
+            out = self._module()(**batch)
+        if self._sharded_backbone and out.loss is not None and out.loss.requires_grad and _distributed()[1] > 1:
+            out.loss.register_hook(self._average_gradients_after_backward)
+        return out
+
+    def _average_gradients_after_backward(self, grad):
+        """Hook on the loss: once the backward it starts has finished (as DDP's reducer does, through autograd's
+        end-of-backward callback), average the replicated tables' gradients over the processes."""
+        encoders = self.prefix_model.prefix_encoders
+        torch.autograd.Variable._execution_engine.queue_callback(
+            lambda: sharding.average_gradients(encoders.parameters()))
+        return grad
 
     def _batch(self, input_ids, adapters, attention_mask, labels):
         """The model's batch (adapter names -> ``adapter_ids``, tensors on the model's device)."""
@@ -789,7 +846,7 @@ class MultiPrefixTrainer:
 
     def save_adapter(self, name: str, directory):
         """Write adapter ``name`` as a PEFT prefix-tuning adapter directory (``MultiPrefixModel.save_adapter``).
-        Under ``torch.distributed`` only rank 0 writes."""
+        Under ``torch.distributed`` every process calls it and only rank 0 writes."""
         self.prefix_model.save_adapter(name, directory)
 
     def save_pretrained(self, directory, adapters: Optional[Sequence[str]] = None):

@@ -27,3 +27,4 @@ def test_readme_python_blocks_run_in_order(tmp_path):
     assert (tmp_path / "fp-readme-tenants" / "legal" / "adapter_config.json").is_file()
     assert (tmp_path / "fp-readme-t5" / "translate" / "adapter_config.json").is_file()
     assert (tmp_path / "fp-readme-t5-tenants" / "classify" / "adapter_config.json").is_file()
+    assert (tmp_path / "fp-readme-fsdp" / "adapter_model.safetensors").is_file()

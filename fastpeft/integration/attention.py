@@ -34,6 +34,7 @@ over keys gathered right-aligned from the pool gets T5's prefix columns for each
 """
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -47,6 +48,21 @@ from ..ops.reference import reference_prefix_attention
 ATTN_IMPLEMENTATION = "fastpeft"
 PREFIX_KWARG = "fastpeft_prefix"
 PAGED_KWARG = "fastpeft_paged"
+
+
+class _CallTracking:
+    """What the attention calls of one forward share through a ``PrefixSpec``: the plan (``plan_cache``) and the layers
+    that read their prefix (``consumed``). Deliberately not a container or a dataclass: FSDP2 (``fully_shard``)
+    rebuilds every dataclass among a sharded layer's inputs (``dataclasses.replace``, to hook the tensors needing
+    gradients) and, under a ``MixedPrecisionPolicy``, copies every dict, set, list and tuple inside while casting their
+    floating tensors; an object of its own kind passes through both untouched, so each layer reads and records through
+    the spec the forward was given."""
+
+    __slots__ = ("plan_cache", "consumed")
+
+    def __init__(self):
+        self.plan_cache = {}
+        self.consumed = set()
 
 
 @dataclass(frozen=True)
@@ -75,13 +91,22 @@ class PrefixSpec:
     prefix_index: Optional[torch.Tensor] = None
     prefix_lengths: Optional[torch.Tensor] = None
     query_positions: Optional[torch.Tensor] = None
-    # The layers' attention calls share one plan (``prefix_attention_prevalidated``'s ``plan_cache``): validated and
-    # planned by the first layer, reused by the others. Per object (``dataclasses.replace`` starts a new one), so
-    # per forward call; the index, lengths and mask tensors must keep their values while the object is in use.
-    plan_cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
-    # The layer_idx of every attention call that took its entry (``layer``) since the spec was made or last checked:
-    # ``check_consumed`` compares it with the layers the spec covers.
-    consumed: set = field(default_factory=set, init=False, compare=False, repr=False)
+    # What the layers' attention calls of one forward share (``_CallTracking``): an init field, so that the copies
+    # FSDP2 makes of a sharded layer's inputs carry the same object (see ``_CallTracking``).
+    tracking: _CallTracking = field(default_factory=_CallTracking, compare=False, repr=False, kw_only=True)
+
+    @property
+    def plan_cache(self):
+        """One plan for the layers' attention calls (``prefix_attention_prevalidated``'s ``plan_cache``): validated
+        and planned by the first layer, reused by the others. Per forward call (``at_positions`` starts a new one);
+        the index, lengths and mask tensors must keep their values while the spec is in use."""
+        return self.tracking.plan_cache
+
+    @property
+    def consumed(self):
+        """The layer_idx of every attention call that took its entry (``layer``) since the spec was made or last
+        checked: ``check_consumed`` compares it with the layers the spec covers."""
+        return self.tracking.consumed
 
     @classmethod
     def build(cls, keys, values, prefix_index=None, prefix_lengths=None, check_values=True):
@@ -109,6 +134,11 @@ class PrefixSpec:
                     int(prefix_lengths.min()) < 0 or int(prefix_lengths.max()) > P):
                 raise ValueError(f"prefix_lengths values must lie in [0, P={P}]")
         return cls(keys, values, prefix_index, prefix_lengths)
+
+    def at_positions(self, query_positions):
+        """This spec for another call: ``query_positions`` set, a fresh plan and a fresh count of the layers that
+        read it."""
+        return dataclasses.replace(self, query_positions=query_positions, tracking=_CallTracking())
 
     def layer(self, layer_idx):
         """``(keys, values)`` of layer ``layer_idx`` (``(None, None)``: that layer sees no prefix), recorded in

@@ -5,7 +5,7 @@
 import functools
 import warnings
 
-from .. import attention, compat, handwritten
+from .. import attention, compat, handwritten, sharding
 from .causal import accelerated_forward
 from .checks import check_adapter_type, check_backbone, check_peft_config, supported_peft_classes
 from .generation import accelerated_generate, accelerated_seq2seq_generate
@@ -13,7 +13,7 @@ from .seq2seq import accelerated_seq2seq_forward
 from .state import FALLBACK_ATTR, STATE_ATTR, AccelerationState
 
 # Instance attributes accelerate() sets on the PeftModel; restore() deletes exactly these.
-_OVERRIDDEN_METHODS = ("forward", "generate", "_setup_prompt_encoder")
+_OVERRIDDEN_METHODS = ("forward", "generate", "_setup_prompt_encoder", "save_pretrained")
 
 
 class FallbackWarning(UserWarning):
@@ -82,7 +82,8 @@ def accelerate(peft_model, *, strict=False):
 
     previous = attention.use_fastpeft_attention(peft_model.get_base_model())
     undo_handwritten = handwritten.patch(peft_model.get_base_model())
-    setattr(peft_model, STATE_ATTR, AccelerationState(previous, undo_handwritten))
+    setattr(peft_model, STATE_ATTR, AccelerationState(previous, undo_handwritten,
+                                                      sharding.leave_out_embedding_alias(peft_model)))
     # functools.partial rather than bound methods: a partial pickles and deep-copies by value (a bound method
     # pickles as getattr(model, function name), which the unpickled model would not have). It pickles the function
     # by its module and name, so these stay module-level functions under stable names.
@@ -92,6 +93,7 @@ def accelerate(peft_model, *, strict=False):
     peft_model.forward = functools.partial(accelerated_seq2seq_forward if seq2seq else accelerated_forward,
                                            peft_model)
     peft_model._setup_prompt_encoder = functools.partial(_setup_prompt_encoder_allowing_checkpointing, peft_model)
+    peft_model.save_pretrained = functools.partial(_save_pretrained_sharded_or_not, peft_model)
     if isinstance(peft_model, PeftModelForCausalLM):
         peft_model.generate = functools.partial(accelerated_generate, peft_model)
     elif seq2seq:
@@ -112,6 +114,8 @@ def restore(peft_model):
     for name in _OVERRIDDEN_METHODS:
         peft_model.__dict__.pop(name, None)
     state.undo_handwritten()
+    for hook in state.hooks:
+        hook.remove()
     base = peft_model.get_base_model()
     if compat.uses_attention_interface(base):
         compat.set_attn_implementation(base, state.previous_attn_implementation)
@@ -127,6 +131,22 @@ def fallback_reason(peft_model):
 def is_accelerated(peft_model):
     """Whether ``accelerate`` runs this model on fastpeft (and ``restore`` has not undone it)."""
     return hasattr(peft_model, STATE_ATTR)
+
+
+def _save_pretrained_sharded_or_not(self, save_directory, **kwargs):
+    """PEFT's ``save_pretrained``, except on a model sharded with FSDP2, where PEFT runs the prompt encoder on the
+    sharded parameters (and fails) and ignores a passed ``state_dict``: ``sharding.save_pretrained`` writes the same
+    files from the ``state_dict`` transformers' Trainer passes, or from the gathered prompt parameters."""
+    if not sharding.is_sharded(self):
+        return type(self).save_pretrained(self, save_directory, **kwargs)
+    unsupported = sorted(key for key, value in kwargs.items()
+                         if key not in ("selected_adapters", "state_dict", "is_main_process", "safe_serialization")
+                         and value is not None)
+    if unsupported or kwargs.get("safe_serialization") is False:
+        raise ValueError(f"save_pretrained of a model sharded with FSDP2 writes safetensors and takes "
+                         f"selected_adapters, state_dict and is_main_process; got {unsupported or 'safe_serialization=False'}")
+    sharding.save_pretrained(self, save_directory, selected_adapters=kwargs.get("selected_adapters"),
+                             state_dict=kwargs.get("state_dict"), is_main_process=kwargs.get("is_main_process"))
 
 
 def _setup_prompt_encoder_allowing_checkpointing(self, adapter_name):

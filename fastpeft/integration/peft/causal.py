@@ -3,12 +3,11 @@ path, ``PeftModelForSequenceClassification`` and ``PeftModelForFeatureExtraction
 backbones). Prefix tuning's prefix goes to attention as a keyword, at PEFT's positions.
 """
 
-import dataclasses
 import warnings
 
 import torch
 
-from .. import attention, compat
+from .. import attention, compat, sharding
 from .checks import (active_is_prefix_tuning, check_no_reentrant_checkpointing, check_padding_with_prefixless_layers,
                      check_prefix_consumed, check_prefix_not_passed)
 from .prefix import prefix_positions, prefix_spec
@@ -22,6 +21,9 @@ def accelerated_forward(self, input_ids=None, attention_mask=None, inputs_embeds
     tuning, p-tuning) over fastpeft attention. Outputs are PEFT's, except that a prefix-tuning output's
     ``past_key_values`` holds only the real tokens (the prefix is never in a cache); passing such a cache back in
     continues the sequence (positions follow it)."""
+    if self.training and torch.is_grad_enabled():
+        # Under FSDP2, a prompt parameter outside every fully_shard unit would train on this process's rows alone.
+        sharding.check_sharded(self, self.prompt_encoder.named_parameters(prefix="prompt_encoder"))
     if not active_is_prefix_tuning(self):
         if labels is not None or compat.takes_argument(type(self).forward, "labels"):
             kwargs["labels"] = labels  # PEFT's feature-extraction forward has no labels parameter
@@ -51,7 +53,7 @@ def accelerated_forward(self, input_ids=None, attention_mask=None, inputs_embeds
     # For sliding-window layers: the queries' indices in PEFT's cache (prefix, earlier tokens, padding included).
     start = config.num_virtual_tokens + past_length
     queries = torch.arange(start, start + reference.shape[1], device=reference.device)[None]
-    spec = dataclasses.replace(prefix_spec(self), query_positions=queries)
+    spec = prefix_spec(self).at_positions(queries)
     check_padding_with_prefixless_layers(spec, attention_mask, type(base).__name__)
     scheme, user_positions = position_scheme(self), kwargs.get("position_ids")
     kwargs["position_ids"] = _prefix_position_ids(scheme, user_positions, config.num_virtual_tokens, past_length,

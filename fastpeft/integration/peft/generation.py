@@ -3,7 +3,6 @@
 inputs, never to the KV cache.
 """
 
-import dataclasses
 
 import torch
 
@@ -67,7 +66,7 @@ def accelerated_generate(self, *args, **kwargs):
         model_inputs["position_ids"] = position_ids
         # Sliding-window layers count the window over PEFT's positions, prefix first: generate's are pad-aware for
         # prefix tuning (each row as PEFT runs it alone) and number the concatenation for prompt tuning.
-        return dataclasses.replace(spec, query_positions=queries)
+        return spec.at_positions(queries)
 
     what = "the prefix" if prefix_tuning else "the virtual tokens' keys and values"
     with attention.generating_with_prefix(base, add_prefix, what):

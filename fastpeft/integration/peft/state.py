@@ -15,9 +15,10 @@ class AccelerationState:
     """What ``restore`` needs (the backbone's previous attention implementation, the hand-written patch's undo),
     and the backbone facts the accelerated methods find at their first call."""
 
-    def __init__(self, previous_attn_implementation, undo_handwritten):
+    def __init__(self, previous_attn_implementation, undo_handwritten, hooks=()):
         self.previous_attn_implementation = previous_attn_implementation
         self.undo_handwritten = undo_handwritten  # handwritten.patch's undo (hand-written attention)
+        self.hooks = list(hooks)  # handles of the module hooks accelerate registered on the model (restore removes)
         self.position_scheme = None  # compat.position_scheme of the backbone, found at the first forward
         self.decoder_layers = None  # an encoder-decoder's decoder layer count, found at the first prefix forward
         self.checkpointable = None  # the backbone's modules with a gradient_checkpointing flag, ditto
