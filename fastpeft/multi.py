@@ -344,9 +344,13 @@ class MultiPrefixModel(torch.nn.Module):
             raise ValueError(f"the PeftModel has no adapter {adapter_name!r} "
                              f"(it has {sorted(peft_model.peft_config)})")
         config = copy.deepcopy(peft_model.peft_config[adapter_name])
-        self._check_config(config, f"PeftModel adapter {adapter_name!r}")
         encoder = copy.deepcopy(peft_model.prompt_encoder[adapter_name]).float()
+        self._check_encoder(config, encoder, f"PeftModel adapter {adapter_name!r}")
         return config, encoder
+
+    def _check_encoder(self, config, encoder, source):
+        """Refuse an adapter (its config and prompt encoder) this model cannot train, naming ``source``."""
+        self._check_config(config, source)
 
     # ------------------------------------------------------------------ forward and loss
 

@@ -148,18 +148,6 @@ class EncoderDecoderMultiPrefixModel(MultiPrefixModel):
             encoder.embedding.weight.copy_(saved.embeddings)
         return config, encoder
 
-    def _copy_peft_model(self, peft_model, adapter_name):
-        adapter_name = adapter_name or peft_model.active_adapter
-        if adapter_name not in peft_model.peft_config:
-            raise ValueError(f"the PeftModel has no adapter {adapter_name!r} "
-                             f"(it has {sorted(peft_model.peft_config)})")
-        config = copy.deepcopy(peft_model.peft_config[adapter_name])
-        encoder = copy.deepcopy(peft_model.prompt_encoder[adapter_name]).float()
-        self._check_encoder(config, encoder, f"PeftModel adapter {adapter_name!r}")
-        return config, encoder
-
-    # ------------------------------------------------------------------ forward and loss
-
     def forward(self, input_ids, attention_mask=None, labels=None, adapter_ids=None,
                 decoder_input_ids=None) -> MultiPrefixModelOutput:
         """Run the backbone on a mixed batch, row b with adapter ``adapter_ids[b]`` (see the module docstring).
